@@ -1,0 +1,147 @@
+"""Frozen configuration objects, built once at start-up from the parsed options."""
+
+from __future__ import annotations
+
+import enum
+from urllib.parse import urlsplit
+
+import attrs
+
+DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+
+
+class BlobRedirects(enum.Enum):
+    """What to do when the upstream answers a blob GET with a redirect to a storage host."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    PASS = "pass"
+    FOLLOW = "follow"
+
+
+@attrs.frozen
+class Upstream:
+    """Where an upstream registry lives: ``scheme://host[:port]``, no path."""
+
+    scheme: str
+    netloc: str
+
+    @classmethod
+    def from_url(cls, text: str) -> Upstream:
+        """Accept a URL or, as the original's REGISTRY_HOST did, a bare host (meaning https)."""
+        if "://" not in text:
+            text = "https://" + text
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"the scheme must be http or https, not {parts.scheme!r}")
+        if not parts.hostname:
+            raise ValueError("a host name is required")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("give only scheme, host and port, with no path")
+        if parts.username or parts.password:
+            raise ValueError("credentials do not belong in the URL; use the credential options")
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+        return cls(parts.scheme, parts.netloc.lower())
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.netloc}"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.origin).hostname or self.netloc
+
+    @property
+    def is_docker_hub(self) -> bool:
+        return self.host in DOCKER_HUB_HOSTS
+
+
+@attrs.frozen
+class Credentials:
+    """How the proxy itself authenticates to a route's upstream; secrets are never logged."""
+
+    auth_header: str | None = attrs.field(default=None, repr=False)
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    google_key_file: str | None = None
+    google_adc: bool = False
+    google_json_key: bool = False
+
+    @property
+    def configured(self) -> bool:
+        return bool(
+            self.auth_header or self.username or self.google_key_file or self.google_adc
+        )
+
+    def describe(self) -> str:
+        """A secret-free description for logs."""
+        if self.google_adc:
+            return "google application default credentials"
+        if self.google_key_file:
+            return f"google key file {self.google_key_file}"
+        if self.username:
+            return f"basic credentials of {self.username}"
+        if self.auth_header:
+            return "static Authorization header"
+        return "anonymous"
+
+
+@attrs.frozen
+class Route:
+    """One upstream registry served under a repository prefix."""
+
+    upstream: Upstream
+    prefix: str = ""
+    credentials: Credentials = Credentials()
+    blob_redirects: BlobRedirects = BlobRedirects.PASS
+    upstream_ca: str | None = None
+    name: str = "default"
+
+    @property
+    def library_names(self) -> bool:
+        """Docker Hub keeps official images under ``library/``, as docker does for docker.io."""
+        return self.upstream.is_docker_hub and not self.prefix
+
+    def upstream_name(self, name: str) -> str:
+        if self.prefix:
+            return f"{self.prefix}/{name}"
+        if self.library_names and "/" not in name:
+            return f"library/{name}"
+        return name
+
+    def client_name(self, upstream_name: str) -> str | None:
+        """The name a client uses for an upstream repository; None when outside the prefix."""
+        if not self.prefix:
+            return upstream_name
+        head = self.prefix + "/"
+        if upstream_name.startswith(head) and len(upstream_name) > len(head):
+            return upstream_name[len(head) :]
+        return None
+
+    def browser_url(self, path: str) -> str:
+        """Where a person who opens the proxy's address in a browser is sent."""
+        if self.upstream.is_docker_hub:
+            base = "https://hub.docker.com/r"
+        else:
+            base = f"https://{self.upstream.netloc}"
+        parts = [part for part in (self.prefix, path.strip("/")) if part]
+        return "/".join([base, *parts])
+
+
+@attrs.frozen
+class Config:
+    routes: tuple[Route, ...]
+    listen: tuple[str, ...] = ("tcp:8080",)
+    public_url: str | None = None
+    disable_browser_redirects: bool = False
+    metrics_listen: str | None = None
+    shutdown_grace: float = 30.0
+    trusted_proxies: tuple[str, ...] = ()
+    upstream_timeout: float = 30.0
+    idle_timeout: float = 60.0
+
+    @property
+    def default_route(self) -> Route:
+        return self.routes[0]

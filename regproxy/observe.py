@@ -1,0 +1,97 @@
+"""Prometheus metrics and the per-request access event."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from twisted.logger import Logger
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_DURATION_BUCKETS = (*_LATENCY_BUCKETS, 120, 300, 600, 1800)
+
+
+class Metrics:
+    """All of regproxy's metrics, in a registry of their own (no process-wide globals)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        labels = ("route", "endpoint", "method", "status")
+        self.requests = Counter(
+            "regproxy_requests", "Requests answered.", labels, registry=self.registry
+        )
+        self.response_bytes = Counter(
+            "regproxy_response_bytes",
+            "Response body bytes sent to clients.",
+            ("route", "endpoint"),
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "regproxy_request_duration_seconds",
+            "Time from request to the last byte of the answer.",
+            ("route", "endpoint"),
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_latency = Histogram(
+            "regproxy_upstream_latency_seconds",
+            "Time until the upstream's response headers arrived.",
+            ("route", "endpoint"),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "regproxy_in_flight_requests", "Requests being answered.", registry=self.registry
+        )
+        self.upstream_errors = Counter(
+            "regproxy_upstream_errors",
+            "Upstream failures by kind (connect, timeout, tls, protocol, body, idle, ...).",
+            ("route", "kind"),
+            registry=self.registry,
+        )
+        self.token_fetches = Counter(
+            "regproxy_token_fetches",
+            "Tokens the proxy fetched with its own credentials, by outcome.",
+            ("route", "outcome"),
+            registry=self.registry,
+        )
+        self.upstream_up = Gauge(
+            "regproxy_upstream_up",
+            "1 when the last check of the upstream's /v2/ got an HTTP answer, else 0.",
+            ("route",),
+            registry=self.registry,
+        )
+
+
+class ClientAddress:
+    """The client's address: the peer's, or X-Forwarded-For's when the peer is trusted."""
+
+    def __init__(self, trusted: Sequence[str]) -> None:
+        self.networks = tuple(ipaddress.ip_network(text, strict=False) for text in trusted)
+
+    def is_trusted(self, address: str) -> bool:
+        if not self.networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
+
+    def resolve(self, peer: str, forwarded_for: list[bytes] | None) -> str:
+        """Walk X-Forwarded-For from the right while the hops are trusted proxies."""
+        if not forwarded_for or not self.is_trusted(peer):
+            return peer
+        hops = [h.strip() for v in forwarded_for for h in v.decode("latin-1").split(",")]
+        address = peer
+        for hop in reversed(hops):
+            if not hop:
+                continue
+            address = hop
+            if not self.is_trusted(hop):
+                break
+        return address
+
+
+access_log = Logger(namespace="regproxy.access")

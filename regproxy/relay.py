@@ -1,0 +1,135 @@
+"""Streams an upstream response body to a client with backpressure, never buffering it.
+
+The relay is the request's streaming producer: when the client's socket buffer fills,
+Twisted pauses us and we pause the upstream transport, so a slow client slows the
+upstream read instead of filling memory. When the client leaves, we stop the upstream
+transfer at once. An idle timer catches an upstream that stalls mid-body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.server import Request
+from zope.interface import implementer
+
+
+class UpstreamIdle(Exception):
+    """The upstream sent nothing for too long while the client was ready for more."""
+
+
+@implementer(IPushProducer)
+class BodyRelay(Protocol):
+    """Receives the upstream body (``response.deliverBody``) and writes it to the request.
+
+    ``done`` fires with the byte count when the body is complete, or fails when the upstream
+    broke off, stalled, or the client went away (``stop``).
+    """
+
+    def __init__(self, request: Request, clock: IReactorTime, idle_timeout: float) -> None:
+        self.request = request
+        self.done: Deferred[int] = Deferred()
+        self.sent = 0
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._timer: IDelayedCall | None = None
+        self._active = False
+        self._paused = False
+        self._stopped = False
+        self._registered = False
+        self._failure: Failure | None = None
+
+    # Protocol: the upstream side.
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self, True)
+        self._registered = True
+        self._timer = self._clock.callLater(self._idle_timeout, self._check_idle)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._active = True
+        if not self._stopped:
+            self.sent += len(data)
+            self.request.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._registered and not self._stopped:
+            self.request.unregisterProducer()
+        self._registered = False
+        if self._failure is not None:
+            self.done.errback(self._failure)
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(self.sent)
+        else:
+            self.done.errback(reason)
+
+    # IPushProducer: the client side.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self.transport is not None and not self._stopped:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        """The client is gone: stop writing and close the upstream body transfer."""
+        self.stop()
+
+    def stop(self, failure: Failure | None = None) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._failure = failure
+        if self._registered:
+            self._registered = False
+            # The request may already be detached from its channel.
+            channel: Any = getattr(self.request, "channel", None)
+            if channel is not None:
+                self.request.unregisterProducer()
+        if self.transport is not None:
+            # stopProducing on the body transport, never abortConnection: that is what
+            # closes the upstream connection cleanly (element-hq/synapse#18368).
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def _check_idle(self) -> None:
+        if self._active or self._paused:
+            self._active = False
+            self._timer = self._clock.callLater(self._idle_timeout, self._check_idle)
+            return
+        self._timer = None
+        self.stop(Failure(UpstreamIdle(f"no body data for {self._idle_timeout} seconds")))
+
+
+async def relay_body(
+    request: Request, response: Any, clock: IReactorTime, idle_timeout: float
+) -> int:
+    """Stream ``response``'s body to ``request`` and finish it; returns the bytes relayed.
+
+    On a broken upstream body the client connection is closed rather than finished, so a
+    client can never take a truncated body for a whole one. Cancelling (the client left)
+    stops the upstream transfer.
+    """
+    relay = BodyRelay(request, clock, idle_timeout)
+    response.deliverBody(relay)
+    try:
+        sent = await relay.done
+    except BaseException:
+        relay.stop()
+        if not request.finished and getattr(request, "channel", None) is not None:
+            request.loseConnection()
+        raise
+    request.finish()
+    return sent

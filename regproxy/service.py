@@ -1,0 +1,139 @@
+"""Composing the daemon: client, resources, listeners, health checks and graceful shutdown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.internet import TimerService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from treq.client import HTTPClient
+from treq.content import content
+
+from .config import Config, Route
+from .forward import Forwarder
+from .observe import ClientAddress, Metrics
+from .upstream.http import make_client, make_pool
+from .upstream.realm import RealmCache
+from .web.browser import BrowserRedirect
+from .web.health import Health, Readiness
+from .web.metrics import MetricsPage
+from .web.public import public_base
+from .web.registry import RegistryAPI
+from .web.root import Root
+from .web.site import ProxySite
+from .web.token import TokenProxy
+
+HEALTH_CHECK_INTERVAL = 30.0
+
+
+class Drain(Service):
+    """On stop: turn /readyz to 503, wait for in-flight requests (up to the grace period),
+    then close the upstream pool. The listeners stop accepting beside it."""
+
+    log = Logger()
+
+    def __init__(
+        self, *, site: ProxySite, readiness: Readiness, pool: HTTPConnectionPool,
+        grace: float, reactor: Any
+    ) -> None:
+        self.site = site
+        self.readiness = readiness
+        self.pool = pool
+        self.grace = grace
+        self.reactor = reactor
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.readiness.draining = True
+        return ensureDeferred(self._drain())
+
+    async def _drain(self) -> None:
+        deadline = self.reactor.seconds() + self.grace
+        if self.site.active:
+            self.log.info(
+                "draining {count} requests for up to {grace} seconds",
+                count=self.site.active,
+                grace=self.grace,
+            )
+        while self.site.active and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.1, lambda: None)
+        if self.site.active:
+            self.log.warn("grace period over with {count} requests unfinished", count=self.site.active)
+        await self.pool.closeCachedConnections()
+
+
+async def check_upstream(client: HTTPClient, route: Route, metrics: Metrics, timeout: float) -> None:
+    """Record whether the upstream answers /v2/ at all: a metric, never readiness."""
+    try:
+        response = await client.get(
+            route.upstream.origin + "/v2/", allow_redirects=False, unbuffered=True, timeout=timeout
+        )
+        await content(response)
+        metrics.upstream_up.labels(route.name).set(1)
+    except Exception:  # noqa: BLE001 - down is down, whatever the reason
+        metrics.upstream_up.labels(route.name).set(0)
+
+
+def build_service(config: Config, reactor: Any) -> IService:
+    route = config.default_route
+    pool = make_pool(reactor)
+    client = make_client(reactor, pool=pool, ca_file=route.upstream_ca)
+    metrics = Metrics()
+    readiness = Readiness()
+
+    def route_for(request: Request) -> Route:
+        return route
+
+    forwarder = Forwarder(
+        client=client,
+        clock=reactor,
+        public_base=lambda request: public_base(request, config),
+        upstream_timeout=config.upstream_timeout,
+        idle_timeout=config.idle_timeout,
+    )
+    realms = RealmCache(client, config.upstream_timeout)
+    root = Root(BrowserRedirect(route_for, not config.disable_browser_redirects))
+    root.putChild(b"v2", RegistryAPI(route_for, forwarder))
+    root.putChild(
+        b"_token",
+        TokenProxy(
+            route_for=route_for,
+            realms=realms,
+            client=client,
+            clock=reactor,
+            timeout=config.upstream_timeout,
+            idle_timeout=config.idle_timeout,
+        ),
+    )
+    root.putChild(b"healthz", Health())
+    root.putChild(b"readyz", Health(readiness))
+    metrics_page = MetricsPage(metrics)
+    if config.metrics_listen is None:
+        root.putChild(b"metrics", metrics_page)
+    site = ProxySite(root, metrics=metrics, client_address=ClientAddress(config.trusted_proxies))
+
+    top = MultiService()
+    Drain(site=site, readiness=readiness, pool=pool, grace=config.shutdown_grace,
+          reactor=reactor).setServiceParent(top)
+    for endpoint in config.listen:
+        strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
+    if config.metrics_listen is not None:
+        metrics_root = Resource()
+        metrics_root.putChild(b"metrics", metrics_page)
+        metrics_site = ProxySite(metrics_root, metrics=metrics, client_address=ClientAddress(()))
+        strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(top)
+    checker = TimerService(
+        HEALTH_CHECK_INTERVAL,
+        lambda: ensureDeferred(check_upstream(client, route, metrics, config.upstream_timeout)),
+    )
+    checker.clock = reactor
+    checker.setServiceParent(top)
+    return top

@@ -1,0 +1,1 @@
+"""Talking to upstream registries: HTTP client wiring, credentials and tokens."""

@@ -1,0 +1,1 @@
+"""The resource tree: registry API, token proxy, health, metrics and browser redirects."""

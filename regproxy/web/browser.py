@@ -1,0 +1,37 @@
+"""Anything outside the API: a person in a browser, sent to the upstream's own pages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import quote, unquote
+
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from ..config import Route
+from ..errors import OCIError
+from .respond import write_error
+
+
+class BrowserRedirect(Resource):
+    isLeaf = True
+
+    def __init__(self, route_for: Callable[[Request], Route], enabled: bool) -> None:
+        super().__init__()
+        self.route_for = route_for
+        self.enabled = enabled
+
+    def render(self, request: Request) -> int:
+        if request.method not in (b"GET", b"HEAD"):
+            write_error(request, OCIError("UNSUPPORTED", "only GET and HEAD are served"))
+        elif not self.enabled:
+            write_error(request, OCIError("NOT_FOUND", "not found"))
+        else:
+            path = unquote(request.path.decode("latin-1"))
+            # Re-quoted, so nothing in the path can end the header or add to it.
+            target = quote(self.route_for(request).browser_url(path), safe=":/@!$&'()*+,;=-._~")
+            request.setResponseCode(307)
+            request.setHeader(b"location", target.encode("ascii"))
+            request.setHeader(b"content-length", b"0")
+            request.finish()
+        return NOT_DONE_YET

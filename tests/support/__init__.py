@@ -1,0 +1,1 @@
+"""Real-process helpers for the integration tests: registry, token issuer, TLS, images, proxy."""
