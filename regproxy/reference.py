@@ -93,7 +93,10 @@ def validate_manifest_reference(reference: str) -> str:
 
 def _segments(path: str) -> list[str]:
     """Split on ``/`` first, then decode, so ``%2F`` can never become a separator."""
-    return [unquote(segment, errors="strict") for segment in path.split("/")]
+    segments = [unquote(segment, errors="strict") for segment in path.split("/")]
+    if any("/" in segment for segment in segments):
+        raise OCIError("NAME_INVALID", "encoded slashes are not allowed in paths")
+    return segments
 
 
 def parse_v2_path(path: str) -> RegistryPath:

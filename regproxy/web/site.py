@@ -101,6 +101,36 @@ class ProxyRequest(Request):
         )
 
 
+class _RefuseTLSOnPlainHTTP:
+    """Answer a TLS handshake on a plain-HTTP listener at once instead of letting it hang.
+
+    Clients that try https first (skopeo, podman, containerd with a plain-http mirror)
+    otherwise wait out their handshake timeout before falling back to http: the HTTP
+    parser sees no line ending in a ClientHello and keeps waiting for more.
+    """
+
+    def __init__(self, dataReceived: Any, protocol: Any) -> None:
+        self.original = dataReceived
+        self.protocol = protocol
+
+    def __call__(self, data: bytes) -> None:
+        # Only the first bytes of a connection can be a ClientHello; then step aside.
+        self.protocol.dataReceived = self.original
+        if data[:1] == b"\x16" and not _is_tls(self.protocol.transport):
+            self.protocol.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            )
+            self.protocol.transport.loseConnection()
+            return
+        self.original(data)
+
+
+def _is_tls(transport: Any) -> bool:
+    from twisted.internet.interfaces import ISSLTransport
+
+    return ISSLTransport.providedBy(transport)
+
+
 class ProxySite(Site):
     requestFactory = ProxyRequest
 
@@ -113,6 +143,12 @@ class ProxySite(Site):
         self.displayTracebacks = False
         # Requests being answered; graceful shutdown waits for it to reach zero.
         self.active = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            protocol.dataReceived = _RefuseTLSOnPlainHTTP(protocol.dataReceived, protocol)
+        return protocol
 
     def log(self, request: Request) -> None:
         """The access event is emitted by ProxyRequest, structured; no combined log line."""

@@ -168,6 +168,12 @@ def seeded_registry(registry: RegistryServer, standard_images: StandardImages) -
 
 
 @pytest.fixture(scope="session")
+def prefixed_registry(registry: RegistryServer, standard_images: StandardImages) -> SeededRegistry:
+    """The anonymous registry with the standard images under ``proj/`` as well."""
+    return seed_registry(registry, standard_images, prefix="proj")
+
+
+@pytest.fixture(scope="session")
 def seeded_htpasswd_registry(
     htpasswd_registry: RegistryServer, standard_images: StandardImages
 ) -> SeededRegistry:

@@ -70,15 +70,21 @@ def seed_registry(
     registry: RegistryServer,
     images: StandardImages,
     creds: tuple[str, str] | None = None,
+    prefix: str = "",
 ) -> SeededRegistry:
-    """Push the standard images into *registry* (with *creds* when it needs them)."""
+    """Push the standard images into *registry* (with *creds* when it needs them).
+
+    With *prefix*, every repository lives under ``prefix/`` (``proj/app``, ...), as an
+    upstream that regproxy serves with ``--repo-prefix``.
+    """
+    under = f"{prefix}/" if prefix else ""
     creds = creds if creds is not None else registry.credentials
     cert_dir = registry.tls.cert_dir if registry.tls else None
     cafile = registry.tls.ca_cert if registry.tls else None
     host = registry.host_port
 
     def put(tag: str, ref: str) -> None:
-        push(images.layout, tag, f"{host}/{ref}", creds=creds, cert_dir=cert_dir)
+        push(images.layout, tag, f"{host}/{under}{ref}", creds=creds, cert_dir=cert_dir)
 
     put("app", "app:v1")
     put("app", "team/app:v1")
@@ -86,7 +92,7 @@ def seed_registry(
     put("big", "big:v1")
     put("many", f"many:{images.many_tags[0]}")
     push_tags(
-        registry.url, "many", images.many_tags[0], images.many_tags[1:], creds=creds, cafile=cafile
+        registry.url, f"{under}many", images.many_tags[0], images.many_tags[1:], creds=creds, cafile=cafile
     )
     digests = {
         "app:v1": images.app.digest,

@@ -1,0 +1,339 @@
+"""The benchmark run: data, processes, measurements, in a fixed order; everything stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support.images import MANIFEST_ACCEPT, OCI_MANIFEST
+from tests.support.proxy import RegproxyProcess
+from tests.support.registry import RegistryServer
+from tests.support.tls import TLSFiles, make_ca_and_cert
+
+from . import load
+from .load import Endpoint
+from .procs import NginxProcess, machine_info
+from .seed import BlobImage, push_blob_image, push_small_image, random_file
+
+MiB = 1 << 20
+GiB = 1 << 30
+PREFIX = "bench"  # upstream names are bench/<name>; clients of the proxies ask for <name>
+
+
+@dataclass
+class Settings:
+    blob_size: int = GiB
+    repeats: int = 5
+    duration: float = 10.0  # seconds per wrk run
+    concurrencies: tuple[int, ...] = (1, 16, 64)
+    pulls: int = 100
+    slow_rate: float = 10e6  # bytes/s of the slow reader
+    streams: int = 100
+    stream_blob_size: int = 64 * MiB
+    stream_rate: float = 4e6  # bytes/s of each of the concurrent readers
+    stream_max_seconds: float = 120.0
+    tls: bool = True
+    nginx_workers: int = 1
+    profile_dir: str | None = None
+    profile_seconds: float = 10.0
+    smoke: bool = False
+
+    @classmethod
+    def smoke_settings(cls, **overrides: Any) -> Settings:
+        values: dict[str, Any] = dict(
+            blob_size=2 * MiB, repeats=2, duration=1.0, pulls=10, streams=5,
+            stream_blob_size=512 * 1024, stream_rate=2e6, stream_max_seconds=20.0,
+            profile_seconds=2.0, smoke=True,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class Images:
+    small_name: str
+    small_tag: str
+    small_digest: str
+    small_blobs: list[tuple[str, int]]
+    big: BlobImage
+    mid: BlobImage
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Log = Callable[[str], None]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+# -- phases ---------------------------------------------------------------------------------------
+
+
+def verify(endpoints: list[Endpoint], images: Images, log: Log) -> dict[str, Any]:
+    """Fetch every manifest and blob once through every path, checking digests (warms up)."""
+    out: dict[str, Any] = {}
+    for ep in endpoints:
+        try:
+            fetched = load.fetch_verified(ep, images.small_name, "manifests", images.small_tag,
+                                          images.small_digest, MANIFEST_ACCEPT)
+            for digest, _size in images.small_blobs:
+                fetched += load.fetch_verified(ep, images.small_name, "blobs", digest, digest)
+            for image in (images.big, images.mid):
+                fetched += load.fetch_verified(ep, image.name, "manifests", image.tag,
+                                               image.manifest_digest, OCI_MANIFEST)
+                fetched += load.fetch_verified(ep, image.name, "blobs", image.blob.digest,
+                                               image.blob.digest)
+            out[ep.label] = {"ok": True, "bytes": fetched}
+        except Exception as error:  # noqa: BLE001 - reported, and fails the run below
+            out[ep.label] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+        log(f"  verified {ep.label}: {out[ep.label]}")
+    return out
+
+
+def blob_throughput(endpoints: list[Endpoint], images: Images, repeats: int,
+                    log: Log) -> dict[str, Any]:
+    big = images.big
+    runs: dict[str, list[float]] = {ep.label: [] for ep in endpoints}
+    for number in range(repeats):
+        for ep in endpoints:  # interleaved, so drift affects every path alike
+            speed = load.curl_download(ep.url(big.name, "blobs", big.blob.digest),
+                                       big.blob.size, ep.cafile) / 1e6
+            runs[ep.label].append(speed)
+            log(f"  blob {number + 1}/{repeats} {ep.label}: {speed:.0f} MB/s")
+    out: dict[str, Any] = {
+        label: {"runs_mb_s": values, "median_mb_s": _median(values)}
+        for label, values in runs.items()
+    }
+    out["blob_bytes"] = big.blob.size
+    out["ratio_regproxy_nginx"] = _ratio(out["regproxy"]["median_mb_s"],
+                                         out["nginx"]["median_mb_s"])
+    return out
+
+
+def manifest_rates(endpoints: list[Endpoint], images: Images, settings: Settings,
+                   log: Log) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for connections in settings.concurrencies:
+        row: dict[str, Any] = {}
+        for ep in endpoints:
+            url = ep.url(images.small_name, "manifests", images.small_tag)
+            row[ep.label] = load.run_wrk(url, connections, settings.duration)
+            stats = row[ep.label]
+            log(f"  manifest c={connections} {ep.label}: {stats['rps']:.0f} req/s "
+                f"p50 {stats['p50_ms']:.2f} ms p99 {stats['p99_ms']:.2f} ms "
+                f"errors {stats['errors'] + stats['non2xx']:.0f}")
+        row["ratio_regproxy_nginx"] = _ratio(row["regproxy"]["rps"], row["nginx"]["rps"])
+        row["added_p99_ms_regproxy"] = row["regproxy"]["p99_ms"] - row["direct"]["p99_ms"]
+        row["added_p99_ms_nginx"] = row["nginx"]["p99_ms"] - row["direct"]["p99_ms"]
+        out[str(connections)] = row
+    return out
+
+
+def pulls(endpoints: list[Endpoint], images: Images, count: int, log: Log) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for ep in endpoints:
+        out[ep.label] = load.concurrent_pulls(ep, images.small_name, images.small_tag,
+                                              images.small_digest, count)
+        log(f"  {count} pulls {ep.label}: {out[ep.label]['wall_s']:.2f} s, "
+            f"{out[ep.label]['errors']} errors {out[ep.label]['error_samples']}")
+    return out
+
+
+def memory(settings: Settings, directory: Path, proxy_args: list[str], images: Images,
+           log: Log) -> dict[str, Any]:
+    """RSS growth of a fresh regproxy (warmed up by one pull) under slow and many streams."""
+    out: dict[str, Any] = {}
+    with RegproxyProcess(args=proxy_args, directory=directory) as proxy:
+        ep = Endpoint("regproxy", proxy.url)
+        load.pull(ep, images.small_name, images.small_tag, images.small_digest)
+        time.sleep(0.5)
+        out["fresh_rss_mib"] = load.rss_kib(proxy.pid)[0] / 1024
+        big, mid = images.big, images.mid
+        out["slow_stream"] = load.slow_stream(ep, proxy.pid, big.name, big.blob.digest,
+                                              big.blob.size, settings.slow_rate)
+        log(f"  slow stream: {out['slow_stream']}")
+        time.sleep(0.5)
+        out["concurrent_streams"] = load.concurrent_streams(
+            ep, proxy.pid, mid.name, mid.blob.digest, mid.blob.size, settings.streams,
+            settings.stream_rate, settings.stream_max_seconds)
+        log(f"  concurrent streams: {out['concurrent_streams']}")
+        out["proxy_alive"] = proxy.running
+    return out
+
+
+def profile(settings: Settings, proxy: RegproxyProcess, endpoints: list[Endpoint],
+            images: Images, mode: str, log: Log) -> dict[str, str]:
+    """py-spy record (raw collapsed stacks) of regproxy under manifest load and blob GETs.
+
+    Runs after the measured phases: the sampler's own CPU use must not bias the table.
+    """
+    directory = Path(settings.profile_dir or ".")
+    directory.mkdir(parents=True, exist_ok=True)
+    py_spy = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
+    regproxy = next(ep for ep in endpoints if ep.label == "regproxy")
+    seconds = settings.profile_seconds
+    outputs: dict[str, str] = {}
+
+    def record(name: str, work: Callable[[], None]) -> None:
+        path = directory / f"{mode}-{name}.txt"
+        spy = subprocess.Popen(
+            [py_spy, "record", "--pid", str(proxy.pid), "--rate", "200", "--nonblocking",
+             "--format", "raw", "--duration", str(int(seconds)), "-o", str(path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            time.sleep(1.0)
+            deadline = time.monotonic() + seconds - 1.0
+            while time.monotonic() < deadline:
+                work()
+            spy.wait(timeout=seconds + 30)
+        finally:
+            if spy.poll() is None:
+                spy.terminate()
+                spy.wait(timeout=10)
+        outputs[name] = str(path)
+        log(f"  profile {name}: {path}")
+
+    url = regproxy.url(images.small_name, "manifests", images.small_tag)
+    record("manifest", lambda: load.run_wrk(url, 16, max(1.0, seconds - 1.5)) and None)
+    big = images.big
+    record("blob", lambda: load.curl_download(
+        regproxy.url(big.name, "blobs", big.blob.digest), big.blob.size) and None)
+    return outputs
+
+
+# -- one mode (plain or TLS upstream) -------------------------------------------------------------
+
+
+def run_mode(settings: Settings, directory: Path, registry: RegistryServer,
+             tls: TLSFiles | None, images: Images, full: bool, log: Log) -> dict[str, Any]:
+    ca = str(tls.ca_cert) if tls else None
+    proxy_args = ["--upstream", registry.url, "--repo-prefix", PREFIX]
+    if ca:
+        proxy_args += ["--upstream-ca", ca]
+    mode = "tls" if tls else "plain"
+    out: dict[str, Any] = {"upstream": registry.url}
+    nginx = NginxProcess(directory / "nginx", registry.host_port, PREFIX, registry.scheme,
+                         tls.ca_cert if tls else None, workers=settings.nginx_workers)
+    with nginx, RegproxyProcess(args=proxy_args, directory=directory / "regproxy") as proxy:
+        endpoints = [Endpoint("direct", registry.url, PREFIX + "/", ca),
+                     Endpoint("nginx", nginx.url), Endpoint("regproxy", proxy.url)]
+        out["verified"] = verify(endpoints, images, log)
+        failed = {k: v for k, v in out["verified"].items() if not v["ok"]}
+        if failed:
+            raise RuntimeError(f"content check failed: {failed}\n{proxy.log_text()[-3000:]}\n"
+                               f"{nginx.log_text()[-3000:]}")
+        log(f"[{mode}] blob throughput")
+        out["blob"] = blob_throughput(endpoints, images, settings.repeats, log)
+        log(f"[{mode}] manifest rate")
+        out["manifest"] = manifest_rates(endpoints, images, settings, log)
+        if full:
+            log(f"[{mode}] concurrent pulls")
+            out["pulls"] = pulls(endpoints, images, settings.pulls, log)
+        if settings.profile_dir:
+            log(f"[{mode}] profiling regproxy")
+            out["profiles"] = profile(settings, proxy, endpoints, images, mode, log)
+        out["regproxy_alive"] = proxy.running
+    if full:
+        log(f"[{mode}] regproxy memory")
+        out["memory"] = memory(settings, directory / "regproxy-memory", proxy_args, images, log)
+    return out
+
+
+# -- the whole suite ------------------------------------------------------------------------------
+
+
+def seed(registry: RegistryServer, work: Path, settings: Settings, log: Log) -> Images:
+    started = time.monotonic()
+    big_file = random_file(work / "big.bin", settings.blob_size)
+    mid_file = random_file(work / "mid.bin", settings.stream_blob_size)
+    log(f"  random data written in {time.monotonic() - started:.1f} s")
+    small = push_small_image(registry.url, work / "layout", f"{PREFIX}/small", "latest")
+    big = push_blob_image(registry.url, f"{PREFIX}/big", "latest", big_file)
+    mid = push_blob_image(registry.url, f"{PREFIX}/mid", "latest", mid_file)
+    big_file.path.unlink()
+    mid_file.path.unlink()
+    shutil.rmtree(work / "layout", ignore_errors=True)
+    log(f"  images pushed in {time.monotonic() - started:.1f} s")
+    # the clients of the proxies ask for the names without the prefix
+    strip = len(PREFIX) + 1
+    return Images(
+        small_name="small",
+        small_tag="latest",
+        small_digest=small.manifest_digest,
+        small_blobs=[(b.digest, b.size) for b in (small.config, *small.layers)],
+        big=BlobImage(big.name[strip:], big.tag, big.blob, big.manifest_digest),
+        mid=BlobImage(mid.name[strip:], mid.tag, mid.blob, mid.manifest_digest),
+    )
+
+
+def run(settings: Settings, log: Log = print) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "settings": asdict(settings),
+        "machine": machine_info(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "runs": {},
+    }
+    work = Path(tempfile.mkdtemp(prefix="regproxy-bench-"))
+    try:
+        registry_dir = work / "registry"
+        log(f"seeding a registry with a {settings.blob_size} byte blob")
+        with RegistryServer(directory=registry_dir) as registry:
+            images = seed(registry, work, settings, log)
+            result["runs"]["plain"] = run_mode(settings, work / "plain", registry, None, images,
+                                               full=True, log=log)
+        if settings.tls:
+            tls = make_ca_and_cert(work / "tls")
+            # the same storage, served over HTTPS by a second registry process
+            with RegistryServer(tls=tls, directory=registry_dir) as registry:
+                result["runs"]["tls"] = run_mode(settings, work / "tls-run", registry, tls,
+                                                 images, full=False, log=log)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(work, ignore_errors=True)
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result["targets"] = targets(result)
+    return result
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float, higher_is_better: bool) -> None:
+        met = value is not None and (value >= limit if higher_is_better else value < limit)
+        rows.append({"target": name, "value": value, "limit": limit,
+                     "op": ">=" if higher_is_better else "<", "met": met})
+
+    for mode, run_ in result["runs"].items():
+        add(f"blob throughput regproxy/nginx ({mode})",
+            run_["blob"]["ratio_regproxy_nginx"], 1.0, True)
+        if "16" in run_["manifest"]:
+            add(f"manifest rate regproxy/nginx at 16 connections ({mode})",
+                run_["manifest"]["16"]["ratio_regproxy_nginx"], 0.8, True)
+        if "1" in run_["manifest"]:
+            add(f"p99 added over direct at 1 connection, ms ({mode})",
+                run_["manifest"]["1"]["added_p99_ms_regproxy"], 2.0, False)
+    plain = result["runs"].get("plain", {})
+    if "memory" in plain:
+        add("RSS growth, slow 10 MB/s stream, MiB",
+            plain["memory"]["slow_stream"]["growth_mib"], 10.0, False)
+        add("RSS growth, concurrent streams, MiB",
+            plain["memory"]["concurrent_streams"]["growth_mib"], 64.0, False)
+    if "pulls" in plain:
+        add("errors in concurrent pulls through regproxy",
+            float(plain["pulls"]["regproxy"]["errors"]), 1.0, False)
+    return rows

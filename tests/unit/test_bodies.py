@@ -1,0 +1,136 @@
+"""Rewriting the small JSON bodies that name repositories, and the bounded reader."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+
+from regproxy import bodies
+from regproxy.config import Route, Upstream
+from regproxy.errors import OCIError
+
+ROUTE = Route(Upstream("https", "gcr.example"), prefix="proj")
+
+
+def test_rewrite_tags_replaces_the_name() -> None:
+    body = json.dumps({"name": "proj/team/app", "tags": ["a", "b"]}).encode()
+    assert json.loads(bodies.rewrite_tags(body, "team/app")) == {
+        "name": "team/app",
+        "tags": ["a", "b"],
+    }
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"not json", b"[1, 2]", b'{"tags": ["a"]}', b"\xff\xfe", b'"proj/a"']
+)
+def test_rewrite_tags_leaves_other_bodies(body: bytes) -> None:
+    assert bodies.rewrite_tags(body, "a") == body
+
+
+def test_rewrite_catalog_filters_and_strips() -> None:
+    body = json.dumps({"repositories": ["proj/a", "proj/team/b"]}).encode()
+    rewritten, ran_past = bodies.rewrite_catalog(body, ROUTE.client_name)
+    assert json.loads(rewritten) == {"repositories": ["a", "team/b"]}
+    assert ran_past is False
+
+
+def test_rewrite_catalog_ran_past_the_prefix() -> None:
+    body = json.dumps({"repositories": ["proj/a", "proj", "projx/c", "zzz", 7]}).encode()
+    rewritten, ran_past = bodies.rewrite_catalog(body, ROUTE.client_name)
+    assert json.loads(rewritten) == {"repositories": ["a"]}
+    assert ran_past is True
+
+
+@pytest.mark.parametrize("body", [b"", b"<html>", b'{"repositories": "x"}', b"{}"])
+def test_rewrite_catalog_leaves_other_bodies(body: bytes) -> None:
+    assert bodies.rewrite_catalog(body, ROUTE.client_name) == (body, False)
+
+
+def test_rewrite_errors_every_string() -> None:
+    body = json.dumps(
+        {
+            "errors": [
+                {
+                    "code": "NAME_UNKNOWN",
+                    "message": "repository name not known to registry",
+                    "detail": {"name": "proj/app", "nested": ["proj/app", 3, None]},
+                }
+            ]
+        }
+    ).encode()
+    rewritten = bodies.rewrite_errors(body, lambda text: text.replace("proj/app", "app"))
+    assert json.loads(rewritten) == {
+        "errors": [
+            {
+                "code": "NAME_UNKNOWN",
+                "message": "repository name not known to registry",
+                "detail": {"name": "app", "nested": ["app", 3, None]},
+            }
+        ]
+    }
+
+
+@pytest.mark.parametrize("body", [b"proj/app not found", b'{"message": "proj/app"}', b"[]"])
+def test_rewrite_errors_leaves_other_bodies(body: bytes) -> None:
+    assert bodies.rewrite_errors(body, lambda text: "changed") == body
+
+
+class BodyTransport(StringTransport):
+    """A response body transport that counts stopProducing calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped = 0
+
+    def stopProducing(self) -> None:
+        self.stopped += 1
+        super().stopProducing()
+
+
+class FakeResponse:
+    """Just enough IResponse: deliverBody drives the protocol with the given chunks."""
+
+    def __init__(self, chunks: list[bytes], reason: Failure | None = None) -> None:
+        self.chunks = chunks
+        self.reason = reason if reason is not None else Failure(ResponseDone())
+        self.transport = BodyTransport()
+
+    def deliverBody(self, protocol) -> None:  # type: ignore[no-untyped-def]
+        protocol.makeConnection(self.transport)
+        for chunk in self.chunks:
+            protocol.dataReceived(chunk)
+        protocol.connectionLost(self.reason)
+
+
+class ReadBoundedTests(SynchronousTestCase):
+    def test_within_the_limit(self) -> None:
+        response = FakeResponse([b"abc", b"def", b"g"])
+        self.assertEqual(self.successResultOf(bodies.read_bounded(response, 7)), b"abcdefg")
+        self.assertEqual(response.transport.stopped, 0)
+
+    def test_potential_data_loss_is_complete(self) -> None:
+        response = FakeResponse([b"abc"], Failure(PotentialDataLoss()))
+        self.assertEqual(self.successResultOf(bodies.read_bounded(response, 10)), b"abc")
+
+    def test_over_the_limit(self) -> None:
+        response = FakeResponse([b"abcd", b"efgh", b"ij"], Failure(ConnectionLost()))
+        failure = self.failureResultOf(bodies.read_bounded(response, 7), OCIError)
+        self.assertEqual(failure.value.code, "UPSTREAM_UNAVAILABLE")
+        self.assertEqual(failure.value.status, 502)
+        self.assertGreaterEqual(response.transport.stopped, 1)
+
+    def test_over_the_limit_even_if_the_body_ends_cleanly(self) -> None:
+        response = FakeResponse([b"x" * 11])
+        self.failureResultOf(bodies.read_bounded(response, 10), OCIError)
+        self.assertEqual(response.transport.stopped, 1)
+
+    def test_broken_body(self) -> None:
+        response = FakeResponse([b"abc"], Failure(ConnectionLost()))
+        self.failureResultOf(bodies.read_bounded(response, 10), ConnectionLost)

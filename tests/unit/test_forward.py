@@ -1,0 +1,862 @@
+"""The whole resource tree in memory: a treq client in front, a fake registry behind.
+
+The proxy is wired as ``regproxy.service.build_service`` wires it, except that its upstream
+client talks to :class:`FakeRegistry` through ``treq.testing.RequestTraversalAgent`` and the
+client side is ``treq.testing.StubTreq``. Nothing touches the network or the global reactor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+import attrs
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from regproxy import challenge
+from regproxy.config import BlobRedirects, Config, Route, Upstream
+from regproxy.forward import Forwarder
+from regproxy.upstream.http import IdentityEncodingAgent, NoCookies
+from regproxy.upstream.realm import RealmCache
+from regproxy.web.browser import BrowserRedirect
+from regproxy.web.health import Health, Readiness
+from regproxy.web.public import public_base
+from regproxy.web.registry import RegistryAPI
+from regproxy.web.root import Root
+from regproxy.web.token import TokenProxy
+
+PROXY = "http://proxy.example"
+UPSTREAM = "https://upstream.example"
+AUTH_REALM = "https://auth.upstream.example/token"
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+MANIFEST = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@attrs.frozen
+class Seen:
+    """One request as the fake upstream registry received it."""
+
+    method: bytes
+    host: bytes
+    path: str
+    query: list[tuple[str, str]]
+    headers: Headers
+    body: bytes
+
+
+@attrs.frozen
+class Answer:
+    status: int = 200
+    headers: dict[bytes, list[bytes]] = attrs.field(factory=dict)
+    body: bytes = b""
+
+
+class FakeRegistry(Resource):
+    """Plays the upstream registry and its token service; records what it was asked."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Seen] = []
+        self.answers: dict[str, Answer | Callable[[Request], Answer]] = {}
+
+    def on(self, path: str, answer: Answer | Callable[[Request], Answer]) -> None:
+        self.answers[path] = answer
+
+    def render(self, request: Request) -> bytes:
+        uri = request.uri.decode("ascii")
+        path, _, query = uri.partition("?")
+        assert request.content is not None
+        self.seen.append(
+            Seen(
+                method=request.method,
+                host=request.getHeader(b"host") or b"",
+                path=path,
+                query=parse_qsl(query, keep_blank_values=True),
+                headers=request.requestHeaders.copy(),
+                body=request.content.read(),
+            )
+        )
+        answer = self.answers.get(uri) or self.answers.get(path)
+        if callable(answer):
+            answer = answer(request)
+        if answer is None:
+            answer = Answer(
+                404,
+                {b"content-type": [b"application/json"]},
+                b'{"errors":[{"code":"NOT_FOUND","message":"no answer recorded"}]}',
+            )
+        request.setResponseCode(answer.status)
+        for name, values in answer.headers.items():
+            request.responseHeaders.setRawHeaders(name, values)
+        return answer.body
+
+
+@implementer(IBodyProducer)
+class SyncProducer:
+    """Produces a request body at once (the default one needs the global reactor)."""
+
+    def __init__(self, body: bytes | str) -> None:
+        self.body = body.encode("utf-8") if isinstance(body, str) else body
+        self.length = len(self.body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def stopProducing(self) -> None:
+        pass
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+
+@implementer(IAgent)
+class FailingAgent:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.requests = 0
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None):  # type: ignore[no-untyped-def]
+        self.requests += 1
+        return fail(self.error)
+
+
+def build_tree(config: Config, agent: IAgent, clock: Clock) -> Resource:
+    """What ``regproxy.service.build_service`` builds, with an in-memory upstream agent."""
+    route = config.default_route
+    client = HTTPClient(
+        IdentityEncodingAgent(agent), cookiejar=NoCookies(), data_to_body_producer=SyncProducer
+    )
+
+    def route_for(request: Request) -> Route:
+        return route
+
+    forwarder = Forwarder(
+        client=client,
+        clock=clock,
+        public_base=lambda request: public_base(request, config),
+        upstream_timeout=config.upstream_timeout,
+        idle_timeout=config.idle_timeout,
+    )
+    root = Root(BrowserRedirect(route_for, not config.disable_browser_redirects))
+    root.putChild(b"v2", RegistryAPI(route_for, forwarder))
+    root.putChild(
+        b"_token",
+        TokenProxy(
+            route_for=route_for,
+            realms=RealmCache(client, config.upstream_timeout),
+            client=client,
+            clock=clock,
+            timeout=config.upstream_timeout,
+            idle_timeout=config.idle_timeout,
+        ),
+    )
+    root.putChild(b"healthz", Health())
+    root.putChild(b"readyz", Health(Readiness()))
+    return root
+
+
+@attrs.frozen
+class Reply:
+    status: int
+    headers: Headers
+    body: bytes
+    # twisted's client moves Content-Length out of the headers into IResponse.length.
+    length: int | None
+
+    def header(self, name: bytes) -> list[bytes]:
+        return self.headers.getRawHeaders(name, [])
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class ProxyCase(SynchronousTestCase):
+    route = Route(Upstream("https", "upstream.example"), prefix="proj")
+
+    def setUp(self) -> None:
+        self.registry = FakeRegistry()
+        self.upstream_agent = RequestTraversalAgent(self.registry)
+        self.clock = Clock()
+        self.make_proxy(self.upstream_agent)
+        self.delayed_before = len(global_reactor.getDelayedCalls())
+
+    def make_proxy(self, agent: IAgent, **config: Any) -> None:
+        self.config = Config(routes=(self.route,), **config)
+        self.proxy = StubTreq(build_tree(self.config, agent, self.clock))
+
+    def tearDown(self) -> None:
+        # Everything ran on in-memory reactors: nothing may be left on the real one.
+        self.assertEqual(len(global_reactor.getDelayedCalls()), self.delayed_before)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Reply:
+        kwargs.setdefault("allow_redirects", False)
+        d = self.proxy.request(method, PROXY + path, **kwargs)
+        for _ in range(10):
+            if d.called:
+                break
+            self.upstream_agent.flush()
+            self.proxy.flush()
+        response = self.successResultOf(d)
+        body = self.proxy.content(response)
+        for _ in range(10):
+            if body.called:
+                break
+            self.upstream_agent.flush()
+            self.proxy.flush()
+        length = response.length if isinstance(response.length, int) else None
+        return Reply(response.code, response.headers, self.successResultOf(body), length)
+
+    def get(self, path: str, **kwargs: Any) -> Reply:
+        return self.request("GET", path, **kwargs)
+
+    def only_seen(self) -> Seen:
+        self.assertEqual(len(self.registry.seen), 1, self.registry.seen)
+        return self.registry.seen[0]
+
+    def assert_oci_error(self, reply: Reply, status: int, code: str) -> dict[str, Any]:
+        self.assertEqual(reply.status, status)
+        self.assertEqual(reply.header(b"docker-distribution-api-version"), [b"registry/2.0"])
+        self.assertEqual(reply.header(b"content-type"), [b"application/json; charset=utf-8"])
+        self.assertEqual(reply.length, len(reply.body))
+        [error] = reply.json()["errors"]
+        self.assertEqual(error["code"], code)
+        return error
+
+
+class ForwardingTests(ProxyCase):
+    def test_manifest_get_with_prefix(self) -> None:
+        self.registry.on(
+            f"/v2/proj/team/app/manifests/{DIGEST}",
+            Answer(
+                200,
+                {
+                    b"content-type": [OCI_MANIFEST.encode()],
+                    b"docker-content-digest": [DIGEST.encode()],
+                    b"docker-distribution-api-version": [b"registry/2.0"],
+                    b"set-cookie": [b"session=upstream"],
+                    b"x-custom": [b"kept"],
+                },
+                MANIFEST,
+            ),
+        )
+        accepts = [
+            b"application/vnd.oci.image.index.v1+json",
+            b"application/vnd.docker.distribution.manifest.list.v2+json",
+            OCI_MANIFEST.encode(),
+        ]
+        reply = self.get(
+            f"/v2/team/app/manifests/{DIGEST}?ns=docker.io",
+            headers={
+                b"accept": accepts,
+                b"user-agent": [b"containerd/1.7"],
+                b"authorization": [b"Bearer client-token"],
+                b"cookie": [b"proxy-session=1"],
+                b"x-forwarded-for": [b"10.1.2.3"],
+            },
+        )
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.body, MANIFEST)
+        self.assertEqual(reply.header(b"content-type"), [OCI_MANIFEST.encode()])
+        self.assertEqual(reply.header(b"docker-content-digest"), [DIGEST.encode()])
+        self.assertEqual(reply.length, len(MANIFEST))
+        self.assertEqual(reply.header(b"x-custom"), [b"kept"])
+        self.assertEqual(reply.header(b"set-cookie"), [])
+
+        seen = self.only_seen()
+        self.assertEqual(seen.method, b"GET")
+        self.assertEqual(seen.host, b"upstream.example")
+        self.assertEqual(seen.path, f"/v2/proj/team/app/manifests/{DIGEST}")
+        self.assertEqual(seen.query, [("ns", "docker.io")])
+        self.assertEqual(seen.headers.getRawHeaders(b"accept"), accepts)
+        self.assertEqual(
+            seen.headers.getRawHeaders(b"user-agent"),
+            [b"regproxy/0.1 customDomain/proxy.example containerd/1.7"],
+        )
+        self.assertEqual(seen.headers.getRawHeaders(b"authorization"), [b"Bearer client-token"])
+        for name in (b"cookie", b"x-forwarded-for", b"accept-encoding"):
+            self.assertIsNone(seen.headers.getRawHeaders(name), name)
+
+    def test_base_and_large_blob_stream_through(self) -> None:
+        blob = bytes(range(256)) * 1024
+        self.registry.on("/v2/", Answer(200, {b"docker-distribution-api-version": [b"registry/2.0"]}, b"{}"))
+        self.registry.on(
+            f"/v2/proj/app/blobs/{DIGEST}",
+            Answer(200, {b"content-type": [b"application/octet-stream"]}, blob),
+        )
+        base = self.get("/v2/")
+        self.assertEqual((base.status, base.body), (200, b"{}"))
+        reply = self.get(f"/v2/app/blobs/{DIGEST}", headers={b"range": [b"bytes=0-"]})
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.body, blob)
+        self.assertEqual(reply.length, len(blob))
+        self.assertEqual(
+            [(s.path, s.headers.getRawHeaders(b"range")) for s in self.registry.seen],
+            [("/v2/", None), (f"/v2/proj/app/blobs/{DIGEST}", [b"bytes=0-"])],
+        )
+
+    def test_ranged_read(self) -> None:
+        self.registry.on(
+            f"/v2/proj/app/blobs/{DIGEST}",
+            Answer(206, {b"content-range": [b"bytes 2-4/10"]}, b"cde"),
+        )
+        reply = self.get(f"/v2/app/blobs/{DIGEST}", headers={b"range": [b"bytes=2-4"]})
+        self.assertEqual((reply.status, reply.body), (206, b"cde"))
+        self.assertEqual(reply.header(b"content-range"), [b"bytes 2-4/10"])
+
+    def test_head_stays_head(self) -> None:
+        self.registry.on(
+            "/v2/proj/app/manifests/latest",
+            Answer(
+                200,
+                {b"docker-content-digest": [DIGEST.encode()], b"content-type": [OCI_MANIFEST.encode()]},
+                MANIFEST,
+            ),
+        )
+        reply = self.request("HEAD", "/v2/app/manifests/latest")
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.body, b"")
+        # For HEAD, Content-Length is an entity header the client keeps among the headers.
+        self.assertEqual(reply.header(b"content-length"), [b"%d" % len(MANIFEST)])
+        self.assertEqual(reply.header(b"docker-content-digest"), [DIGEST.encode()])
+        self.assertEqual(self.only_seen().method, b"HEAD")
+
+    def test_relative_location_made_absolute(self) -> None:
+        for status in (302, 307):
+            for method in ("GET", "HEAD"):
+                self.registry.seen.clear()
+                self.registry.on(
+                    f"/v2/proj/app/blobs/{DIGEST}",
+                    Answer(status, {b"location": [b"/artifacts/blob?sig=a%2Fb"]}),
+                )
+                reply = self.request(method, f"/v2/app/blobs/{DIGEST}")
+                self.assertEqual(reply.status, status)
+                self.assertEqual(
+                    reply.header(b"location"),
+                    [b"https://upstream.example/artifacts/blob?sig=a%2Fb"],
+                    (status, method),
+                )
+                seen = self.only_seen()
+                self.assertEqual(seen.method, method.encode())
+
+    def test_location_to_storage_host_unchanged(self) -> None:
+        storage = b"https://storage.example/blob?X-Amz-Signature=abc"
+        self.registry.on(f"/v2/proj/app/blobs/{DIGEST}", Answer(307, {b"location": [storage]}))
+        reply = self.get(f"/v2/app/blobs/{DIGEST}")
+        self.assertEqual((reply.status, reply.header(b"location")), (307, [storage]))
+        # Passed to the client, never followed by the proxy.
+        self.assertEqual(len(self.registry.seen), 1)
+
+    def test_challenges_rewritten(self) -> None:
+        self.registry.on(
+            "/v2/proj/app/manifests/latest",
+            Answer(
+                401,
+                {
+                    b"www-authenticate": [
+                        b'Bearer realm="https://auth.upstream.example/token",'
+                        b'service="upstream.example",scope="repository:proj/app:pull"',
+                        b'Basic realm="basic realm", Bearer realm="https://other/t",'
+                        b'error="insufficient_scope"',
+                    ],
+                    b"docker-distribution-api-version": [b"registry/2.0"],
+                    b"content-type": [b"application/json"],
+                },
+                b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required",'
+                b'"detail":[{"Type":"repository","Name":"proj/app","Action":"pull"}]}]}',
+            ),
+        )
+        reply = self.get("/v2/app/manifests/latest")
+        self.assertEqual(reply.status, 401)
+        self.assertEqual(reply.header(b"docker-distribution-api-version"), [b"registry/2.0"])
+        values = [v.decode() for v in reply.header(b"www-authenticate")]
+        self.assertEqual(
+            challenge.parse_all(values),
+            [
+                challenge.Challenge(
+                    "Bearer",
+                    (
+                        ("realm", PROXY + "/_token"),
+                        ("service", "upstream.example"),
+                        ("scope", "repository:app:pull"),
+                    ),
+                ),
+                challenge.Challenge("Basic", (("realm", "basic realm"),)),
+                challenge.Challenge(
+                    "Bearer", (("realm", PROXY + "/_token"), ("error", "insufficient_scope"))
+                ),
+            ],
+        )
+        self.assertNotIn(b"proj", reply.body)
+        self.assertEqual(reply.json()["errors"][0]["detail"][0]["Name"], "app")
+
+    def test_realm_follows_forwarded_proto_and_host(self) -> None:
+        self.registry.on(
+            "/v2/",
+            Answer(401, {b"www-authenticate": [b'Bearer realm="https://auth.upstream.example/t"']}),
+        )
+        reply = self.get(
+            "/v2/", headers={b"x-forwarded-proto": [b"https"], b"host": [b"r.example.com:8443"]}
+        )
+        self.assertEqual(
+            reply.header(b"www-authenticate"), [b'Bearer realm="https://r.example.com:8443/_token"']
+        )
+
+    def test_realm_from_public_url(self) -> None:
+        self.make_proxy(self.upstream_agent, public_url="https://public.example")
+        self.registry.on("/v2/", Answer(401, {b"www-authenticate": [b'Bearer realm="https://a/t"']}))
+        reply = self.get("/v2/", headers={b"host": [b"evil.example"]})
+        self.assertEqual(
+            reply.header(b"www-authenticate"), [b'Bearer realm="https://public.example/_token"']
+        )
+
+    def test_tags_list_paginated(self) -> None:
+        self.registry.on(
+            "/v2/proj/team/app/tags/list",
+            Answer(
+                200,
+                {
+                    b"content-type": [b"application/json"],
+                    b"link": [b'</v2/proj/team/app/tags/list?last=b&n=2>; rel="next"'],
+                },
+                b'{"name":"proj/team/app","tags":["a","b"]}',
+            ),
+        )
+        reply = self.get("/v2/team/app/tags/list?n=2&last=0")
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.json(), {"name": "team/app", "tags": ["a", "b"]})
+        self.assertEqual(reply.length, len(reply.body))
+        self.assertEqual(reply.header(b"link"), [b'</v2/team/app/tags/list?last=b&n=2>; rel="next"'])
+        self.assertEqual(self.only_seen().query, [("n", "2"), ("last", "0")])
+
+    def test_tags_list_bad_pagination(self) -> None:
+        self.assert_oci_error(
+            self.get("/v2/app/tags/list?n=lots"), 400, "PAGINATION_NUMBER_INVALID"
+        )
+        self.assert_oci_error(self.get("/v2/app/tags/list?last=.x"), 400, "TAG_INVALID")
+        self.assertEqual(self.registry.seen, [])
+
+    def test_catalog_first_page_runs_past_the_prefix(self) -> None:
+        self.registry.on(
+            "/v2/_catalog",
+            Answer(
+                200,
+                {
+                    b"content-type": [b"application/json"],
+                    b"link": [b'</v2/_catalog?last=zeta&n=3>; rel="next"'],
+                },
+                b'{"repositories":["proj/a","proj/team/b","zeta"]}',
+            ),
+        )
+        reply = self.get("/v2/_catalog?n=3")
+        self.assertEqual(reply.json(), {"repositories": ["a", "team/b"]})
+        self.assertEqual(reply.header(b"link"), [])
+        self.assertEqual(reply.length, len(reply.body))
+        self.assertEqual(self.only_seen().query, [("n", "3"), ("last", "proj/")])
+
+    def test_catalog_next_page(self) -> None:
+        self.registry.on(
+            "/v2/_catalog",
+            Answer(
+                200,
+                {
+                    b"content-type": [b"application/json"],
+                    b"link": [b'</v2/_catalog?last=proj%2Fteam%2Fc&n=2>; rel="next"'],
+                },
+                b'{"repositories":["proj/b","proj/team/c"]}',
+            ),
+        )
+        reply = self.get("/v2/_catalog?last=a&n=2")
+        self.assertEqual(reply.json(), {"repositories": ["b", "team/c"]})
+        self.assertEqual(reply.header(b"link"), [b'</v2/_catalog?last=team%2Fc&n=2>; rel="next"'])
+        self.assertEqual(self.only_seen().query, [("last", "proj/a"), ("n", "2")])
+
+    def test_catalog_last_must_be_a_name(self) -> None:
+        self.assert_oci_error(self.get("/v2/_catalog?last=..%2Fother"), 400, "NAME_INVALID")
+        self.assertEqual(self.registry.seen, [])
+
+    def test_error_body_without_prefix(self) -> None:
+        self.registry.on(
+            "/v2/proj/team/app/manifests/latest",
+            Answer(
+                404,
+                {b"content-type": [b"application/json; charset=utf-8"]},
+                b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown",'
+                b'"detail":{"Name":"proj/team/app","Revision":"latest"}}]}',
+            ),
+        )
+        reply = self.get("/v2/team/app/manifests/latest")
+        self.assertEqual(reply.status, 404)
+        self.assertEqual(
+            reply.json(),
+            {
+                "errors": [
+                    {
+                        "code": "MANIFEST_UNKNOWN",
+                        "message": "manifest unknown",
+                        "detail": {"Name": "team/app", "Revision": "latest"},
+                    }
+                ]
+            },
+        )
+        self.assertEqual(reply.length, len(reply.body))
+
+    def test_read_only(self) -> None:
+        for method in ("PUT", "DELETE", "POST", "PATCH"):
+            for path in ("/v2/app/manifests/latest", f"/v2/app/blobs/{DIGEST}"):
+                reply = self.request(method, path, data=b"x")
+                self.assert_oci_error(reply, 405, "UNSUPPORTED")
+                self.assertEqual(reply.header(b"allow"), [b"GET, HEAD"])
+        for method in ("POST", "PUT", "PATCH", "GET"):
+            reply = self.request(method, "/v2/app/blobs/uploads/")
+            self.assert_oci_error(reply, 405, "UNSUPPORTED")
+        self.assertEqual(self.registry.seen, [])
+
+    def test_proxy_made_errors(self) -> None:
+        cases = [
+            ("/v2/App/manifests/latest", 400, "NAME_INVALID"),
+            ("/v2/a%2F..%2Fb/manifests/latest", 400, "NAME_INVALID"),
+            ("/v2/app/manifests/.x", 400, "TAG_INVALID"),
+            ("/v2/app/blobs/sha256:abc", 400, "DIGEST_INVALID"),
+            ("/v2/app/nothing/here", 404, "NOT_FOUND"),
+        ]
+        for path, status, code in cases:
+            self.assert_oci_error(self.get(path), status, code)
+            head = self.request("HEAD", path)
+            self.assertEqual((head.status, head.body), (status, b""))
+            self.assertEqual(head.header(b"docker-distribution-api-version"), [b"registry/2.0"])
+        self.assertEqual(self.registry.seen, [])
+
+    def test_upstream_connection_refused(self) -> None:
+        self.make_proxy(FailingAgent(ConnectionRefusedError("nope")))
+        error = self.assert_oci_error(
+            self.get("/v2/app/manifests/latest"), 502, "UPSTREAM_UNAVAILABLE"
+        )
+        self.assertEqual(error["detail"], {"reason": "ConnectionRefusedError"})
+        self.make_proxy(FailingAgent(DNSLookupError("no such host")))
+        self.assert_oci_error(self.get("/v2/"), 502, "UPSTREAM_UNAVAILABLE")
+
+    def test_upstream_timeout(self) -> None:
+        @implementer(IAgent)
+        class Silent:
+            def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+                return Deferred()
+
+        self.make_proxy(Silent())
+        d = self.proxy.get(PROXY + "/v2/")
+        self.assertNoResult(d)
+        self.clock.advance(self.config.upstream_timeout - 0.5)
+        self.proxy.flush()
+        self.assertNoResult(d)
+        self.clock.advance(0.5)
+        self.proxy.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 504)
+        body = json.loads(self.successResultOf(self.proxy.content(response)))
+        self.assertEqual(body["errors"][0]["code"], "UPSTREAM_TIMEOUT")
+
+
+class DockerHubTests(ProxyCase):
+    route = Route(Upstream("https", "registry-1.docker.io"))
+
+    def test_library_mapping(self) -> None:
+        self.registry.on("/v2/library/ubuntu/manifests/22.04", Answer(200, {}, MANIFEST))
+        self.registry.on("/v2/me/app/manifests/1", Answer(200, {}, MANIFEST))
+        self.assertEqual(self.get("/v2/ubuntu/manifests/22.04").body, MANIFEST)
+        self.assertEqual(self.get("/v2/me/app/manifests/1").body, MANIFEST)
+        self.assertEqual(
+            [s.path for s in self.registry.seen],
+            ["/v2/library/ubuntu/manifests/22.04", "/v2/me/app/manifests/1"],
+        )
+        self.assertEqual(self.registry.seen[0].host, b"registry-1.docker.io")
+
+    def test_library_name_not_leaked(self) -> None:
+        self.registry.on(
+            "/v2/library/ubuntu/tags/list",
+            Answer(200, {b"content-type": [b"application/json"]}, b'{"name":"library/ubuntu","tags":["x"]}'),
+        )
+        self.registry.on(
+            "/v2/library/ubuntu/manifests/nope",
+            Answer(
+                401,
+                {
+                    b"www-authenticate": [
+                        b'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+                        b'scope="repository:library/ubuntu:pull"'
+                    ]
+                },
+            ),
+        )
+        self.assertEqual(self.get("/v2/ubuntu/tags/list").json(), {"name": "ubuntu", "tags": ["x"]})
+        [value] = self.get("/v2/ubuntu/manifests/nope").header(b"www-authenticate")
+        [parsed] = challenge.parse(value.decode())
+        self.assertEqual(parsed.get("scope"), "repository:ubuntu:pull")
+        self.assertEqual(parsed.get("service"), "registry.docker.io")
+
+
+class TokenTests(ProxyCase):
+    token_body = b'{"token":"t0k","access_token":"t0k","expires_in":300,"issued_at":"2024-01-01T00:00:00Z"}'
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.registry.on(
+            "/v2/",
+            Answer(
+                401,
+                {
+                    b"www-authenticate": [
+                        b'Bearer realm="https://auth.upstream.example/token",service="upstream.example"'
+                    ]
+                },
+            ),
+        )
+        self.registry.on(
+            "/token", Answer(200, {b"content-type": [b"application/json"]}, self.token_body)
+        )
+
+    def token_requests(self) -> list[Seen]:
+        return [seen for seen in self.registry.seen if seen.path == "/token"]
+
+    def test_get_with_repeated_scopes(self) -> None:
+        reply = self.get(
+            "/_token?service=upstream.example&scope=repository:app:pull"
+            "&scope=repository:team/b:pull,push%20repository:c:push&scope=registry:catalog:*",
+            headers={b"authorization": [b"Basic dXNlcjpwdw=="], b"cookie": [b"c=1"]},
+        )
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.body, self.token_body)
+        # The realm comes from the upstream's own challenge, learnt from /v2/.
+        self.assertEqual([s.path for s in self.registry.seen], ["/v2/", "/token"])
+        [seen] = self.token_requests()
+        self.assertEqual(seen.method, b"GET")
+        self.assertEqual(seen.host, b"auth.upstream.example")
+        self.assertEqual(
+            seen.query,
+            [
+                ("service", "upstream.example"),
+                ("scope", "repository:proj/app:pull"),
+                ("scope", "repository:proj/team/b:pull"),
+                ("scope", "registry:catalog:*"),
+            ],
+        )
+        self.assertEqual(seen.headers.getRawHeaders(b"authorization"), [b"Basic dXNlcjpwdw=="])
+        self.assertIsNone(seen.headers.getRawHeaders(b"cookie"))
+
+    def test_post_form_with_space_separated_scopes(self) -> None:
+        reply = self.request(
+            "POST",
+            "/_token",
+            data={
+                "grant_type": "password",
+                "service": "upstream.example",
+                "client_id": "docker",
+                "scope": "repository:app:pull repository:team/b:pull,push repository:c:push",
+                "username": "u",
+                "password": "p",
+            },
+        )
+        self.assertEqual((reply.status, reply.body), (200, self.token_body))
+        [seen] = self.token_requests()
+        self.assertEqual(seen.method, b"POST")
+        self.assertEqual(seen.host, b"auth.upstream.example")
+        self.assertEqual(
+            seen.headers.getRawHeaders(b"content-type"), [b"application/x-www-form-urlencoded"]
+        )
+        self.assertEqual(
+            parse_qsl(seen.body.decode()),
+            [
+                ("grant_type", "password"),
+                ("service", "upstream.example"),
+                ("client_id", "docker"),
+                ("username", "u"),
+                ("password", "p"),
+                ("scope", "repository:proj/app:pull repository:proj/team/b:pull"),
+            ],
+        )
+
+    def test_post_must_be_a_form(self) -> None:
+        reply = self.request(
+            "POST", "/_token", data=b"{}", headers={b"content-type": [b"application/json"]}
+        )
+        self.assertEqual(reply.status, 400)
+        self.assertEqual(reply.json()["errors"][0]["code"], "REQUEST_INVALID")
+        self.assertEqual(self.token_requests(), [])
+
+    def test_without_scope(self) -> None:
+        reply = self.get("/_token?service=upstream.example&account=me")
+        self.assertEqual((reply.status, reply.body), (200, self.token_body))
+        [seen] = self.token_requests()
+        self.assertEqual(seen.query, [("service", "upstream.example"), ("account", "me")])
+        reply = self.get("/_token")
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(self.token_requests()[-1].query, [])
+
+    def test_realm_learnt_once(self) -> None:
+        self.get("/_token?scope=repository:a:pull")
+        self.get("/_token?scope=repository:b:pull")
+        self.assertEqual(
+            [s.path for s in self.registry.seen], ["/v2/", "/token", "/token"]
+        )
+
+    def test_invalid_scope_name(self) -> None:
+        reply = self.get("/_token?scope=repository:../x:pull")
+        self.assertEqual(reply.status, 400)
+        self.assertEqual(reply.json()["errors"][0]["code"], "NAME_INVALID")
+        self.assertEqual(self.token_requests(), [])
+
+    def test_upstream_without_token_auth(self) -> None:
+        self.registry.on("/v2/", Answer(200, {}, b"{}"))
+        reply = self.get("/_token?scope=repository:a:pull")
+        self.assertEqual(reply.status, 404)
+        self.assertEqual(self.token_requests(), [])
+
+    def test_token_errors_pass_through(self) -> None:
+        self.registry.on(
+            "/token",
+            Answer(401, {b"content-type": [b"application/json"]}, b'{"details":"bad password"}'),
+        )
+        reply = self.get("/_token?scope=repository:a:pull")
+        self.assertEqual((reply.status, reply.body), (401, b'{"details":"bad password"}'))
+
+    def test_token_method_not_allowed(self) -> None:
+        reply = self.request("PUT", "/_token", data=b"x")
+        self.assertEqual(reply.status, 405)
+        self.assertEqual(reply.header(b"allow"), [b"GET, HEAD"])
+        self.assertEqual(self.registry.seen, [])
+
+
+class OtherPathTests(ProxyCase):
+    def test_browser_redirect(self) -> None:
+        reply = self.get("/team/app")
+        self.assertEqual(reply.status, 307)
+        self.assertEqual(reply.header(b"location"), [b"https://upstream.example/proj/team/app"])
+        self.assertEqual(self.registry.seen, [])
+
+    def test_browser_redirect_disabled(self) -> None:
+        self.make_proxy(self.upstream_agent, disable_browser_redirects=True)
+        self.assertEqual(self.get("/team/app").status, 404)
+
+    def test_health(self) -> None:
+        self.assertEqual(self.get("/healthz").body, b"ok\n")
+        self.assertEqual(self.get("/readyz").body, b"ok\n")
+        self.assertEqual(self.registry.seen, [])
+
+
+class Stalling(Resource):
+    """An upstream that sends part of a body and then stalls or hangs up."""
+
+    isLeaf = True
+
+    def __init__(self, *, hang_up: bool) -> None:
+        super().__init__()
+        self.hang_up = hang_up
+        self.requests: list[Request] = []
+        self.gone: list[bool] = []
+
+    def render(self, request: Request) -> object:
+        from twisted.web.server import NOT_DONE_YET
+
+        self.requests.append(request)
+        request.notifyFinish().addBoth(lambda result: self.gone.append(result is not None))
+        request.setHeader(b"content-length", b"100")
+        request.write(b"x" * 40)
+        if self.hang_up:
+            request.loseConnection()
+        return NOT_DONE_YET
+
+
+class BrokenBodyTests(ProxyCase):
+    def use(self, upstream: Resource) -> None:
+        self.upstream_agent = RequestTraversalAgent(upstream)
+        self.make_proxy(self.upstream_agent, idle_timeout=5.0)
+
+    def start(self) -> Deferred[Any]:
+        d = self.proxy.get(PROXY + f"/v2/app/blobs/{DIGEST}")
+        for _ in range(5):
+            self.upstream_agent.flush()
+            self.proxy.flush()
+        return d
+
+    def test_upstream_hangs_up_mid_body(self) -> None:
+        upstream = Stalling(hang_up=True)
+        self.use(upstream)
+        response = self.successResultOf(self.start())
+        self.assertEqual((response.code, response.length), (200, 100))
+        body = self.proxy.content(response)
+        for _ in range(5):
+            self.upstream_agent.flush()
+            self.proxy.flush()
+        # The client must never take the truncated body for a whole one.
+        self.failureResultOf(body)
+
+    def test_upstream_stalls_mid_body(self) -> None:
+        upstream = Stalling(hang_up=False)
+        self.use(upstream)
+        response = self.successResultOf(self.start())
+        self.assertEqual((response.code, response.length), (200, 100))
+        body = self.proxy.content(response)
+        self.clock.advance(4)
+        self.proxy.flush()
+        self.assertNoResult(body)
+        self.assertEqual(upstream.gone, [])
+        self.clock.advance(6)
+        for _ in range(5):
+            self.upstream_agent.flush()
+            self.proxy.flush()
+        self.failureResultOf(body)
+        # The upstream transfer was stopped, not left hanging.
+        self.assertEqual(upstream.gone, [True])
+
+
+class FollowRedirectTests(ProxyCase):
+    route = Route(
+        Upstream("https", "upstream.example"), prefix="proj", blob_redirects=BlobRedirects.FOLLOW
+    )
+
+    def test_follows_without_credentials(self) -> None:
+        self.registry.on(
+            f"/v2/proj/app/blobs/{DIGEST}",
+            Answer(307, {b"location": [b"https://storage.example/blob?sig=1"]}),
+        )
+        self.registry.on("/blob", Answer(200, {b"content-type": [b"application/octet-stream"]}, b"BLOB"))
+        reply = self.get(
+            f"/v2/app/blobs/{DIGEST}", headers={b"authorization": [b"Bearer client-token"]}
+        )
+        self.assertEqual((reply.status, reply.body, reply.length), (200, b"BLOB", 4))
+        self.assertEqual(reply.header(b"location"), [])
+        first, second = self.registry.seen
+        self.assertEqual(first.headers.getRawHeaders(b"authorization"), [b"Bearer client-token"])
+        self.assertEqual((second.host, second.path, second.query), (b"storage.example", "/blob", [("sig", "1")]))
+        self.assertIsNone(second.headers.getRawHeaders(b"authorization"))
+
+    def test_manifest_redirects_are_passed(self) -> None:
+        self.registry.on(
+            "/v2/proj/app/manifests/latest", Answer(307, {b"location": [b"/elsewhere"]})
+        )
+        reply = self.get("/v2/app/manifests/latest")
+        self.assertEqual(reply.status, 307)
+        self.assertEqual(reply.header(b"location"), [b"https://upstream.example/elsewhere"])
+
+    def test_redirect_loop(self) -> None:
+        self.registry.on(f"/v2/proj/app/blobs/{DIGEST}", Answer(302, {b"location": [b"/again"]}))
+        self.registry.on("/again", Answer(302, {b"location": [b"/again"]}))
+        self.assert_oci_error(self.get(f"/v2/app/blobs/{DIGEST}"), 502, "UPSTREAM_UNAVAILABLE")

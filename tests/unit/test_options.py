@@ -1,0 +1,281 @@
+"""``twist regproxy`` options: the whole parsed Config, flags over the original's env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.python import usage
+
+from regproxy.config import BlobRedirects, Config, Credentials, Route, Upstream
+from regproxy.tap import Options
+
+HUB = Upstream("https", "registry-1.docker.io")
+
+
+def parse(args: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    options = Options(environ=environ or {})
+    options.parseOptions(args or [])
+    return options.config()
+
+
+def usage_error(args: list[str] | None = None, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(usage.UsageError) as caught:
+        parse(args, environ)
+    return str(caught.value)
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> str:
+    path = tmp_path / "key.json"
+    path.write_text('{"type": "service_account", "private_key": "KEYSECRET"}')
+    return str(path)
+
+
+@pytest.fixture
+def password_file(tmp_path: Path) -> str:
+    path = tmp_path / "password"
+    path.write_text("pa55w0rd-SECRET\n")
+    return str(path)
+
+
+def test_defaults() -> None:
+    assert parse() == Config(
+        routes=(
+            Route(
+                upstream=HUB,
+                prefix="",
+                credentials=Credentials(),
+                blob_redirects=BlobRedirects.PASS,
+                upstream_ca=None,
+            ),
+        ),
+        listen=("tcp:8080",),
+        public_url=None,
+        disable_browser_redirects=False,
+        metrics_listen=None,
+        shutdown_grace=30.0,
+        trusted_proxies=(),
+        upstream_timeout=30.0,
+        idle_timeout=60.0,
+    )
+    assert parse().default_route.library_names
+
+
+def test_original_environment(key_file: str) -> None:
+    environ = {
+        "PORT": "5000",
+        "HOST": "127.0.0.1",
+        "REGISTRY_HOST": "GCR.io",
+        "REPO_PREFIX": "/my-project/mirror/",
+        "GOOGLE_APPLICATION_CREDENTIALS": key_file,
+        "DISABLE_BROWSER_REDIRECTS": "1",
+    }
+    assert parse(environ=environ) == Config(
+        routes=(
+            Route(
+                upstream=Upstream("https", "gcr.io"),
+                prefix="my-project/mirror",
+                credentials=Credentials(google_key_file=key_file),
+            ),
+        ),
+        listen=("tcp:5000:interface=127.0.0.1",),
+        disable_browser_redirects=True,
+    )
+
+
+def test_auth_header_from_environment() -> None:
+    config = parse(environ={"REGISTRY_HOST": "http://127.0.0.1:5000", "AUTH_HEADER": "Basic eA=="})
+    assert config == Config(
+        routes=(
+            Route(
+                upstream=Upstream("http", "127.0.0.1:5000"),
+                credentials=Credentials(auth_header="Basic eA=="),
+            ),
+        ),
+    )
+
+
+def test_tls_from_environment() -> None:
+    config = parse(environ={"PORT": "8443", "TLS_CERT": "/tls/c:rt.pem", "TLS_KEY": "/tls/key.pem"})
+    assert config.listen == (r"ssl:8443:privateKey=/tls/key.pem:certKey=/tls/c\:rt.pem",)
+
+
+def test_ipv6_host_is_escaped() -> None:
+    assert parse(environ={"PORT": "80", "HOST": "::"}).listen == (r"tcp:80:interface=\:\:",)
+
+
+def test_new_environment_variables(password_file: str) -> None:
+    config = parse(
+        environ={
+            "REGPROXY_UPSTREAM_USERNAME": "robot",
+            "REGPROXY_UPSTREAM_PASSWORD_FILE": password_file,
+            "REGPROXY_PUBLIC_URL": "https://r.example.com/",
+        }
+    )
+    assert config == Config(
+        routes=(
+            Route(
+                upstream=HUB,
+                credentials=Credentials(username="robot", password="pa55w0rd-SECRET"),
+            ),
+        ),
+        public_url="https://r.example.com",
+    )
+
+
+def test_empty_environment_values_are_unset() -> None:
+    environ = {"REGISTRY_HOST": "", "REPO_PREFIX": "", "AUTH_HEADER": "", "HOST": ""}
+    environ["DISABLE_BROWSER_REDIRECTS"] = ""
+    assert parse(environ=environ) == parse()
+
+
+def test_flags_override_environment(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    environ = {
+        "PORT": "5000",
+        "HOST": "10.0.0.1",
+        "REGISTRY_HOST": "gcr.io",
+        "REPO_PREFIX": "env-prefix",
+        "AUTH_HEADER": "Bearer env",
+        "REGPROXY_PUBLIC_URL": "https://env.example",
+    }
+    args = [
+        "--upstream=http://reg.example:5000",
+        "--repo-prefix=flag/prefix",
+        "--auth-header=Bearer flag",
+        "--public-url=https://flag.example:8443",
+        "--port=tcp:9000",
+        "-p",
+        "ssl:9443:privateKey=k.pem",
+        "--blob-redirects=FOLLOW",
+        "--upstream-ca",
+        str(ca),
+        "--metrics-port=tcp:9100:interface=127.0.0.1",
+        "--shutdown-grace=0",
+        "--upstream-timeout=2.5",
+        "--idle-timeout=7",
+        "--trusted-proxy=10.0.0.0/8",
+        "--trusted-proxy=fd00::1",
+        "--disable-browser-redirects",
+    ]
+    assert parse(args, environ) == Config(
+        routes=(
+            Route(
+                upstream=Upstream("http", "reg.example:5000"),
+                prefix="flag/prefix",
+                credentials=Credentials(auth_header="Bearer flag"),
+                blob_redirects=BlobRedirects.FOLLOW,
+                upstream_ca=str(ca),
+            ),
+        ),
+        listen=("tcp:9000", "ssl:9443:privateKey=k.pem"),
+        public_url="https://flag.example:8443",
+        disable_browser_redirects=True,
+        metrics_listen="tcp:9100:interface=127.0.0.1",
+        shutdown_grace=0.0,
+        trusted_proxies=("10.0.0.0/8", "fd00::1/128"),
+        upstream_timeout=2.5,
+        idle_timeout=7.0,
+    )
+
+
+def test_google_flags(key_file: str) -> None:
+    config = parse(["--google-credentials", key_file, "--google-json-key"])
+    assert config.default_route.credentials == Credentials(
+        google_key_file=key_file, google_json_key=True
+    )
+    assert parse(["--google-adc"]).default_route.credentials == Credentials(google_adc=True)
+
+
+def test_repr_has_no_secrets(password_file: str) -> None:
+    with_header = parse(environ={"AUTH_HEADER": "Bearer HEADERSECRET"})
+    assert with_header.default_route.credentials.auth_header == "Bearer HEADERSECRET"
+    with_password = parse(
+        ["--upstream-username", "robot", "--upstream-password-file", password_file]
+    )
+    assert with_password.default_route.credentials.password == "pa55w0rd-SECRET"
+    for config in (with_header, with_password):
+        text = repr(config) + str(config)
+        assert "HEADERSECRET" not in text
+        assert "pa55w0rd" not in text
+        assert "robot" in repr(with_password)  # the username is no secret
+        assert "secret" not in config.default_route.credentials.describe().lower()
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"REGISTRY_HOST": "ftp://gcr.io"}, "REGISTRY_HOST"),
+        ({"REGISTRY_HOST": "https://gcr.io/path"}, "REGISTRY_HOST"),
+        ({"REGISTRY_HOST": "https://user:pw@gcr.io"}, "REGISTRY_HOST"),
+        ({"REGISTRY_HOST": "https://gcr.io:http"}, "REGISTRY_HOST"),
+        ({"REPO_PREFIX": "Bad/Prefix"}, "REPO_PREFIX"),
+        ({"GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"}, "GOOGLE_APPLICATION_CREDENTIALS"),
+        ({"REGPROXY_PUBLIC_URL": "r.example.com"}, "REGPROXY_PUBLIC_URL"),
+        ({"PORT": "http"}, "PORT"),
+        ({"PORT": "0"}, "PORT"),
+        ({"PORT": "65536"}, "PORT"),
+        ({"TLS_CERT": "/c.pem"}, "TLS_"),
+        ({"TLS_KEY": "/k.pem"}, "TLS_"),
+    ],
+)
+def test_invalid_environment_names_the_variable(environ: dict[str, str], variable: str) -> None:
+    assert variable in usage_error(environ=environ)
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--trusted-proxy", "not-a-network"], "--trusted-proxy"),
+        (["--upstream-username", "robot"], "--upstream-password-file"),
+        (["--google-json-key"], "--google-credentials"),
+        (["--auth-header", "x", "--google-adc"], "--auth-header"),
+    ],
+)
+def test_invalid_cross_field_flags_name_the_option(args: list[str], option: str) -> None:
+    assert option in usage_error(args)
+
+
+def test_username_and_password_file_go_together(password_file: str) -> None:
+    assert "--upstream-username" in usage_error(["--upstream-password-file", password_file])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--upstream", "ftp://gcr.io"],
+        ["--upstream", "https://gcr.io/v2/"],
+        ["--repo-prefix", "UPPER"],
+        ["--blob-redirects", "sometimes"],
+        ["--shutdown-grace", "-1"],
+        ["--shutdown-grace", "soon"],
+        ["--upstream-timeout", "0"],
+        ["--idle-timeout", "inf"],
+        ["--google-credentials", "/nonexistent/key.json"],
+        ["--upstream-ca", "/nonexistent/ca.pem"],
+        ["--public-url", "https://r.example.com/path"],
+    ],
+)
+def test_invalid_values_raise_usage_error(args: list[str]) -> None:
+    assert usage_error(args)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="twisted's CoerceParameter reports 'Parameter type enforcement failed: <msg>' "
+    "without the option's name, and regproxy's coerce messages do not name it either",
+)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--upstream", "ftp://gcr.io"],
+        ["--repo-prefix", "UPPER"],
+        ["--blob-redirects", "sometimes"],
+        ["--shutdown-grace", "-1"],
+        ["--google-credentials", "/nonexistent/key.json"],
+    ],
+)
+def test_invalid_flag_values_name_the_option(args: list[str]) -> None:
+    assert args[0] in usage_error(args)

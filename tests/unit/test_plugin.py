@@ -1,0 +1,68 @@
+"""``twist`` finds the regproxy plugin, and ``--help`` works without leaking secrets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin, getPlugins
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _makers() -> dict[str, object]:
+    import twisted.plugins
+
+    return {maker.tapname: maker for maker in getPlugins(IServiceMaker, twisted.plugins)}
+
+
+def test_plugin_file_is_on_the_plugin_path() -> None:
+    import twisted.plugins
+
+    plugin_dirs = [Path(path).resolve() for path in twisted.plugins.__path__]
+    assert (REPO_ROOT / "twisted" / "plugins").resolve() in plugin_dirs or any(
+        (path / "regproxy_plugin.py").exists() for path in plugin_dirs
+    )
+    # No __init__.py: twisted/plugins must stay a namespace extension of Twisted's own.
+    assert not (REPO_ROOT / "twisted" / "__init__.py").exists()
+    assert not (REPO_ROOT / "twisted" / "plugins" / "__init__.py").exists()
+
+
+def test_service_maker_is_discovered() -> None:
+    maker = _makers()["regproxy"]
+    assert IPlugin.providedBy(maker)
+    assert IServiceMaker.providedBy(maker)
+    assert maker.module == "regproxy.tap"
+    assert maker.description
+    from regproxy import tap
+
+    assert maker.options is tap.Options
+    assert maker.makeService is tap.makeService
+
+
+def test_twist_help() -> None:
+    environ = dict(os.environ)
+    environ.update(
+        {
+            "AUTH_HEADER": "Bearer HELPSECRET",
+            "REGISTRY_HOST": "gcr.io",
+            "PYTHONPATH": os.pathsep.join(
+                [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+        }
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "twisted", "regproxy", "--help"],
+        cwd=REPO_ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for option in ("--upstream", "--repo-prefix", "--port", "--auth-header", "--blob-redirects"):
+        assert option in result.stdout
+    assert "HELPSECRET" not in result.stdout + result.stderr
