@@ -236,3 +236,40 @@ def start_proxy(tmp_path: Path) -> Iterator[ProxyFactory]:
             log = process.log_text()
             if log:
                 print(f"--- regproxy {process.argv} output ---\n{log}")
+
+
+# -- the standard images under the "proj/" prefix, as regproxy serves them -----------------
+
+
+@pytest.fixture(scope="session")
+def prefixed_token_registry(
+    token_registry: RegistryServer, token_issuer: TokenIssuer, standard_images: StandardImages
+) -> SeededRegistry:
+    seeded = seed_registry(token_registry, standard_images, prefix="proj")
+    token_issuer.clear()
+    return seeded
+
+
+@pytest.fixture(scope="session")
+def prefixed_private_token_registry(
+    private_token_registry: RegistryServer,
+    private_token_issuer: TokenIssuer,
+    standard_images: StandardImages,
+) -> SeededRegistry:
+    seeded = seed_registry(private_token_registry, standard_images, prefix="proj")
+    private_token_issuer.clear()
+    return seeded
+
+
+@pytest.fixture(scope="session")
+def prefixed_htpasswd_registry(
+    htpasswd_registry: RegistryServer, standard_images: StandardImages
+) -> SeededRegistry:
+    return seed_registry(htpasswd_registry, standard_images, prefix="proj")
+
+
+@pytest.fixture(scope="session")
+def prefixed_tls_registry(
+    tls_registry: RegistryServer, standard_images: StandardImages
+) -> SeededRegistry:
+    return seed_registry(tls_registry, standard_images, prefix="proj")

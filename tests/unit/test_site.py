@@ -1,0 +1,177 @@
+"""The site's edges: client addresses behind proxies, health, readiness and body limits."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
+from twisted.web.test.requesthelper import DummyRequest
+
+from regproxy.config import Config, Route, Upstream
+from regproxy.observe import ClientAddress, Metrics
+from regproxy.web.health import Health, Readiness
+from regproxy.web.public import public_base
+from regproxy.web.site import MAX_REQUEST_BODY, ProxySite
+
+TRUSTED = ClientAddress(["10.0.0.0/8", "fd00::/8", "192.168.1.1"])
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        # The peer is a trusted proxy: walk from the right past trusted hops.
+        ("10.0.0.1", [b"203.0.113.7"], "203.0.113.7"),
+        ("10.0.0.1", [b"203.0.113.7, 10.0.0.2"], "203.0.113.7"),
+        ("10.0.0.1", [b"198.51.100.1, 203.0.113.7, 10.0.0.2"], "203.0.113.7"),
+        ("10.0.0.1", [b"198.51.100.1", b"203.0.113.7", b"10.9.9.9"], "203.0.113.7"),
+        ("fd00::1", [b"2001:db8::1"], "2001:db8::1"),
+        ("192.168.1.1", [b"203.0.113.7,,  "], "203.0.113.7"),
+        # Every hop trusted: the leftmost is the best there is.
+        ("10.0.0.1", [b"10.1.1.1, 10.2.2.2"], "10.1.1.1"),
+        # A spoofed header from an untrusted peer is ignored.
+        ("203.0.113.9", [b"10.0.0.5"], "203.0.113.9"),
+        ("192.168.1.2", [b"1.2.3.4"], "192.168.1.2"),
+        ("10.0.0.1", None, "10.0.0.1"),
+        ("10.0.0.1", [], "10.0.0.1"),
+        ("-", [b"1.2.3.4"], "-"),
+    ],
+)
+def test_client_address(peer: str, forwarded: list[bytes] | None, expected: str) -> None:
+    assert TRUSTED.resolve(peer, forwarded) == expected
+
+
+def test_client_address_without_trusted_networks() -> None:
+    untrusting = ClientAddress(())
+    assert not untrusting.is_trusted("10.0.0.1")
+    assert untrusting.resolve("10.0.0.1", [b"1.2.3.4"]) == "10.0.0.1"
+
+
+def test_is_trusted() -> None:
+    assert TRUSTED.is_trusted("10.255.0.1")
+    assert TRUSTED.is_trusted("192.168.1.1")
+    assert not TRUSTED.is_trusted("192.168.1.2")
+    assert not TRUSTED.is_trusted("not an address")
+    assert not TRUSTED.is_trusted("")
+
+
+def _render(resource: Resource, path: bytes = b"/readyz", method: bytes = b"GET") -> DummyRequest:
+    request = DummyRequest([path.strip(b"/")])
+    request.method = method
+    body = resource.render(request)
+    request.write(body)
+    request.finish()
+    return request
+
+
+def test_health_ok() -> None:
+    request = _render(Health(Readiness()))
+    assert request.responseCode in (None, 200)
+    assert b"".join(request.written) == b"ok\n"
+    assert request.responseHeaders.getRawHeaders(b"cache-control") == [b"no-store"]
+
+
+def test_readyz_503_while_draining() -> None:
+    readiness = Readiness()
+    readyz, healthz = Health(readiness), Health()
+    readiness.draining = True
+    request = _render(readyz)
+    assert request.responseCode == 503
+    assert b"".join(request.written) == b"draining\n"
+    head = _render(readyz, method=b"HEAD")
+    assert head.responseCode == 503
+    # Liveness does not drain: the process is alive until it exits.
+    assert b"".join(_render(healthz).written) == b"ok\n"
+
+
+def _public_base(headers: dict[bytes, bytes], config: Config, secure: bool = False) -> str:
+    request = DummyRequest([b""])
+    for name, value in headers.items():
+        request.requestHeaders.setRawHeaders(name, [value])
+    request.isSecure = lambda: secure  # type: ignore[method-assign]
+    return public_base(request, config)  # type: ignore[arg-type]
+
+
+CONFIG = Config(routes=(Route(Upstream("https", "gcr.io")),))
+
+
+@pytest.mark.parametrize(
+    ("headers", "secure", "expected"),
+    [
+        ({b"host": b"R.Example.com"}, False, "http://r.example.com"),
+        ({b"host": b"r.example.com:8443"}, True, "https://r.example.com:8443"),
+        ({b"host": b"r.example.com", b"x-forwarded-proto": b"https"}, False, "https://r.example.com"),
+        ({b"host": b"r.example.com", b"x-forwarded-proto": b"HTTPS, http"}, False, "https://r.example.com"),
+        ({b"host": b"r.example.com", b"x-forwarded-proto": b"gopher"}, True, "https://r.example.com"),
+        ({b"host": b"[::1]:5000"}, False, "http://[::1]:5000"),
+        # A Host that could inject into a header or a URL is replaced by the listener's.
+        ({b"host": b'evil.example/"x'}, False, "http://127.0.0.1:80"),
+        ({b"host": b"a.example\r\nX: y"}, False, "http://127.0.0.1:80"),
+        ({b"host": b"user@evil.example"}, False, "http://127.0.0.1:80"),
+    ],
+)
+def test_public_base(headers: dict[bytes, bytes], secure: bool, expected: str) -> None:
+    assert _public_base(headers, CONFIG, secure) == expected
+
+
+def test_public_url_wins() -> None:
+    config = Config(routes=CONFIG.routes, public_url="https://public.example")
+    headers = {b"host": b"other.example", b"x-forwarded-proto": b"http"}
+    assert _public_base(headers, config) == "https://public.example"
+
+
+class Echo(Resource):
+    isLeaf = True
+
+    def render(self, request):  # type: ignore[no-untyped-def]
+        assert request.content is not None
+        return b"got %d" % len(request.content.read())
+
+
+def _serve(raw: bytes) -> tuple[bytes, Metrics]:
+    metrics = Metrics()
+    site = ProxySite(Echo(), metrics=metrics, client_address=ClientAddress(()))
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(raw)
+    assert site.active == 0
+    output = transport.value()
+    protocol.connectionLost(None)  # type: ignore[arg-type]
+    return output, metrics
+
+
+def test_request_id_and_metrics() -> None:
+    output, metrics = _serve(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert output.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\nX-Request-Id: " in output
+    sample = metrics.registry.get_sample_value(
+        "regproxy_requests_total",
+        {"route": "none", "endpoint": "other", "method": "GET", "status": "200"},
+    )
+    assert sample == 1.0
+
+
+def test_small_bodies_are_read() -> None:
+    body = b"a=" + b"x" * 100
+    output, _ = _serve(
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    assert output.endswith(b"got 102")
+
+
+def test_large_declared_body_refused() -> None:
+    output, _ = _serve(
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % (MAX_REQUEST_BODY + 1)
+    )
+    assert output.startswith(b"HTTP/1.1 413 ")
+    assert b'"REQUEST_INVALID"' in output
+
+
+def test_large_chunked_body_refused() -> None:
+    chunk = b"x" * 8192
+    raw = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    raw += b"%x\r\n%s\r\n" % (len(chunk), chunk) * (MAX_REQUEST_BODY // len(chunk) + 2)
+    output, _ = _serve(raw)
+    assert output.startswith(b"HTTP/1.1 413 ")
+    assert b"got" not in output
