@@ -44,9 +44,31 @@ def summarise(path: Path) -> tuple[int, Counter[str], Counter[str]]:
     return samples, self_, total
 
 
+def by_module(path: Path) -> tuple[int, Counter[str]]:
+    """Inclusive samples per source file (each file counted once per sample)."""
+    files: Counter[str] = Counter()
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        samples += int(count_text)
+        for key in {_key(f).rpartition(":")[0] for f in stack.split(";")}:
+            files[key] += int(count_text)
+    return samples, files
+
+
 def render(path: Path, top: int = 15, match: str | None = None) -> str:
     samples, self_, total = summarise(path)
     lines = [f"{path}: {samples} samples"]
+    _, files = by_module(path)
+    lines.append("  inclusive by file (regproxy, treq, hyperlink, idna, logging, metrics):")
+    for key, count in files.most_common():
+        if key.startswith(("regproxy/", "treq/", "hyperlink/", "idna/", "twisted/logger/",
+                           "prometheus_client/", "twisted/web/client.py",
+                           "twisted/web/_newclient.py", "twisted/web/http.py",
+                           "twisted/web/server.py", "twisted/internet/tcp.py")):
+            lines.append(f"    {100 * count / max(samples, 1):5.1f}%  {key}")
     for title, counter in (("self", self_), ("total (inclusive)", total)):
         lines.append(f"  top {title}{' matching ' + match if match else ''}:")
         items = [(k, v) for k, v in counter.most_common() if not match or match in k]

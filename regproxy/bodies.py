@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -24,13 +25,30 @@ ERROR_BODY_LIMIT = 1024 * 1024
 
 
 class _Collector(Protocol):
-    def __init__(self, limit: int, done: Deferred[bytes]) -> None:
+    def __init__(
+        self, limit: int, done: Deferred[bytes], clock: IReactorTime, idle_timeout: float
+    ) -> None:
         self.limit = limit
         self.done = done
         self.parts: list[bytes] = []
         self.size = 0
+        self.stalled = False
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._idle_timeout, self._stall)
+
+    def _stall(self) -> None:
+        self._timer = None
+        self.stalled = True
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._timer.reset(self._idle_timeout)
         self.size += len(data)
         if self.size > self.limit:
             self.parts = []
@@ -40,7 +58,12 @@ class _Collector(Protocol):
         self.parts.append(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
-        if self.size > self.limit:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.stalled:
+            self.done.errback(OCIError("UPSTREAM_TIMEOUT", "the upstream response stalled"))
+        elif self.size > self.limit:
             self.done.errback(
                 OCIError("UPSTREAM_UNAVAILABLE", "upstream response is too large to rewrite")
             )
@@ -50,9 +73,13 @@ class _Collector(Protocol):
             self.done.errback(reason)
 
 
-def read_bounded(response: IResponse, limit: int) -> Deferred[bytes]:
+def read_bounded(
+    response: IResponse, limit: int, clock: IReactorTime, idle_timeout: float
+) -> Deferred[bytes]:
+    """The whole (small) body, failing past ``limit`` bytes or after ``idle_timeout`` of
+    silence: an upstream that stalls must not hold a request forever."""
     done: Deferred[bytes] = Deferred()
-    response.deliverBody(_Collector(limit, done))
+    response.deliverBody(_Collector(limit, done, clock, idle_timeout))
     return done
 
 

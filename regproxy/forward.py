@@ -127,19 +127,34 @@ class Forwarder:
             request.requestHeaders, USER_AGENT + b" customDomain/" + host.encode("ascii", "replace")
         )
         scope = scope_for(target, route)
-        authorization = await self.credentials(route, scope)
-        if authorization is None:
+        proxy_held = route.credentials.configured
+        if proxy_held:
+            authorization = await self.credentials(route, scope)
+        else:
             # Without proxy-held credentials the client's own go to the registry (only).
             client_auth = request.requestHeaders.getRawHeaders(b"authorization")
-            if client_auth:
-                authorization = client_auth[0]
+            authorization = client_auth[0] if client_auth else None
         response = await self._send(method, url, outgoing, authorization, exchange)
-        if response.code == 401 and route.credentials.configured:
+        if response.code == 401 and proxy_held:
             challenges = response.headers.getRawHeaders(b"www-authenticate", [])
             retry = await self.answer_challenge(route, scope, challenges)
             if retry is not None:
                 response.deliverBody(Discard())
                 response = await self._send(method, url, outgoing, retry, exchange)
+            if response.code == 401:
+                # The client must not see the upstream's challenge: it is the proxy's to answer.
+                response.deliverBody(Discard())
+                exchange.upstream_status = 401
+                self.log.warn(
+                    "route {route}: upstream refused the proxy's credentials for {scope}",
+                    route=route.name,
+                    scope=scope,
+                )
+                raise OCIError(
+                    "DENIED",
+                    "the upstream registry refused the proxy's credentials",
+                    {"route": route.name},
+                )
         if (
             route.blob_redirects is BlobRedirects.FOLLOW
             and target.kind is Kind.BLOB
@@ -260,7 +275,9 @@ class Forwarder:
             request.setHeader(b"content-length", b"%d" % response.length)
         if rewrite is not None:
             limit = bodies.LIST_BODY_LIMIT if status == 200 else bodies.ERROR_BODY_LIMIT
-            body = rewrite(await bodies.read_bounded(response, limit))
+            body = rewrite(
+                await bodies.read_bounded(response, limit, self.clock, self.idle_timeout)
+            )
             request.setHeader(b"content-length", b"%d" % len(body))
             request.write(body)
             request.finish()

@@ -115,7 +115,7 @@ def parse_v2_path(path: str) -> RegistryPath:
     rest = segments[2:]
     if rest == ["_catalog"]:
         return RegistryPath(Kind.CATALOG)
-    if "uploads" in rest[-3:] and "blobs" in rest[-4:]:
+    if rest[-2:] == ["blobs", "uploads"] or rest[-3:-1] == ["blobs", "uploads"]:
         raise OCIError("UNSUPPORTED", "this registry is read-only: uploads are not accepted")
     if len(rest) >= 3 and rest[-2:] == ["tags", "list"]:
         return RegistryPath(Kind.TAGS, validate_name("/".join(rest[:-2])))

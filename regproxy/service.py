@@ -20,6 +20,8 @@ from treq.content import content
 from .config import Config, Route
 from .forward import Forwarder
 from .observe import ClientAddress, Metrics
+from .upstream.auth import UpstreamAuth
+from .upstream.credentials import credential_source
 from .upstream.http import make_client, make_pool
 from .upstream.realm import RealmCache
 from .web.browser import BrowserRedirect
@@ -92,12 +94,26 @@ def build_service(config: Config, reactor: Any) -> IService:
     def route_for(request: Request) -> Route:
         return route
 
+    sources = {
+        r.name: source
+        for r in config.routes
+        if (source := credential_source(r.credentials)) is not None
+    }
+    auth = UpstreamAuth(
+        client=client,
+        clock=reactor,
+        sources=sources,
+        timeout=config.upstream_timeout,
+        on_fetch=lambda name, outcome: metrics.token_fetches.labels(name, outcome).inc(),
+    )
     forwarder = Forwarder(
         client=client,
         clock=reactor,
         public_base=lambda request: public_base(request, config),
         upstream_timeout=config.upstream_timeout,
         idle_timeout=config.idle_timeout,
+        credentials=auth.authorization,
+        answer_challenge=auth.answer,
     )
     realms = RealmCache(client, config.upstream_timeout)
     root = Root(BrowserRedirect(route_for, not config.disable_browser_redirects))

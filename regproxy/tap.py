@@ -72,6 +72,19 @@ def _network(text: str) -> str:
     return str(ipaddress.ip_network(text.strip(), strict=False))
 
 
+def _named(option: str, coerce: Any) -> Any:
+    """Make a coerce function's error name its option, so users see what to fix."""
+
+    def named(text: str) -> Any:
+        try:
+            return coerce(text)
+        except ValueError as error:
+            raise ValueError(f"--{option}: {error}") from None
+
+    named.coerceDoc = getattr(coerce, "coerceDoc", None)  # type: ignore[attr-defined]
+    return named
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -93,32 +106,33 @@ class Options(usage.Options):
 
     optParameters = [
         ["upstream", None, None, "Upstream registry URL (env REGISTRY_HOST; default "
-         f"{DOCKER_HUB_URL})", _upstream],
+         f"{DOCKER_HUB_URL})", _named("upstream", _upstream)],
         ["repo-prefix", None, None, "Repository path prepended upstream (env REPO_PREFIX).",
-         _prefix],
+         _named("repo-prefix", _prefix)],
         ["upstream-ca", None, None, "PEM bundle trusted for the upstream in addition to the "
-         "system store.", _readable_file],
+         "system store.", _named("upstream-ca", _readable_file)],
         ["auth-header", None, None, "Static Authorization value sent upstream (env "
          "AUTH_HEADER). Prefer the environment: flags show in process lists."],
         ["upstream-username", None, None, "Username for the upstream (env "
          "REGPROXY_UPSTREAM_USERNAME)."],
         ["upstream-password-file", None, None, "File holding the upstream password or access "
-         "token (env REGPROXY_UPSTREAM_PASSWORD_FILE).", _readable_file],
+         "token (env REGPROXY_UPSTREAM_PASSWORD_FILE).",
+         _named("upstream-password-file", _readable_file)],
         ["google-credentials", None, None, "Google service-account key file (env "
-         "GOOGLE_APPLICATION_CREDENTIALS).", _readable_file],
+         "GOOGLE_APPLICATION_CREDENTIALS).", _named("google-credentials", _readable_file)],
         ["public-url", None, None, "The proxy's external base URL, used in rewritten realms "
          "and Locations (env REGPROXY_PUBLIC_URL); default: from X-Forwarded-Proto and Host.",
-         _public_url],
+         _named("public-url", _public_url)],
         ["blob-redirects", None, BlobRedirects.PASS, "pass|follow: what to do with blob "
-         "redirects to storage hosts.", _blob_redirects],
+         "redirects to storage hosts.", _named("blob-redirects", _blob_redirects)],
         ["metrics-port", None, None, "Separate endpoint for /metrics (then the main listener "
          "answers 404 there)."],
         ["shutdown-grace", None, 30.0, "Seconds in-flight transfers may take after SIGTERM.",
-         _seconds],
+         _named("shutdown-grace", _seconds)],
         ["upstream-timeout", None, 30.0, "Seconds to wait for upstream response headers.",
-         _positive_seconds],
+         _named("upstream-timeout", _positive_seconds)],
         ["idle-timeout", None, 60.0, "Seconds an upstream body may stall before the transfer "
-         "is abandoned.", _positive_seconds],
+         "is abandoned.", _named("idle-timeout", _positive_seconds)],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:

@@ -22,7 +22,7 @@ def write_body(request: Request, status: int, body: bytes, content_type: bytes) 
     request.finish()
 
 
-def write_error(request: Request, error: OCIError) -> None:
+def write_error(request: Request, error: OCIError, allow: bytes = b"GET, HEAD") -> None:
     if error.status == 405:
-        request.setHeader(b"allow", b"GET, HEAD")
+        request.setHeader(b"allow", allow)
     write_body(request, error.status, error.body(), b"application/json; charset=utf-8")

@@ -6,7 +6,9 @@ import secrets
 import time
 from typing import Any
 
+from twisted.internet.interfaces import ISSLTransport
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -101,38 +103,32 @@ class ProxyRequest(Request):
         )
 
 
-class _RefuseTLSOnPlainHTTP:
-    """Answer a TLS handshake on a plain-HTTP listener at once instead of letting it hang.
+class ProxyChannel(HTTPChannel):
+    """Answers a TLS handshake on a plain-HTTP listener at once instead of letting it hang.
 
     Clients that try https first (skopeo, podman, containerd with a plain-http mirror)
     otherwise wait out their handshake timeout before falling back to http: the HTTP
     parser sees no line ending in a ClientHello and keeps waiting for more.
     """
 
-    def __init__(self, dataReceived: Any, protocol: Any) -> None:
-        self.original = dataReceived
-        self.protocol = protocol
+    _first = True
 
-    def __call__(self, data: bytes) -> None:
-        # Only the first bytes of a connection can be a ClientHello; then step aside.
-        self.protocol.dataReceived = self.original
-        if data[:1] == b"\x16" and not _is_tls(self.protocol.transport):
-            self.protocol.transport.write(
-                b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-            )
-            self.protocol.transport.loseConnection()
-            return
-        self.original(data)
-
-
-def _is_tls(transport: Any) -> bool:
-    from twisted.internet.interfaces import ISSLTransport
-
-    return ISSLTransport.providedBy(transport)
+    def dataReceived(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            if data[:1] == b"\x16" and not ISSLTransport.providedBy(self.transport):
+                self.transport.write(  # type: ignore[union-attr]
+                    b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n"
+                    b"Content-Length: 0\r\n\r\n"
+                )
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                return
+        super().dataReceived(data)
 
 
 class ProxySite(Site):
     requestFactory = ProxyRequest
+    protocol = ProxyChannel
 
     def __init__(
         self, resource: Resource, *, metrics: Metrics, client_address: ClientAddress
@@ -143,12 +139,6 @@ class ProxySite(Site):
         self.displayTracebacks = False
         # Requests being answered; graceful shutdown waits for it to reach zero.
         self.active = 0
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        if protocol is not None:
-            protocol.dataReceived = _RefuseTLSOnPlainHTTP(protocol.dataReceived, protocol)
-        return protocol
 
     def log(self, request: Request) -> None:
         """The access event is emitted by ProxyRequest, structured; no combined log line."""

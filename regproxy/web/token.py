@@ -66,7 +66,9 @@ class TokenProxy(Resource):
         exchange = exchange_of(request)
         exchange.endpoint = "token"
         if request.method not in (b"GET", b"POST"):
-            write_error(request, OCIError("UNSUPPORTED", "use GET or POST for tokens"))
+            write_error(
+                request, OCIError("UNSUPPORTED", "use GET or POST for tokens"), allow=b"GET, POST"
+            )
             return NOT_DONE_YET
         route = self.route_for(request)
         exchange.route = route.name

@@ -92,6 +92,23 @@ class RegproxyProcess:
                 parts.append(path.read_text(errors="replace"))
         return "".join(parts)
 
+    def log_events(self) -> list[dict[str, object]]:
+        """twist's JSON log (its format when stdout is no terminal), one event per record."""
+        from twisted.logger import eventFromJSON
+
+        events = []
+        for record in self.log_text().replace("\x1e", "\n").splitlines():
+            if record.strip().startswith("{"):
+                with contextlib.suppress(ValueError):
+                    events.append(eventFromJSON(record))
+        return events
+
+    def log_messages(self) -> list[str]:
+        """Every log event rendered as text, as the text format would show it."""
+        from twisted.logger import formatEvent
+
+        return [formatEvent(event) for event in self.log_events()]
+
     def start(self) -> RegproxyProcess:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"

@@ -67,7 +67,9 @@ class RegistryServer:
         catalog_max_entries: int | None = 50,
         directory: Path | str | None = None,
         start_timeout: float = 20.0,
+        extra_config: dict[str, object] | None = None,
     ) -> None:
+        self.extra_config = dict(extra_config or {})
         if auth not in ("none", "htpasswd", "token"):
             raise ValueError(f"unknown auth mode {auth!r}")
         if auth == "token" and token_issuer is None:
@@ -157,6 +159,7 @@ class RegistryServer:
                     "rootcertbundle": str(issuer.cert_path),
                 }
             }
+        config.update(self.extra_config)
         return config
 
     # -- lifecycle -------------------------------------------------------------------------------

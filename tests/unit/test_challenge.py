@@ -64,7 +64,9 @@ def test_parameter_names_are_case_insensitive_and_whitespace_tolerated() -> None
 
 
 def test_ecr_basic_realm() -> None:
-    [parsed] = challenge.parse('Basic realm="https://123.dkr.ecr.us-east-1.amazonaws.com/",service="ecr.amazonaws.com"')
+    [parsed] = challenge.parse(
+        'Basic realm="https://123.dkr.ecr.us-east-1.amazonaws.com/",service="ecr.amazonaws.com"'
+    )
     assert parsed.scheme == "Basic"
     assert not parsed.is_bearer
     assert parsed.get("realm") == "https://123.dkr.ecr.us-east-1.amazonaws.com/"

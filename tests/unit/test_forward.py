@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import attrs
+import pytest
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import reactor as global_reactor
@@ -298,7 +299,9 @@ class ForwardingTests(ProxyCase):
 
     def test_base_and_large_blob_stream_through(self) -> None:
         blob = bytes(range(256)) * 1024
-        self.registry.on("/v2/", Answer(200, {b"docker-distribution-api-version": [b"registry/2.0"]}, b"{}"))
+        self.registry.on(
+            "/v2/", Answer(200, {b"docker-distribution-api-version": [b"registry/2.0"]}, b"{}")
+        )
         self.registry.on(
             f"/v2/proj/app/blobs/{DIGEST}",
             Answer(200, {b"content-type": [b"application/octet-stream"]}, blob),
@@ -328,7 +331,10 @@ class ForwardingTests(ProxyCase):
             "/v2/proj/app/manifests/latest",
             Answer(
                 200,
-                {b"docker-content-digest": [DIGEST.encode()], b"content-type": [OCI_MANIFEST.encode()]},
+                {
+                    b"docker-content-digest": [DIGEST.encode()],
+                    b"content-type": [OCI_MANIFEST.encode()],
+                },
                 MANIFEST,
             ),
         )
@@ -412,18 +418,23 @@ class ForwardingTests(ProxyCase):
     def test_realm_follows_forwarded_proto_and_host(self) -> None:
         self.registry.on(
             "/v2/",
-            Answer(401, {b"www-authenticate": [b'Bearer realm="https://auth.upstream.example/t"']}),
+            Answer(
+                401, {b"www-authenticate": [b'Bearer realm="https://auth.upstream.example/t"']}
+            ),
         )
         reply = self.get(
             "/v2/", headers={b"x-forwarded-proto": [b"https"], b"host": [b"r.example.com:8443"]}
         )
         self.assertEqual(
-            reply.header(b"www-authenticate"), [b'Bearer realm="https://r.example.com:8443/_token"']
+            reply.header(b"www-authenticate"),
+            [b'Bearer realm="https://r.example.com:8443/_token"'],
         )
 
     def test_realm_from_public_url(self) -> None:
         self.make_proxy(self.upstream_agent, public_url="https://public.example")
-        self.registry.on("/v2/", Answer(401, {b"www-authenticate": [b'Bearer realm="https://a/t"']}))
+        self.registry.on(
+            "/v2/", Answer(401, {b"www-authenticate": [b'Bearer realm="https://a/t"']})
+        )
         reply = self.get("/v2/", headers={b"host": [b"evil.example"]})
         self.assertEqual(
             reply.header(b"www-authenticate"), [b'Bearer realm="https://public.example/_token"']
@@ -445,7 +456,9 @@ class ForwardingTests(ProxyCase):
         self.assertEqual(reply.status, 200)
         self.assertEqual(reply.json(), {"name": "team/app", "tags": ["a", "b"]})
         self.assertEqual(reply.length, len(reply.body))
-        self.assertEqual(reply.header(b"link"), [b'</v2/team/app/tags/list?last=b&n=2>; rel="next"'])
+        self.assertEqual(
+            reply.header(b"link"), [b'</v2/team/app/tags/list?last=b&n=2>; rel="next"']
+        )
         self.assertEqual(self.only_seen().query, [("n", "2"), ("last", "0")])
 
     def test_tags_list_bad_pagination(self) -> None:
@@ -592,7 +605,11 @@ class DockerHubTests(ProxyCase):
     def test_library_name_not_leaked(self) -> None:
         self.registry.on(
             "/v2/library/ubuntu/tags/list",
-            Answer(200, {b"content-type": [b"application/json"]}, b'{"name":"library/ubuntu","tags":["x"]}'),
+            Answer(
+                200,
+                {b"content-type": [b"application/json"]},
+                b'{"name":"library/ubuntu","tags":["x"]}',
+            ),
         )
         self.registry.on(
             "/v2/library/ubuntu/manifests/nope",
@@ -606,7 +623,9 @@ class DockerHubTests(ProxyCase):
                 },
             ),
         )
-        self.assertEqual(self.get("/v2/ubuntu/tags/list").json(), {"name": "ubuntu", "tags": ["x"]})
+        self.assertEqual(
+            self.get("/v2/ubuntu/tags/list").json(), {"name": "ubuntu", "tags": ["x"]}
+        )
         [value] = self.get("/v2/ubuntu/manifests/nope").header(b"www-authenticate")
         [parsed] = challenge.parse(value.decode())
         self.assertEqual(parsed.get("scope"), "repository:ubuntu:pull")
@@ -614,7 +633,9 @@ class DockerHubTests(ProxyCase):
 
 
 class TokenTests(ProxyCase):
-    token_body = b'{"token":"t0k","access_token":"t0k","expires_in":300,"issued_at":"2024-01-01T00:00:00Z"}'
+    token_body = (
+        b'{"token":"t0k","access_token":"t0k","expires_in":300,"issued_at":"2024-01-01T00:00:00Z"}'
+    )
 
     def setUp(self) -> None:
         super().setUp()
@@ -713,9 +734,7 @@ class TokenTests(ProxyCase):
     def test_realm_learnt_once(self) -> None:
         self.get("/_token?scope=repository:a:pull")
         self.get("/_token?scope=repository:b:pull")
-        self.assertEqual(
-            [s.path for s in self.registry.seen], ["/v2/", "/token", "/token"]
-        )
+        self.assertEqual([s.path for s in self.registry.seen], ["/v2/", "/token", "/token"])
 
     def test_invalid_scope_name(self) -> None:
         reply = self.get("/_token?scope=repository:../x:pull")
@@ -738,10 +757,20 @@ class TokenTests(ProxyCase):
         self.assertEqual((reply.status, reply.body), (401, b'{"details":"bad password"}'))
 
     def test_token_method_not_allowed(self) -> None:
-        reply = self.request("PUT", "/_token", data=b"x")
-        self.assertEqual(reply.status, 405)
-        self.assertEqual(reply.header(b"allow"), [b"GET, HEAD"])
+        for method in ("PUT", "DELETE", "HEAD"):
+            reply = self.request(method, "/_token", data=b"x" if method != "HEAD" else None)
+            self.assertEqual(reply.status, 405)
         self.assertEqual(self.registry.seen, [])
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason='write_error always sends "Allow: GET, HEAD", also for /_token, which takes '
+        "GET and POST and refuses HEAD",
+    )
+    def test_token_allow_header_names_get_and_post(self) -> None:
+        for method in ("PUT", "HEAD"):
+            reply = self.request(method, "/_token", data=b"x" if method != "HEAD" else None)
+            self.assertEqual((reply.status, reply.header(b"allow")), (405, [b"GET, POST"]))
 
 
 class OtherPathTests(ProxyCase):
@@ -766,9 +795,10 @@ class Stalling(Resource):
 
     isLeaf = True
 
-    def __init__(self, *, hang_up: bool) -> None:
+    def __init__(self, *, hang_up: bool, status: int = 200) -> None:
         super().__init__()
         self.hang_up = hang_up
+        self.status = status
         self.requests: list[Request] = []
         self.gone: list[bool] = []
 
@@ -777,6 +807,8 @@ class Stalling(Resource):
 
         self.requests.append(request)
         request.notifyFinish().addBoth(lambda result: self.gone.append(result is not None))
+        request.setResponseCode(self.status)
+        request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"content-length", b"100")
         request.write(b"x" * 40)
         if self.hang_up:
@@ -789,8 +821,8 @@ class BrokenBodyTests(ProxyCase):
         self.upstream_agent = RequestTraversalAgent(upstream)
         self.make_proxy(self.upstream_agent, idle_timeout=5.0)
 
-    def start(self) -> Deferred[Any]:
-        d = self.proxy.get(PROXY + f"/v2/app/blobs/{DIGEST}")
+    def start(self, path: str = f"/v2/app/blobs/{DIGEST}") -> Deferred[Any]:
+        d = self.proxy.get(PROXY + path)
         for _ in range(5):
             self.upstream_agent.flush()
             self.proxy.flush()
@@ -827,6 +859,23 @@ class BrokenBodyTests(ProxyCase):
         # The upstream transfer was stopped, not left hanging.
         self.assertEqual(upstream.gone, [True])
 
+    @pytest.mark.xfail(
+        strict=True,
+        reason="bodies.read_bounded (tags/list, _catalog, error bodies) has a size limit "
+        "but no idle timer: an upstream that stalls there holds the request forever",
+    )
+    def test_upstream_stalls_in_a_body_that_is_rewritten(self) -> None:
+        for status, path in ((404, "/v2/app/manifests/latest"), (200, "/v2/app/tags/list")):
+            upstream = Stalling(hang_up=False, status=status)
+            self.use(upstream)
+            d = self.start(path)
+            self.clock.pump([1.0] * 30)
+            for _ in range(5):
+                self.upstream_agent.flush()
+                self.proxy.flush()
+            self.assertEqual(upstream.gone, [True])
+            self.assertIn(self.successResultOf(d).code, (502, 504))
+
 
 class FollowRedirectTests(ProxyCase):
     route = Route(
@@ -838,7 +887,9 @@ class FollowRedirectTests(ProxyCase):
             f"/v2/proj/app/blobs/{DIGEST}",
             Answer(307, {b"location": [b"https://storage.example/blob?sig=1"]}),
         )
-        self.registry.on("/blob", Answer(200, {b"content-type": [b"application/octet-stream"]}, b"BLOB"))
+        self.registry.on(
+            "/blob", Answer(200, {b"content-type": [b"application/octet-stream"]}, b"BLOB")
+        )
         reply = self.get(
             f"/v2/app/blobs/{DIGEST}", headers={b"authorization": [b"Bearer client-token"]}
         )
@@ -846,7 +897,9 @@ class FollowRedirectTests(ProxyCase):
         self.assertEqual(reply.header(b"location"), [])
         first, second = self.registry.seen
         self.assertEqual(first.headers.getRawHeaders(b"authorization"), [b"Bearer client-token"])
-        self.assertEqual((second.host, second.path, second.query), (b"storage.example", "/blob", [("sig", "1")]))
+        self.assertEqual(
+            (second.host, second.path, second.query), (b"storage.example", "/blob", [("sig", "1")])
+        )
         self.assertIsNone(second.headers.getRawHeaders(b"authorization"))
 
     def test_manifest_redirects_are_passed(self) -> None:

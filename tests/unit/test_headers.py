@@ -160,7 +160,9 @@ def test_link_tags_next_page() -> None:
     )
     # An absolute upstream link comes back relative too.
     assert (
-        rewriter.link('<https://upstream.example/v2/proj/team/app/tags/list?n=2&last=v2>; rel="next"')
+        rewriter.link(
+            '<https://upstream.example/v2/proj/team/app/tags/list?n=2&last=v2>; rel="next"'
+        )
         == '</v2/team/app/tags/list?n=2&last=v2>; rel="next"'
     )
 

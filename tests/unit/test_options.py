@@ -97,7 +97,9 @@ def test_auth_header_from_environment() -> None:
 
 
 def test_tls_from_environment() -> None:
-    config = parse(environ={"PORT": "8443", "TLS_CERT": "/tls/c:rt.pem", "TLS_KEY": "/tls/key.pem"})
+    config = parse(
+        environ={"PORT": "8443", "TLS_CERT": "/tls/c:rt.pem", "TLS_KEY": "/tls/key.pem"}
+    )
     assert config.listen == (r"ssl:8443:privateKey=/tls/key.pem:certKey=/tls/c\:rt.pem",)
 
 
@@ -212,7 +214,10 @@ def test_repr_has_no_secrets(password_file: str) -> None:
         ({"REGISTRY_HOST": "https://user:pw@gcr.io"}, "REGISTRY_HOST"),
         ({"REGISTRY_HOST": "https://gcr.io:http"}, "REGISTRY_HOST"),
         ({"REPO_PREFIX": "Bad/Prefix"}, "REPO_PREFIX"),
-        ({"GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"}, "GOOGLE_APPLICATION_CREDENTIALS"),
+        (
+            {"GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"},
+            "GOOGLE_APPLICATION_CREDENTIALS",
+        ),
         ({"REGPROXY_PUBLIC_URL": "r.example.com"}, "REGPROXY_PUBLIC_URL"),
         ({"PORT": "http"}, "PORT"),
         ({"PORT": "0"}, "PORT"),

@@ -17,7 +17,10 @@ HUB = Route(Upstream("https", "registry-1.docker.io"))
     [
         ("repository:team/app:pull", Scope("repository", "team/app", ("pull",))),
         ("repository:team/app:pull,push", Scope("repository", "team/app", ("pull", "push"))),
-        ("repository:localhost:5000/foo:pull", Scope("repository", "localhost:5000/foo", ("pull",))),
+        (
+            "repository:localhost:5000/foo:pull",
+            Scope("repository", "localhost:5000/foo", ("pull",)),
+        ),
         ("registry:catalog:*", Scope("registry", "catalog", ("*",))),
         ("repository(plugin):x:pull", Scope("repository(plugin)", "x", ("pull",))),
         ("repository:a:", Scope("repository", "a", ())),
@@ -72,7 +75,9 @@ def test_rewrite_up_repeated_and_space_separated() -> None:
 
 
 def test_rewrite_up_drops_push_only_scopes() -> None:
-    assert rewrite_up(["repository:a:push", "repository:b:delete,push"], PREFIXED.upstream_name) == []
+    assert (
+        rewrite_up(["repository:a:push", "repository:b:delete,push"], PREFIXED.upstream_name) == []
+    )
 
 
 def test_rewrite_up_docker_hub_library() -> None:

@@ -100,9 +100,21 @@ CONFIG = Config(routes=(Route(Upstream("https", "gcr.io")),))
     [
         ({b"host": b"R.Example.com"}, False, "http://r.example.com"),
         ({b"host": b"r.example.com:8443"}, True, "https://r.example.com:8443"),
-        ({b"host": b"r.example.com", b"x-forwarded-proto": b"https"}, False, "https://r.example.com"),
-        ({b"host": b"r.example.com", b"x-forwarded-proto": b"HTTPS, http"}, False, "https://r.example.com"),
-        ({b"host": b"r.example.com", b"x-forwarded-proto": b"gopher"}, True, "https://r.example.com"),
+        (
+            {b"host": b"r.example.com", b"x-forwarded-proto": b"https"},
+            False,
+            "https://r.example.com",
+        ),
+        (
+            {b"host": b"r.example.com", b"x-forwarded-proto": b"HTTPS, http"},
+            False,
+            "https://r.example.com",
+        ),
+        (
+            {b"host": b"r.example.com", b"x-forwarded-proto": b"gopher"},
+            True,
+            "https://r.example.com",
+        ),
         ({b"host": b"[::1]:5000"}, False, "http://[::1]:5000"),
         # A Host that could inject into a header or a URL is replaced by the listener's.
         ({b"host": b'evil.example/"x'}, False, "http://127.0.0.1:80"),

@@ -1,0 +1,174 @@
+"""The proxy answering the upstream's challenges with its own credentials.
+
+With credentials configured, clients pull anonymously: the proxy fetches upstream tokens
+for the prefixed pull scope, caches them per scope until shortly before expiry (requests
+that need the same token share one fetch), and retries once. Credentials go only to the
+route's registry and the token realm its challenge names, never to a client or a
+redirect target.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from urllib.parse import urlencode
+
+import attrs
+from treq.client import HTTPClient
+from treq.content import content
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from .. import challenge
+from ..config import Route
+from ..errors import OCIError
+from .credentials import CredentialSource
+
+# Tokens are dropped this long before they expire (or at half-life for short ones).
+TOKEN_EXPIRY_MARGIN = 30.0
+# The Docker token spec: without expires_in a token lasts 60 seconds.
+DEFAULT_TOKEN_LIFETIME = 60.0
+MAX_TOKEN_RESPONSE = 1024 * 1024
+
+
+class CredentialsRejected(OCIError):
+    pass
+
+
+@attrs.frozen
+class _Token:
+    header: bytes
+    expires: float
+
+
+class UpstreamAuth:
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        client: HTTPClient,
+        clock: IReactorTime,
+        sources: dict[str, CredentialSource],
+        timeout: float,
+        on_fetch: Callable[[str, str], None] = lambda route, outcome: None,
+    ) -> None:
+        self._client = client
+        self._clock = clock
+        self._sources = sources
+        self._timeout = timeout
+        self._on_fetch = on_fetch
+        self._tokens: dict[tuple[str, str], _Token] = {}
+        self._waiters: dict[tuple[str, str], list[Deferred[bytes]]] = {}
+        # Routes whose registry asked for Basic: send it up front from then on.
+        self._basic_routes: set[str] = set()
+
+    def configured(self, route: Route) -> bool:
+        return route.name in self._sources
+
+    async def authorization(self, route: Route, scope: str) -> bytes | None:
+        """What to send on the first try: a cached token, Basic, or a static header."""
+        source = self._sources.get(route.name)
+        if source is None:
+            return None
+        token = self._tokens.get((route.name, scope))
+        if token is not None and token.expires > self._clock.seconds():
+            return token.header
+        if route.name in self._basic_routes or route.credentials.auth_header:
+            return await source.authorization()
+        return None
+
+    async def answer(self, route: Route, scope: str, values: list[bytes]) -> bytes | None:
+        """The Authorization to retry a 401 with, or None when there is nothing to try."""
+        source = self._sources.get(route.name)
+        if source is None:
+            return None
+        challenges = challenge.parse_all([v.decode("latin-1") for v in values])
+        for item in challenges:
+            if item.is_bearer and item.get("realm"):
+                key = (route.name, scope)
+                self._tokens.pop(key, None)
+                waiters = self._waiters.get(key)
+                if waiters is None:
+                    waiters = self._waiters[key] = []
+                    fetch = ensureDeferred(self._fetch(route, source, item, scope))
+                    fetch.addBoth(self._deliver, key)
+                # One Deferred per waiter: a client that leaves cancels only its own wait.
+                waiter: Deferred[bytes] = Deferred()
+                waiters.append(waiter)
+                return await waiter
+        for item in challenges:
+            if item.scheme.lower() == "basic":
+                self._basic_routes.add(route.name)
+                return await source.authorization()
+        return None
+
+    def _deliver(self, result: bytes | Failure, key: tuple[str, str]) -> None:
+        for waiter in self._waiters.pop(key, []):
+            if waiter.called:
+                continue  # cancelled: its client left
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    async def _fetch(
+        self, route: Route, source: CredentialSource, item: challenge.Challenge, scope: str
+    ) -> bytes:
+        realm = item.get("realm") or ""
+        if not realm.startswith(("https://", "http://")):
+            raise OCIError("UPSTREAM_UNAVAILABLE", "the upstream's token realm is not an http URL")
+        params = []
+        service = item.get("service")
+        if service:
+            params.append(("service", service))
+        if scope:
+            params.append(("scope", scope))
+        url = realm + (("&" if "?" in realm else "?") + urlencode(params) if params else "")
+        headers = Headers({b"authorization": [await source.authorization()]})
+        try:
+            response = await self._client.get(
+                url, headers=headers, allow_redirects=False, unbuffered=True, timeout=self._timeout
+            )
+            body = await content(response)
+        except Exception:  # noqa: BLE001 - unreachable realm: the client gets a 502
+            self._on_fetch(route.name, "unreachable")
+            raise OCIError(
+                "UPSTREAM_UNAVAILABLE", "the upstream token service cannot be reached"
+            ) from None
+        if response.code in (401, 403):
+            self._on_fetch(route.name, "rejected")
+            self.log.warn(
+                "route {route}: the upstream token service rejected the proxy's {source}"
+                " (HTTP {status})",
+                route=route.name,
+                source=source.description,
+                status=response.code,
+            )
+            raise CredentialsRejected(
+                "UNAUTHORIZED",
+                "the upstream registry rejected the proxy's credentials",
+                {"route": route.name},
+                status=403,
+            )
+        try:
+            document = json.loads(body[:MAX_TOKEN_RESPONSE]) if response.code == 200 else None
+            token = document.get("token") or document.get("access_token")
+            lifetime = float(document.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, AttributeError, TypeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            self._on_fetch(route.name, "failed")
+            raise OCIError(
+                "UPSTREAM_UNAVAILABLE",
+                "the upstream token service gave no token",
+                {"status": response.code},
+            )
+        self._on_fetch(route.name, "ok")
+        margin = min(TOKEN_EXPIRY_MARGIN, lifetime / 2)
+        header = b"Bearer " + token.encode("ascii", "replace")
+        self._tokens[(route.name, scope)] = _Token(header, self._clock.seconds() + lifetime - margin)
+        return header
