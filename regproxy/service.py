@@ -24,7 +24,7 @@ from .upstream.auth import UpstreamAuth
 from .upstream.credentials import credential_source
 from .upstream.http import make_client, make_pool
 from .upstream.realm import RealmCache
-from .web.browser import BrowserRedirect
+from .web.browser import BrowserRedirect, NotFound
 from .web.health import Health, Readiness
 from .web.metrics import MetricsPage
 from .web.public import public_base
@@ -69,6 +69,11 @@ class Drain(Service):
             await deferLater(self.reactor, 0.1, lambda: None)
         if self.site.active:
             self.log.warn("grace period over with {count} requests unfinished", count=self.site.active)
+        else:
+            # A drained shutdown is a normal exit: twist would otherwise re-raise SIGTERM
+            # on itself at the end and exit -15, which service managers count as failure.
+            if getattr(self.reactor, "_exitSignal", None) is not None:
+                self.reactor._exitSignal = None
         await self.pool.closeCachedConnections()
 
 
@@ -134,6 +139,8 @@ def build_service(config: Config, reactor: Any) -> IService:
     metrics_page = MetricsPage(metrics)
     if config.metrics_listen is None:
         root.putChild(b"metrics", metrics_page)
+    else:
+        root.putChild(b"metrics", NotFound())
     site = ProxySite(root, metrics=metrics, client_address=ClientAddress(config.trusted_proxies))
 
     top = MultiService()

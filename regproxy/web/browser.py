@@ -35,3 +35,13 @@ class BrowserRedirect(Resource):
             request.setHeader(b"content-length", b"0")
             request.finish()
         return NOT_DONE_YET
+
+
+class NotFound(Resource):
+    """A path the proxy keeps free (``/metrics`` when it has a listener of its own)."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> int:
+        write_error(request, OCIError("NOT_FOUND", "not found"))
+        return NOT_DONE_YET

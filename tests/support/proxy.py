@@ -54,6 +54,8 @@ class RegproxyProcess:
         self.stdout_path = self.directory / "stdout.log"
         self.stderr_path = self.directory / "stderr.log"
         self._process: subprocess.Popen[bytes] | None = None
+        # twist's own options (--log-format text ...), placed before the plugin name.
+        self.twist_args: list[str] = []
         self.returncode: int | None = None
 
     @property
@@ -62,6 +64,7 @@ class RegproxyProcess:
             sys.executable,
             "-m",
             "twisted",
+            *self.twist_args,
             self.plugin,
             self.port_option,
             f"tcp:{self.port}:interface=127.0.0.1",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -109,28 +111,111 @@ class FakeResponse:
         protocol.connectionLost(self.reason)
 
 
+class OpenResponse:
+    """An IResponse whose body stays open: the test sends chunks and ends it when it likes."""
+
+    def __init__(self) -> None:
+        self.transport = BodyTransport()
+        self.protocol = None
+
+    def deliverBody(self, protocol) -> None:  # type: ignore[no-untyped-def]
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        assert self.protocol is not None
+        self.protocol.dataReceived(data)
+
+    def end(self, reason: Failure | None = None) -> None:
+        assert self.protocol is not None
+        self.protocol.connectionLost(reason if reason is not None else Failure(ResponseDone()))
+
+
+IDLE = 5.0
+
+
 class ReadBoundedTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def read(self, response: object, limit: int) -> Deferred[bytes]:
+        return bodies.read_bounded(response, limit, self.clock, IDLE)  # type: ignore[arg-type]
+
     def test_within_the_limit(self) -> None:
         response = FakeResponse([b"abc", b"def", b"g"])
-        self.assertEqual(self.successResultOf(bodies.read_bounded(response, 7)), b"abcdefg")
+        self.assertEqual(self.successResultOf(self.read(response, 7)), b"abcdefg")
         self.assertEqual(response.transport.stopped, 0)
+        # The idle timer goes with the body.
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_potential_data_loss_is_complete(self) -> None:
         response = FakeResponse([b"abc"], Failure(PotentialDataLoss()))
-        self.assertEqual(self.successResultOf(bodies.read_bounded(response, 10)), b"abc")
+        self.assertEqual(self.successResultOf(self.read(response, 10)), b"abc")
 
     def test_over_the_limit(self) -> None:
         response = FakeResponse([b"abcd", b"efgh", b"ij"], Failure(ConnectionLost()))
-        failure = self.failureResultOf(bodies.read_bounded(response, 7), OCIError)
+        failure = self.failureResultOf(self.read(response, 7), OCIError)
         self.assertEqual(failure.value.code, "UPSTREAM_UNAVAILABLE")
         self.assertEqual(failure.value.status, 502)
         self.assertGreaterEqual(response.transport.stopped, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_over_the_limit_even_if_the_body_ends_cleanly(self) -> None:
         response = FakeResponse([b"x" * 11])
-        self.failureResultOf(bodies.read_bounded(response, 10), OCIError)
+        self.failureResultOf(self.read(response, 10), OCIError)
         self.assertEqual(response.transport.stopped, 1)
 
     def test_broken_body(self) -> None:
         response = FakeResponse([b"abc"], Failure(ConnectionLost()))
-        self.failureResultOf(bodies.read_bounded(response, 10), ConnectionLost)
+        self.failureResultOf(self.read(response, 10), ConnectionLost)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_idle_timeout_before_any_data(self) -> None:
+        response = OpenResponse()
+        d = self.read(response, 10)
+        self.clock.advance(IDLE - 0.1)
+        self.assertNoResult(d)
+        self.assertEqual(response.transport.stopped, 0)
+        self.clock.advance(0.1)
+        # The transfer is stopped; the body ends (as twisted ends it) with a lost connection.
+        self.assertEqual(response.transport.stopped, 1)
+        response.end(Failure(ConnectionLost()))
+        failure = self.failureResultOf(d, OCIError)
+        self.assertEqual((failure.value.code, failure.value.status), ("UPSTREAM_TIMEOUT", 504))
+
+    def test_idle_timer_is_reset_by_every_chunk(self) -> None:
+        response = OpenResponse()
+        d = self.read(response, 100)
+        # Ten chunks spread over twice the idle timeout: never silent for IDLE seconds.
+        for _ in range(10):
+            self.clock.advance(IDLE - 1)
+            response.send(b"ab")
+        self.assertNoResult(d)
+        self.assertEqual(response.transport.stopped, 0)
+        self.clock.advance(IDLE - 0.1)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.assertEqual(response.transport.stopped, 1)
+        response.end(Failure(ConnectionLost()))
+        failure = self.failureResultOf(d, OCIError)
+        self.assertEqual(failure.value.code, "UPSTREAM_TIMEOUT")
+
+    def test_stalled_even_if_the_body_then_ends_cleanly(self) -> None:
+        # A truncated body must not be taken for a whole one after the timer fired.
+        response = OpenResponse()
+        d = self.read(response, 100)
+        response.send(b'{"name":')
+        self.clock.advance(IDLE)
+        response.end()
+        self.assertEqual(self.failureResultOf(d, OCIError).value.code, "UPSTREAM_TIMEOUT")
+
+    def test_body_ending_in_time_cancels_the_timer(self) -> None:
+        response = OpenResponse()
+        d = self.read(response, 100)
+        response.send(b"abc")
+        self.clock.advance(IDLE - 1)
+        response.end()
+        self.assertEqual(self.successResultOf(d), b"abc")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(IDLE * 2)
+        self.assertEqual(response.transport.stopped, 0)

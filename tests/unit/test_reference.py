@@ -174,11 +174,6 @@ def test_uploads_are_unsupported(path: str) -> None:
     assert (error.code, error.status) == ("UNSUPPORTED", 405)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_v2_path looks for 'uploads' anywhere in the last three segments, so a "
-    "repository with an 'uploads' component cannot have its blobs or manifests pulled",
-)
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
