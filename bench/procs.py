@@ -163,7 +163,7 @@ def _first_line(argv: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     text = (result.stdout or result.stderr).strip()
-    return text.splitlines()[0] if text else "?"
+    return text.splitlines()[0] if text else ""
 
 
 def machine_info() -> dict[str, str]:
@@ -192,6 +192,10 @@ def machine_info() -> dict[str, str]:
         import OpenSSL
 
         info["pyopenssl"] = OpenSSL.__version__
+    root = Path(__file__).resolve().parents[1]
+    commit = _first_line(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
+    dirty = _first_line(["git", "-C", str(root), "status", "--porcelain", "--", "regproxy"])
+    info["regproxy_commit"] = commit + ("+modified" if dirty not in ("", "?") else "")
     info["nginx"] = _first_line(["nginx", "-v"])
     info["registry"] = _first_line(["docker-registry", "--version"])
     info["wrk"] = _first_line(["wrk", "-v"])

@@ -42,7 +42,8 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
                 rows.append([connections, p, _f(stats["rps"], 0), _f(stats["p50_ms"]),
                              _f(stats["p99_ms"]), f"{stats['errors'] + stats['non2xx']:.0f}"])
             rows.append([connections, "regproxy/nginx", _f(row["ratio_regproxy_nginx"]),
-                         "", f"+{_f(row['added_p99_ms_regproxy'])} vs direct", ""])
+                         f"{_f(row.get('added_p50_ms_regproxy'))} added",
+                         f"{_f(row['added_p99_ms_regproxy'])} added", ""])
         out.append((f"2. Manifest GET (wrk), upstream {mode}",
                     ["conns", "path", "req/s", "p50 ms", "p99 ms", "errors"], rows))
         if "pulls" in run:
@@ -76,6 +77,10 @@ def text(result: dict[str, Any]) -> str:
     lines = []
     machine = result.get("machine", {})
     lines.append("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    load = result.get("machine_load")
+    if load:
+        lines.append(f"run: {load['wall_s']:.0f} s; CPU taken by other processes: "
+                     f"{load['foreign_cpu_s']:.0f} s ({100 * load['foreign_cpu_share']:.1f}%)")
     for title, header, rows in tables(result):
         widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
         lines.append("")
@@ -93,10 +98,10 @@ def rst(result: dict[str, Any]) -> str:
         widths = [max(w, 1) for w in widths]
         rule = "  ".join("=" * w for w in widths)
         body = [rule, "  ".join(h.ljust(w) for h, w in zip(header, widths)), rule]
-        body += ["  ".join((str(c) or "..").ljust(w) for c, w in zip(row, widths))
+        body += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths))
                  for row in rows]
         body.append(rule)
-        blocks.append(f"{title}\n\n" + "\n".join(line.rstrip() for line in body))
+        blocks.append(f"**{title}**\n\n" + "\n".join(line.rstrip() for line in body))
     return "\n\n".join(blocks) + "\n"
 
 

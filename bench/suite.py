@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import statistics
 import subprocess
@@ -137,6 +138,8 @@ def manifest_rates(endpoints: list[Endpoint], images: Images, settings: Settings
                 f"errors {stats['errors'] + stats['non2xx']:.0f}")
         row["ratio_regproxy_nginx"] = _ratio(row["regproxy"]["rps"], row["nginx"]["rps"])
         row["added_p99_ms_regproxy"] = row["regproxy"]["p99_ms"] - row["direct"]["p99_ms"]
+        row["added_p50_ms_regproxy"] = row["regproxy"]["p50_ms"] - row["direct"]["p50_ms"]
+        row["added_p50_ms_nginx"] = row["nginx"]["p50_ms"] - row["direct"]["p50_ms"]
         row["added_p99_ms_nginx"] = row["nginx"]["p99_ms"] - row["direct"]["p99_ms"]
         out[str(connections)] = row
     return out
@@ -280,7 +283,28 @@ def seed(registry: RegistryServer, work: Path, settings: Settings, log: Log) -> 
     )
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its waited
+    children). Their difference over the run is CPU that other processes took from us."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(v) for v in fields]
+    busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)  # minus idle, iowait
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), (
+        own.user + own.system + own.children_user + own.children_system
+    )
+
+
+def _load_report(start: tuple[float, float], wall: float) -> dict[str, float]:
+    end = _cpu_seconds()
+    busy, own = end[0] - start[0], end[1] - start[1]
+    return {"wall_s": wall, "machine_busy_cpu_s": busy, "suite_cpu_s": own,
+            "foreign_cpu_s": max(0.0, busy - own),
+            "foreign_cpu_share": max(0.0, busy - own) / (wall * (os.cpu_count() or 1))}
+
+
 def run(settings: Settings, log: Log = print) -> dict[str, Any]:
+    cpu_start, wall_start = _cpu_seconds(), time.monotonic()
     result: dict[str, Any] = {
         "settings": asdict(settings),
         "machine": machine_info(),
@@ -305,6 +329,10 @@ def run(settings: Settings, log: Log = print) -> dict[str, Any]:
         with contextlib.suppress(OSError):
             shutil.rmtree(work, ignore_errors=True)
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result["machine_load"] = _load_report(cpu_start, time.monotonic() - wall_start)
+    if result["machine_load"]["foreign_cpu_share"] > 0.05:
+        log(f"WARNING: other processes used {result['machine_load']['foreign_cpu_s']:.0f} "
+            "CPU seconds during the run; the numbers are disturbed")
     result["targets"] = targets(result)
     return result
 

@@ -71,9 +71,7 @@ class Credentials:
 
     @property
     def configured(self) -> bool:
-        return bool(
-            self.auth_header or self.username or self.google_key_file or self.google_adc
-        )
+        return bool(self.auth_header or self.username or self.google_key_file or self.google_adc)
 
     def describe(self) -> str:
         """A secret-free description for logs."""

@@ -124,7 +124,8 @@ class Forwarder:
             url += "?" + query
         host = request.getRequestHostname().decode("ascii", "replace")
         outgoing = headers.upstream_request_headers(
-            request.requestHeaders, USER_AGENT + b" customDomain/" + host.encode("ascii", "replace")
+            request.requestHeaders,
+            USER_AGENT + b" customDomain/" + host.encode("ascii", "replace"),
         )
         scope = scope_for(target, route)
         proxy_held = route.credentials.configured
@@ -184,7 +185,7 @@ class Forwarder:
                 allow_redirects=False,
                 unbuffered=True,
                 timeout=self.upstream_timeout,
-                reactor=self.clock,
+                reactor=self.clock,  # type: ignore[arg-type]
             )
         except CancelledError:
             if exchange.error_kind == "client_gone":
@@ -207,7 +208,7 @@ class Forwarder:
                 "the upstream registry connection failed",
                 {"reason": exchange.error_kind},
             ) from None
-        except Exception as failure:  # noqa: BLE001 - any other client failure is a 502 too
+        except Exception as failure:
             exchange.error_kind = "other"
             self.log.failure("upstream request failed", failure=None)
             raise OCIError(
@@ -254,7 +255,9 @@ class Forwarder:
                 values = [
                     v.encode("latin-1")
                     for v in headers.rewrite_challenges(
-                        [v.decode("latin-1") for v in values], realm, self._client_name(route, target)
+                        [v.decode("latin-1") for v in values],
+                        realm,
+                        self._client_name(route, target),
                     )
                 ]
             elif lower == b"location":

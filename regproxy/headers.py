@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 from twisted.web.http_headers import Headers
@@ -63,7 +63,7 @@ def upstream_request_headers(client: Headers, user_agent: bytes) -> Headers:
     return out
 
 
-def response_headers(upstream: Headers) -> list[tuple[bytes, list[bytes]]]:
+def response_headers(upstream: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
     """The upstream response headers that may be passed on, untouched (rewrites come after)."""
     dropped = DROPPED_RESPONSE_HEADERS | connection_tokens(upstream)
     out = []

@@ -79,7 +79,7 @@ class ClientAddress:
             return False
         return any(ip in network for network in self.networks)
 
-    def resolve(self, peer: str, forwarded_for: list[bytes] | None) -> str:
+    def resolve(self, peer: str, forwarded_for: Sequence[bytes] | None) -> str:
         """Walk X-Forwarded-For from the right while the hops are trusted proxies."""
         if not forwarded_for or not self.is_trusted(peer):
             return peer

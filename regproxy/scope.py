@@ -54,7 +54,9 @@ def rewrite_up(values: Iterable[str], upstream_name: Callable[[str], str]) -> li
             rewritten.append(str(scope))
             continue
         if not NAME_RE.fullmatch(scope.name):
-            raise OCIError("NAME_INVALID", "invalid repository name in scope", {"scope": text[:300]})
+            raise OCIError(
+                "NAME_INVALID", "invalid repository name in scope", {"scope": text[:300]}
+            )
         if not {"pull", "*"} & set(scope.actions):
             continue
         rewritten.append(str(Scope(scope.type, upstream_name(scope.name), ("pull",))))

@@ -1,4 +1,4 @@
-"""``twist regproxy``: typed options (with the original's environment variables) and the service."""
+"""``twist regproxy``: typed options (the original's environment variables too) and the service."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ def _upstream(text: str) -> Upstream:
     return Upstream.from_url(text.strip())
 
 
-_upstream.coerceDoc = "A URL such as https://gcr.io or http://127.0.0.1:5000; a bare host means https."  # type: ignore[attr-defined]
+_upstream.coerceDoc = (  # type: ignore[attr-defined]
+    "A URL such as https://gcr.io or http://127.0.0.1:5000; a bare host means https."
+)
 
 
 def _prefix(text: str) -> str:
@@ -96,43 +98,117 @@ class Options(usage.Options):
     )
 
     optFlags = [
-        ["disable-browser-redirects", None, "Answer 404 instead of sending browsers upstream "
-         "(env DISABLE_BROWSER_REDIRECTS)."],
-        ["google-adc", None, "Authenticate upstream with Google Application Default "
-         "Credentials (metadata server, workload identity)."],
-        ["google-json-key", None, "Send the Google key file itself as _json_key basic "
-         "credentials, as the original did, instead of access tokens."],
+        [
+            "disable-browser-redirects",
+            None,
+            "Answer 404 instead of sending browsers upstream (env DISABLE_BROWSER_REDIRECTS).",
+        ],
+        [
+            "google-adc",
+            None,
+            "Authenticate upstream with Google Application Default "
+            "Credentials (metadata server, workload identity).",
+        ],
+        [
+            "google-json-key",
+            None,
+            "Send the Google key file itself as _json_key basic "
+            "credentials, as the original did, instead of access tokens.",
+        ],
     ]
 
     optParameters = [
-        ["upstream", None, None, "Upstream registry URL (env REGISTRY_HOST; default "
-         f"{DOCKER_HUB_URL})", _named("upstream", _upstream)],
-        ["repo-prefix", None, None, "Repository path prepended upstream (env REPO_PREFIX).",
-         _named("repo-prefix", _prefix)],
-        ["upstream-ca", None, None, "PEM bundle trusted for the upstream in addition to the "
-         "system store.", _named("upstream-ca", _readable_file)],
-        ["auth-header", None, None, "Static Authorization value sent upstream (env "
-         "AUTH_HEADER). Prefer the environment: flags show in process lists."],
-        ["upstream-username", None, None, "Username for the upstream (env "
-         "REGPROXY_UPSTREAM_USERNAME)."],
-        ["upstream-password-file", None, None, "File holding the upstream password or access "
-         "token (env REGPROXY_UPSTREAM_PASSWORD_FILE).",
-         _named("upstream-password-file", _readable_file)],
-        ["google-credentials", None, None, "Google service-account key file (env "
-         "GOOGLE_APPLICATION_CREDENTIALS).", _named("google-credentials", _readable_file)],
-        ["public-url", None, None, "The proxy's external base URL, used in rewritten realms "
-         "and Locations (env REGPROXY_PUBLIC_URL); default: from X-Forwarded-Proto and Host.",
-         _named("public-url", _public_url)],
-        ["blob-redirects", None, BlobRedirects.PASS, "pass|follow: what to do with blob "
-         "redirects to storage hosts.", _named("blob-redirects", _blob_redirects)],
-        ["metrics-port", None, None, "Separate endpoint for /metrics (then the main listener "
-         "answers 404 there)."],
-        ["shutdown-grace", None, 30.0, "Seconds in-flight transfers may take after SIGTERM.",
-         _named("shutdown-grace", _seconds)],
-        ["upstream-timeout", None, 30.0, "Seconds to wait for upstream response headers.",
-         _named("upstream-timeout", _positive_seconds)],
-        ["idle-timeout", None, 60.0, "Seconds an upstream body may stall before the transfer "
-         "is abandoned.", _named("idle-timeout", _positive_seconds)],
+        [
+            "upstream",
+            None,
+            None,
+            f"Upstream registry URL (env REGISTRY_HOST; default {DOCKER_HUB_URL})",
+            _named("upstream", _upstream),
+        ],
+        [
+            "repo-prefix",
+            None,
+            None,
+            "Repository path prepended upstream (env REPO_PREFIX).",
+            _named("repo-prefix", _prefix),
+        ],
+        [
+            "upstream-ca",
+            None,
+            None,
+            "PEM bundle trusted for the upstream in addition to the system store.",
+            _named("upstream-ca", _readable_file),
+        ],
+        [
+            "auth-header",
+            None,
+            None,
+            "Static Authorization value sent upstream (env "
+            "AUTH_HEADER). Prefer the environment: flags show in process lists.",
+        ],
+        [
+            "upstream-username",
+            None,
+            None,
+            "Username for the upstream (env REGPROXY_UPSTREAM_USERNAME).",
+        ],
+        [
+            "upstream-password-file",
+            None,
+            None,
+            "File holding the upstream password or access "
+            "token (env REGPROXY_UPSTREAM_PASSWORD_FILE).",
+            _named("upstream-password-file", _readable_file),
+        ],
+        [
+            "google-credentials",
+            None,
+            None,
+            "Google service-account key file (env GOOGLE_APPLICATION_CREDENTIALS).",
+            _named("google-credentials", _readable_file),
+        ],
+        [
+            "public-url",
+            None,
+            None,
+            "The proxy's external base URL, used in rewritten realms "
+            "and Locations (env REGPROXY_PUBLIC_URL); default: from X-Forwarded-Proto and Host.",
+            _named("public-url", _public_url),
+        ],
+        [
+            "blob-redirects",
+            None,
+            BlobRedirects.PASS,
+            "pass|follow: what to do with blob redirects to storage hosts.",
+            _named("blob-redirects", _blob_redirects),
+        ],
+        [
+            "metrics-port",
+            None,
+            None,
+            "Separate endpoint for /metrics (then the main listener answers 404 there).",
+        ],
+        [
+            "shutdown-grace",
+            None,
+            30.0,
+            "Seconds in-flight transfers may take after SIGTERM.",
+            _named("shutdown-grace", _seconds),
+        ],
+        [
+            "upstream-timeout",
+            None,
+            30.0,
+            "Seconds to wait for upstream response headers.",
+            _named("upstream-timeout", _positive_seconds),
+        ],
+        [
+            "idle-timeout",
+            None,
+            60.0,
+            "Seconds an upstream body may stall before the transfer is abandoned.",
+            _named("idle-timeout", _positive_seconds),
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -180,9 +256,7 @@ class Options(usage.Options):
         if not self["port"]:
             self["port"] = [self._port_from_env()]
         if bool(self["upstream-username"]) != bool(self["upstream-password-file"]):
-            raise usage.UsageError(
-                "--upstream-username and --upstream-password-file go together"
-            )
+            raise usage.UsageError("--upstream-username and --upstream-password-file go together")
         sources = [
             bool(self["auth-header"]),
             bool(self["upstream-username"]),

@@ -15,7 +15,6 @@ from urllib.parse import urlencode
 
 import attrs
 from treq.client import HTTPClient
-from treq.content import content
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -23,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .. import challenge
+from ..bodies import read_bounded
 from ..config import Route
 from ..errors import OCIError
 from .credentials import CredentialSource
@@ -133,8 +133,8 @@ class UpstreamAuth:
             response = await self._client.get(
                 url, headers=headers, allow_redirects=False, unbuffered=True, timeout=self._timeout
             )
-            body = await content(response)
-        except Exception:  # noqa: BLE001 - unreachable realm: the client gets a 502
+            body = await read_bounded(response, MAX_TOKEN_RESPONSE, self._clock, self._timeout)
+        except Exception:
             self._on_fetch(route.name, "unreachable")
             raise OCIError(
                 "UPSTREAM_UNAVAILABLE", "the upstream token service cannot be reached"
@@ -154,11 +154,14 @@ class UpstreamAuth:
                 {"route": route.name},
                 status=403,
             )
+        token: object = None
+        lifetime = DEFAULT_TOKEN_LIFETIME
         try:
-            document = json.loads(body[:MAX_TOKEN_RESPONSE]) if response.code == 200 else None
-            token = document.get("token") or document.get("access_token")
-            lifetime = float(document.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
-        except (ValueError, AttributeError, TypeError):
+            document = json.loads(body) if response.code == 200 else None
+            if isinstance(document, dict):
+                token = document.get("token") or document.get("access_token")
+                lifetime = float(document.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, TypeError):
             token = None
         if not isinstance(token, str) or not token:
             self._on_fetch(route.name, "failed")
@@ -170,5 +173,7 @@ class UpstreamAuth:
         self._on_fetch(route.name, "ok")
         margin = min(TOKEN_EXPIRY_MARGIN, lifetime / 2)
         header = b"Bearer " + token.encode("ascii", "replace")
-        self._tokens[(route.name, scope)] = _Token(header, self._clock.seconds() + lifetime - margin)
+        self._tokens[(route.name, scope)] = _Token(
+            header, self._clock.seconds() + lifetime - margin
+        )
         return header

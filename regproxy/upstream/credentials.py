@@ -74,7 +74,9 @@ class GoogleAccessTokens:
         self._make_credentials = make_credentials
         self._credentials: Any = None
         self._lock = DeferredLock()
-        self._now = now or (lambda: datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
+        self._now = now or (
+            lambda: datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+        )
         self.description = description
         self.refreshes = 0
 

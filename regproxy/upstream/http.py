@@ -5,16 +5,15 @@ from __future__ import annotations
 from http.cookiejar import Cookie, CookieJar
 from typing import Any
 
-from treq.client import HTTPClient
 from OpenSSL import SSL
+from treq.client import HTTPClient
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
-
-from twisted.internet.defer import Deferred
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 
 class NoCookies(CookieJar):
@@ -106,4 +105,4 @@ def make_client(
         connectTimeout=connect_timeout,
         pool=pool,
     )
-    return HTTPClient(IdentityEncodingAgent(agent), cookiejar=NoCookies())
+    return HTTPClient(IdentityEncodingAgent(agent), cookiejar=NoCookies())  # type: ignore[arg-type]

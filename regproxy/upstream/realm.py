@@ -43,11 +43,13 @@ class RealmCache:
                 unbuffered=True,
                 timeout=self._timeout,
             )
-        except Exception:  # noqa: BLE001 - any failure to reach it means the same here
+        except Exception:
             raise OCIError(
                 "UPSTREAM_UNAVAILABLE", "the upstream registry cannot be reached"
             ) from None
-        values = [v.decode("latin-1") for v in response.headers.getRawHeaders(b"www-authenticate", [])]
+        values = [
+            v.decode("latin-1") for v in response.headers.getRawHeaders(b"www-authenticate", [])
+        ]
         await content(response)
         realm = None
         for item in challenge.parse_all(values):

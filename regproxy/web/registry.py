@@ -37,9 +37,7 @@ def exchange_of(request: Request) -> Exchange:
     return exchange
 
 
-def run_async(
-    request: Request, work: Callable[[], Coroutine[Any, Any, None]], log: Logger
-) -> int:
+def run_async(request: Request, work: Callable[[], Coroutine[Any, Any, None]], log: Logger) -> int:
     """Run ``work`` for ``request``; cancel it when the client leaves; answer errors as OCI.
 
     Returns NOT_DONE_YET for ``render``.
@@ -93,7 +91,9 @@ class RegistryAPI(Resource):
             target = parse_v2_path(request.path.decode("latin-1"))
             exchange.endpoint = ENDPOINTS[target.kind]
             if request.method not in READ_METHODS:
-                raise OCIError("UNSUPPORTED", "this registry is read-only", {"method": "not allowed"})
+                raise OCIError(
+                    "UNSUPPORTED", "this registry is read-only", {"method": "not allowed"}
+                )
             route = self.route_for(request)
         except OCIError as error:
             write_error(request, error)

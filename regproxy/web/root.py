@@ -25,9 +25,11 @@ class Root(Resource):
             # forward proxy.
             write_error(request, OCIError("REQUEST_INVALID", "origin-form request targets only"))
             return NOT_DONE_YET
-        return self.fallback.render(request)
+        result: int | bytes = self.fallback.render(request)
+        return result
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         if not request.path.startswith(b"/"):
             return self
-        return super().getChildWithDefault(path, request)
+        child: Resource = super().getChildWithDefault(path, request)
+        return child

@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import parse_qsl, urlencode
 
+from treq.client import HTTPClient
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-
-from treq.client import HTTPClient
 
 from .. import headers
 from ..config import Route
@@ -27,7 +26,9 @@ from .respond import write_error
 FORM = b"application/x-www-form-urlencoded"
 
 
-def _rewrite_pairs(pairs: list[tuple[str, str]], route: Route, form: bool) -> list[tuple[str, str]]:
+def _rewrite_pairs(
+    pairs: list[tuple[str, str]], route: Route, form: bool
+) -> list[tuple[str, str]]:
     """Rewrite every scope; GET repeats the parameter, the OAuth2 form space-separates."""
     scopes = rewrite_up([v for k, v in pairs if k == "scope"], route.upstream_name)
     out = [(k, v) for k, v in pairs if k != "scope"]
@@ -76,7 +77,9 @@ class TokenProxy(Resource):
 
     async def _token(self, request: Request, route: Route) -> None:
         try:
-            query = parse_qsl(request.uri.partition(b"?")[2].decode("utf-8"), keep_blank_values=True)
+            query = parse_qsl(
+                request.uri.partition(b"?")[2].decode("utf-8"), keep_blank_values=True
+            )
             body = b""
             if request.method == b"POST":
                 content_type = request.requestHeaders.getRawHeaders(b"content-type", [b""])[0]
@@ -113,9 +116,11 @@ class TokenProxy(Resource):
                 unbuffered=True,
                 timeout=self.timeout,
             )
-        except Exception:  # noqa: BLE001 - a dead realm is relearnt next time
+        except Exception:
             self.realms.forget(route)
-            raise OCIError("UPSTREAM_UNAVAILABLE", "the upstream token service cannot be reached") from None
+            raise OCIError(
+                "UPSTREAM_UNAVAILABLE", "the upstream token service cannot be reached"
+            ) from None
         exchange_of(request).upstream_status = response.code
         request.setResponseCode(response.code, response.phrase)
         for name, values in headers.response_headers(response.headers):

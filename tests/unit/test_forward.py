@@ -13,7 +13,6 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import attrs
-import pytest
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import reactor as global_reactor
