@@ -28,30 +28,48 @@ def size(text_: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny blob, 1 s wrk runs, 10 pulls, 5 streams (the test suite's run)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny blob, 1 s wrk runs, 10 pulls, 5 streams (the test suite's run)",
+    )
     parser.add_argument("--blob-size", type=size, help="big blob size, e.g. 1GiB (default)")
     parser.add_argument("--repeats", type=int, help="blob GETs per path (median; default 5)")
     parser.add_argument("--durations", type=float, help="seconds per wrk run (default 10)")
     parser.add_argument("--pulls", type=int, help="concurrent pulls (default 100)")
     parser.add_argument("--streams", type=int, help="concurrent blob streams (default 100)")
-    parser.add_argument("--stream-blob-size", type=size,
-                        help="blob of the concurrent streams (default 64MiB)")
-    parser.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
-                        help="also run items 1 and 2 against an HTTPS upstream (default on)")
+    parser.add_argument(
+        "--stream-blob-size", type=size, help="blob of the concurrent streams (default 64MiB)"
+    )
+    parser.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run items 1 and 2 against an HTTPS upstream (default on)",
+    )
     parser.add_argument("--nginx-workers", type=int, help="nginx worker_processes (default 1)")
-    parser.add_argument("--profile", metavar="DIR",
-                        help="after measuring, record py-spy profiles of regproxy into DIR")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after measuring, record py-spy profiles of regproxy into DIR",
+    )
     parser.add_argument("--json", metavar="OUT", type=Path, help="write the result as JSON")
     args = parser.parse_args(argv)
 
     overrides = {
-        key: value for key, value in {
-            "blob_size": args.blob_size, "repeats": args.repeats, "duration": args.durations,
-            "pulls": args.pulls, "streams": args.streams,
-            "stream_blob_size": args.stream_blob_size, "tls": args.tls,
-            "nginx_workers": args.nginx_workers, "profile_dir": args.profile,
-        }.items() if value is not None
+        key: value
+        for key, value in {
+            "blob_size": args.blob_size,
+            "repeats": args.repeats,
+            "duration": args.durations,
+            "pulls": args.pulls,
+            "streams": args.streams,
+            "stream_blob_size": args.stream_blob_size,
+            "tls": args.tls,
+            "nginx_workers": args.nginx_workers,
+            "profile_dir": args.profile,
+        }.items()
+        if value is not None
     }
     settings = Settings.smoke_settings(**overrides) if args.smoke else Settings(**overrides)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -32,12 +33,29 @@ class Endpoint:
     base: str
     name_prefix: str = ""
     cafile: str | None = None
+    pid: int | None = None  # the server behind it (the registry for direct), for CPU time
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.pid) if self.pid else 0.0
 
     def path(self, name: str, kind: str, reference: str) -> str:
         return f"/v2/{self.name_prefix}{name}/{kind}/{reference}"
 
     def url(self, name: str, kind: str, reference: str) -> str:
         return self.base + self.path(name, kind, reference)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of *pid* and its child processes (nginx's workers)."""
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    total = 0
+    for one in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{one}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class FetchError(RuntimeError):
@@ -72,8 +90,14 @@ def read_verified(response: Any, digest: str, expected_size: int | None = None) 
     return size
 
 
-def fetch_verified(endpoint: Endpoint, name: str, kind: str, reference: str, digest: str,
-                   accept: str | None = None) -> int:
+def fetch_verified(
+    endpoint: Endpoint,
+    name: str,
+    kind: str,
+    reference: str,
+    digest: str,
+    accept: str | None = None,
+) -> int:
     """GET one manifest or blob and check its digest; returns the body size."""
     conn = connection(endpoint.base, endpoint.cafile)
     try:
@@ -89,8 +113,16 @@ def fetch_verified(endpoint: Endpoint, name: str, kind: str, reference: str, dig
 
 def curl_download(url: str, expected_size: int, cafile: str | None = None) -> float:
     """GET *url* with curl into /dev/null; returns bytes per second (curl's average)."""
-    argv = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download} "
-            "%{speed_download}", "--noproxy", "*"]
+    argv = [
+        "curl",
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download} %{speed_download}",
+        "--noproxy",
+        "*",
+    ]
     if cafile:
         argv += ["--cacert", cafile]
     result = subprocess.run([*argv, url], capture_output=True, text=True, timeout=900)
@@ -135,11 +167,25 @@ def parse_wrk(output: str) -> dict[str, float]:
     return result
 
 
-def run_wrk(url: str, connections: int, duration: float,
-            accept: str = OCI_MANIFEST) -> dict[str, float]:
+def run_wrk(
+    url: str, connections: int, duration: float, accept: str = OCI_MANIFEST
+) -> dict[str, float]:
     threads = min(2, connections)
-    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
-            "--latency", "--timeout", "10s", "-H", f"Accept: {accept}", url]
+    argv = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{max(1, round(duration))}s",
+        "--latency",
+        "--timeout",
+        "10s",
+        "-H",
+        f"Accept: {accept}",
+        url,
+    ]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
     if result.returncode != 0:
         raise RuntimeError(f"wrk failed: {result.stderr or result.stdout}")
@@ -176,8 +222,9 @@ def pull(endpoint: Endpoint, name: str, tag: str, manifest_digest: str) -> int:
         conn.close()
 
 
-def concurrent_pulls(endpoint: Endpoint, name: str, tag: str, manifest_digest: str,
-                     count: int) -> dict[str, Any]:
+def concurrent_pulls(
+    endpoint: Endpoint, name: str, tag: str, manifest_digest: str, count: int
+) -> dict[str, Any]:
     barrier = threading.Barrier(count)
     errors: list[str] = []
     durations: list[float] = []
@@ -187,7 +234,7 @@ def concurrent_pulls(endpoint: Endpoint, name: str, tag: str, manifest_digest: s
         started = time.monotonic()
         try:
             pull(endpoint, name, tag, manifest_digest)
-        except Exception as error:  # noqa: BLE001 - counted, the rest go on
+        except Exception as error:
             errors.append(f"{type(error).__name__}: {error}")
         else:
             durations.append(time.monotonic() - started)
@@ -209,8 +256,14 @@ def concurrent_pulls(endpoint: Endpoint, name: str, tag: str, manifest_digest: s
 # -- paced readers and RSS ------------------------------------------------------------------------
 
 
-def paced_read(endpoint: Endpoint, name: str, digest: str, size: int, rate: float,
-               deadline: float | None = None) -> int:
+def paced_read(
+    endpoint: Endpoint,
+    name: str,
+    digest: str,
+    size: int,
+    rate: float,
+    deadline: float | None = None,
+) -> int:
     """GET a blob reading at most *rate* bytes/s (recv, then sleep to stay on schedule).
 
     Returns the bytes read; stops early (closing the connection) at *deadline* (monotonic).
@@ -283,8 +336,9 @@ class RSSSampler:
         return max([self.hwm_kib, *self.samples])
 
 
-def slow_stream(endpoint: Endpoint, pid: int, name: str, digest: str, size: int,
-                rate: float) -> dict[str, Any]:
+def slow_stream(
+    endpoint: Endpoint, pid: int, name: str, digest: str, size: int, rate: float
+) -> dict[str, Any]:
     """One client reading a blob at *rate* bytes/s, RSS of *pid* sampled every 100 ms."""
     idle = rss_kib(pid)[0]
     started = time.monotonic()
@@ -303,8 +357,16 @@ def slow_stream(endpoint: Endpoint, pid: int, name: str, digest: str, size: int,
     }
 
 
-def concurrent_streams(endpoint: Endpoint, pid: int, name: str, digest: str, size: int,
-                       count: int, rate: float, max_seconds: float) -> dict[str, Any]:
+def concurrent_streams(
+    endpoint: Endpoint,
+    pid: int,
+    name: str,
+    digest: str,
+    size: int,
+    count: int,
+    rate: float,
+    max_seconds: float,
+) -> dict[str, Any]:
     """*count* clients reading the same blob at *rate* bytes/s each, at most *max_seconds*."""
     idle = rss_kib(pid)[0]
     barrier = threading.Barrier(count)
@@ -315,7 +377,7 @@ def concurrent_streams(endpoint: Endpoint, pid: int, name: str, digest: str, siz
         barrier.wait(timeout=60)
         try:
             results.append(paced_read(endpoint, name, digest, size, rate, deadline))
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             errors.append(f"{type(error).__name__}: {error}")
 
     started = time.monotonic()

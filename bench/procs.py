@@ -112,8 +112,15 @@ class NginxProcess:
         (self.directory / "tmp").mkdir(parents=True, exist_ok=True)
         conf = self.directory / "nginx.conf"
         conf.write_text(self.config_text())
-        argv = [binary, "-p", str(self.directory), "-e", str(self.directory / "error.log"),
-                "-c", str(conf)]
+        argv = [
+            binary,
+            "-p",
+            str(self.directory),
+            "-e",
+            str(self.directory / "error.log"),
+            "-c",
+            str(conf),
+        ]
         check = subprocess.run([*argv, "-t"], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"nginx config rejected:\n{check.stderr}")

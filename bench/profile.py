@@ -64,10 +64,21 @@ def render(path: Path, top: int = 15, match: str | None = None) -> str:
     _, files = by_module(path)
     lines.append("  inclusive by file (regproxy, treq, hyperlink, idna, logging, metrics):")
     for key, count in files.most_common():
-        if key.startswith(("regproxy/", "treq/", "hyperlink/", "idna/", "twisted/logger/",
-                           "prometheus_client/", "twisted/web/client.py",
-                           "twisted/web/_newclient.py", "twisted/web/http.py",
-                           "twisted/web/server.py", "twisted/internet/tcp.py")):
+        if key.startswith(
+            (
+                "regproxy/",
+                "treq/",
+                "hyperlink/",
+                "idna/",
+                "twisted/logger/",
+                "prometheus_client/",
+                "twisted/web/client.py",
+                "twisted/web/_newclient.py",
+                "twisted/web/http.py",
+                "twisted/web/server.py",
+                "twisted/internet/tcp.py",
+            )
+        ):
             lines.append(f"    {100 * count / max(samples, 1):5.1f}%  {key}")
     for title, counter in (("self", self_), ("total (inclusive)", total)):
         lines.append(f"  top {title}{' matching ' + match if match else ''}:")

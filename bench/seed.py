@@ -59,8 +59,9 @@ def random_file(path: Path, size: int) -> BlobFile:
     return BlobFile(path, "sha256:" + digest.hexdigest(), size)
 
 
-def connection(url: str, cafile: Path | str | None = None, timeout: float = 300.0
-               ) -> http.client.HTTPConnection:
+def connection(
+    url: str, cafile: Path | str | None = None, timeout: float = 300.0
+) -> http.client.HTTPConnection:
     parts = urlsplit(url)
     assert parts.hostname and parts.port
     if parts.scheme == "https":
@@ -68,12 +69,12 @@ def connection(url: str, cafile: Path | str | None = None, timeout: float = 300.
         return http.client.HTTPSConnection(
             parts.hostname, parts.port, context=context, timeout=timeout, blocksize=CHUNK
         )
-    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout,
-                                      blocksize=CHUNK)
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout, blocksize=CHUNK)
 
 
-def upload_blob(registry_url: str, name: str, source: BlobFile | bytes,
-                cafile: Path | str | None = None) -> str:
+def upload_blob(
+    registry_url: str, name: str, source: BlobFile | bytes, cafile: Path | str | None = None
+) -> str:
     """POST an upload session, then PUT the whole blob in one streamed request."""
     if isinstance(source, bytes):
         digest, size = sha256_digest(source), len(source)
@@ -103,23 +104,34 @@ def upload_blob(registry_url: str, name: str, source: BlobFile | bytes,
     return digest
 
 
-def push_blob_image(registry_url: str, name: str, tag: str, blob: BlobFile,
-                    cafile: Path | str | None = None) -> BlobImage:
+def push_blob_image(
+    registry_url: str, name: str, tag: str, blob: BlobFile, cafile: Path | str | None = None
+) -> BlobImage:
     """Upload *blob* as the only layer of an OCI image ``name:tag``."""
     config = json.dumps(
-        {"architecture": "amd64", "os": "linux",
-         "rootfs": {"type": "layers", "diff_ids": [blob.digest]}},
-        separators=(",", ":"), sort_keys=True,
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [blob.digest]},
+        },
+        separators=(",", ":"),
+        sort_keys=True,
     ).encode()
     upload_blob(registry_url, name, config, cafile)
     upload_blob(registry_url, name, blob, cafile)
-    manifest = json.dumps({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": sha256_digest(config),
-                   "size": len(config)},
-        "layers": [{"mediaType": OCI_LAYER_TAR, "digest": blob.digest, "size": blob.size}],
-    }, indent=3).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": OCI_CONFIG,
+                "digest": sha256_digest(config),
+                "size": len(config),
+            },
+            "layers": [{"mediaType": OCI_LAYER_TAR, "digest": blob.digest, "size": blob.size}],
+        },
+        indent=3,
+    ).encode()
     response = RegistryClient(registry_url, cafile=cafile).put_manifest(
         name, tag, manifest, OCI_MANIFEST
     )

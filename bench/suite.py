@@ -50,9 +50,16 @@ class Settings:
     @classmethod
     def smoke_settings(cls, **overrides: Any) -> Settings:
         values: dict[str, Any] = dict(
-            blob_size=2 * MiB, repeats=2, duration=1.0, pulls=10, streams=5,
-            stream_blob_size=512 * 1024, stream_rate=2e6, stream_max_seconds=20.0,
-            profile_seconds=2.0, smoke=True,
+            blob_size=2 * MiB,
+            repeats=2,
+            duration=1.0,
+            pulls=10,
+            streams=5,
+            stream_blob_size=512 * 1024,
+            stream_rate=2e6,
+            stream_max_seconds=20.0,
+            profile_seconds=2.0,
+            smoke=True,
         )
         values.update(overrides)
         return cls(**values)
@@ -88,54 +95,84 @@ def verify(endpoints: list[Endpoint], images: Images, log: Log) -> dict[str, Any
     out: dict[str, Any] = {}
     for ep in endpoints:
         try:
-            fetched = load.fetch_verified(ep, images.small_name, "manifests", images.small_tag,
-                                          images.small_digest, MANIFEST_ACCEPT)
+            fetched = load.fetch_verified(
+                ep,
+                images.small_name,
+                "manifests",
+                images.small_tag,
+                images.small_digest,
+                MANIFEST_ACCEPT,
+            )
             for digest, _size in images.small_blobs:
                 fetched += load.fetch_verified(ep, images.small_name, "blobs", digest, digest)
             for image in (images.big, images.mid):
-                fetched += load.fetch_verified(ep, image.name, "manifests", image.tag,
-                                               image.manifest_digest, OCI_MANIFEST)
-                fetched += load.fetch_verified(ep, image.name, "blobs", image.blob.digest,
-                                               image.blob.digest)
+                fetched += load.fetch_verified(
+                    ep, image.name, "manifests", image.tag, image.manifest_digest, OCI_MANIFEST
+                )
+                fetched += load.fetch_verified(
+                    ep, image.name, "blobs", image.blob.digest, image.blob.digest
+                )
             out[ep.label] = {"ok": True, "bytes": fetched}
-        except Exception as error:  # noqa: BLE001 - reported, and fails the run below
+        except Exception as error:
             out[ep.label] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
         log(f"  verified {ep.label}: {out[ep.label]}")
     return out
 
 
-def blob_throughput(endpoints: list[Endpoint], images: Images, repeats: int,
-                    log: Log) -> dict[str, Any]:
+def blob_throughput(
+    endpoints: list[Endpoint], images: Images, repeats: int, log: Log
+) -> dict[str, Any]:
     big = images.big
     runs: dict[str, list[float]] = {ep.label: [] for ep in endpoints}
+    cpu: dict[str, float] = {ep.label: 0.0 for ep in endpoints}
     for number in range(repeats):
         for ep in endpoints:  # interleaved, so drift affects every path alike
-            speed = load.curl_download(ep.url(big.name, "blobs", big.blob.digest),
-                                       big.blob.size, ep.cafile) / 1e6
+            before = ep.cpu_seconds()
+            speed = (
+                load.curl_download(
+                    ep.url(big.name, "blobs", big.blob.digest), big.blob.size, ep.cafile
+                )
+                / 1e6
+            )
+            cpu[ep.label] += ep.cpu_seconds() - before
             runs[ep.label].append(speed)
             log(f"  blob {number + 1}/{repeats} {ep.label}: {speed:.0f} MB/s")
     out: dict[str, Any] = {
-        label: {"runs_mb_s": values, "median_mb_s": _median(values)}
+        label: {
+            "runs_mb_s": values,
+            "median_mb_s": _median(values),
+            # CPU of the server behind the path (registry for direct, else the proxy)
+            "cpu_s_per_gib": cpu[label] / (repeats * big.blob.size / GiB),
+        }
         for label, values in runs.items()
     }
     out["blob_bytes"] = big.blob.size
-    out["ratio_regproxy_nginx"] = _ratio(out["regproxy"]["median_mb_s"],
-                                         out["nginx"]["median_mb_s"])
+    out["ratio_regproxy_nginx"] = _ratio(
+        out["regproxy"]["median_mb_s"], out["nginx"]["median_mb_s"]
+    )
     return out
 
 
-def manifest_rates(endpoints: list[Endpoint], images: Images, settings: Settings,
-                   log: Log) -> dict[str, Any]:
+def manifest_rates(
+    endpoints: list[Endpoint], images: Images, settings: Settings, log: Log
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for connections in settings.concurrencies:
         row: dict[str, Any] = {}
         for ep in endpoints:
             url = ep.url(images.small_name, "manifests", images.small_tag)
+            before = ep.cpu_seconds()
             row[ep.label] = load.run_wrk(url, connections, settings.duration)
             stats = row[ep.label]
-            log(f"  manifest c={connections} {ep.label}: {stats['rps']:.0f} req/s "
+            cpu = ep.cpu_seconds() - before
+            stats["cpu_ms_per_request"] = (
+                1000 * cpu / stats["requests"] if stats["requests"] else 0
+            )
+            log(
+                f"  manifest c={connections} {ep.label}: {stats['rps']:.0f} req/s "
                 f"p50 {stats['p50_ms']:.2f} ms p99 {stats['p99_ms']:.2f} ms "
-                f"errors {stats['errors'] + stats['non2xx']:.0f}")
+                f"errors {stats['errors'] + stats['non2xx']:.0f}"
+            )
         row["ratio_regproxy_nginx"] = _ratio(row["regproxy"]["rps"], row["nginx"]["rps"])
         row["added_p99_ms_regproxy"] = row["regproxy"]["p99_ms"] - row["direct"]["p99_ms"]
         row["added_p50_ms_regproxy"] = row["regproxy"]["p50_ms"] - row["direct"]["p50_ms"]
@@ -148,15 +185,19 @@ def manifest_rates(endpoints: list[Endpoint], images: Images, settings: Settings
 def pulls(endpoints: list[Endpoint], images: Images, count: int, log: Log) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for ep in endpoints:
-        out[ep.label] = load.concurrent_pulls(ep, images.small_name, images.small_tag,
-                                              images.small_digest, count)
-        log(f"  {count} pulls {ep.label}: {out[ep.label]['wall_s']:.2f} s, "
-            f"{out[ep.label]['errors']} errors {out[ep.label]['error_samples']}")
+        out[ep.label] = load.concurrent_pulls(
+            ep, images.small_name, images.small_tag, images.small_digest, count
+        )
+        log(
+            f"  {count} pulls {ep.label}: {out[ep.label]['wall_s']:.2f} s, "
+            f"{out[ep.label]['errors']} errors {out[ep.label]['error_samples']}"
+        )
     return out
 
 
-def memory(settings: Settings, directory: Path, proxy_args: list[str], images: Images,
-           log: Log) -> dict[str, Any]:
+def memory(
+    settings: Settings, directory: Path, proxy_args: list[str], images: Images, log: Log
+) -> dict[str, Any]:
     """RSS growth of a fresh regproxy (warmed up by one pull) under slow and many streams."""
     out: dict[str, Any] = {}
     with RegproxyProcess(args=proxy_args, directory=directory) as proxy:
@@ -165,20 +206,34 @@ def memory(settings: Settings, directory: Path, proxy_args: list[str], images: I
         time.sleep(0.5)
         out["fresh_rss_mib"] = load.rss_kib(proxy.pid)[0] / 1024
         big, mid = images.big, images.mid
-        out["slow_stream"] = load.slow_stream(ep, proxy.pid, big.name, big.blob.digest,
-                                              big.blob.size, settings.slow_rate)
+        out["slow_stream"] = load.slow_stream(
+            ep, proxy.pid, big.name, big.blob.digest, big.blob.size, settings.slow_rate
+        )
         log(f"  slow stream: {out['slow_stream']}")
         time.sleep(0.5)
         out["concurrent_streams"] = load.concurrent_streams(
-            ep, proxy.pid, mid.name, mid.blob.digest, mid.blob.size, settings.streams,
-            settings.stream_rate, settings.stream_max_seconds)
+            ep,
+            proxy.pid,
+            mid.name,
+            mid.blob.digest,
+            mid.blob.size,
+            settings.streams,
+            settings.stream_rate,
+            settings.stream_max_seconds,
+        )
         log(f"  concurrent streams: {out['concurrent_streams']}")
         out["proxy_alive"] = proxy.running
     return out
 
 
-def profile(settings: Settings, proxy: RegproxyProcess, endpoints: list[Endpoint],
-            images: Images, mode: str, log: Log) -> dict[str, str]:
+def profile(
+    settings: Settings,
+    proxy: RegproxyProcess,
+    endpoints: list[Endpoint],
+    images: Images,
+    mode: str,
+    log: Log,
+) -> dict[str, str]:
     """py-spy record (raw collapsed stacks) of regproxy under manifest load and blob GETs.
 
     Runs after the measured phases: the sampler's own CPU use must not bias the table.
@@ -193,9 +248,23 @@ def profile(settings: Settings, proxy: RegproxyProcess, endpoints: list[Endpoint
     def record(name: str, work: Callable[[], None]) -> None:
         path = directory / f"{mode}-{name}.txt"
         spy = subprocess.Popen(
-            [py_spy, "record", "--pid", str(proxy.pid), "--rate", "200", "--nonblocking",
-             "--format", "raw", "--duration", str(int(seconds)), "-o", str(path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(proxy.pid),
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--duration",
+                str(int(seconds)),
+                "-o",
+                str(path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         try:
             time.sleep(1.0)
@@ -213,32 +282,68 @@ def profile(settings: Settings, proxy: RegproxyProcess, endpoints: list[Endpoint
     url = regproxy.url(images.small_name, "manifests", images.small_tag)
     record("manifest", lambda: load.run_wrk(url, 16, max(1.0, seconds - 1.5)) and None)
     big = images.big
-    record("blob", lambda: load.curl_download(
-        regproxy.url(big.name, "blobs", big.blob.digest), big.blob.size) and None)
+    record(
+        "blob",
+        lambda: (
+            load.curl_download(regproxy.url(big.name, "blobs", big.blob.digest), big.blob.size)
+            and None
+        ),
+    )
+    record(
+        "pulls",
+        lambda: (
+            load.concurrent_pulls(
+                regproxy,
+                images.small_name,
+                images.small_tag,
+                images.small_digest,
+                settings.pulls,
+            )
+            and None
+        ),
+    )
     return outputs
 
 
 # -- one mode (plain or TLS upstream) -------------------------------------------------------------
 
 
-def run_mode(settings: Settings, directory: Path, registry: RegistryServer,
-             tls: TLSFiles | None, images: Images, full: bool, log: Log) -> dict[str, Any]:
+def run_mode(
+    settings: Settings,
+    directory: Path,
+    registry: RegistryServer,
+    tls: TLSFiles | None,
+    images: Images,
+    full: bool,
+    log: Log,
+) -> dict[str, Any]:
     ca = str(tls.ca_cert) if tls else None
     proxy_args = ["--upstream", registry.url, "--repo-prefix", PREFIX]
     if ca:
         proxy_args += ["--upstream-ca", ca]
     mode = "tls" if tls else "plain"
     out: dict[str, Any] = {"upstream": registry.url}
-    nginx = NginxProcess(directory / "nginx", registry.host_port, PREFIX, registry.scheme,
-                         tls.ca_cert if tls else None, workers=settings.nginx_workers)
+    nginx = NginxProcess(
+        directory / "nginx",
+        registry.host_port,
+        PREFIX,
+        registry.scheme,
+        tls.ca_cert if tls else None,
+        workers=settings.nginx_workers,
+    )
     with nginx, RegproxyProcess(args=proxy_args, directory=directory / "regproxy") as proxy:
-        endpoints = [Endpoint("direct", registry.url, PREFIX + "/", ca),
-                     Endpoint("nginx", nginx.url), Endpoint("regproxy", proxy.url)]
+        endpoints = [
+            Endpoint("direct", registry.url, PREFIX + "/", ca, registry.pid),
+            Endpoint("nginx", nginx.url, pid=nginx.pid),
+            Endpoint("regproxy", proxy.url, pid=proxy.pid),
+        ]
         out["verified"] = verify(endpoints, images, log)
         failed = {k: v for k, v in out["verified"].items() if not v["ok"]}
         if failed:
-            raise RuntimeError(f"content check failed: {failed}\n{proxy.log_text()[-3000:]}\n"
-                               f"{nginx.log_text()[-3000:]}")
+            raise RuntimeError(
+                f"content check failed: {failed}\n{proxy.log_text()[-3000:]}\n"
+                f"{nginx.log_text()[-3000:]}"
+            )
         log(f"[{mode}] blob throughput")
         out["blob"] = blob_throughput(endpoints, images, settings.repeats, log)
         log(f"[{mode}] manifest rate")
@@ -298,9 +403,13 @@ def _cpu_seconds() -> tuple[float, float]:
 def _load_report(start: tuple[float, float], wall: float) -> dict[str, float]:
     end = _cpu_seconds()
     busy, own = end[0] - start[0], end[1] - start[1]
-    return {"wall_s": wall, "machine_busy_cpu_s": busy, "suite_cpu_s": own,
-            "foreign_cpu_s": max(0.0, busy - own),
-            "foreign_cpu_share": max(0.0, busy - own) / (wall * (os.cpu_count() or 1))}
+    return {
+        "wall_s": wall,
+        "machine_busy_cpu_s": busy,
+        "suite_cpu_s": own,
+        "foreign_cpu_s": max(0.0, busy - own),
+        "foreign_cpu_share": max(0.0, busy - own) / (wall * (os.cpu_count() or 1)),
+    }
 
 
 def run(settings: Settings, log: Log = print) -> dict[str, Any]:
@@ -317,22 +426,26 @@ def run(settings: Settings, log: Log = print) -> dict[str, Any]:
         log(f"seeding a registry with a {settings.blob_size} byte blob")
         with RegistryServer(directory=registry_dir) as registry:
             images = seed(registry, work, settings, log)
-            result["runs"]["plain"] = run_mode(settings, work / "plain", registry, None, images,
-                                               full=True, log=log)
+            result["runs"]["plain"] = run_mode(
+                settings, work / "plain", registry, None, images, full=True, log=log
+            )
         if settings.tls:
             tls = make_ca_and_cert(work / "tls")
             # the same storage, served over HTTPS by a second registry process
             with RegistryServer(tls=tls, directory=registry_dir) as registry:
-                result["runs"]["tls"] = run_mode(settings, work / "tls-run", registry, tls,
-                                                 images, full=False, log=log)
+                result["runs"]["tls"] = run_mode(
+                    settings, work / "tls-run", registry, tls, images, full=False, log=log
+                )
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(work, ignore_errors=True)
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     result["machine_load"] = _load_report(cpu_start, time.monotonic() - wall_start)
     if result["machine_load"]["foreign_cpu_share"] > 0.05:
-        log(f"WARNING: other processes used {result['machine_load']['foreign_cpu_s']:.0f} "
-            "CPU seconds during the run; the numbers are disturbed")
+        log(
+            f"WARNING: other processes used {result['machine_load']['foreign_cpu_s']:.0f} "
+            "CPU seconds during the run; the numbers are disturbed"
+        )
     result["targets"] = targets(result)
     return result
 
@@ -343,25 +456,56 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
     def add(name: str, value: float | None, limit: float, higher_is_better: bool) -> None:
         met = value is not None and (value >= limit if higher_is_better else value < limit)
-        rows.append({"target": name, "value": value, "limit": limit,
-                     "op": ">=" if higher_is_better else "<", "met": met})
+        rows.append(
+            {
+                "target": name,
+                "value": value,
+                "limit": limit,
+                "op": ">=" if higher_is_better else "<",
+                "met": met,
+            }
+        )
 
     for mode, run_ in result["runs"].items():
-        add(f"blob throughput regproxy/nginx ({mode})",
-            run_["blob"]["ratio_regproxy_nginx"], 1.0, True)
+        add(
+            f"blob throughput regproxy/nginx ({mode})",
+            run_["blob"]["ratio_regproxy_nginx"],
+            1.0,
+            True,
+        )
         if "16" in run_["manifest"]:
-            add(f"manifest rate regproxy/nginx at 16 connections ({mode})",
-                run_["manifest"]["16"]["ratio_regproxy_nginx"], 0.8, True)
+            add(
+                f"manifest rate regproxy/nginx at 16 connections ({mode})",
+                run_["manifest"]["16"]["ratio_regproxy_nginx"],
+                0.8,
+                True,
+            )
         if "1" in run_["manifest"]:
-            add(f"p99 added over direct at 1 connection, ms ({mode})",
-                run_["manifest"]["1"]["added_p99_ms_regproxy"], 2.0, False)
+            add(
+                f"p99 added over direct at 1 connection, ms ({mode})",
+                run_["manifest"]["1"]["added_p99_ms_regproxy"],
+                2.0,
+                False,
+            )
     plain = result["runs"].get("plain", {})
     if "memory" in plain:
-        add("RSS growth, slow 10 MB/s stream, MiB",
-            plain["memory"]["slow_stream"]["growth_mib"], 10.0, False)
-        add("RSS growth, concurrent streams, MiB",
-            plain["memory"]["concurrent_streams"]["growth_mib"], 64.0, False)
+        add(
+            "RSS growth, slow 10 MB/s stream, MiB",
+            plain["memory"]["slow_stream"]["growth_mib"],
+            10.0,
+            False,
+        )
+        add(
+            "RSS growth, concurrent streams, MiB",
+            plain["memory"]["concurrent_streams"]["growth_mib"],
+            64.0,
+            False,
+        )
     if "pulls" in plain:
-        add("errors in concurrent pulls through regproxy",
-            float(plain["pulls"]["regproxy"]["errors"]), 1.0, False)
+        add(
+            "errors in concurrent pulls through regproxy",
+            float(plain["pulls"]["regproxy"]["errors"]),
+            1.0,
+            False,
+        )
     return rows

@@ -118,6 +118,7 @@ class Forwarder:
         self, request: Request, route: Route, target: RegistryPath, exchange: Exchange
     ) -> None:
         method = request.method.decode("ascii")
+        headers.validate_range(request.requestHeaders)
         query = upstream_query(target, route, request.uri.partition(b"?")[2])
         url = route.upstream.origin + target.path(route.upstream_name(target.name))
         if query:

@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 from twisted.web.http_headers import Headers
 
 from . import challenge
+from .errors import OCIError
 from .scope import rewrite_down
 from .upstream.http import HIDDEN_CONTENT_ENCODING
 
@@ -42,6 +43,26 @@ FORWARDED_REQUEST_HEADERS = (
 # Upstream response headers that must not reach the client: hop-by-hop ones, cookies set for
 # the upstream's domain, and framing the proxy's own HTTP layer decides.
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {b"set-cookie", b"set-cookie2", b"server", b"date"}
+
+
+_RANGE = re.compile(rb"bytes=(\d{0,19})-(\d{0,19})")
+
+
+def validate_range(headers: Headers) -> None:
+    """One ``bytes=`` range or none: multi-range and malformed ranges never go upstream.
+
+    Registries serve single ranges; a list of hundreds of overlapping ranges is a
+    resource-exhaustion shape, and malformed ones draw 5xx answers from some upstreams.
+    """
+    values = headers.getRawHeaders(b"range")
+    if values is None:
+        return
+    match = _RANGE.fullmatch(values[0].strip()) if len(values) == 1 else None
+    if match is None or match.group(1) == match.group(2) == b"":
+        raise OCIError("RANGE_INVALID", "only a single bytes range is supported")
+    first, last = match.groups()
+    if first and last and int(first) > int(last):
+        raise OCIError("RANGE_INVALID", "the range ends before it starts")
 
 
 def connection_tokens(headers: Headers) -> set[bytes]:

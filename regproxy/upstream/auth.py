@@ -32,6 +32,7 @@ TOKEN_EXPIRY_MARGIN = 30.0
 # The Docker token spec: without expires_in a token lasts 60 seconds.
 DEFAULT_TOKEN_LIFETIME = 60.0
 MAX_TOKEN_RESPONSE = 1024 * 1024
+MAX_CACHED_TOKENS = 10_000
 
 
 class CredentialsRejected(OCIError):
@@ -91,14 +92,15 @@ class UpstreamAuth:
             if item.is_bearer and item.get("realm"):
                 key = (route.name, scope)
                 self._tokens.pop(key, None)
-                waiters = self._waiters.get(key)
-                if waiters is None:
-                    waiters = self._waiters[key] = []
+                # One Deferred per waiter: a client that leaves cancels only its own wait.
+                # It is registered before the fetch starts, which may finish at once.
+                waiter: Deferred[bytes] = Deferred()
+                if key in self._waiters:
+                    self._waiters[key].append(waiter)
+                else:
+                    self._waiters[key] = [waiter]
                     fetch = ensureDeferred(self._fetch(route, source, item, scope))
                     fetch.addBoth(self._deliver, key)
-                # One Deferred per waiter: a client that leaves cancels only its own wait.
-                waiter: Deferred[bytes] = Deferred()
-                waiters.append(waiter)
                 return await waiter
         for item in challenges:
             if item.scheme.lower() == "basic":
@@ -131,7 +133,12 @@ class UpstreamAuth:
         headers = Headers({b"authorization": [await source.authorization()]})
         try:
             response = await self._client.get(
-                url, headers=headers, allow_redirects=False, unbuffered=True, timeout=self._timeout
+                url,
+                headers=headers,
+                allow_redirects=False,
+                unbuffered=True,
+                timeout=self._timeout,
+                reactor=self._clock,  # type: ignore[arg-type]
             )
             body = await read_bounded(response, MAX_TOKEN_RESPONSE, self._clock, self._timeout)
         except Exception:
@@ -173,7 +180,11 @@ class UpstreamAuth:
         self._on_fetch(route.name, "ok")
         margin = min(TOKEN_EXPIRY_MARGIN, lifetime / 2)
         header = b"Bearer " + token.encode("ascii", "replace")
-        self._tokens[(route.name, scope)] = _Token(
-            header, self._clock.seconds() + lifetime - margin
-        )
+        now = self._clock.seconds()
+        if len(self._tokens) >= MAX_CACHED_TOKENS:
+            # One entry per repository clients asked for: drop the dead ones, or all.
+            self._tokens = {k: t for k, t in self._tokens.items() if t.expires > now}
+            if len(self._tokens) >= MAX_CACHED_TOKENS:
+                self._tokens.clear()
+        self._tokens[(route.name, scope)] = _Token(header, now + lifetime - margin)
         return header

@@ -13,6 +13,11 @@ from ..errors import OCIError
 from .respond import write_error
 
 
+def _has_dot_segments(path: bytes) -> bool:
+    segments = unquote(path.decode("latin-1")).replace("\\", "/").split("/")
+    return any(segment in (".", "..") for segment in segments)
+
+
 class BrowserRedirect(Resource):
     isLeaf = True
 
@@ -24,7 +29,8 @@ class BrowserRedirect(Resource):
     def render(self, request: Request) -> int:
         if request.method not in (b"GET", b"HEAD"):
             write_error(request, OCIError("UNSUPPORTED", "only GET and HEAD are served"))
-        elif not self.enabled:
+        elif not self.enabled or _has_dot_segments(request.path):
+            # Traversal shapes are scanners, not people: no redirect for them.
             write_error(request, OCIError("NOT_FOUND", "not found"))
         else:
             path = unquote(request.path.decode("latin-1"))

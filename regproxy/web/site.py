@@ -127,6 +127,21 @@ class ProxyChannel(HTTPChannel):
                 return
         super().dataReceived(data)
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or header past the limit: say so instead of hanging up silently."""
+        self._respondToBadRequestAndDisconnect()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's own answer to malformed requests has no body; clients and operators
+        # get the same OCI error shape as everywhere else.
+        body = OCIError("REQUEST_INVALID", "malformed or oversized HTTP request").body()
+        if self.transport is not None:
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        self.loseConnection()
+
 
 class ProxySite(Site):
     requestFactory = ProxyRequest

@@ -29,8 +29,9 @@ PATHS = ("direct", "nginx", "regproxy")
 
 
 def _missing() -> list[str]:
-    found = {name: shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-             for name in TOOLS}
+    found = {
+        name: shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin") for name in TOOLS
+    }
     return [f"{name} (Debian package {TOOLS[name]})" for name, path in found.items() if not path]
 
 
@@ -45,7 +46,10 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--no-tls", "--json", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     assert "regproxy/nginx" in result.stdout  # the table was printed

@@ -30,7 +30,9 @@ def proxy(start_proxy, prefixed_registry: SeededRegistry):
 
 
 @pytest.mark.parametrize("ref", ["app:v1", "team/app:v1", "big:v1"])
-def test_pull_through_prefix(proxy, prefixed_registry: SeededRegistry, tmp: Path, ref: str) -> None:
+def test_pull_through_prefix(
+    proxy, prefixed_registry: SeededRegistry, tmp: Path, ref: str
+) -> None:
     result = skopeo_copy(f"docker://{proxy.host_port}/{ref}", tmp / "out")
     assert result.digest == prefixed_registry[ref]
     assert verify_layout(tmp / "out", prefixed_registry[ref]) == prefixed_registry[ref]
@@ -195,9 +197,7 @@ def test_client_disconnect_mid_blob_closes_the_upstream_transfer(
     layer = image.layers[0].digest
     with socket.create_connection(("127.0.0.1", proxy.port)) as client:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        client.sendall(
-            f"GET /v2/huge/blobs/{layer} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
-        )
+        client.sendall(f"GET /v2/huge/blobs/{layer} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         assert client.recv(65536).startswith(b"HTTP/1.1 200")
         time.sleep(0.5)
         # The client reads nothing more: backpressure holds the upstream connection open.
@@ -207,3 +207,29 @@ def test_client_disconnect_mid_blob_closes_the_upstream_transfer(
         time.sleep(0.05)
     assert _established(proxy.pid, registry.port) == 0
     assert proxy.running
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "bytes=0-1,2-3",
+        "bytes=" + ",".join(["0-0"] * 200),
+        "bytes=5-1",
+        "bytes=-",
+        "items=0-1",
+        "bytes=abc-def",
+    ],
+)
+def test_malformed_or_abusive_range_is_refused(proxy, prefixed_registry, value: str) -> None:
+    layer = prefixed_registry["big:v1@layer"]
+    answer = curl(proxy.url + f"/v2/big/blobs/{layer}", "-H", f"Range: {value}")
+    assert answer.status == 416
+    assert answer.error_codes() == ["RANGE_INVALID"]
+
+
+def test_suffix_range_passes(proxy, prefixed_registry) -> None:
+    layer = prefixed_registry["big:v1@layer"]
+    whole = curl(proxy.url + f"/v2/big/blobs/{layer}").body
+    tail = curl(proxy.url + f"/v2/big/blobs/{layer}", "-H", "Range: bytes=-100")
+    assert tail.status == 206
+    assert tail.body == whole[-100:]

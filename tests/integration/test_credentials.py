@@ -27,8 +27,15 @@ def password_file(tmp: Path, proxy_credentials: tuple[str, str]) -> Path:
 
 def _with_user(seeded: SeededRegistry, user: str, password_file: Path, *extra: str) -> list[str]:
     return [
-        "--upstream", seeded.url, "--repo-prefix", "proj",
-        "--upstream-username", user, "--upstream-password-file", str(password_file), *extra,
+        "--upstream",
+        seeded.url,
+        "--repo-prefix",
+        "proj",
+        "--upstream-username",
+        user,
+        "--upstream-password-file",
+        str(password_file),
+        *extra,
     ]
 
 
@@ -39,7 +46,9 @@ def test_basic_auth_registry_pulled_anonymously(
         f"docker://{prefixed_htpasswd_registry.host_port}/proj/app:v1", tmp / "direct", check=False
     )
     assert not direct.ok
-    proxy = start_proxy(_with_user(prefixed_htpasswd_registry, proxy_credentials[0], password_file))
+    proxy = start_proxy(
+        _with_user(prefixed_htpasswd_registry, proxy_credentials[0], password_file)
+    )
     result = skopeo_copy(f"docker://{proxy.host_port}/app:v1", tmp / "out")
     assert result.digest == prefixed_htpasswd_registry["app:v1"]
     verify_layout(tmp / "out", result.digest)
@@ -109,8 +118,7 @@ def test_rejected_credentials_give_a_clear_error(
     assert answer.error_codes() == ["UNAUTHORIZED"]
     assert answer.header("WWW-Authenticate") is None
     assert any(
-        "route default" in message and "rejected" in message
-        for message in proxy.log_messages()
+        "route default" in message and "rejected" in message for message in proxy.log_messages()
     )
     assert "not-the-password" not in proxy.log_text()
 
@@ -119,11 +127,14 @@ def test_google_service_account_key_file(
     start_proxy, tmp: Path, standard_images: StandardImages
 ) -> None:
     access_token = "ya29." + secrets.token_urlsafe(24)
-    with OAuthEndpoint(access_token) as oauth, RegistryServer(
-        auth="htpasswd",
-        users={"oauth2accesstoken": access_token},
-        directory=tmp / "registry",
-    ) as registry:
+    with (
+        OAuthEndpoint(access_token) as oauth,
+        RegistryServer(
+            auth="htpasswd",
+            users={"oauth2accesstoken": access_token},
+            directory=tmp / "registry",
+        ) as registry,
+    ):
         seeded = seed_registry(registry, standard_images, prefix="proj")
         key_file = oauth.write_key_file(tmp / "key.json")
         proxy = start_proxy(
@@ -148,14 +159,19 @@ def redirecting_registry(
     """An htpasswd registry that redirects blob GETs to a separate storage host."""
     directory = tmp / "redirecting"
     directory.mkdir()
-    with StorageHost(directory / "storage") as storage, RegistryServer(
-        auth="htpasswd",
-        users=dict([proxy_credentials]),
-        directory=directory,
-        extra_config={
-            "middleware": {"storage": [{"name": "redirect", "options": {"baseurl": storage.url}}]}
-        },
-    ) as registry:
+    with (
+        StorageHost(directory / "storage") as storage,
+        RegistryServer(
+            auth="htpasswd",
+            users=dict([proxy_credentials]),
+            directory=directory,
+            extra_config={
+                "middleware": {
+                    "storage": [{"name": "redirect", "options": {"baseurl": storage.url}}]
+                }
+            },
+        ) as registry,
+    ):
         yield seed_registry(registry, standard_images, prefix="proj"), storage
 
 

@@ -50,7 +50,9 @@ def test_health_and_readiness_do_not_follow_the_upstream(start_proxy) -> None:
     assert metric(metrics, "regproxy_upstream_errors_total", route="default", kind="connect") == 1
 
 
-def test_metrics_after_real_pulls(start_proxy, prefixed_registry: SeededRegistry, tmp: Path) -> None:
+def test_metrics_after_real_pulls(
+    start_proxy, prefixed_registry: SeededRegistry, tmp: Path
+) -> None:
     proxy = start_proxy(["--upstream", prefixed_registry.url, "--repo-prefix", "proj"])
     skopeo_copy(f"docker://{proxy.host_port}/app:v1", tmp / "out")
     response = curl(proxy.url + "/metrics")
@@ -58,19 +60,34 @@ def test_metrics_after_real_pulls(start_proxy, prefixed_registry: SeededRegistry
     assert (response.header("Content-Type") or "").startswith("text/plain")
     text = response.body.decode()
     manifests = metric(
-        text, "regproxy_requests_total",
-        route="default", endpoint="manifest", method="GET", status="200",
+        text,
+        "regproxy_requests_total",
+        route="default",
+        endpoint="manifest",
+        method="GET",
+        status="200",
     )
     assert manifests is not None and manifests >= 1
     blobs = metric(
-        text, "regproxy_requests_total", route="default", endpoint="blob", method="GET", status="200"
+        text,
+        "regproxy_requests_total",
+        route="default",
+        endpoint="blob",
+        method="GET",
+        status="200",
     )
     assert blobs == 4  # three layers and the config
     layer_bytes = sum(layer.size for layer in prefixed_registry.images.app.layers)
     sent = metric(text, "regproxy_response_bytes_total", route="default", endpoint="blob")
     assert sent is not None and sent >= layer_bytes
-    assert metric(text, "regproxy_request_duration_seconds_count", route="default", endpoint="blob") == 4
-    assert metric(text, "regproxy_upstream_latency_seconds_count", route="default", endpoint="blob") == 4
+    assert (
+        metric(text, "regproxy_request_duration_seconds_count", route="default", endpoint="blob")
+        == 4
+    )
+    assert (
+        metric(text, "regproxy_upstream_latency_seconds_count", route="default", endpoint="blob")
+        == 4
+    )
     assert metric(text, "regproxy_in_flight_requests") == 1  # this very /metrics request
     assert metric(text, "regproxy_upstream_up", route="default") == 1
 
@@ -88,8 +105,15 @@ def test_metrics_on_their_own_listener(start_proxy, prefixed_registry: SeededReg
 
 
 ACCESS_FIELDS = {
-    "request_id", "client", "method", "path", "status", "bytes", "duration",
-    "upstream_status", "route",
+    "request_id",
+    "client",
+    "method",
+    "path",
+    "status",
+    "bytes",
+    "duration",
+    "upstream_status",
+    "route",
 }
 
 
@@ -97,15 +121,21 @@ def test_json_access_log_carries_every_field(
     start_proxy, prefixed_registry: SeededRegistry
 ) -> None:
     proxy = start_proxy(
-        ["--upstream", prefixed_registry.url, "--repo-prefix", "proj",
-         "--trusted-proxy", "127.0.0.0/8"]
+        [
+            "--upstream",
+            prefixed_registry.url,
+            "--repo-prefix",
+            "proj",
+            "--trusted-proxy",
+            "127.0.0.0/8",
+        ]
     )
     curl(proxy.url + "/v2/app/manifests/v1", "-H", "X-Forwarded-For: 203.0.113.7", "-H", ACCEPT)
     curl(proxy.url + "/v2/Invalid/manifests/v1", "-H", "Authorization: Bearer s3cr3t-t0ken")
     proxy.stop()
     access = [e for e in proxy.log_events() if e.get("log_namespace") == "regproxy.access"]
     assert len(access) == 2
-    assert all(ACCESS_FIELDS <= set(event) for event in access)
+    assert all(set(event) >= ACCESS_FIELDS for event in access)
     ok, bad = access
     assert (ok["client"], ok["status"], ok["upstream_status"]) == ("203.0.113.7", 200, 200)
     assert ok["path"] == "/v2/app/manifests/v1" and ok["bytes"] > 0
@@ -132,7 +162,9 @@ def test_text_access_log_is_one_line_per_request(
         curl(proxy.url + "/v2/app/manifests/v1", "-H", ACCEPT)
     lines = [line for line in proxy.log_text().splitlines() if "[regproxy.access" in line]
     assert len(lines) == 1
-    assert re.search(r"127\.0\.0\.1 GET /v2/app/manifests/v1 200 \d+ [\d.]+s upstream=200", lines[0])
+    assert re.search(
+        r"127\.0\.0\.1 GET /v2/app/manifests/v1 200 \d+ [\d.]+s upstream=200", lines[0]
+    )
 
 
 def _slow_download(port: int, path: str) -> tuple[socket.socket, bytes]:
@@ -182,10 +214,20 @@ def test_systemd_socket_activation(tmp: Path, prefixed_registry: SeededRegistry)
     command = [
         # --fdname: systemd units always name their sockets (LISTEN_FDNAMES), and Twisted
         # only adopts named descriptors.
-        "systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=regproxy",
-        sys.executable, "-m", "twisted", "regproxy",
-        "--port", "systemd:domain=INET:index=0",
-        "--upstream", prefixed_registry.url, "--repo-prefix", "proj",
+        "systemd-socket-activate",
+        "-l",
+        f"127.0.0.1:{port}",
+        "--fdname=regproxy",
+        sys.executable,
+        "-m",
+        "twisted",
+        "regproxy",
+        "--port",
+        "systemd:domain=INET:index=0",
+        "--upstream",
+        prefixed_registry.url,
+        "--repo-prefix",
+        "proj",
     ]
     log = (tmp / "activate.log").open("wb")
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)

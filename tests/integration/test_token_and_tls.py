@@ -43,7 +43,9 @@ def test_challenges_point_at_the_proxy_without_the_prefix(
     assert 'scope="repository:app:pull"' in challenge
     assert "proj" not in challenge
 
-    public = _proxy_for(start_proxy, prefixed_token_registry, "--public-url", "https://r.example.com")
+    public = _proxy_for(
+        start_proxy, prefixed_token_registry, "--public-url", "https://r.example.com"
+    )
     challenge = curl(public.url + "/v2/").header("WWW-Authenticate") or ""
     assert 'realm="https://r.example.com/_token"' in challenge
     forwarded = curl(proxy.url + "/v2/", "-H", "X-Forwarded-Proto: https", "-H", "Host: r.test")
@@ -69,13 +71,20 @@ def test_token_requests_get_and_post_have_every_scope_rewritten(
 
     posted = curl(
         proxy.url + "/_token",
-        "-X", "POST",
-        "--data-urlencode", "grant_type=password",
-        "--data-urlencode", "username=nobody",
-        "--data-urlencode", "password=wrong",
-        "--data-urlencode", "service=public-registry",
-        "--data-urlencode", "client_id=test",
-        "--data-urlencode", "scope=repository:app:pull repository:multi:pull",
+        "-X",
+        "POST",
+        "--data-urlencode",
+        "grant_type=password",
+        "--data-urlencode",
+        "username=nobody",
+        "--data-urlencode",
+        "password=wrong",
+        "--data-urlencode",
+        "service=public-registry",
+        "--data-urlencode",
+        "client_id=test",
+        "--data-urlencode",
+        "scope=repository:app:pull repository:multi:pull",
     )
     assert posted.status == 401  # bad password: the issuer's answer passes through
     assert token_issuer.requests[-1].form["scope"] == [
@@ -106,8 +115,14 @@ def test_tls_upstream_with_the_operator_ca(
     start_proxy, prefixed_tls_registry: SeededRegistry, tls_files, tmp: Path
 ) -> None:
     trusted = start_proxy(
-        ["--upstream", prefixed_tls_registry.url, "--repo-prefix", "proj",
-         "--upstream-ca", str(tls_files.ca_cert)]
+        [
+            "--upstream",
+            prefixed_tls_registry.url,
+            "--repo-prefix",
+            "proj",
+            "--upstream-ca",
+            str(tls_files.ca_cert),
+        ]
     )
     result = skopeo_copy(f"docker://{trusted.host_port}/multi:v1", tmp / "out", ["--all"])
     assert result.digest == prefixed_tls_registry["multi:v1"]

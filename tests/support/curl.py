@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from dataclasses import dataclass, field
@@ -68,8 +69,6 @@ def head_has_no_body(host: str, port: int, path: str) -> bool:
             data += chunk
         rest = data.partition(b"\r\n\r\n")[2]
         conn.settimeout(0.3)
-        try:
+        with contextlib.suppress(TimeoutError):
             rest += conn.recv(65536)
-        except TimeoutError:
-            pass
         return rest == b""

@@ -92,7 +92,12 @@ def seed_registry(
     put("big", "big:v1")
     put("many", f"many:{images.many_tags[0]}")
     push_tags(
-        registry.url, f"{under}many", images.many_tags[0], images.many_tags[1:], creds=creds, cafile=cafile
+        registry.url,
+        f"{under}many",
+        images.many_tags[0],
+        images.many_tags[1:],
+        creds=creds,
+        cafile=cafile,
     )
     digests = {
         "app:v1": images.app.digest,

@@ -21,10 +21,10 @@ class StorageHost:
         host = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+            def do_HEAD(self) -> None:
                 self.do_GET(head=True)
 
-            def do_GET(self, head: bool = False) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self, head: bool = False) -> None:
                 host.requests.append({k.lower(): v for k, v in self.headers.items()})
                 path = (host.root / self.path.split("?")[0].lstrip("/")).resolve()
                 if not path.is_relative_to(host.root.resolve()) or not path.is_file():

@@ -73,7 +73,7 @@ class Realm(FakeRegistry):
     """The token service; it answers only when the test releases its held requests.
 
     RequestTraversalAgent answers a finished resource within ``request()``, which no real
-    network does (and UpstreamAuth does not survive: see test_realm_answering_at_once).
+    network does (and which UpstreamAuth mishandles: see test_realm_answering_at_once).
     """
 
     def __init__(self, *, hold: bool = True) -> None:
@@ -203,19 +203,19 @@ class BearerTests(AuthCase):
             seen.headers.getRawHeaders(b"authorization"), [f"Bearer {SECRET}".encode()]
         )
 
-    @pytest.mark.xfail(strict=True, reason=SYNCHRONOUS_FETCH)
     def test_realm_that_is_not_http_is_never_asked(self) -> None:
         challenge = b'Bearer realm="file:///etc/passwd",service="x"'
         failure = self.failureResultOf(self.answer([challenge]), OCIError)
         self.assertEqual((failure.value.code, failure.value.status), ("UPSTREAM_UNAVAILABLE", 502))
         self.assertEqual(self.realm.seen, [])
 
-    @pytest.mark.xfail(strict=True, reason=SYNCHRONOUS_FETCH)
     def test_malformed_realm_url(self) -> None:
-        failure = self.failureResultOf(self.answer([b'Bearer realm="https://"']), OCIError)
+        # treq refuses the URL before any I/O (as it does with the real reactor).
+        challenge = b'Bearer realm="https://auth.upstream.example:notaport/token"'
+        failure = self.failureResultOf(self.answer([challenge]), OCIError)
         self.assertEqual(failure.value.code, "UPSTREAM_UNAVAILABLE")
+        self.assertEqual(self.realm.seen, [])
 
-    @pytest.mark.xfail(strict=True, reason=SYNCHRONOUS_FETCH)
     def test_realm_answering_at_once(self) -> None:
         self.realm.hold = False
         self.assertEqual(self.successResultOf(self.answer()), b"Bearer tok-1")
@@ -248,7 +248,6 @@ class BearerTests(AuthCase):
         self.assertEqual((failure.value.code, failure.value.status), ("UPSTREAM_UNAVAILABLE", 502))
         self.assertEqual(self.fetches, [("default", "unreachable")])
 
-    @pytest.mark.xfail(strict=True, reason=SYNCHRONOUS_FETCH)
     def test_realm_unreachable_at_once(self) -> None:
         self.auth = self.make_auth(FailingAgent(ConnectionRefusedError()))
         self.failureResultOf(self.answer(), OCIError)
@@ -258,32 +257,47 @@ class BearerTests(AuthCase):
             self.assertIsNone(self.successResultOf(self.answer(values)))
         self.assertEqual(self.realm.seen, [])
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="the token body is read with treq.content(): no idle timer (treq's timeout "
-        "stops at the headers) and no size cap before reading, so a realm that stalls "
-        "mid-body holds the shared fetch, and every later waiter for the scope, forever",
-    )
     def test_realm_that_stalls_mid_body_times_out(self) -> None:
         stalled: list[Request] = []
+        gone: list[bool] = []
 
         class Stalling(Realm):
             def render(self, request: Request) -> Any:
                 stalled.append(request)
+                request.notifyFinish().addBoth(lambda result: gone.append(result is not None))
                 request.setHeader(b"content-length", b"100")
                 request.write(b'{"token":"tok-')
                 return NOT_DONE_YET
 
-        self.agent = RequestTraversalAgent(Stalling())
+        self.realm = Stalling()
+        self.agent = RequestTraversalAgent(self.realm)
         self.auth = self.make_auth(self.agent)
-        d = self.answer()
+        first = self.answer()
+        second = self.answer()
         self.assertEqual(len(stalled), 1)
-        self.clock.pump([1.0] * int(TIMEOUT * 10))
-        self.settle(d)
-        self.assertIn(
-            self.failureResultOf(d, OCIError).value.code,
-            ("UPSTREAM_TIMEOUT", "UPSTREAM_UNAVAILABLE"),
-        )
+        self.clock.pump([1.0] * int(TIMEOUT - 1))
+        self.settle(first)
+        self.assertNoResult(first)
+        self.clock.pump([1.0] * 2)
+        self.settle(first)
+        for d in (first, second):
+            self.assertIn(
+                self.failureResultOf(d, OCIError).value.code,
+                ("UPSTREAM_TIMEOUT", "UPSTREAM_UNAVAILABLE"),
+            )
+        self.assertEqual(gone, [True])  # the stalled transfer was stopped
+        self.assertEqual(len(self.fetches), 1)
+        # Nothing is left waiting on the dead fetch: the next challenge asks again.
+        self.answer()
+        self.assertEqual(len(stalled), 2)
+        self.clock.advance(TIMEOUT)
+
+    def test_oversized_token_answer(self) -> None:
+        padding = "x" * (1024 * 1024)
+        self.realm.on("/token", token_answer(token="tok-big", padding=padding))
+        failure = self.failureResultOf(self.answer(), OCIError)
+        self.assertEqual(failure.value.code, "UPSTREAM_UNAVAILABLE")
+        self.assertIsNone(self.authorization())
 
 
 class CacheTests(AuthCase):
@@ -488,7 +502,8 @@ def key_file(tmp_path: Path) -> str:
             {
                 "type": "service_account",
                 "client_email": "robot@project.iam.gserviceaccount.com",
-                "private_key": f"-----BEGIN PRIVATE KEY-----\n{SECRET}\n-----END PRIVATE KEY-----\n",
+                "private_key": "-----BEGIN PRIVATE KEY-----\n"
+                f"{SECRET}\n-----END PRIVATE KEY-----\n",
             }
         )
     )
@@ -678,6 +693,7 @@ class GoogleAccessTokenTests(TestCase):
         async def run() -> None:
             d = ensureDeferred(auth.answer(route, SCOPE, [BEARER]))
             while not d.called:
+                realm.release()
                 agent.flush()
                 await deferLater(global_reactor, 0.001)
             self.assertEqual(await d, b"Bearer registry-tok")
