@@ -542,7 +542,7 @@ def test_kubernetes_validate_needs_no_network() -> None:
 
 def test_deployment_docs_are_valid_restructuredtext() -> None:
     core = pytest.importorskip("docutils.core")
-    path = ROOT / "docs" / "deployment.rst"
+    path = ROOT / "README.rst"
     # halt_level 2: any warning (bad table, unknown role, broken title) fails.
     core.publish_doctree(
         path.read_text(),
@@ -553,7 +553,7 @@ def test_deployment_docs_are_valid_restructuredtext() -> None:
 
 def test_deployment_docs_match_artifacts() -> None:
     """The numbers quoted in the prose are the ones in the files."""
-    text = (ROOT / "docs" / "deployment.rst").read_text()
+    text = (ROOT / "README.rst").read_text()
     pod = _pod_spec()
     grace = _option(_container()["args"], "--shutdown-grace")
     assert f"terminationGracePeriodSeconds: {pod['terminationGracePeriodSeconds']}" in text
