@@ -10,6 +10,7 @@ from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
@@ -97,12 +98,16 @@ async def check_upstream(
         metrics.upstream_up.labels(route.name).set(0)
 
 
-def build_service(config: Config, reactor: Any) -> IService:
+def build_root(
+    config: Config,
+    *,
+    client: HTTPClient,
+    clock: IReactorTime,
+    metrics: Metrics,
+    readiness: Readiness,
+) -> Resource:
+    """The whole resource tree, wired to ``client`` (tests hand in an in-memory one)."""
     route = config.default_route
-    pool = make_pool(reactor)
-    client = make_client(reactor, pool=pool, ca_file=route.upstream_ca)
-    metrics = Metrics()
-    readiness = Readiness()
 
     def route_for(request: Request) -> Route:
         return route
@@ -114,41 +119,49 @@ def build_service(config: Config, reactor: Any) -> IService:
     }
     auth = UpstreamAuth(
         client=client,
-        clock=reactor,
+        clock=clock,
         sources=sources,
         timeout=config.upstream_timeout,
         on_fetch=lambda name, outcome: metrics.token_fetches.labels(name, outcome).inc(),
     )
     forwarder = Forwarder(
         client=client,
-        clock=reactor,
+        clock=clock,
         public_base=lambda request: public_base(request, config),
         upstream_timeout=config.upstream_timeout,
         idle_timeout=config.idle_timeout,
         credentials=auth.authorization,
         answer_challenge=auth.answer,
     )
-    realms = RealmCache(client, config.upstream_timeout)
     root = Root(BrowserRedirect(route_for, not config.disable_browser_redirects))
     root.putChild(b"v2", RegistryAPI(route_for, forwarder))
     root.putChild(
         b"_token",
         TokenProxy(
             route_for=route_for,
-            realms=realms,
+            realms=RealmCache(client, config.upstream_timeout),
             client=client,
-            clock=reactor,
+            clock=clock,
             timeout=config.upstream_timeout,
             idle_timeout=config.idle_timeout,
         ),
     )
     root.putChild(b"healthz", Health())
     root.putChild(b"readyz", Health(readiness))
-    metrics_page = MetricsPage(metrics)
-    if config.metrics_listen is None:
-        root.putChild(b"metrics", metrics_page)
-    else:
-        root.putChild(b"metrics", NotFound())
+    # With a metrics listener of its own, the public one keeps /metrics free.
+    root.putChild(
+        b"metrics", MetricsPage(metrics) if config.metrics_listen is None else NotFound()
+    )
+    return root
+
+
+def build_service(config: Config, reactor: Any) -> IService:
+    route = config.default_route
+    pool = make_pool(reactor)
+    client = make_client(reactor, pool=pool, ca_file=route.upstream_ca)
+    metrics = Metrics()
+    readiness = Readiness()
+    root = build_root(config, client=client, clock=reactor, metrics=metrics, readiness=readiness)
     site = ProxySite(root, metrics=metrics, client_address=ClientAddress(config.trusted_proxies))
 
     top = MultiService()
@@ -159,7 +172,7 @@ def build_service(config: Config, reactor: Any) -> IService:
         strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
     if config.metrics_listen is not None:
         metrics_root = Resource()
-        metrics_root.putChild(b"metrics", metrics_page)
+        metrics_root.putChild(b"metrics", MetricsPage(metrics))
         metrics_site = ProxySite(metrics_root, metrics=metrics, client_address=ClientAddress(()))
         strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(
             top

@@ -28,15 +28,10 @@ from zope.interface import implementer
 
 from regproxy import challenge
 from regproxy.config import BlobRedirects, Config, Route, Upstream
-from regproxy.forward import Forwarder
+from regproxy.observe import Metrics
+from regproxy.service import build_root
 from regproxy.upstream.http import IdentityEncodingAgent, NoCookies
-from regproxy.upstream.realm import RealmCache
-from regproxy.web.browser import BrowserRedirect
-from regproxy.web.health import Health, Readiness
-from regproxy.web.public import public_base
-from regproxy.web.registry import RegistryAPI
-from regproxy.web.root import Root
-from regproxy.web.token import TokenProxy
+from regproxy.web.health import Readiness
 
 PROXY = "http://proxy.example"
 UPSTREAM = "https://upstream.example"
@@ -141,38 +136,11 @@ class FailingAgent:
 
 
 def build_tree(config: Config, agent: IAgent, clock: Clock) -> Resource:
-    """What ``regproxy.service.build_service`` builds, with an in-memory upstream agent."""
-    route = config.default_route
+    """What ``regproxy.service.build_service`` serves, with an in-memory upstream agent."""
     client = HTTPClient(
         IdentityEncodingAgent(agent), cookiejar=NoCookies(), data_to_body_producer=SyncProducer
     )
-
-    def route_for(request: Request) -> Route:
-        return route
-
-    forwarder = Forwarder(
-        client=client,
-        clock=clock,
-        public_base=lambda request: public_base(request, config),
-        upstream_timeout=config.upstream_timeout,
-        idle_timeout=config.idle_timeout,
-    )
-    root = Root(BrowserRedirect(route_for, not config.disable_browser_redirects))
-    root.putChild(b"v2", RegistryAPI(route_for, forwarder))
-    root.putChild(
-        b"_token",
-        TokenProxy(
-            route_for=route_for,
-            realms=RealmCache(client, config.upstream_timeout),
-            client=client,
-            clock=clock,
-            timeout=config.upstream_timeout,
-            idle_timeout=config.idle_timeout,
-        ),
-    )
-    root.putChild(b"healthz", Health())
-    root.putChild(b"readyz", Health(Readiness()))
-    return root
+    return build_root(config, client=client, clock=clock, metrics=Metrics(), readiness=Readiness())
 
 
 @attrs.frozen
