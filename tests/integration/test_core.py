@@ -233,3 +233,13 @@ def test_suffix_range_passes(proxy, prefixed_registry) -> None:
     tail = curl(proxy.url + f"/v2/big/blobs/{layer}", "-H", "Range: bytes=-100")
     assert tail.status == 206
     assert tail.body == whole[-100:]
+
+
+def test_upstream_connections_are_pooled(start_proxy, prefixed_registry) -> None:
+    proxy = start_proxy(["--upstream", prefixed_registry.url, "--repo-prefix", "proj"])
+    for _ in range(10):
+        answer = curl(proxy.url + "/v2/app/manifests/v1", "-H", f"Accept: {OCI_MANIFEST}")
+        assert answer.status == 200
+    # Ten sequential requests, one kept-alive upstream connection (plus, at most, the one
+    # the periodic upstream check opened).
+    assert 1 <= _established(proxy.pid, prefixed_registry.registry.port) <= 2
