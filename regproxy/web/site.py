@@ -87,16 +87,22 @@ class ProxyRequest(Request):
         if exchange.error_kind is not None and exchange.error_kind != "client_gone":
             metrics.upstream_errors.labels(route, exchange.error_kind).inc()
         peer = getattr(self.getClientAddress(), "host", "-")
+        client = site.client_address.resolve(
+            peer, self.requestHeaders.getRawHeaders(b"x-forwarded-for")
+        )
+        # Never the query: token requests may carry account names and such.
+        path = self.path.decode("latin-1")[:512]
+        logged_method = self.method.decode("latin-1")[:16]
+        # The readable line is rendered here, once; the format names only it, so the JSON
+        # observer does not re-render every field (the fields stay keys of the event).
         access_log.info(
-            "{client} {method} {path} {status} {bytes} {duration:.3f}s"
-            " upstream={upstream_status} route={route} id={request_id}",
+            "{line}",
+            line=f"{client} {logged_method} {path} {status} {self.sentLength} {duration:.3f}s"
+            f" upstream={exchange.upstream_status} route={route} id={self.request_id}",
             request_id=self.request_id,
-            client=site.client_address.resolve(
-                peer, self.requestHeaders.getRawHeaders(b"x-forwarded-for")
-            ),
-            method=self.method.decode("latin-1")[:16],
-            # Never the query: token requests may carry account names and such.
-            path=self.path.decode("latin-1")[:512],
+            client=client,
+            method=logged_method,
+            path=path,
             status=status,
             bytes=self.sentLength,
             duration=duration,
