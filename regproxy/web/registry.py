@@ -8,6 +8,7 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -18,6 +19,7 @@ from ..reference import Kind, RegistryPath, parse_v2_path
 from .respond import API_VERSION, API_VERSION_HEADER, write_error
 
 READ_METHODS = (b"GET", b"HEAD")
+KEPT_ON_ERROR = (b"x-request-id", b"docker-distribution-api-version")
 ENDPOINTS = {
     Kind.BASE: "base",
     Kind.CATALOG: "catalog",
@@ -54,18 +56,18 @@ def run_async(request: Request, work: Callable[[], Coroutine[Any, Any, None]], l
     def failed(failure: Failure) -> None:
         if failure.check(CancelledError) and exchange.error_kind == "client_gone":
             return
-        if failure.check(OCIError):
-            error = failure.value
-            assert isinstance(error, OCIError)
-            if not request.startedWriting:
-                write_error(request, error)
-            elif not request.finished:
-                request.loseConnection()
-            return
-        log.failure("unexpected error for {path}", failure, path=request.path[:200])
+        error = failure.value
+        if not isinstance(error, OCIError):
+            log.failure("unexpected error for {path}", failure, path=request.path[:200])
+            error = OCIError("UNKNOWN", "internal proxy error", status=500)
         if not request.startedWriting:
-            write_error(request, OCIError("UNKNOWN", "internal proxy error", status=500))
+            # Headers copied from an upstream answer that is not being sent must not
+            # describe this error (a Docker-Content-Digest, a Link ...).
+            kept = ((name, request.responseHeaders.getRawHeaders(name)) for name in KEPT_ON_ERROR)
+            request.responseHeaders = Headers({name: values for name, values in kept if values})
+            write_error(request, error)
         elif not request.finished:
+            # Part of the body is out: only closing the connection tells the client.
             request.loseConnection()
 
     deferred.addErrback(failed)
