@@ -245,7 +245,9 @@ class Options(usage.Options):
         self._from_env("auth-header", "AUTH_HEADER")
         self._from_env("upstream-username", "REGPROXY_UPSTREAM_USERNAME")
         self._from_env("upstream-password-file", "REGPROXY_UPSTREAM_PASSWORD_FILE", _readable_file)
-        self._from_env("google-credentials", "GOOGLE_APPLICATION_CREDENTIALS", _readable_file)
+        if not self["google-adc"]:
+            # With --google-adc, google-auth reads this variable itself, as part of ADC.
+            self._from_env("google-credentials", "GOOGLE_APPLICATION_CREDENTIALS", _readable_file)
         self._from_env("public-url", "REGPROXY_PUBLIC_URL", _public_url)
         if self.environ.get("DISABLE_BROWSER_REDIRECTS"):
             self["disable-browser-redirects"] = True

@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.curl import curl
 from tests.support.images import skopeo_copy, verify_layout
+from tests.support.metadata import MetadataServer
 from tests.support.oauth import OAuthEndpoint
 from tests.support.registry import RegistryServer
 from tests.support.seed import SeededRegistry, StandardImages, seed_registry
@@ -208,3 +209,29 @@ def test_blob_redirects_followed_inside_the_proxy_without_credentials(
     verify_layout(tmp / "out", result.digest)
     assert storage.requests, "the proxy did not fetch from the storage host"
     assert all("authorization" not in headers for headers in storage.requests)
+
+
+def test_google_application_default_credentials_from_the_metadata_server(
+    start_proxy, tmp: Path, standard_images: StandardImages
+) -> None:
+    """Cloud Run, GKE workload identity and GCE: the platform identity, no key file."""
+    access_token = "ya29.metadata-" + secrets.token_urlsafe(16)
+    gcloud_config = tmp / "gcloud"  # no gcloud credentials to find before the metadata server
+    gcloud_config.mkdir()
+    with MetadataServer(access_token) as metadata, RegistryServer(
+        auth="htpasswd",
+        users={"oauth2accesstoken": access_token},
+        directory=tmp / "registry",
+    ) as registry:
+        seeded = seed_registry(registry, standard_images, prefix="proj")
+        proxy = start_proxy(
+            ["--upstream", registry.url, "--repo-prefix", "proj", "--google-adc"],
+            env={**metadata.environment, "CLOUDSDK_CONFIG": str(gcloud_config)},
+        )
+        for ref in ("app:v1", "team/app:v1"):
+            result = skopeo_copy(
+                f"docker://{proxy.host_port}/{ref}", tmp / ref.replace("/", "_")
+            )
+            assert result.digest == seeded[ref]
+        assert metadata.token_requests() == 1
+        assert access_token not in proxy.log_text()

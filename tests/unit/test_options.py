@@ -280,3 +280,13 @@ def test_invalid_values_raise_usage_error(args: list[str]) -> None:
 def test_invalid_flag_values_name_the_option(args: list[str]) -> None:
     message = usage_error(args)
     assert f"{args[0]}: " in message, message
+
+
+def test_google_adc_leaves_the_key_file_variable_to_google_auth(tmp_path) -> None:
+    key = tmp_path / "key.json"
+    key.write_text("{}")
+    options = Options(environ={"GOOGLE_APPLICATION_CREDENTIALS": str(key)})
+    options.parseOptions(["--google-adc"])
+    credentials = options.config().default_route.credentials
+    assert credentials.google_adc is True
+    assert credentials.google_key_file is None
