@@ -218,20 +218,21 @@ def test_google_application_default_credentials_from_the_metadata_server(
     access_token = "ya29.metadata-" + secrets.token_urlsafe(16)
     gcloud_config = tmp / "gcloud"  # no gcloud credentials to find before the metadata server
     gcloud_config.mkdir()
-    with MetadataServer(access_token) as metadata, RegistryServer(
-        auth="htpasswd",
-        users={"oauth2accesstoken": access_token},
-        directory=tmp / "registry",
-    ) as registry:
+    with (
+        MetadataServer(access_token) as metadata,
+        RegistryServer(
+            auth="htpasswd",
+            users={"oauth2accesstoken": access_token},
+            directory=tmp / "registry",
+        ) as registry,
+    ):
         seeded = seed_registry(registry, standard_images, prefix="proj")
         proxy = start_proxy(
             ["--upstream", registry.url, "--repo-prefix", "proj", "--google-adc"],
             env={**metadata.environment, "CLOUDSDK_CONFIG": str(gcloud_config)},
         )
         for ref in ("app:v1", "team/app:v1"):
-            result = skopeo_copy(
-                f"docker://{proxy.host_port}/{ref}", tmp / ref.replace("/", "_")
-            )
+            result = skopeo_copy(f"docker://{proxy.host_port}/{ref}", tmp / ref.replace("/", "_"))
             assert result.digest == seeded[ref]
         assert metadata.token_requests() == 1
         assert access_token not in proxy.log_text()
