@@ -28,7 +28,7 @@ from . import bodies, headers
 from .config import BlobRedirects, Route
 from .errors import OCIError
 from .reference import Kind, RegistryPath, validate_name, validate_tag
-from .relay import UpstreamIdle, relay_body
+from .relay import ClientStalled, UpstreamIdle, relay_body
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
@@ -164,7 +164,7 @@ class Forwarder:
         ):
             response, url = await self._follow(method, url, response, outgoing, route, exchange)
         exchange.upstream_status = response.code
-        await self._relay(request, route, target, url, response)
+        await self._relay(request, route, target, url, response, exchange)
 
     async def _send(
         self,
@@ -241,7 +241,13 @@ class Forwarder:
         raise OCIError("UPSTREAM_UNAVAILABLE", "too many upstream redirects")
 
     async def _relay(
-        self, request: Request, route: Route, target: RegistryPath, url: str, response: IResponse
+        self,
+        request: Request,
+        route: Route,
+        target: RegistryPath,
+        url: str,
+        response: IResponse,
+        exchange: Exchange,
     ) -> None:
         status = response.code
         request.setResponseCode(status, response.phrase)
@@ -292,9 +298,15 @@ class Forwarder:
         except CancelledError:
             raise
         except Exception as failure:
-            kind = "idle" if isinstance(failure, UpstreamIdle) else "body"
-            self.log.warn("upstream body broke off: {reason}", reason=kind)
-            raise OCIError("UPSTREAM_UNAVAILABLE", "upstream body broke off") from None
+            if isinstance(failure, ClientStalled):
+                kind = "client_stalled"
+            elif isinstance(failure, UpstreamIdle):
+                kind = "idle"
+            else:
+                kind = "body"
+            exchange.error_kind = kind
+            self.log.warn("transfer abandoned after the headers: {reason}", reason=kind)
+            raise OCIError("UPSTREAM_UNAVAILABLE", "the transfer was abandoned") from None
 
     def _client_name(self, route: Route, target: RegistryPath) -> Callable[[str], str | None]:
         """Map upstream names back, preferring the exact spelling this client used."""

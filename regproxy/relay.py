@@ -24,6 +24,14 @@ class UpstreamIdle(Exception):
     """The upstream sent nothing for too long while the client was ready for more."""
 
 
+class ClientStalled(Exception):
+    """The client read nothing for too long: it holds an upstream transfer for nothing.
+
+    Like nginx's ``send_timeout``: a client may be slow, but one that stops reading
+    altogether would otherwise pin an upstream connection for ever.
+    """
+
+
 @implementer(IPushProducer)
 class BodyRelay(Protocol):
     """Receives the upstream body (``response.deliverBody``) and writes it to the request.
@@ -41,6 +49,7 @@ class BodyRelay(Protocol):
         self._timer: IDelayedCall | None = None
         self._active = False
         self._paused = False
+        self._paused_at = 0.0
         self._stopped = False
         self._registered = False
         self._failure: Failure | None = None
@@ -76,6 +85,7 @@ class BodyRelay(Protocol):
 
     def pauseProducing(self) -> None:
         self._paused = True
+        self._paused_at = self._clock.seconds()
         if self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
@@ -105,12 +115,18 @@ class BodyRelay(Protocol):
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def _check_idle(self) -> None:
-        if self._active or self._paused:
+        stalled_client = (
+            self._paused and self._clock.seconds() - self._paused_at >= self._idle_timeout
+        )
+        if self._active or (self._paused and not stalled_client):
             self._active = False
             self._timer = self._clock.callLater(self._idle_timeout, self._check_idle)
             return
         self._timer = None
-        self.stop(Failure(UpstreamIdle(f"no body data for {self._idle_timeout} seconds")))
+        if stalled_client:
+            self.stop(Failure(ClientStalled(f"client read nothing for {self._idle_timeout} s")))
+        else:
+            self.stop(Failure(UpstreamIdle(f"no body data for {self._idle_timeout} seconds")))
 
 
 async def relay_body(

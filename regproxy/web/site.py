@@ -84,7 +84,7 @@ class ProxyRequest(Request):
         metrics.duration.labels(route, endpoint).observe(duration)
         if exchange.upstream_seconds is not None:
             metrics.upstream_latency.labels(route, endpoint).observe(exchange.upstream_seconds)
-        if exchange.error_kind is not None and exchange.error_kind != "client_gone":
+        if exchange.error_kind not in (None, "client_gone", "client_stalled"):
             metrics.upstream_errors.labels(route, exchange.error_kind).inc()
         peer = getattr(self.getClientAddress(), "host", "-")
         client = site.client_address.resolve(

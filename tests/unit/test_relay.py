@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 
-from regproxy.relay import BodyRelay, UpstreamIdle, relay_body
+from regproxy.relay import BodyRelay, ClientStalled, UpstreamIdle, relay_body
 
 IDLE = 10.0
 
@@ -167,14 +167,23 @@ class BodyRelayTests(SynchronousTestCase):
         self.assertEqual(self.transport.calls, ["stop"])
 
     def test_no_timeout_while_the_client_is_slow(self) -> None:
-        self.relay.pauseProducing()
+        # A slow client pauses and resumes all the time; it still reads.
         for _ in range(10):
-            self.clock.advance(IDLE)
-        self.assertEqual(self.transport.calls, ["pause"])
-        self.relay.resumeProducing()
+            self.relay.pauseProducing()
+            self.clock.advance(IDLE / 2)
+            self.relay.resumeProducing()
+            self.relay.dataReceived(b"x")
+            self.clock.advance(IDLE / 2)
+        self.assertNotIn("stop", self.transport.calls)
+        self.assertNoResult(self.relay.done)
+
+    def test_a_client_that_stops_reading_is_cut_off(self) -> None:
+        self.relay.pauseProducing()
         self.clock.advance(IDLE)
         self.clock.advance(IDLE)
-        self.assertEqual(self.transport.calls, ["pause", "resume", "stop"])
+        self.assertEqual(self.transport.calls, ["pause", "stop"])
+        self.relay.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
+        self.failureResultOf(self.relay.done, ClientStalled)
 
     def test_timer_cancelled_on_completion(self) -> None:
         self.relay.connectionLost(Failure(ResponseDone()))
