@@ -206,7 +206,8 @@ class Options(usage.Options):
             "idle-timeout",
             None,
             60.0,
-            "Seconds an upstream body may stall before the transfer is abandoned.",
+            "Seconds an upstream body may stall, or a client read nothing, before the "
+            "transfer is abandoned.",
             _named("idle-timeout", _positive_seconds),
         ],
     ]
