@@ -79,13 +79,19 @@ class ProxyRequest(Request):
         if method not in ("GET", "HEAD", "POST"):
             method = "other"  # bounded label values, whatever scanners send
         route, endpoint = exchange.route or "none", exchange.endpoint
-        metrics.requests.labels(route, endpoint, method, str(status)).inc()
-        metrics.response_bytes.labels(route, endpoint).inc(self.sentLength)
-        metrics.duration.labels(route, endpoint).observe(duration)
-        if exchange.upstream_seconds is not None:
-            metrics.upstream_latency.labels(route, endpoint).observe(exchange.upstream_seconds)
-        if exchange.error_kind not in (None, "client_gone", "client_stalled"):
-            metrics.upstream_errors.labels(route, exchange.error_kind).inc()
+        upstream_error = exchange.error_kind
+        if upstream_error in ("client_gone", "client_stalled"):
+            upstream_error = None  # the client's doing, not the upstream's
+        metrics.observe_request(
+            route=route,
+            endpoint=endpoint,
+            method=method,
+            status=status,
+            sent=self.sentLength,
+            duration=duration,
+            upstream_seconds=exchange.upstream_seconds,
+            upstream_error=upstream_error,
+        )
         peer = getattr(self.getClientAddress(), "host", "-")
         client = site.client_address.resolve(
             peer, self.requestHeaders.getRawHeaders(b"x-forwarded-for")
