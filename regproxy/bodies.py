@@ -7,6 +7,7 @@ name repositories and so would leak the upstream prefix. Their size is capped.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -78,8 +79,15 @@ def read_bounded(
 ) -> Deferred[bytes]:
     """The whole (small) body, failing past ``limit`` bytes or after ``idle_timeout`` of
     silence: an upstream that stalls must not hold a request forever."""
-    done: Deferred[bytes] = Deferred()
-    response.deliverBody(_Collector(limit, done, clock, idle_timeout))
+
+    def cancel(_: Deferred[bytes]) -> None:
+        # The client left: stop the transfer rather than read on for nobody.
+        if collector.transport is not None:
+            collector.transport.stopProducing()  # type: ignore[attr-defined]
+
+    done: Deferred[bytes] = Deferred(cancel)
+    collector = _Collector(limit, done, clock, idle_timeout)
+    response.deliverBody(collector)
     return done
 
 
@@ -124,10 +132,53 @@ def rewrite_catalog(body: bytes, client_name: Callable[[str], str | None]) -> tu
     return _dumps(document), ran_past
 
 
-def rewrite_errors(body: bytes, replace: Callable[[str], str]) -> bytes:
-    """Apply ``replace`` to every string of an OCI error body; other bodies stay as they are."""
+WITHHELD = "<upstream>"
+
+
+def prefix_scrubber(prefix: str, names: tuple[str, str] | None) -> Callable[[str], str] | None:
+    """A text filter that keeps the upstream prefix out of error messages.
+
+    ``names`` maps the upstream repository name to the client's. Upstreams also name the
+    prefix's parts on their own ("Permission denied on resource project my-project"),
+    so every component is withheld too, except inside the client's own repository name.
+    None when there is nothing to hide (no prefix, and no name that differs).
+    """
+    if names is not None and names[0] == names[1]:
+        names = None
+    if not prefix and names is None:
+        return None
+    components = sorted({part for part in prefix.split("/") if part}, key=len, reverse=True)
+    # Whole tokens only: the component "proj" must not eat into the word "project".
+    pattern = (
+        re.compile(
+            r"(?<![A-Za-z0-9_.-])(?:"
+            + "|".join(re.escape(part) for part in components)
+            + r")(?![A-Za-z0-9_.-])"
+        )
+        if components
+        else None
+    )
+
+    def withhold(text: str) -> str:
+        return pattern.sub(WITHHELD, text) if pattern is not None else text
+
+    def scrub(text: str) -> str:
+        if names is not None:
+            text = text.replace(names[0], names[1])
+        if prefix:
+            text = text.replace(prefix + "/", "")
+        if names is None or not names[1]:
+            return withhold(text)
+        return names[1].join(withhold(part) for part in text.split(names[1]))
+
+    return scrub
+
+
+def rewrite_errors(body: bytes, replace: Callable[[str], str], any_json: bool = False) -> bytes:
+    """Apply ``replace`` to every string of an OCI error body (of any JSON document with
+    ``any_json``, as token services answer in their own shapes); others stay as they are."""
     document = _loads(body)
-    if not isinstance(document, dict) or "errors" not in document:
+    if not isinstance(document, dict) or not (any_json or "errors" in document):
         return body
 
     def walk(value: Any) -> Any:

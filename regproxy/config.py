@@ -73,18 +73,6 @@ class Credentials:
     def configured(self) -> bool:
         return bool(self.auth_header or self.username or self.google_key_file or self.google_adc)
 
-    def describe(self) -> str:
-        """A secret-free description for logs."""
-        if self.google_adc:
-            return "google application default credentials"
-        if self.google_key_file:
-            return f"google key file {self.google_key_file}"
-        if self.username:
-            return f"basic credentials of {self.username}"
-        if self.auth_header:
-            return "static Authorization header"
-        return "anonymous"
-
 
 @attrs.frozen
 class Route:

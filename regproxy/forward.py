@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 
-import attrs
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
@@ -21,29 +20,19 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
 from . import bodies, headers
 from .config import BlobRedirects, Route
 from .errors import OCIError
+from .observe import Exchange
 from .reference import Kind, RegistryPath, validate_name, validate_tag
-from .relay import ClientStalled, UpstreamIdle, relay_body
+from .relay import relay_response
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 USER_AGENT = b"regproxy/0.1"
-
-
-@attrs.define
-class Exchange:
-    """What one request learnt on its way, for the access log and metrics."""
-
-    upstream_status: int | None = None
-    upstream_seconds: float | None = None
-    route: str = ""
-    endpoint: str = "other"
-    error_kind: str | None = None
 
 
 class Discard(Protocol):
@@ -71,7 +60,7 @@ def upstream_query(target: RegistryPath, route: Route, raw_query: bytes) -> str:
         raise OCIError("REQUEST_INVALID", "malformed query string") from None
     out = []
     for key, value in pairs:
-        if key == "n" and not (value.isdigit() and len(value) <= 6):
+        if key == "n" and not (value.isascii() and value.isdigit() and len(value) <= 6):
             raise OCIError("PAGINATION_NUMBER_INVALID", "n must be a non-negative integer")
         if key == "last" and target.kind is Kind.TAGS:
             validate_tag(value)
@@ -139,13 +128,16 @@ class Forwarder:
         response = await self._send(method, url, outgoing, authorization, exchange)
         if response.code == 401 and proxy_held:
             challenges = response.headers.getRawHeaders(b"www-authenticate", [])
+            # Read off the 401 first, so its connection goes back to the pool even if the
+            # client leaves while the proxy fetches a token.
+            response.deliverBody(Discard())
             retry = await self.answer_challenge(route, scope, challenges)
             if retry is not None:
-                response.deliverBody(Discard())
                 response = await self._send(method, url, outgoing, retry, exchange)
             if response.code == 401:
                 # The client must not see the upstream's challenge: it is the proxy's to answer.
-                response.deliverBody(Discard())
+                if retry is not None:
+                    response.deliverBody(Discard())
                 exchange.upstream_status = 401
                 self.log.warn(
                     "route {route}: upstream refused the proxy's credentials for {scope}",
@@ -273,40 +265,29 @@ class Forwarder:
                 values = [rewriter.link(v.decode("latin-1")).encode("latin-1") for v in values]
             request.responseHeaders.setRawHeaders(name, values)
 
+        rewrite = self._body_rewrite(request, route, target, response)
         if request.method == b"HEAD" or status in (204, 304) or 100 <= status < 200:
-            # For HEAD, twisted keeps the upstream's Content-Length among the headers.
+            # For HEAD, twisted keeps the upstream's Content-Length among the headers; it
+            # is wrong for a body the proxy would rewrite, and that length is unknown.
+            if rewrite is not None:
+                request.responseHeaders.removeHeader(b"content-length")
             response.deliverBody(Discard())
             request.finish()
             return
-
-        rewrite = self._body_rewrite(request, route, target, response)
-        if rewrite is None and response.length is not UNKNOWN_LENGTH:
-            # twisted's client takes Content-Length out of the headers into .length.
-            request.setHeader(b"content-length", b"%d" % response.length)
-        if rewrite is not None:
-            limit = bodies.LIST_BODY_LIMIT if status == 200 else bodies.ERROR_BODY_LIMIT
-            body = rewrite(
-                await bodies.read_bounded(response, limit, self.clock, self.idle_timeout)
+        if rewrite is None:
+            await relay_response(
+                request,
+                response,
+                clock=self.clock,
+                idle_timeout=self.idle_timeout,
+                exchange=exchange,
             )
-            request.setHeader(b"content-length", b"%d" % len(body))
-            request.write(body)
-            request.finish()
             return
-
-        try:
-            await relay_body(request, response, self.clock, self.idle_timeout)
-        except CancelledError:
-            raise
-        except Exception as failure:
-            if isinstance(failure, ClientStalled):
-                kind = "client_stalled"
-            elif isinstance(failure, UpstreamIdle):
-                kind = "idle"
-            else:
-                kind = "body"
-            exchange.error_kind = kind
-            self.log.warn("transfer abandoned after the headers: {reason}", reason=kind)
-            raise OCIError("UPSTREAM_UNAVAILABLE", "the transfer was abandoned") from None
+        limit = bodies.LIST_BODY_LIMIT if status == 200 else bodies.ERROR_BODY_LIMIT
+        body = rewrite(await bodies.read_bounded(response, limit, self.clock, self.idle_timeout))
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
 
     def _client_name(self, route: Route, target: RegistryPath) -> Callable[[str], str | None]:
         """Map upstream names back, preferring the exact spelling this client used."""
@@ -336,10 +317,9 @@ class Forwarder:
 
             return catalog
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-        if status >= 400 and b"json" in content_type and target.name:
-            upstream_name = route.upstream_name(target.name)
-            if upstream_name != target.name:
-                return lambda body: bodies.rewrite_errors(
-                    body, lambda text: text.replace(upstream_name, target.name)
-                )
+        if status >= 400 and b"json" in content_type:
+            names = (route.upstream_name(target.name), target.name) if target.name else None
+            scrub = bodies.prefix_scrubber(route.prefix, names)
+            if scrub is not None:
+                return lambda body: bodies.rewrite_errors(body, scrub)
         return None

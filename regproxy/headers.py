@@ -125,6 +125,16 @@ def rewrite_challenges(
 
 
 _LINK_TARGET = re.compile(r"<([^>]*)>")
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def origin_of(scheme: str, netloc: str) -> str:
+    """``scheme://host[:port]`` lower-cased, without the scheme's default port."""
+    scheme, netloc = scheme.lower(), netloc.lower()
+    default = _DEFAULT_PORTS.get(scheme)
+    if default and netloc.endswith(default):
+        netloc = netloc[: -len(default)]
+    return f"{scheme}://{netloc}"
 
 
 class URLRewriter:
@@ -161,7 +171,7 @@ class URLRewriter:
 
     def _through_proxy(self, absolute: str) -> str | None:
         parts = urlsplit(absolute)
-        if f"{parts.scheme}://{parts.netloc}".lower() != self.upstream_origin:
+        if origin_of(parts.scheme, parts.netloc) != origin_of(*self.upstream_origin.split("://")):
             return None
         path = self._client_path(parts.path)
         if path is None:

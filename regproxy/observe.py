@@ -6,11 +6,23 @@ import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twisted.logger import Logger
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _DURATION_BUCKETS = (*_LATENCY_BUCKETS, 120, 300, 600, 1800)
+
+
+@attrs.define
+class Exchange:
+    """What one request learnt on its way, for the access log and metrics."""
+
+    upstream_status: int | None = None
+    upstream_seconds: float | None = None
+    route: str = ""
+    endpoint: str = "other"
+    error_kind: str | None = None
 
 
 class Metrics:
@@ -64,7 +76,6 @@ class Metrics:
             ("route",),
             registry=self.registry,
         )
-
 
     def observe_request(
         self,

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
+
+from .errors import OCIError
+from .observe import Exchange
 
 
 class UpstreamIdle(Exception):
@@ -144,8 +149,53 @@ async def relay_body(
         sent = await relay.done
     except BaseException:
         relay.stop()
-        if not request.finished and getattr(request, "channel", None) is not None:
-            request.loseConnection()
+        abort_client(request)
         raise
     request.finish()
     return sent
+
+
+def abort_client(request: Request) -> None:
+    """Drop a client whose answer cannot be completed.
+
+    Aborted, not closed: a closing transport would wait to flush a buffer that a stalled
+    client never drains, and the request would count as in flight for as long.
+    """
+    transport: Any = getattr(getattr(request, "channel", None), "transport", None)
+    if not request.finished and transport is not None:
+        transport.abortConnection()
+
+
+log = Logger()
+
+
+async def relay_response(
+    request: Request,
+    response: IResponse,
+    *,
+    clock: IReactorTime,
+    idle_timeout: float,
+    exchange: Exchange,
+) -> None:
+    """Stream an upstream answer's body to the client, keeping its Content-Length.
+
+    A transfer abandoned after the headers went out is an OCIError to the caller (whose
+    error path can only close the connection by then), with its kind on ``exchange``.
+    """
+    if response.length is not UNKNOWN_LENGTH:
+        # twisted's client takes Content-Length out of the headers into .length.
+        request.setHeader(b"content-length", b"%d" % response.length)
+    try:
+        await relay_body(request, response, clock, idle_timeout)
+    except CancelledError:
+        raise
+    except Exception as failure:
+        if isinstance(failure, ClientStalled):
+            kind = "client_stalled"
+        elif isinstance(failure, UpstreamIdle):
+            kind = "idle"
+        else:
+            kind = "body"
+        exchange.error_kind = kind
+        log.warn("transfer abandoned after the headers: {reason}", reason=kind)
+        raise OCIError("UPSTREAM_UNAVAILABLE", "the transfer was abandoned") from None

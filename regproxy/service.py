@@ -139,7 +139,7 @@ def build_root(
         b"_token",
         TokenProxy(
             route_for=route_for,
-            realms=RealmCache(client, config.upstream_timeout),
+            realms=RealmCache(client, clock, config.upstream_timeout),
             client=client,
             clock=clock,
             timeout=config.upstream_timeout,

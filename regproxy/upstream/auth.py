@@ -26,6 +26,7 @@ from ..bodies import read_bounded
 from ..config import Route
 from ..errors import OCIError
 from .credentials import CredentialSource
+from .realm import usable_realm
 
 # Tokens are dropped this long before they expire (or at half-life for short ones).
 TOKEN_EXPIRY_MARGIN = 30.0
@@ -33,6 +34,15 @@ TOKEN_EXPIRY_MARGIN = 30.0
 DEFAULT_TOKEN_LIFETIME = 60.0
 MAX_TOKEN_RESPONSE = 1024 * 1024
 MAX_CACHED_TOKENS = 10_000
+
+
+def _lifetime(expires_in: object) -> float:
+    """The token's lifetime; a missing or unusable ``expires_in`` means the spec's default."""
+    try:
+        lifetime = float(expires_in)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return DEFAULT_TOKEN_LIFETIME
+    return lifetime if 0 < lifetime < float("inf") else DEFAULT_TOKEN_LIFETIME
 
 
 class CredentialsRejected(OCIError):
@@ -79,7 +89,7 @@ class UpstreamAuth:
         if token is not None and token.expires > self._clock.seconds():
             return token.header
         if route.name in self._basic_routes or route.credentials.auth_header:
-            return await source.authorization()
+            return await self._credential(route, source)
         return None
 
     async def answer(self, route: Route, scope: str, values: list[bytes]) -> bytes | None:
@@ -105,8 +115,27 @@ class UpstreamAuth:
         for item in challenges:
             if item.scheme.lower() == "basic":
                 self._basic_routes.add(route.name)
-                return await source.authorization()
+                return await self._credential(route, source)
         return None
+
+    async def _credential(self, route: Route, source: CredentialSource) -> bytes:
+        """The source's Authorization value; a source that fails (a Google token refresh
+        that cannot reach its endpoint, a revoked key) is a 502, not a crash."""
+        try:
+            return await source.authorization()
+        except Exception as error:
+            self.log.warn(
+                "route {route}: the proxy's {source} failed: {error}",
+                route=route.name,
+                source=source.description,
+                error=type(error).__name__,
+            )
+            self._on_fetch(route.name, "credential_error")
+            raise OCIError(
+                "UPSTREAM_UNAVAILABLE",
+                "the proxy's upstream credentials could not be obtained",
+                {"route": route.name},
+            ) from None
 
     def _deliver(self, result: bytes | Failure, key: tuple[str, str]) -> None:
         for waiter in self._waiters.pop(key, []):
@@ -121,8 +150,14 @@ class UpstreamAuth:
         self, route: Route, source: CredentialSource, item: challenge.Challenge, scope: str
     ) -> bytes:
         realm = item.get("realm") or ""
-        if not realm.startswith(("https://", "http://")):
-            raise OCIError("UPSTREAM_UNAVAILABLE", "the upstream's token realm is not an http URL")
+        if not usable_realm(route, realm):
+            self.log.warn(
+                "route {route}: not sending credentials to the token realm {realm}: it must be"
+                " https when the upstream is",
+                route=route.name,
+                realm=realm[:200],
+            )
+            raise OCIError("UPSTREAM_UNAVAILABLE", "the upstream's token realm is not usable")
         params = []
         service = item.get("service")
         if service:
@@ -130,7 +165,7 @@ class UpstreamAuth:
         if scope:
             params.append(("scope", scope))
         url = realm + (("&" if "?" in realm else "?") + urlencode(params) if params else "")
-        headers = Headers({b"authorization": [await source.authorization()]})
+        headers = Headers({b"authorization": [await self._credential(route, source)]})
         try:
             response = await self._client.get(
                 url,
@@ -167,8 +202,8 @@ class UpstreamAuth:
             document = json.loads(body) if response.code == 200 else None
             if isinstance(document, dict):
                 token = document.get("token") or document.get("access_token")
-                lifetime = float(document.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
-        except (ValueError, TypeError):
+                lifetime = _lifetime(document.get("expires_in"))
+        except ValueError:
             token = None
         if not isinstance(token, str) or not token:
             self._on_fetch(route.name, "failed")

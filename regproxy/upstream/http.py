@@ -11,7 +11,13 @@ from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
@@ -92,8 +98,14 @@ def tls_policy(ca_file: str | None) -> IPolicyForHTTPS:
     return BrowserLikePolicyForHTTPS(trustRoot=SystemPlusCA(ca_file))
 
 
+class _QuietConnectionFactory(_HTTP11ClientFactory):
+    # Not one "Starting factory"/"Stopping factory" log pair per upstream connection.
+    noisy = False
+
+
 def make_pool(reactor: IReactorTime, max_per_host: int = 64) -> HTTPConnectionPool:
     pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietConnectionFactory
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = True

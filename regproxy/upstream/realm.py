@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import attrs
 from treq.client import HTTPClient
-from treq.content import content
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .. import challenge
+from ..bodies import read_bounded
 from ..config import Route
 from ..errors import OCIError
+
+CHALLENGE_BODY_LIMIT = 64 * 1024
+
+
+def usable_realm(route: Route, url: str) -> bool:
+    """An http(s) URL, and https whenever the upstream itself is reached over https:
+    the proxy may send its credentials there, and the client its own."""
+    if route.upstream.scheme == "https":
+        return url.startswith("https://")
+    return url.startswith(("https://", "http://"))
 
 
 @attrs.frozen
@@ -28,39 +39,50 @@ class RealmCache:
 
     log = Logger()
 
-    def __init__(self, client: HTTPClient, timeout: float) -> None:
+    def __init__(self, client: HTTPClient, clock: IReactorTime, timeout: float) -> None:
         self._client = client
+        self._clock = clock
         self._timeout = timeout
-        self._realms: dict[str, Realm | None] = {}
+        # Only realms actually found are kept: a 5xx or a load balancer's page answering
+        # /v2/ once must not switch token auth off until the next restart.
+        self._realms: dict[str, Realm] = {}
 
     async def realm(self, route: Route) -> Realm | None:
-        if route.name in self._realms:
-            return self._realms[route.name]
+        known = self._realms.get(route.name)
+        if known is not None:
+            return known
         try:
             response = await self._client.get(
                 route.upstream.origin + "/v2/",
                 allow_redirects=False,
                 unbuffered=True,
                 timeout=self._timeout,
+                reactor=self._clock,  # type: ignore[arg-type]
             )
+            values = [
+                v.decode("latin-1")
+                for v in response.headers.getRawHeaders(b"www-authenticate", [])
+            ]
+            await read_bounded(response, CHALLENGE_BODY_LIMIT, self._clock, self._timeout)
         except Exception:
             raise OCIError(
                 "UPSTREAM_UNAVAILABLE", "the upstream registry cannot be reached"
             ) from None
-        values = [
-            v.decode("latin-1") for v in response.headers.getRawHeaders(b"www-authenticate", [])
-        ]
-        await content(response)
         realm = None
         for item in challenge.parse_all(values):
             url = item.get("realm")
-            if item.is_bearer and url and url.startswith(("https://", "http://")):
+            if item.is_bearer and url and usable_realm(route, url):
                 realm = Realm(url, item.get("service"))
                 break
+        if realm is None:
+            self.log.warn(
+                "route {route}: upstream /v2/ answered {status} without a usable Bearer realm",
+                route=route.name,
+                status=response.code,
+            )
+            return None
         self.log.info(
-            "route {route}: upstream token realm is {realm}",
-            route=route.name,
-            realm=realm.url if realm else None,
+            "route {route}: upstream token realm is {realm}", route=route.name, realm=url
         )
         self._realms[route.name] = realm
         return realm

@@ -14,8 +14,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ..config import Route
 from ..errors import OCIError
-from ..forward import Exchange, Forwarder
+from ..forward import Forwarder
+from ..observe import Exchange
 from ..reference import Kind, RegistryPath, parse_v2_path
+from ..relay import abort_client
 from .respond import API_VERSION, API_VERSION_HEADER, write_error
 
 READ_METHODS = (b"GET", b"HEAD")
@@ -66,9 +68,9 @@ def run_async(request: Request, work: Callable[[], Coroutine[Any, Any, None]], l
             kept = ((name, request.responseHeaders.getRawHeaders(name)) for name in KEPT_ON_ERROR)
             request.responseHeaders = Headers({name: values for name, values in kept if values})
             write_error(request, error)
-        elif not request.finished:
-            # Part of the body is out: only closing the connection tells the client.
-            request.loseConnection()
+        else:
+            # Part of the body is out: only dropping the connection tells the client.
+            abort_client(request)
 
     deferred.addErrback(failed)
     return NOT_DONE_YET
@@ -90,12 +92,13 @@ class RegistryAPI(Resource):
         request.setHeader(API_VERSION_HEADER, API_VERSION)
         exchange = exchange_of(request)
         try:
-            target = parse_v2_path(request.path.decode("latin-1"))
-            exchange.endpoint = ENDPOINTS[target.kind]
             if request.method not in READ_METHODS:
+                # Before parsing: a write is refused as such, whatever its path.
                 raise OCIError(
                     "UNSUPPORTED", "this registry is read-only", {"method": "not allowed"}
                 )
+            target = parse_v2_path(request.path.decode("latin-1"))
+            exchange.endpoint = ENDPOINTS[target.kind]
             route = self.route_for(request)
         except OCIError as error:
             write_error(request, error)

@@ -13,11 +13,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from .. import headers
+from .. import bodies, headers
 from ..config import Route
 from ..errors import OCIError
-from ..forward import USER_AGENT, Discard
-from ..relay import relay_body
+from ..forward import USER_AGENT
+from ..relay import relay_response
 from ..scope import rewrite_up
 from ..upstream.realm import RealmCache
 from .registry import exchange_of, run_async
@@ -115,18 +115,36 @@ class TokenProxy(Resource):
                 allow_redirects=False,
                 unbuffered=True,
                 timeout=self.timeout,
+                reactor=self.clock,  # type: ignore[arg-type]
             )
         except Exception:
             self.realms.forget(route)
             raise OCIError(
                 "UPSTREAM_UNAVAILABLE", "the upstream token service cannot be reached"
             ) from None
-        exchange_of(request).upstream_status = response.code
+        exchange = exchange_of(request)
+        exchange.upstream_status = response.code
+        if response.code >= 500:
+            # Perhaps the realm moved: learn it again next time.
+            self.realms.forget(route)
         request.setResponseCode(response.code, response.phrase)
         for name, values in headers.response_headers(response.headers):
             request.responseHeaders.setRawHeaders(name, values)
-        if request.method == b"HEAD" or response.code in (204, 304):
-            response.deliverBody(Discard())
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        scrub = bodies.prefix_scrubber(route.prefix, None)
+        if response.code >= 400 and b"json" in content_type and scrub is not None:
+            # Error bodies of token services name the resource they refused.
+            body = bodies.rewrite_errors(
+                await bodies.read_bounded(
+                    response, bodies.ERROR_BODY_LIMIT, self.clock, self.idle_timeout
+                ),
+                scrub,
+                any_json=True,
+            )
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
             request.finish()
             return
-        await relay_body(request, response, self.clock, self.idle_timeout)
+        await relay_response(
+            request, response, clock=self.clock, idle_timeout=self.idle_timeout, exchange=exchange
+        )

@@ -243,3 +243,39 @@ def test_upstream_connections_are_pooled(start_proxy, prefixed_registry) -> None
     # Ten sequential requests, one kept-alive upstream connection (plus, at most, the one
     # the periodic upstream check opened).
     assert 1 <= _established(proxy.pid, prefixed_registry.registry.port) <= 2
+
+
+def test_a_client_that_stops_reading_is_dropped(
+    start_proxy, registry: RegistryServer, tmp
+) -> None:
+    from tests.support.images import build_image, push
+
+    image = build_image(tmp / "layout", layers=(48 * 1024 * 1024,), tag="s", compress=False)
+    push(tmp / "layout", "s", f"{registry.host_port}/stall:v1")
+    proxy = start_proxy(["--upstream", registry.url, "--idle-timeout", "1"])
+    client = socket.create_connection(("127.0.0.1", proxy.port))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.sendall(
+        f"GET /v2/stall/blobs/{image.layers[0].digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    try:
+        # It reads nothing; within a few idle periods the proxy lets go of both sides.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _established(proxy.pid, registry.port):
+            time.sleep(0.1)
+        assert _established(proxy.pid, registry.port) == 0
+        deadline = time.monotonic() + 5
+        in_flight = None
+        while time.monotonic() < deadline:
+            metrics = curl(proxy.url + "/metrics").body.decode()
+            in_flight = next(
+                float(line.split()[1])
+                for line in metrics.splitlines()
+                if line.startswith("regproxy_in_flight_requests ")
+            )
+            if in_flight == 1:  # only the /metrics request itself
+                break
+            time.sleep(0.1)
+        assert in_flight == 1
+    finally:
+        client.close()

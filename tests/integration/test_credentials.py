@@ -236,3 +236,24 @@ def test_google_application_default_credentials_from_the_metadata_server(
             assert result.digest == seeded[ref]
         assert metadata.token_requests() == 1
         assert access_token not in proxy.log_text()
+
+
+def test_a_failing_google_refresh_is_a_502_not_a_crash(
+    start_proxy, tmp: Path, prefixed_htpasswd_registry: SeededRegistry
+) -> None:
+    from tests.support.ports import free_port
+
+    oauth = OAuthEndpoint("unused")  # never served: its token_uri refuses connections
+    oauth.server.server_close()
+    oauth.port = free_port()
+    key_file = oauth.write_key_file(tmp / "key.json")
+    proxy = start_proxy(
+        ["--upstream", prefixed_htpasswd_registry.url, "--repo-prefix", "proj"],
+        env={"GOOGLE_APPLICATION_CREDENTIALS": str(key_file)},
+    )
+    answer = curl(proxy.url + "/v2/app/manifests/v1")
+    assert answer.status == 502
+    assert answer.error_codes() == ["UPSTREAM_UNAVAILABLE"]
+    events = proxy.log_events()
+    assert not [e for e in events if e.get("log_level") and e["log_level"].name == "critical"]
+    assert any("Google key file" in message for message in proxy.log_messages())
