@@ -244,8 +244,9 @@ class Forwarder:
         status = response.code
         request.setResponseCode(status, response.phrase)
         upstream_headers = response.headers
+        client_name = self._client_name(route, target)
         rewriter = headers.URLRewriter(
-            route.upstream.origin, url, self.public_base(request), route.client_name
+            route.upstream.origin, url, self.public_base(request), client_name
         )
         for name, values in headers.response_headers(upstream_headers):
             lower = name.lower()
@@ -256,7 +257,7 @@ class Forwarder:
                     for v in headers.rewrite_challenges(
                         [v.decode("latin-1") for v in values],
                         realm,
-                        self._client_name(route, target),
+                        client_name,
                     )
                 ]
             elif lower == b"location":

@@ -879,3 +879,18 @@ class FollowRedirectTests(ProxyCase):
         self.registry.on(f"/v2/proj/app/blobs/{DIGEST}", Answer(302, {b"location": [b"/again"]}))
         self.registry.on("/again", Answer(302, {b"location": [b"/again"]}))
         self.assert_oci_error(self.get(f"/v2/app/blobs/{DIGEST}"), 502, "UPSTREAM_UNAVAILABLE")
+
+    def test_pagination_link_uses_the_clients_spelling(self) -> None:
+        self.registry.on(
+            "/v2/library/ubuntu/tags/list",
+            Answer(
+                200,
+                {
+                    b"content-type": [b"application/json"],
+                    b"link": [b'</v2/library/ubuntu/tags/list?last=x&n=1>; rel="next"'],
+                },
+                b'{"name":"library/ubuntu","tags":["x"]}',
+            ),
+        )
+        reply = self.get("/v2/ubuntu/tags/list?n=1")
+        self.assertEqual(reply.header(b"link"), [b'</v2/ubuntu/tags/list?last=x&n=1>; rel="next"'])
