@@ -880,6 +880,10 @@ class FollowRedirectTests(ProxyCase):
         self.registry.on("/again", Answer(302, {b"location": [b"/again"]}))
         self.assert_oci_error(self.get(f"/v2/app/blobs/{DIGEST}"), 502, "UPSTREAM_UNAVAILABLE")
 
+
+class DockerHubLinkTests(ProxyCase):
+    route = Route(Upstream("https", "registry-1.docker.io"))
+
     def test_pagination_link_uses_the_clients_spelling(self) -> None:
         self.registry.on(
             "/v2/library/ubuntu/tags/list",
