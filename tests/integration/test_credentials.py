@@ -241,12 +241,9 @@ def test_google_application_default_credentials_from_the_metadata_server(
 def test_a_failing_google_refresh_is_a_502_not_a_crash(
     start_proxy, tmp: Path, prefixed_htpasswd_registry: SeededRegistry
 ) -> None:
-    from tests.support.ports import free_port
-
-    oauth = OAuthEndpoint("unused")  # never served: its token_uri refuses connections
-    oauth.server.server_close()
-    oauth.port = free_port()
-    key_file = oauth.write_key_file(tmp / "key.json")
+    with OAuthEndpoint("unused") as oauth:
+        key_file = oauth.write_key_file(tmp / "key.json")
+    # The endpoint is gone now: its token_uri refuses connections.
     proxy = start_proxy(
         ["--upstream", prefixed_htpasswd_registry.url, "--repo-prefix", "proj"],
         env={"GOOGLE_APPLICATION_CREDENTIALS": str(key_file)},

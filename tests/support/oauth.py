@@ -3,54 +3,45 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.support.ports import free_port
+from tests.support.loopback import LoopbackServer, QuietHandler
 
 
-class OAuthEndpoint:
+class _TokenHandler(QuietHandler):
+    owner: Any
+
+    def do_POST(self) -> None:
+        endpoint: OAuthEndpoint = self.owner
+        length = int(self.headers.get("Content-Length", "0"))
+        endpoint.grants.append(parse_qs(self.rfile.read(length).decode()))
+        token = {
+            "access_token": endpoint.access_token,
+            "expires_in": endpoint.expires_in,
+            "token_type": "Bearer",
+        }
+        self.answer(200, json.dumps(token).encode(), {"Content-Type": "application/json"})
+
+
+class OAuthEndpoint(LoopbackServer):
     """Grants ``access_token`` to JWT-bearer assertions, as oauth2.googleapis.com/token does."""
+
+    handler = _TokenHandler
 
     def __init__(self, access_token: str, expires_in: int = 3600) -> None:
         self.access_token = access_token
         self.expires_in = expires_in
-        self.port = free_port()
         self.grants: list[dict[str, list[str]]] = []
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                form = parse_qs(self.rfile.read(length).decode())
-                endpoint.grants.append(form)
-                body = json.dumps(
-                    {
-                        "access_token": endpoint.access_token,
-                        "expires_in": endpoint.expires_in,
-                        "token_type": "Bearer",
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__()
 
     @property
     def token_uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}/token"
+        return f"{self.url}/token"
 
     def write_key_file(self, path: Path) -> Path:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -73,12 +64,3 @@ class OAuthEndpoint:
             )
         )
         return path
-
-    def __enter__(self) -> OAuthEndpoint:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
