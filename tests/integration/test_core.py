@@ -167,6 +167,20 @@ def test_browser_redirects(start_proxy, prefixed_registry: SeededRegistry) -> No
     assert answer.error_codes() == ["NOT_FOUND"]
 
 
+def wait_for_upstream_check(proxy) -> None:
+    """Let the start-up check of the upstream's /v2/ finish first.
+
+    Its connection then waits in the pool and the next request reuses it, so the tests
+    below see exactly one upstream connection: the one carrying their transfer.
+    """
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if "regproxy_upstream_up{" in curl(proxy.url + "/metrics").body.decode():
+            return
+        time.sleep(0.05)
+    raise AssertionError("the upstream check did not run")
+
+
 def _established(pid: int, remote_port: int) -> int:
     """Established TCP connections of process ``pid`` to 127.0.0.1:``remote_port``."""
     inodes = set()
@@ -194,6 +208,7 @@ def test_client_disconnect_mid_blob_closes_the_upstream_transfer(
     image = build_image(tmp / "layout", layers=(96 * 1024 * 1024,), tag="huge", compress=False)
     push(tmp / "layout", "huge", f"{registry.host_port}/huge:v1")
     proxy = start_proxy(["--upstream", registry.url])
+    wait_for_upstream_check(proxy)
     layer = image.layers[0].digest
     with socket.create_connection(("127.0.0.1", proxy.port)) as client:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
@@ -253,6 +268,7 @@ def test_a_client_that_stops_reading_is_dropped(
     image = build_image(tmp / "layout", layers=(48 * 1024 * 1024,), tag="s", compress=False)
     push(tmp / "layout", "s", f"{registry.host_port}/stall:v1")
     proxy = start_proxy(["--upstream", registry.url, "--idle-timeout", "1"])
+    wait_for_upstream_check(proxy)
     client = socket.create_connection(("127.0.0.1", proxy.port))
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.sendall(
