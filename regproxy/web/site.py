@@ -16,6 +16,7 @@ from ..errors import OCIError
 from ..observe import ClientAddress, Metrics, access_log
 from .registry import exchange_of
 
+SERVER = b"regproxy"
 # The only request bodies the proxy reads are OAuth2 token forms.
 MAX_REQUEST_BODY = 64 * 1024
 
@@ -28,6 +29,12 @@ class ProxyRequest(Request):
         self.request_id = secrets.token_hex(8)
         self._received = 0
         self._started = time.monotonic()
+
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
+        # twisted.web announces its version in Server; a proxy on the internet need not.
+        if name in (b"Server", b"server"):
+            value = SERVER
+        super().setHeader(name, value)
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > MAX_REQUEST_BODY:

@@ -142,3 +142,11 @@ def test_garbage_is_not_a_crash(proxy) -> None:
         proxy.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     assert status == 200
+
+
+def test_no_version_disclosure(proxy) -> None:
+    status, headers, _ = raw(
+        proxy.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert status == 200
+    assert headers["server"] == "regproxy"
