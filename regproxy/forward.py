@@ -62,13 +62,14 @@ def upstream_query(target: RegistryPath, route: Route, raw_query: bytes) -> str:
     for key, value in pairs:
         if key == "n" and not (value.isascii() and value.isdigit() and len(value) <= 6):
             raise OCIError("PAGINATION_NUMBER_INVALID", "n must be a non-negative integer")
-        if key == "last" and target.kind is Kind.TAGS:
+        if key == "last" and value and target.kind is Kind.TAGS:
             validate_tag(value)
-        if key == "last" and target.kind is Kind.CATALOG:
+        if key == "last" and value and target.kind is Kind.CATALOG:
             value = route.upstream_name(validate_name(value)) if route.prefix else value
         out.append((key, value))
-    if target.kind is Kind.CATALOG and route.prefix and "last" not in dict(out):
+    if target.kind is Kind.CATALOG and route.prefix and not dict(out).get("last"):
         # Names under "prefix/" sort right after it: start there rather than at the top.
+        out = [(key, value) for key, value in out if key != "last"]
         out.append(("last", route.prefix + "/"))
     return urlencode(out)
 

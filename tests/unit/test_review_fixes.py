@@ -114,3 +114,20 @@ def test_location_with_an_explicit_default_port_is_recognised() -> None:
     )
     location = rewriter.location("https://upstream.example:443/v2/proj/app/blobs/sha256:0")
     assert location == "https://r.test/v2/app/blobs/sha256:0"
+
+
+class EmptyLastTests(ProxyCase):
+    def test_an_empty_last_is_no_last(self) -> None:
+        self.registry.on(
+            "/v2/proj/app/tags/list",
+            Answer(
+                200, {b"content-type": [b"application/json"]}, b'{"name":"proj/app","tags":[]}'
+            ),
+        )
+        self.assertEqual(self.get("/v2/app/tags/list?last=").status, 200)
+        self.registry.on(
+            "/v2/_catalog",
+            Answer(200, {b"content-type": [b"application/json"]}, b'{"repositories":[]}'),
+        )
+        self.assertEqual(self.get("/v2/_catalog?last=&n=5").status, 200)
+        self.assertEqual(self.registry.seen[-1].query, [("n", "5"), ("last", "proj/")])
