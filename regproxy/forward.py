@@ -259,6 +259,12 @@ class Forwarder:
                         [v.decode("latin-1") for v in values],
                         realm,
                         client_name,
+                        bodies.prefix_scrubber(
+                            route.prefix,
+                            (route.upstream_name(target.name), target.name)
+                            if target.name
+                            else None,
+                        ),
                     )
                 ]
             elif lower == b"location":

@@ -102,9 +102,13 @@ def response_headers(upstream: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
 
 
 def rewrite_challenges(
-    values: list[str], realm: str, client_name: Callable[[str], str | None]
+    values: list[str],
+    realm: str,
+    client_name: Callable[[str], str | None],
+    scrub: Callable[[str], str] | None = None,
 ) -> list[str]:
-    """Point every Bearer realm at the proxy's token endpoint and strip prefixes from scopes."""
+    """Point every Bearer realm at the proxy's token endpoint, strip prefixes from scopes,
+    and pass ``error_description`` through ``scrub`` (it may name the prefixed resource)."""
     out = []
     for value in values:
         challenges = challenge.parse(value)
@@ -119,6 +123,9 @@ def rewrite_challenges(
                 scope = item.get("scope")
                 if scope is not None:
                     item = item.with_param("scope", rewrite_down(scope, client_name))
+                description = item.get("error_description")
+                if description is not None and scrub is not None:
+                    item = item.with_param("error_description", scrub(description))
             rendered.append(item.render())
         out.append(", ".join(rendered))
     return out

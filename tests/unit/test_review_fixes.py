@@ -131,3 +131,17 @@ class EmptyLastTests(ProxyCase):
         )
         self.assertEqual(self.get("/v2/_catalog?last=&n=5").status, 200)
         self.assertEqual(self.registry.seen[-1].query, [("n", "5"), ("last", "proj/")])
+
+
+class ChallengeDescriptionTests(ProxyCase):
+    def test_error_description_does_not_name_the_prefix(self) -> None:
+        challenge = (
+            f'Bearer realm="{AUTH_REALM}",scope="repository:proj/app:pull",'
+            'error="insufficient_scope",error_description="no access to proj/app in proj"'
+        ).encode()
+        self.registry.on(
+            "/v2/proj/app/manifests/v1", Answer(401, {b"www-authenticate": [challenge]})
+        )
+        [value] = self.get("/v2/app/manifests/v1").header(b"www-authenticate")
+        self.assertIn(f'error_description="no access to app in {WITHHELD}"'.encode(), value)
+        self.assertIn(b'scope="repository:app:pull"', value)
