@@ -8,7 +8,6 @@ when a tool is missing, unless REGPROXY_REQUIRE_INTEGRATION=1.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.tools import require_tools
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOLS = {
@@ -37,12 +38,7 @@ def _missing() -> list[str]:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    missing = _missing()
-    if missing:
-        reason = "benchmark tools not installed: " + ", ".join(missing)
-        if os.environ.get("REGPROXY_REQUIRE_INTEGRATION") == "1":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
+    require_tools(_missing(), "benchmark tools")
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--no-tls", "--json", str(out)],

@@ -7,7 +7,6 @@ Everything listens on 127.0.0.1 and is stopped at teardown, also when a test fai
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from tests.support.registry import RegistryServer, registry_binary
 from tests.support.seed import SeededRegistry, StandardImages, build_standard_images, seed_registry
 from tests.support.tls import TLSFiles, make_ca_and_cert
 from tests.support.tokens import TokenIssuer
+from tests.support.tools import require_tools
 
 PROXY_USER = "proxyuser"
 
@@ -36,12 +36,7 @@ def _missing_tools() -> list[str]:
 @pytest.fixture(scope="session", autouse=True)
 def integration_tools() -> None:
     """Skip (or fail, with REGPROXY_REQUIRE_INTEGRATION=1) when the real tools are missing."""
-    missing = _missing_tools()
-    if missing:
-        reason = "integration tools not installed: " + ", ".join(missing)
-        if os.environ.get("REGPROXY_REQUIRE_INTEGRATION") == "1":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
+    require_tools(_missing_tools(), "integration tools")
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +12,12 @@ from tests.support.images import push
 from tests.support.ports import free_port
 from tests.support.registry import RegistryServer
 from tests.support.seed import SeededRegistry, StandardImages
+from tests.support.tools import require_tools
 
-if not containerd_binaries():
-    if os.environ.get("REGPROXY_REQUIRE_INTEGRATION") == "1":
-        raise RuntimeError("containerd and ctr are required (Debian package containerd)")
-    pytest.skip("needs containerd (Debian package containerd)", allow_module_level=True)
+require_tools(
+    [] if containerd_binaries() else ["containerd and ctr (Debian package containerd)"],
+    "containerd",
+)
 
 
 @pytest.fixture(scope="module")
