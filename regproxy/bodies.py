@@ -22,6 +22,20 @@ from twisted.web.iweb import IResponse
 from .errors import OCIError
 
 LIST_BODY_LIMIT = 16 * 1024 * 1024
+
+
+class Discard(Protocol):
+    """Reads a body nobody needs, so the pooled connection can be reused."""
+
+
+class Abandon(Protocol):
+    """Stops a body transfer at once: the connection is closed, not reused."""
+
+    def connectionMade(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
 ERROR_BODY_LIMIT = 1024 * 1024
 
 

@@ -42,6 +42,8 @@ class OCIError(Exception):
     message: str
     detail: Any = None
     status: int = attrs.field()
+    # Headers that belong to the error (a 416's Content-Range).
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
     @status.default
     def _status_from_code(self) -> int:

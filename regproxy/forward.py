@@ -1,333 +1,264 @@
-"""Forwarding one validated registry request upstream and relaying the answer.
+"""One validated registry request: mapped, sent upstream, rewritten, relayed.
 
-The steps: build the upstream request (prefixed name, allowed headers, credentials), send
-it with treq (pooled, unbuffered, no automatic redirects), rewrite what names the upstream
-(challenges, Location, Link, repository names in small JSON bodies), then stream the body
-to the client through :class:`~regproxy.relay.BodyRelay`.
+The steps are stages of their own (:mod:`regproxy.mapping`, :class:`UpstreamClient`,
+:mod:`regproxy.rewrite`, :mod:`regproxy.relay`); this module is the glue between them, with
+the decisions that need the upstream's answer: answering its challenge with the proxy's own
+credentials, following a blob redirect, and what the access event records.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
-from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
+import re
+from collections.abc import Callable
+from urllib.parse import urljoin
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError
-from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
-from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
-from . import bodies, headers
+from . import bodies
 from .config import BlobRedirects, Route
 from .errors import OCIError
+from .mapping import UpstreamRequest, map_request
 from .observe import Exchange
-from .reference import Kind, RegistryPath, validate_name, validate_tag
+from .reference import Kind, RegistryPath
 from .relay import relay_response
+from .rewrite import ResponseRewriter
+from .upstream.auth import UpstreamAuth
+from .upstream.client import FailureKind, RedirectRefused, UpstreamClient, UpstreamFailure
+from .upstream.redirects import check_scheme
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
-USER_AGENT = b"regproxy/0.1"
+_SIZE = re.compile(rb"bytes \*/(\d{1,19})")
 
 
-class Discard(Protocol):
-    """Reads a body nobody needs, so the pooled connection can be reused."""
-
-
-# (route, scope, challenges from a 401) -> an Authorization value to retry with, or None.
-ChallengeAnswerer = Callable[[Route, str, list[bytes]], Awaitable[bytes | None]]
-# (route, scope) -> the Authorization value to send on the first try, or None.
-CredentialLookup = Callable[[Route, str], Awaitable[bytes | None]]
-
-
-def _never(*args: Any) -> Awaitable[bytes | None]:
-    async def nothing() -> bytes | None:
-        return None
-
-    return nothing()
-
-
-def upstream_query(target: RegistryPath, route: Route, raw_query: bytes) -> str:
-    """Validate the pagination parameters and map catalog names to the upstream's."""
+async def send(
+    upstream: UpstreamClient,
+    exchange: Exchange,
+    method: str,
+    url: str,
+    *,
+    headers: Headers,
+    route: str,
+    body: bytes | None = None,
+    http: HTTPClient | None = None,
+) -> IResponse:
+    """Send through the upstream client, recording on the access event what happened."""
+    started = upstream.clock.seconds()
     try:
-        pairs = parse_qsl(raw_query.decode("utf-8"), keep_blank_values=True)
-    except UnicodeDecodeError:
-        raise OCIError("REQUEST_INVALID", "malformed query string") from None
-    out = []
-    for key, value in pairs:
-        if key == "n" and not (value.isascii() and value.isdigit() and len(value) <= 6):
-            raise OCIError("PAGINATION_NUMBER_INVALID", "n must be a non-negative integer")
-        if key == "last" and value and target.kind is Kind.TAGS:
-            validate_tag(value)
-        if key == "last" and value and target.kind is Kind.CATALOG:
-            value = route.upstream_name(validate_name(value)) if route.prefix else value
-        out.append((key, value))
-    if target.kind is Kind.CATALOG and route.prefix and not dict(out).get("last"):
-        # Names under "prefix/" sort right after it: start there rather than at the top.
-        out = [(key, value) for key, value in out if key != "last"]
-        out.append(("last", route.prefix + "/"))
-    return urlencode(out)
+        response = await upstream.send(
+            method, url, headers=headers, route=route, body=body, http=http
+        )
+    except UpstreamFailure as failure:
+        exchange.error_kind = str(failure.kind)
+        raise failure.oci() from None
+    exchange.upstream_seconds = upstream.clock.seconds() - started
+    exchange.upstream_status = response.code
+    return response
 
 
-def scope_for(target: RegistryPath, route: Route) -> str:
-    if target.kind is Kind.CATALOG:
-        return "registry:catalog:*"
-    if target.kind is Kind.BASE:
-        return ""
-    return f"repository:{route.upstream_name(target.name)}:pull"
+async def relay(
+    request: Request,
+    response: IResponse,
+    rewriter: ResponseRewriter,
+    upstream: UpstreamClient,
+    exchange: Exchange,
+    *,
+    has_body: bool,
+) -> None:
+    """Copy the (rewritten) status and headers, then stream or rewrite the body.
+
+    ``has_body``: whether the upstream answer carries one (not for a HEAD sent as HEAD,
+    nor for statuses that never have one).
+    """
+    status = response.code
+    request.setResponseCode(status, response.phrase)
+    for name, values in rewriter.headers(response.headers):
+        request.responseHeaders.setRawHeaders(name, values)
+    content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+    rewrite = rewriter.body(status, content_type)
+    if not has_body:
+        if rewrite is not None:
+            # The upstream's Content-Length describes its own body, not the rewritten one
+            # a GET gets: no length is better than a wrong one. (HEADs on list endpoints
+            # avoid this: they go upstream as GETs.)
+            request.responseHeaders.removeHeader(b"content-length")
+        upstream.discard(response)
+        request.finish()
+        return
+    if rewrite is None:
+        if request.method == b"HEAD":
+            length = upstream.known_length(response)
+            if length is not None:
+                request.setHeader(b"content-length", b"%d" % length)
+            upstream.abandon(response)
+            request.finish()
+            return
+        await relay_response(
+            request,
+            response,
+            clock=upstream.clock,
+            idle_timeout=upstream.idle_timeout,
+            exchange=exchange,
+        )
+        return
+    limit = bodies.LIST_BODY_LIMIT if status == 200 else bodies.ERROR_BODY_LIMIT
+    rewritten = rewrite(await upstream.read(response, limit))
+    if rewritten.drop_link:
+        request.responseHeaders.removeHeader(b"link")
+    request.setHeader(b"content-length", b"%d" % len(rewritten.body))
+    if request.method != b"HEAD":
+        request.write(rewritten.body)
+    request.finish()
 
 
 class Forwarder:
-    log = Logger()
+    """Forwards registry API requests of any route through the one upstream client."""
 
     def __init__(
         self,
         *,
-        client: HTTPClient,
-        clock: IReactorTime,
+        upstream: UpstreamClient,
+        auth: UpstreamAuth,
         public_base: Callable[[Request], str],
-        upstream_timeout: float,
-        idle_timeout: float,
-        credentials: CredentialLookup = _never,
-        answer_challenge: ChallengeAnswerer = _never,
+        follow_http: HTTPClient | None = None,
     ) -> None:
-        self.client = client
-        self.clock = clock
+        self.upstream = upstream
+        self.auth = auth
         self.public_base = public_base
-        self.upstream_timeout = upstream_timeout
-        self.idle_timeout = idle_timeout
-        self.credentials = credentials
-        self.answer_challenge = answer_challenge
+        # Redirect targets are fetched through endpoints that refuse non-public addresses.
+        self.follow_http = follow_http
 
     async def forward(
         self, request: Request, route: Route, target: RegistryPath, exchange: Exchange
     ) -> None:
-        method = request.method.decode("ascii")
-        headers.validate_range(request.requestHeaders)
-        query = upstream_query(target, route, request.uri.partition(b"?")[2])
-        url = route.upstream.origin + target.path(route.upstream_name(target.name))
-        if query:
-            url += "?" + query
-        host = request.getRequestHostname().decode("ascii", "replace")
-        outgoing = headers.upstream_request_headers(
-            request.requestHeaders,
-            USER_AGENT + b" customDomain/" + host.encode("ascii", "replace"),
+        mapped = map_request(
+            method=request.method,
+            target=target,
+            route=route,
+            raw_query=request.uri.partition(b"?")[2],
+            client_headers=request.requestHeaders,
+            client_host=request.getRequestHostname(),
         )
-        scope = scope_for(target, route)
-        proxy_held = route.credentials.configured
-        if proxy_held:
-            authorization = await self.credentials(route, scope)
-        else:
-            # Without proxy-held credentials the client's own go to the registry (only).
-            client_auth = request.requestHeaders.getRawHeaders(b"authorization")
-            authorization = client_auth[0] if client_auth else None
-        response = await self._send(method, url, outgoing, authorization, exchange)
-        if response.code == 401 and proxy_held:
-            challenges = response.headers.getRawHeaders(b"www-authenticate", [])
-            # Read off the 401 first, so its connection goes back to the pool even if the
-            # client leaves while the proxy fetches a token.
-            response.deliverBody(Discard())
-            retry = await self.answer_challenge(route, scope, challenges)
-            if retry is not None:
-                response = await self._send(method, url, outgoing, retry, exchange)
-            if response.code == 401:
-                # The client must not see the upstream's challenge: it is the proxy's to answer.
-                if retry is not None:
-                    response.deliverBody(Discard())
-                exchange.upstream_status = 401
-                self.log.warn(
-                    "route {route}: upstream refused the proxy's credentials for {scope}",
-                    route=route.name,
-                    scope=scope,
-                )
-                raise OCIError(
-                    "DENIED",
-                    "the upstream registry refused the proxy's credentials",
-                    {"route": route.name},
-                )
+        response = await self._authorized(request, route, mapped, exchange)
+        url = mapped.url
         if (
             route.blob_redirects is BlobRedirects.FOLLOW
             and target.kind is Kind.BLOB
             and response.code in REDIRECT_STATUSES
         ):
-            response, url = await self._follow(method, url, response, outgoing, route, exchange)
-        exchange.upstream_status = response.code
-        await self._relay(request, route, target, url, response, exchange)
+            response, url = await self._follow(mapped, response, route, exchange)
+        if response.code == 416:
+            self._range_not_satisfiable(response)
+        rewriter = ResponseRewriter(
+            route=route, target=target, upstream_url=url, public_base=self.public_base(request)
+        )
+        status = response.code
+        has_body = mapped.method != "HEAD" and status not in (204, 304) and status >= 200
+        await relay(request, response, rewriter, self.upstream, exchange, has_body=has_body)
+
+    async def _authorized(
+        self, request: Request, route: Route, mapped: UpstreamRequest, exchange: Exchange
+    ) -> IResponse:
+        """Send with the proxy's credentials (answering a challenge once) or the client's."""
+        proxy_held = self.auth.configured(route)
+        if proxy_held:
+            authorization = await self.auth.authorization(route, mapped.scope)
+        else:
+            # Without proxy-held credentials the client's own go to the registry (only).
+            client_auth = request.requestHeaders.getRawHeaders(b"authorization")
+            authorization = client_auth[0] if client_auth else None
+        response = await self._send(route, mapped, authorization, exchange)
+        if response.code != 401 or not proxy_held:
+            return response
+        item = self.auth.plan(route, response.headers.getRawHeaders(b"www-authenticate", []))
+        if item is None:
+            # Nothing the proxy may answer: the client sees the challenge, as without
+            # proxy-held credentials, and may answer it itself through /_token.
+            return response
+        # Read off the 401 first, so its connection goes back to the pool even if the
+        # client leaves while the proxy fetches a token.
+        self.upstream.discard(response)
+        retry = await self.auth.answer(route, mapped.scope, item)
+        response = await self._send(route, mapped, retry, exchange)
+        if response.code == 401:
+            # The proxy holds the credentials and they were refused: a challenge pointing
+            # the client at /_token would ask for something it cannot give.
+            self.upstream.discard(response)
+            self.auth.log.warn(
+                "route {route}: upstream refused the proxy's credentials for {scope}",
+                route=route.name,
+                scope=mapped.scope,
+            )
+            raise OCIError(
+                "DENIED",
+                "the upstream registry refused the proxy's credentials",
+                {"route": route.name},
+            )
+        return response
 
     async def _send(
         self,
-        method: str,
-        url: str,
-        outgoing: Headers,
+        route: Route,
+        mapped: UpstreamRequest,
         authorization: bytes | None,
         exchange: Exchange,
     ) -> IResponse:
-        sent = outgoing.copy()
+        sent = mapped.headers.copy()
         if authorization is not None:
             sent.setRawHeaders(b"authorization", [authorization])
-        started = self.clock.seconds()
-        try:
-            response: IResponse = await self.client.request(
-                method,
-                url,
-                headers=sent,
-                allow_redirects=False,
-                unbuffered=True,
-                timeout=self.upstream_timeout,
-                reactor=self.clock,  # type: ignore[arg-type]
-            )
-        except CancelledError:
-            if exchange.error_kind == "client_gone":
-                raise
-            exchange.error_kind = "timeout"
-            raise OCIError(
-                "UPSTREAM_TIMEOUT", "the upstream registry did not answer in time"
-            ) from None
-        except (ConnectError, DNSLookupError, TimeoutError) as failure:
-            exchange.error_kind = "connect"
-            raise OCIError(
-                "UPSTREAM_UNAVAILABLE",
-                "the upstream registry cannot be reached",
-                {"reason": type(failure).__name__},
-            ) from None
-        except ResponseFailed as failure:
-            exchange.error_kind = "tls" if "SSL" in repr(failure.reasons) else "protocol"
-            raise OCIError(
-                "UPSTREAM_UNAVAILABLE",
-                "the upstream registry connection failed",
-                {"reason": exchange.error_kind},
-            ) from None
-        except Exception as failure:
-            exchange.error_kind = "other"
-            self.log.failure("upstream request failed", failure=None)
-            raise OCIError(
-                "UPSTREAM_UNAVAILABLE", "the upstream registry request failed"
-            ) from failure
-        exchange.upstream_seconds = self.clock.seconds() - started
-        return response
+        return await send(
+            self.upstream, exchange, mapped.method, mapped.url, headers=sent, route=route.name
+        )
 
     async def _follow(
-        self,
-        method: str,
-        url: str,
-        response: IResponse,
-        outgoing: Headers,
-        route: Route,
-        exchange: Exchange,
+        self, mapped: UpstreamRequest, response: IResponse, route: Route, exchange: Exchange
     ) -> tuple[IResponse, str]:
-        """Fetch a blob redirect inside the proxy, never sending credentials to other hosts."""
+        """Fetch a blob redirect inside the proxy, never sending credentials along."""
+        url = mapped.url
         for _ in range(MAX_REDIRECTS):
             location = response.headers.getRawHeaders(b"location")
             if response.code not in REDIRECT_STATUSES or not location:
                 return response, url
-            response.deliverBody(Discard())
+            self.upstream.discard(response)
             url = urljoin(url, location[0].decode("latin-1"))
-            if urlsplit(url).scheme not in ("http", "https"):
-                raise OCIError("UPSTREAM_UNAVAILABLE", "upstream redirected to an unusable URL")
+            try:
+                check_scheme(route.upstream, url)
+            except RedirectRefused as refused:
+                exchange.error_kind = "redirect_refused"
+                raise UpstreamFailure(FailureKind.REDIRECT_REFUSED, str(refused)).oci() from None
             # Pre-signed storage URLs carry their own authority: send them no Authorization.
-            response = await self._send(method, url, outgoing, None, exchange)
+            response = await send(
+                self.upstream,
+                exchange,
+                mapped.method,
+                url,
+                headers=mapped.headers.copy(),
+                route=route.name,
+                http=self.follow_http,
+            )
         raise OCIError("UPSTREAM_UNAVAILABLE", "too many upstream redirects")
 
-    async def _relay(
-        self,
-        request: Request,
-        route: Route,
-        target: RegistryPath,
-        url: str,
-        response: IResponse,
-        exchange: Exchange,
-    ) -> None:
-        status = response.code
-        request.setResponseCode(status, response.phrase)
-        upstream_headers = response.headers
-        client_name = self._client_name(route, target)
-        rewriter = headers.URLRewriter(
-            route.upstream.origin, url, self.public_base(request), client_name
+    def _range_not_satisfiable(self, response: IResponse) -> None:
+        """A well-formed 416 whatever the upstream sent.
+
+        distribution answers a range past the end of a small blob with the blob's
+        Content-Length and a short body, which would leave the client waiting for bytes
+        that never come; the size it states is all that is kept.
+        """
+        content_range = response.headers.getRawHeaders(b"content-range", [b""])[0]
+        match = _SIZE.fullmatch(content_range.strip())
+        size = match.group(1) if match else None
+        length = self.upstream.known_length(response)
+        if size is None and length is not None:
+            size = b"%d" % length
+        # Its body may be shorter than it says: close that connection, do not pool it.
+        self.upstream.abandon(response)
+        raise OCIError(
+            "RANGE_INVALID",
+            "the requested range is not satisfiable",
+            status=416,
+            headers=((b"content-range", b"bytes */" + size),) if size is not None else (),
         )
-        for name, values in headers.response_headers(upstream_headers):
-            lower = name.lower()
-            if lower == b"www-authenticate":
-                realm = self.public_base(request) + "/_token"
-                values = [
-                    v.encode("latin-1")
-                    for v in headers.rewrite_challenges(
-                        [v.decode("latin-1") for v in values],
-                        realm,
-                        client_name,
-                        bodies.prefix_scrubber(
-                            route.prefix,
-                            (route.upstream_name(target.name), target.name)
-                            if target.name
-                            else None,
-                        ),
-                    )
-                ]
-            elif lower == b"location":
-                values = [rewriter.location(v.decode("latin-1")).encode("latin-1") for v in values]
-            elif lower == b"link":
-                values = [rewriter.link(v.decode("latin-1")).encode("latin-1") for v in values]
-            request.responseHeaders.setRawHeaders(name, values)
-
-        rewrite = self._body_rewrite(request, route, target, response)
-        if request.method == b"HEAD" or status in (204, 304) or 100 <= status < 200:
-            # For HEAD, twisted keeps the upstream's Content-Length among the headers; it
-            # is wrong for a body the proxy would rewrite, and that length is unknown.
-            if rewrite is not None:
-                request.responseHeaders.removeHeader(b"content-length")
-            response.deliverBody(Discard())
-            request.finish()
-            return
-        if rewrite is None:
-            await relay_response(
-                request,
-                response,
-                clock=self.clock,
-                idle_timeout=self.idle_timeout,
-                exchange=exchange,
-            )
-            return
-        limit = bodies.LIST_BODY_LIMIT if status == 200 else bodies.ERROR_BODY_LIMIT
-        body = rewrite(await bodies.read_bounded(response, limit, self.clock, self.idle_timeout))
-        request.setHeader(b"content-length", b"%d" % len(body))
-        request.write(body)
-        request.finish()
-
-    def _client_name(self, route: Route, target: RegistryPath) -> Callable[[str], str | None]:
-        """Map upstream names back, preferring the exact spelling this client used."""
-        asked = route.upstream_name(target.name) if target.name else None
-
-        def client_name(upstream_name: str) -> str | None:
-            if asked is not None and upstream_name == asked:
-                return target.name
-            return route.client_name(upstream_name)
-
-        return client_name
-
-    def _body_rewrite(
-        self, request: Request, route: Route, target: RegistryPath, response: IResponse
-    ) -> Callable[[bytes], bytes] | None:
-        """How the body must change, or None to stream it untouched (the usual case)."""
-        status = response.code
-        if status == 200 and target.kind is Kind.TAGS:
-            return lambda body: bodies.rewrite_tags(body, target.name)
-        if status == 200 and target.kind is Kind.CATALOG and route.prefix:
-
-            def catalog(body: bytes) -> bytes:
-                rewritten, ran_past = bodies.rewrite_catalog(body, route.client_name)
-                if ran_past:
-                    request.responseHeaders.removeHeader(b"link")
-                return rewritten
-
-            return catalog
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-        if status >= 400 and b"json" in content_type:
-            names = (route.upstream_name(target.name), target.name) if target.name else None
-            scrub = bodies.prefix_scrubber(route.prefix, names)
-            if scrub is not None:
-                return lambda body: bodies.rewrite_errors(body, scrub)
-        return None

@@ -40,9 +40,19 @@ FORWARDED_REQUEST_HEADERS = (
     b"if-unmodified-since",
 )
 
-# Upstream response headers that must not reach the client: hop-by-hop ones, cookies set for
-# the upstream's domain, and framing the proxy's own HTTP layer decides.
-DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {b"set-cookie", b"set-cookie2", b"server", b"date"}
+# Upstream response headers that must not reach the client: hop-by-hop ones, framing the
+# proxy's own HTTP layer decides, and those that only make sense from the upstream's own
+# origin (its cookies, its HSTS policy, its alternative services): relayed, they would
+# become the proxy's.
+DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {
+    b"set-cookie",
+    b"set-cookie2",
+    b"server",
+    b"date",
+    b"alt-svc",
+    b"strict-transport-security",
+    b"public-key-pins",
+}
 
 
 _RANGE = re.compile(rb"bytes=(\d{0,19})-(\d{0,19})")

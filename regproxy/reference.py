@@ -86,9 +86,19 @@ def validate_digest(digest: str) -> str:
 
 
 def validate_manifest_reference(reference: str) -> str:
-    if ":" in reference:
+    """A tag or a digest; anything else names a manifest that cannot exist.
+
+    That is a 404 ``MANIFEST_UNKNOWN``, not a 400: the distribution registry answers so,
+    and the OCI conformance suite asks for it (``/manifests/.INVALID_MANIFEST_NAME``).
+    """
+    if TAG_RE.fullmatch(reference):
+        return reference
+    try:
         return validate_digest(reference)
-    return validate_tag(reference)
+    except OCIError:
+        raise OCIError(
+            "MANIFEST_UNKNOWN", "manifest unknown", {"reference": reference[:300]}
+        ) from None
 
 
 def _segments(path: str) -> list[str]:

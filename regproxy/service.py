@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from treq.client import HTTPClient
-from treq.content import content
 from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
@@ -14,13 +13,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from .config import Config, Route
+from .errors import OCIError
 from .forward import Forwarder
 from .observe import ClientAddress, Metrics
 from .upstream.auth import UpstreamAuth
+from .upstream.client import HealthObserver, UpstreamClient, UpstreamFailure, user_agent
 from .upstream.credentials import credential_source
 from .upstream.http import make_client, make_pool
 from .upstream.realm import RealmCache
@@ -34,6 +36,7 @@ from .web.site import ProxySite
 from .web.token import TokenProxy
 
 HEALTH_CHECK_INTERVAL = 30.0
+CHECK_BODY_LIMIT = 64 * 1024
 
 
 class Drain(Service):
@@ -84,18 +87,31 @@ class Drain(Service):
         await self.pool.closeCachedConnections()
 
 
-async def check_upstream(
-    client: HTTPClient, route: Route, metrics: Metrics, timeout: float
-) -> None:
+async def check_upstream(upstream: UpstreamClient, route: Route, metrics: Metrics) -> None:
     """Record whether the upstream answers /v2/ at all: a metric, never readiness."""
     try:
-        response = await client.get(
-            route.upstream.origin + "/v2/", allow_redirects=False, unbuffered=True, timeout=timeout
+        await upstream.fetch(
+            "GET",
+            route.upstream.origin + "/v2/",
+            headers=Headers({b"user-agent": [user_agent(b"-")]}),
+            route=route.name,
+            limit=CHECK_BODY_LIMIT,
         )
-        await content(response)
         metrics.upstream_up.labels(route.name).set(1)
-    except Exception:
+    except (UpstreamFailure, OCIError):
         metrics.upstream_up.labels(route.name).set(0)
+
+
+def build_upstream(
+    config: Config, *, client: HTTPClient, clock: IReactorTime, health: HealthObserver | None
+) -> UpstreamClient:
+    return UpstreamClient(
+        client,
+        clock=clock,
+        timeout=config.upstream_timeout,
+        idle_timeout=config.idle_timeout,
+        health=health,
+    )
 
 
 def build_root(
@@ -105,45 +121,43 @@ def build_root(
     clock: IReactorTime,
     metrics: Metrics,
     readiness: Readiness,
+    follow_client: HTTPClient | None = None,
+    health: HealthObserver | None = None,
 ) -> Resource:
-    """The whole resource tree, wired to ``client`` (tests hand in an in-memory one)."""
+    """The whole resource tree, wired to ``client`` (tests hand in an in-memory one).
+
+    ``follow_client`` fetches blob redirects in follow mode; the service gives it endpoints
+    that refuse non-public addresses (tests of the follow logic use ``client``).
+    """
     route = config.default_route
 
     def route_for(request: Request) -> Route:
         return route
 
+    upstream = build_upstream(config, client=client, clock=clock, health=health)
     sources = {
         r.name: source
         for r in config.routes
         if (source := credential_source(r.credentials)) is not None
     }
     auth = UpstreamAuth(
-        client=client,
-        clock=clock,
+        upstream=upstream,
         sources=sources,
-        timeout=config.upstream_timeout,
         on_fetch=lambda name, outcome: metrics.token_fetches.labels(name, outcome).inc(),
     )
+
+    def base(request: Request) -> str:
+        return public_base(request, config)
+
     forwarder = Forwarder(
-        client=client,
-        clock=clock,
-        public_base=lambda request: public_base(request, config),
-        upstream_timeout=config.upstream_timeout,
-        idle_timeout=config.idle_timeout,
-        credentials=auth.authorization,
-        answer_challenge=auth.answer,
+        upstream=upstream, auth=auth, public_base=base, follow_http=follow_client or client
     )
     root = Root(BrowserRedirect(route_for, not config.disable_browser_redirects))
     root.putChild(b"v2", RegistryAPI(route_for, forwarder))
     root.putChild(
         b"_token",
         TokenProxy(
-            route_for=route_for,
-            realms=RealmCache(client, clock, config.upstream_timeout),
-            client=client,
-            clock=clock,
-            timeout=config.upstream_timeout,
-            idle_timeout=config.idle_timeout,
+            route_for=route_for, realms=RealmCache(upstream), upstream=upstream, public_base=base
         ),
     )
     root.putChild(b"healthz", Health())
@@ -159,9 +173,19 @@ def build_service(config: Config, reactor: Any) -> IService:
     route = config.default_route
     pool = make_pool(reactor)
     client = make_client(reactor, pool=pool, ca_file=route.upstream_ca)
+    follow_client = make_client(
+        reactor, pool=pool, ca_file=route.upstream_ca, guard_redirects_from=route.upstream
+    )
     metrics = Metrics()
     readiness = Readiness()
-    root = build_root(config, client=client, clock=reactor, metrics=metrics, readiness=readiness)
+    root = build_root(
+        config,
+        client=client,
+        clock=reactor,
+        metrics=metrics,
+        readiness=readiness,
+        follow_client=follow_client,
+    )
     site = ProxySite(root, metrics=metrics, client_address=ClientAddress(config.trusted_proxies))
 
     top = MultiService()
@@ -177,9 +201,9 @@ def build_service(config: Config, reactor: Any) -> IService:
         strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(
             top
         )
+    upstream = build_upstream(config, client=client, clock=reactor, health=None)
     checker = TimerService(
-        HEALTH_CHECK_INTERVAL,
-        lambda: ensureDeferred(check_upstream(client, route, metrics, config.upstream_timeout)),
+        HEALTH_CHECK_INTERVAL, lambda: ensureDeferred(check_upstream(upstream, route, metrics))
     )
     checker.clock = reactor
     checker.setServiceParent(top)

@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import attrs
-from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .. import challenge
-from ..bodies import read_bounded
 from ..config import Route
 from ..errors import OCIError
+from .client import UpstreamClient, UpstreamFailure, user_agent
 from .credentials import CredentialSource
-from .realm import usable_realm
+from .realm import credential_may_go_to
 
 # Tokens are dropped this long before they expire (or at half-life for short ones).
 TOKEN_EXPIRY_MARGIN = 30.0
@@ -61,17 +59,16 @@ class UpstreamAuth:
     def __init__(
         self,
         *,
-        client: HTTPClient,
-        clock: IReactorTime,
+        upstream: UpstreamClient,
         sources: dict[str, CredentialSource],
-        timeout: float,
         on_fetch: Callable[[str, str], None] = lambda route, outcome: None,
     ) -> None:
-        self._client = client
-        self._clock = clock
+        self._upstream = upstream
+        self._clock = upstream.clock
         self._sources = sources
-        self._timeout = timeout
         self._on_fetch = on_fetch
+        # (route, realm host) pairs already logged as refused, so the log says it once.
+        self._refused_realms: set[tuple[str, str]] = set()
         self._tokens: dict[tuple[str, str], _Token] = {}
         self._waiters: dict[tuple[str, str], list[Deferred[bytes]]] = {}
         # Routes whose registry asked for Basic: send it up front from then on.
@@ -92,31 +89,58 @@ class UpstreamAuth:
             return await self._credential(route, source)
         return None
 
-    async def answer(self, route: Route, scope: str, values: list[bytes]) -> bytes | None:
-        """The Authorization to retry a 401 with, or None when there is nothing to try."""
-        source = self._sources.get(route.name)
-        if source is None:
+    def plan(self, route: Route, values: list[bytes]) -> challenge.Challenge | None:
+        """The challenge the proxy will answer with its own credentials, or None.
+
+        None when the route holds no credentials, or when the only Bearer realm offered is
+        on a host the credentials do not belong to: then the request goes on as if the
+        proxy had none (the client sees the challenge), and the refusal is logged once.
+        """
+        if route.name not in self._sources:
             return None
         challenges = challenge.parse_all([v.decode("latin-1") for v in values])
         for item in challenges:
-            if item.is_bearer and item.get("realm"):
-                key = (route.name, scope)
-                self._tokens.pop(key, None)
-                # One Deferred per waiter: a client that leaves cancels only its own wait.
-                # It is registered before the fetch starts, which may finish at once.
-                waiter: Deferred[bytes] = Deferred()
-                if key in self._waiters:
-                    self._waiters[key].append(waiter)
-                else:
-                    self._waiters[key] = [waiter]
-                    fetch = ensureDeferred(self._fetch(route, source, item, scope))
-                    fetch.addBoth(self._deliver, key)
-                return await waiter
+            realm = item.get("realm")
+            if item.is_bearer and realm:
+                if credential_may_go_to(route, realm):
+                    return item
+                self._refuse_realm(route, realm)
         for item in challenges:
             if item.scheme.lower() == "basic":
-                self._basic_routes.add(route.name)
-                return await self._credential(route, source)
+                return item
         return None
+
+    def _refuse_realm(self, route: Route, realm: str) -> None:
+        host = urlsplit(realm).hostname or "?"
+        if (route.name, host) in self._refused_realms:
+            return
+        self._refused_realms.add((route.name, host))
+        self.log.warn(
+            "route {route}: not sending the proxy's {source} to the token realm on {host}:"
+            " it is not a host those credentials belong to; such requests go on without them",
+            route=route.name,
+            source=self._sources[route.name].description,
+            host=host[:200],
+        )
+
+    async def answer(self, route: Route, scope: str, item: challenge.Challenge) -> bytes:
+        """The Authorization to retry with, for a challenge :meth:`plan` chose."""
+        source = self._sources[route.name]
+        if not item.is_bearer:
+            self._basic_routes.add(route.name)
+            return await self._credential(route, source)
+        key = (route.name, scope)
+        self._tokens.pop(key, None)
+        # One Deferred per waiter: a client that leaves cancels only its own wait.
+        # It is registered before the fetch starts, which may finish at once.
+        waiter: Deferred[bytes] = Deferred()
+        if key in self._waiters:
+            self._waiters[key].append(waiter)
+        else:
+            self._waiters[key] = [waiter]
+            fetch = ensureDeferred(self._fetch(route, source, item, scope))
+            fetch.addBoth(self._deliver, key)
+        return await waiter
 
     async def _credential(self, route: Route, source: CredentialSource) -> bytes:
         """The source's Authorization value; a source that fails (a Google token refresh
@@ -150,14 +174,6 @@ class UpstreamAuth:
         self, route: Route, source: CredentialSource, item: challenge.Challenge, scope: str
     ) -> bytes:
         realm = item.get("realm") or ""
-        if not usable_realm(route, realm):
-            self.log.warn(
-                "route {route}: not sending credentials to the token realm {realm}: it must be"
-                " https when the upstream is",
-                route=route.name,
-                realm=realm[:200],
-            )
-            raise OCIError("UPSTREAM_UNAVAILABLE", "the upstream's token realm is not usable")
         params = []
         service = item.get("service")
         if service:
@@ -165,18 +181,17 @@ class UpstreamAuth:
         if scope:
             params.append(("scope", scope))
         url = realm + (("&" if "?" in realm else "?") + urlencode(params) if params else "")
-        headers = Headers({b"authorization": [await self._credential(route, source)]})
+        headers = Headers(
+            {
+                b"authorization": [await self._credential(route, source)],
+                b"user-agent": [user_agent(b"-")],
+            }
+        )
         try:
-            response = await self._client.get(
-                url,
-                headers=headers,
-                allow_redirects=False,
-                unbuffered=True,
-                timeout=self._timeout,
-                reactor=self._clock,  # type: ignore[arg-type]
+            response, body = await self._upstream.fetch(
+                "GET", url, headers=headers, route=route.name, limit=MAX_TOKEN_RESPONSE
             )
-            body = await read_bounded(response, MAX_TOKEN_RESPONSE, self._clock, self._timeout)
-        except Exception:
+        except (UpstreamFailure, OCIError):
             self._on_fetch(route.name, "unreachable")
             raise OCIError(
                 "UPSTREAM_UNAVAILABLE", "the upstream token service cannot be reached"

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import ssl
 from http.cookiejar import Cookie, CookieJar
 from typing import Any
 
 from OpenSSL import SSL
 from treq.client import HTTPClient
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import (
     URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
-    _HTTP11ClientFactory,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
@@ -28,6 +31,10 @@ from twisted.web.iweb import (
     IResponse,
 )
 from zope.interface import implementer
+
+from ..config import Upstream
+from .quiet_pool import quiet_connection_factory
+from .redirects import GuardedEndpoints
 
 
 class NoCookies(CookieJar):
@@ -78,34 +85,50 @@ def _hide_content_encoding(response: IResponse) -> IResponse:
     return response
 
 
-@implementer(IOpenSSLTrustRoot)
-class SystemPlusCA:
-    """Trust the system store and, in addition, an operator-given PEM bundle."""
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
 
-    def __init__(self, ca_file: str | None) -> None:
-        self._ca_file = ca_file
 
-    def _addCACertsToContext(self, context: SSL.Context) -> None:
-        context.set_default_verify_paths()
-        if self._ca_file:
-            context.load_verify_locations(self._ca_file)
+def _pem_certificates(path: str) -> list[Certificate]:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    return [Certificate.loadPEM(block) for block in _PEM_CERTIFICATE.findall(data)]
+
+
+def system_certificates() -> list[Certificate]:
+    """The platform's CA certificates, read from OpenSSL's default locations."""
+    paths = ssl.get_default_verify_paths()
+    if paths.cafile:
+        return _pem_certificates(paths.cafile)
+    found: list[Certificate] = []
+    if paths.capath and os.path.isdir(paths.capath):
+        for entry in sorted(os.scandir(paths.capath), key=lambda e: e.name):
+            if entry.is_file():
+                with contextlib.suppress(OSError, ValueError, SSL.Error):
+                    found.extend(_pem_certificates(entry.path))
+    return found
 
 
 def tls_policy(ca_file: str | None) -> IPolicyForHTTPS:
-    if ca_file:
-        # Load once now, so a bad file fails at start-up rather than on the first request.
-        SSL.Context(SSL.TLS_METHOD).load_verify_locations(ca_file)
-    return BrowserLikePolicyForHTTPS(trustRoot=SystemPlusCA(ca_file))
+    """The platform's trust, plus an operator-given PEM bundle in addition to it.
 
-
-class _QuietConnectionFactory(_HTTP11ClientFactory):
-    # Not one "Starting factory"/"Stopping factory" log pair per upstream connection.
-    noisy = False
+    Built from public APIs only: the system store and the bundle are read as certificates
+    and handed to ``trustRootFromCertificates``, so a bad file fails at start-up.
+    """
+    if not ca_file:
+        return BrowserLikePolicyForHTTPS()
+    extra = _pem_certificates(ca_file)
+    if not extra:
+        raise ValueError(f"{ca_file!r} holds no PEM certificate")
+    return BrowserLikePolicyForHTTPS(
+        trustRoot=trustRootFromCertificates(system_certificates() + extra)
+    )
 
 
 def make_pool(reactor: IReactorTime, max_per_host: int = 64) -> HTTPConnectionPool:
     pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietConnectionFactory
+    quiet_connection_factory(pool)
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = True
@@ -153,7 +176,17 @@ def make_client(
     pool: HTTPConnectionPool,
     ca_file: str | None = None,
     connect_timeout: float = 10.0,
+    guard_redirects_from: Upstream | None = None,
 ) -> HTTPClient:
-    endpoints = CachedEndpoints(reactor, tls_policy(ca_file), connect_timeout)
+    """The treq client; with ``guard_redirects_from``, one for blob redirect targets of that
+    upstream, whose endpoints refuse non-public addresses before connecting."""
+    policy = tls_policy(ca_file)
+    endpoints: IAgentEndpointFactory
+    if guard_redirects_from is not None:
+        endpoints = GuardedEndpoints(
+            reactor, upstream=guard_redirects_from, policy=policy, connect_timeout=connect_timeout
+        )
+    else:
+        endpoints = CachedEndpoints(reactor, policy, connect_timeout)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     return HTTPClient(IdentityEncodingAgent(agent), cookiejar=NoCookies())  # type: ignore[arg-type]

@@ -1,26 +1,68 @@
-"""Learning an upstream's token realm from its own challenge, on demand."""
+"""Token realms: which ones may receive credentials, and learning a route's own realm.
+
+Credentials belong to hosts. The proxy's own credentials (and a client's, which it relays
+through ``/_token``) go only to the upstream's origin and to a token realm that is on the
+upstream's host or on a host the credential belongs to: for Google credentials a Google
+registry host, otherwise a subdomain of the upstream's host or a sibling under the same
+parent domain (``auth.docker.io`` for ``registry-1.docker.io``). A challenge naming any
+other realm gets no credential.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+from urllib.parse import urlsplit
+
 import attrs
-from treq.client import HTTPClient
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 
 from .. import challenge
-from ..bodies import read_bounded
 from ..config import Route
-from ..errors import OCIError
+from .client import UpstreamClient, UpstreamFailure, user_agent
 
 CHALLENGE_BODY_LIMIT = 64 * 1024
+GOOGLE_REGISTRY_SUFFIXES = (".gcr.io", ".pkg.dev")
 
 
-def usable_realm(route: Route, url: str) -> bool:
-    """An http(s) URL, and https whenever the upstream itself is reached over https:
-    the proxy may send its credentials there, and the client its own."""
-    if route.upstream.scheme == "https":
-        return url.startswith("https://")
-    return url.startswith(("https://", "http://"))
+def is_google_registry(host: str) -> bool:
+    """gcr.io, its regional hosts, and Artifact Registry (``*-docker.pkg.dev``)."""
+    host = host.lower().rstrip(".")
+    return host == "gcr.io" or host.endswith(GOOGLE_REGISTRY_SUFFIXES)
+
+
+def _parent_domain(host: str) -> str | None:
+    """``docker.io`` for ``registry-1.docker.io``; None for IPs and two-label names."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    labels = host.split(".")
+    return ".".join(labels[1:]) if len(labels) >= 3 else None
+
+
+def credential_may_go_to(route: Route, url: str) -> bool:
+    """Whether the route's credentials (or a client's) may be sent to the realm ``url``."""
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:
+        return False
+    if route.upstream.scheme == "https" and parts.scheme != "https":
+        return False
+    if parts.scheme not in ("https", "http") or not hostname:
+        return False
+    realm_host, upstream_host = hostname.lower(), route.upstream.host.lower()
+    if realm_host == upstream_host or realm_host.endswith("." + upstream_host):
+        return True
+    credentials = route.credentials
+    if credentials.google_key_file or credentials.google_adc:
+        return is_google_registry(realm_host)
+    parent = _parent_domain(upstream_host)
+    return parent is not None and (realm_host == parent or realm_host.endswith("." + parent))
 
 
 @attrs.frozen
@@ -32,60 +74,72 @@ class Realm:
 class RealmCache:
     """The realm comes from the upstream's ``/v2/`` challenge, never from a client.
 
-    It is learnt when first needed (the proxy starts while the upstream is down) and kept
-    until a token request fails, then learnt again. Every replica learns the same answer,
-    so nothing here breaks behind a load balancer.
+    It is learnt when first needed (the proxy starts while the upstream is down), once for
+    all requests waiting on it, and kept until a token request fails, then learnt again.
+    Every replica learns the same answer, so nothing here breaks behind a load balancer.
     """
 
     log = Logger()
 
-    def __init__(self, client: HTTPClient, clock: IReactorTime, timeout: float) -> None:
-        self._client = client
-        self._clock = clock
-        self._timeout = timeout
+    def __init__(self, upstream: UpstreamClient) -> None:
+        self._upstream = upstream
         # Only realms actually found are kept: a 5xx or a load balancer's page answering
         # /v2/ once must not switch token auth off until the next restart.
         self._realms: dict[str, Realm] = {}
+        self._learning: dict[str, list[Deferred[Realm | None]]] = {}
 
     async def realm(self, route: Route) -> Realm | None:
         known = self._realms.get(route.name)
         if known is not None:
             return known
+        # One Deferred per waiter: a client that leaves cancels only its own wait, never
+        # the lookup the others share.
+        waiter: Deferred[Realm | None] = Deferred()
+        if route.name in self._learning:
+            self._learning[route.name].append(waiter)
+        else:
+            self._learning[route.name] = [waiter]
+            ensureDeferred(self._learn(route)).addBoth(self._deliver, route.name)
+        return await waiter
+
+    def _deliver(self, result: Realm | Failure | None, name: str) -> None:
+        for waiter in self._learning.pop(name, []):
+            if waiter.called:
+                continue
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    async def _learn(self, route: Route) -> Realm | None:
         try:
-            response = await self._client.get(
+            response, _ = await self._upstream.fetch(
+                "GET",
                 route.upstream.origin + "/v2/",
-                allow_redirects=False,
-                unbuffered=True,
-                timeout=self._timeout,
-                reactor=self._clock,  # type: ignore[arg-type]
+                headers=Headers({b"user-agent": [user_agent(b"-")]}),
+                route=route.name,
+                limit=CHALLENGE_BODY_LIMIT,
             )
-            values = [
-                v.decode("latin-1")
-                for v in response.headers.getRawHeaders(b"www-authenticate", [])
-            ]
-            await read_bounded(response, CHALLENGE_BODY_LIMIT, self._clock, self._timeout)
-        except Exception:
-            raise OCIError(
-                "UPSTREAM_UNAVAILABLE", "the upstream registry cannot be reached"
-            ) from None
-        realm = None
+        except UpstreamFailure as failure:
+            raise failure.oci() from None
+        values = [
+            v.decode("latin-1") for v in response.headers.getRawHeaders(b"www-authenticate", [])
+        ]
         for item in challenge.parse_all(values):
             url = item.get("realm")
-            if item.is_bearer and url and usable_realm(route, url):
+            if item.is_bearer and url and credential_may_go_to(route, url):
                 realm = Realm(url, item.get("service"))
-                break
-        if realm is None:
-            self.log.warn(
-                "route {route}: upstream /v2/ answered {status} without a usable Bearer realm",
-                route=route.name,
-                status=response.code,
-            )
-            return None
-        self.log.info(
-            "route {route}: upstream token realm is {realm}", route=route.name, realm=url
+                self.log.info(
+                    "route {route}: upstream token realm is {realm}", route=route.name, realm=url
+                )
+                self._realms[route.name] = realm
+                return realm
+        self.log.warn(
+            "route {route}: upstream /v2/ answered {status} without a usable Bearer realm",
+            route=route.name,
+            status=response.code,
         )
-        self._realms[route.name] = realm
-        return realm
+        return None
 
     def forget(self, route: Route) -> None:
         self._realms.pop(route.name, None)

@@ -25,4 +25,6 @@ def write_body(request: Request, status: int, body: bytes, content_type: bytes) 
 def write_error(request: Request, error: OCIError, allow: bytes = b"GET, HEAD") -> None:
     if error.status == 405:
         request.setHeader(b"allow", allow)
+    for name, value in error.headers:
+        request.setHeader(name, value)
     write_body(request, error.status, error.body(), b"application/json; charset=utf-8")

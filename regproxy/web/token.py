@@ -6,19 +6,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import parse_qsl, urlencode
 
-from treq.client import HTTPClient
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from .. import bodies, headers
 from ..config import Route
 from ..errors import OCIError
-from ..forward import USER_AGENT
-from ..relay import relay_response
+from ..forward import relay, send
+from ..rewrite import ResponseRewriter
 from ..scope import rewrite_up
+from ..upstream.client import UpstreamClient, user_agent
 from ..upstream.realm import RealmCache
 from .registry import exchange_of, run_async
 from .respond import write_error
@@ -49,18 +47,14 @@ class TokenProxy(Resource):
         *,
         route_for: Callable[[Request], Route],
         realms: RealmCache,
-        client: HTTPClient,
-        clock: IReactorTime,
-        timeout: float,
-        idle_timeout: float,
+        upstream: UpstreamClient,
+        public_base: Callable[[Request], str],
     ) -> None:
         super().__init__()
         self.route_for = route_for
         self.realms = realms
-        self.client = client
-        self.clock = clock
-        self.timeout = timeout
-        self.idle_timeout = idle_timeout
+        self.upstream = upstream
+        self.public_base = public_base
 
     def render(self, request: Request) -> int:
         request.defaultContentType = None
@@ -98,53 +92,32 @@ class TokenProxy(Resource):
         rewritten = urlencode(_rewrite_pairs(query, route, form=False))
         if rewritten:
             url += ("&" if "?" in url else "?") + rewritten
-        host = request.getRequestHostname()
-        outgoing = Headers({b"user-agent": [USER_AGENT + b" customDomain/" + host]})
+        outgoing = Headers({b"user-agent": [user_agent(request.getRequestHostname())]})
         for name in (b"authorization", b"accept"):
             values = request.requestHeaders.getRawHeaders(name)
             if values:
                 outgoing.setRawHeaders(name, values)
         if body:
             outgoing.setRawHeaders(b"content-type", [FORM])
+        exchange = exchange_of(request)
         try:
-            response = await self.client.request(
+            response = await send(
+                self.upstream,
+                exchange,
                 request.method.decode("ascii"),
                 url,
                 headers=outgoing,
-                data=body or None,
-                allow_redirects=False,
-                unbuffered=True,
-                timeout=self.timeout,
-                reactor=self.clock,  # type: ignore[arg-type]
+                route=route.name,
+                body=body if request.method == b"POST" else None,
             )
-        except Exception:
+        except OCIError:
+            # Perhaps the realm moved: learn it again next time. (A client that leaves
+            # raises CancelledError instead, and forgets nothing.)
             self.realms.forget(route)
-            raise OCIError(
-                "UPSTREAM_UNAVAILABLE", "the upstream token service cannot be reached"
-            ) from None
-        exchange = exchange_of(request)
-        exchange.upstream_status = response.code
+            raise
         if response.code >= 500:
-            # Perhaps the realm moved: learn it again next time.
             self.realms.forget(route)
-        request.setResponseCode(response.code, response.phrase)
-        for name, values in headers.response_headers(response.headers):
-            request.responseHeaders.setRawHeaders(name, values)
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-        scrub = bodies.prefix_scrubber(route.prefix, None)
-        if response.code >= 400 and b"json" in content_type and scrub is not None:
-            # Error bodies of token services name the resource they refused.
-            body = bodies.rewrite_errors(
-                await bodies.read_bounded(
-                    response, bodies.ERROR_BODY_LIMIT, self.clock, self.idle_timeout
-                ),
-                scrub,
-                any_json=True,
-            )
-            request.setHeader(b"content-length", b"%d" % len(body))
-            request.write(body)
-            request.finish()
-            return
-        await relay_response(
-            request, response, clock=self.clock, idle_timeout=self.idle_timeout, exchange=exchange
+        rewriter = ResponseRewriter(
+            route=route, target=None, upstream_url=url, public_base=self.public_base(request)
         )
+        await relay(request, response, rewriter, self.upstream, exchange, has_body=True)

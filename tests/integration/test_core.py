@@ -116,8 +116,7 @@ def test_unknown_repository_is_a_json_404(proxy) -> None:
         ("/v2/a//b/manifests/v1", "NAME_INVALID"),
         ("/v2/app/../etc/manifests/v1", "NAME_INVALID"),
         ("/v2/app%2Fx/manifests/v1", "NAME_INVALID"),
-        ("/v2/app/manifests/-bad", "TAG_INVALID"),
-        ("/v2/app/manifests/sha256:1234", "DIGEST_INVALID"),
+        ("/v2/app/blobs/sha256:" + "0" * 63, "DIGEST_INVALID"),
         ("/v2/app/blobs/sha256:zz", "DIGEST_INVALID"),
         ("/v2/app/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", "DIGEST_INVALID"),
         ("/v2/app/blobs/latest", "DIGEST_INVALID"),
@@ -128,6 +127,24 @@ def test_invalid_input_is_a_json_400(proxy, path: str, code: str) -> None:
     answer = curl(proxy.url + path, "--path-as-is")
     assert answer.status == 400
     assert answer.error_codes() == [code]
+
+
+@pytest.mark.parametrize(
+    "reference", [".INVALID_MANIFEST_NAME", "-bad", "sha256:1234", "md5:" + "0" * 32]
+)
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_impossible_manifest_reference_is_manifest_unknown(
+    proxy, method: str, reference: str
+) -> None:
+    """Neither a tag nor a digest: 404 MANIFEST_UNKNOWN, as distribution answers and the
+    OCI conformance suite expects, never a 400."""
+    args = ["-I"] if method == "HEAD" else []
+    answer = curl(proxy.url + "/v2/app/manifests/" + reference, *args)
+    assert answer.status == 404
+    if method == "GET":
+        assert answer.error_codes() == ["MANIFEST_UNKNOWN"]
+    else:
+        assert answer.body == b""
 
 
 def test_catalog_only_lists_the_prefix_and_paginates(proxy, prefixed_registry) -> None:

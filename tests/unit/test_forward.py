@@ -515,7 +515,7 @@ class ForwardingTests(ProxyCase):
         cases = [
             ("/v2/App/manifests/latest", 400, "NAME_INVALID"),
             ("/v2/a%2F..%2Fb/manifests/latest", 400, "NAME_INVALID"),
-            ("/v2/app/manifests/.x", 400, "TAG_INVALID"),
+            ("/v2/app/manifests/.x", 404, "MANIFEST_UNKNOWN"),
             ("/v2/app/blobs/sha256:abc", 400, "DIGEST_INVALID"),
             ("/v2/app/nothing/here", 404, "NOT_FOUND"),
         ]
@@ -531,7 +531,7 @@ class ForwardingTests(ProxyCase):
         error = self.assert_oci_error(
             self.get("/v2/app/manifests/latest"), 502, "UPSTREAM_UNAVAILABLE"
         )
-        self.assertEqual(error["detail"], {"reason": "ConnectionRefusedError"})
+        self.assertEqual(error["detail"], {"reason": "connect"})
         self.make_proxy(FailingAgent(DNSLookupError("no such host")))
         self.assert_oci_error(self.get("/v2/"), 502, "UPSTREAM_UNAVAILABLE")
 

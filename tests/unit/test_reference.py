@@ -110,8 +110,10 @@ def test_invalid_digests(digest: str) -> None:
 def test_manifest_reference_is_a_digest_when_it_has_a_colon() -> None:
     assert validate_manifest_reference("latest") == "latest"
     assert validate_manifest_reference(SHA256) == SHA256
-    assert _error(validate_manifest_reference, "md5:" + "0" * 32).code == "DIGEST_INVALID"
-    assert _error(validate_manifest_reference, ".latest").code == "TAG_INVALID"
+    # Neither a tag nor a digest: a manifest that cannot exist (the OCI conformance suite).
+    for reference in ("md5:" + "0" * 32, ".latest", ".INVALID_MANIFEST_NAME", "sha256:abc"):
+        error = _error(validate_manifest_reference, reference)
+        assert (error.code, error.status) == ("MANIFEST_UNKNOWN", 404)
 
 
 @pytest.mark.parametrize(
@@ -227,11 +229,11 @@ def test_bad_names_in_paths(path: str) -> None:
 @pytest.mark.parametrize(
     ("path", "code"),
     [
-        ("/v2/a/manifests/..", "TAG_INVALID"),
-        ("/v2/a/manifests/.latest", "TAG_INVALID"),
-        ("/v2/a/manifests/" + "t" * 129, "TAG_INVALID"),
-        ("/v2/a/manifests/md5:" + "0" * 32, "DIGEST_INVALID"),
-        ("/v2/a/manifests/" + SHA256.upper(), "DIGEST_INVALID"),
+        ("/v2/a/manifests/..", "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/.latest", "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/" + "t" * 129, "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/md5:" + "0" * 32, "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/" + SHA256.upper(), "MANIFEST_UNKNOWN"),
         ("/v2/a/blobs/latest", "DIGEST_INVALID"),
         ("/v2/a/blobs/" + SHA256[:-2], "DIGEST_INVALID"),
         ("/v2/a/referrers/latest", "DIGEST_INVALID"),
@@ -239,7 +241,8 @@ def test_bad_names_in_paths(path: str) -> None:
 )
 def test_bad_references_in_paths(path: str, code: str) -> None:
     error = _error(parse_v2_path, path)
-    assert (error.code, error.status) == (code, 400)
+    expected_status = 404 if code == "MANIFEST_UNKNOWN" else 400
+    assert (error.code, error.status) == (code, expected_status)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,13 @@ import pytest
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    ensureDeferred,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent, globalLogPublisher
@@ -31,6 +37,7 @@ from zope.interface import implementer
 
 from regproxy.config import Credentials, Route, Upstream
 from regproxy.errors import OCIError
+from regproxy.upstream.client import UpstreamClient
 from regproxy.upstream.auth import (
     DEFAULT_TOKEN_LIFETIME,
     TOKEN_EXPIRY_MARGIN,
@@ -128,6 +135,9 @@ class AuthCase(SynchronousTestCase):
         self.clock = Clock()
         self.fetches: list[tuple[str, str]] = []
         self.auth = self.make_auth(self.agent)
+        self.log_events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.log_events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.log_events.append)
         self.delayed_before = len(global_reactor.getDelayedCalls())
         # treq arms its header timeout on the global reactor: it must be gone afterwards.
         self.addCleanup(
@@ -141,12 +151,16 @@ class AuthCase(SynchronousTestCase):
             if (source := credential_source(route.credentials)) is not None
         }
         return UpstreamAuth(
-            client=HTTPClient(agent),
-            clock=self.clock,
+            upstream=UpstreamClient(
+                HTTPClient(agent), clock=self.clock, timeout=TIMEOUT, idle_timeout=TIMEOUT
+            ),
             sources=sources,
-            timeout=TIMEOUT,
             on_fetch=lambda route, outcome: self.fetches.append((route, outcome)),
         )
+
+    @property
+    def logged(self) -> list[str]:
+        return [formatEvent(event) for event in self.log_events]
 
     auto_release = True
 
@@ -161,9 +175,11 @@ class AuthCase(SynchronousTestCase):
     def answer(
         self, values: list[bytes] | None = None, route: Route = ROUTE, scope: str = SCOPE
     ) -> Deferred[bytes | None]:
-        return self.settle(
-            ensureDeferred(self.auth.answer(route, scope, [BEARER] if values is None else values))
-        )
+        item = self.auth.plan(route, [BEARER] if values is None else values)
+        if item is None:
+            # Nothing the proxy may answer: the request goes on without its credentials.
+            return succeed(None)
+        return self.settle(ensureDeferred(self.auth.answer(route, scope, item)))
 
     def authorization(self, route: Route = ROUTE, scope: str = SCOPE) -> bytes | None:
         return self.successResultOf(
@@ -205,9 +221,27 @@ class BearerTests(AuthCase):
 
     def test_realm_that_is_not_http_is_never_asked(self) -> None:
         challenge = b'Bearer realm="file:///etc/passwd",service="x"'
-        failure = self.failureResultOf(self.answer([challenge]), OCIError)
-        self.assertEqual((failure.value.code, failure.value.status), ("UPSTREAM_UNAVAILABLE", 502))
+        self.assertIsNone(self.successResultOf(self.answer([challenge])))
         self.assertEqual(self.realm.seen, [])
+
+    def test_realm_on_a_foreign_host_gets_no_credentials(self) -> None:
+        """Credentials go to the upstream's host, its subdomains and its siblings only."""
+        for realm in (
+            "https://evil.example/token",
+            "https://upstream.example.evil.example/token",
+            "http://auth.upstream.example/token",  # plain http from an https upstream
+        ):
+            challenge = f'Bearer realm="{realm}",service="x"'.encode()
+            self.assertIsNone(self.successResultOf(self.answer([challenge])), realm)
+        self.assertEqual(self.realm.seen, [])
+        refused = [line for line in self.logged if "not sending the proxy's" in line]
+        # Once per (route, host), not once per request.
+        self.answer([b'Bearer realm="https://evil.example/other"'])
+        self.assertEqual(
+            len([line for line in self.logged if "not sending the proxy's" in line]),
+            len(refused),
+        )
+        self.assertNotIn(SECRET, "\n".join(self.logged))
 
     def test_malformed_realm_url(self) -> None:
         # treq refuses the URL before any I/O (as it does with the real reactor).
@@ -683,15 +717,21 @@ class GoogleAccessTokenTests(TestCase):
     def test_google_tokens_answer_a_bearer_challenge(self) -> Deferred[None]:
         """Through UpstreamAuth: the realm gets the access token as basic credentials."""
         realm = Realm()
-        realm.on("/token", token_answer(token="registry-tok", expires_in=300))
+        realm.on("/v2/token", token_answer(token="registry-tok", expires_in=300))
         agent = RequestTraversalAgent(realm)
-        route = Route(UPSTREAM, credentials=Credentials(google_adc=True))
+        route = Route(Upstream("https", "gcr.io"), credentials=Credentials(google_adc=True))
+        clock = Clock()
         auth = UpstreamAuth(
-            client=HTTPClient(agent), clock=Clock(), sources={"default": self.source}, timeout=5
+            upstream=UpstreamClient(HTTPClient(agent), clock=clock, timeout=5, idle_timeout=5),
+            sources={"default": self.source},
         )
+        item = auth.plan(route, [b'Bearer realm="https://gcr.io/v2/token",service="gcr.io"'])
+        assert item is not None
+        # A Google credential never goes to a realm that is not a Google registry's.
+        self.assertIsNone(auth.plan(route, [BEARER]))
 
         async def run() -> None:
-            d = ensureDeferred(auth.answer(route, SCOPE, [BEARER]))
+            d = ensureDeferred(auth.answer(route, SCOPE, item))
             while not d.called:
                 realm.release()
                 agent.flush()
