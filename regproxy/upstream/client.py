@@ -212,7 +212,7 @@ class UpstreamClient:
         timer = self.clock.callLater(self.timeout, time_out)
         try:
             response: IResponse = await sending
-        except BaseException as error:
+        except Exception as error:
             if timed_out:
                 failure = UpstreamFailure(
                     FailureKind.TIMEOUT, f"no response headers within {self.timeout:g} s"
@@ -235,7 +235,7 @@ class UpstreamClient:
             return await bodies.read_bounded(response, limit, self.clock, self.idle_timeout)
         except OCIError:
             raise
-        except BaseException as error:
+        except Exception as error:
             if is_cancellation(error):
                 raise
             raise UpstreamFailure(*classify(error)).oci() from None
