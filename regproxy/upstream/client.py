@@ -199,7 +199,9 @@ class UpstreamClient:
             )
         except Exception as error:
             # treq refuses some URLs (a malformed port) before any I/O.
-            failure = UpstreamFailure(FailureKind.PROTOCOL, f"unusable URL ({type(error).__name__})")
+            failure = UpstreamFailure(
+                FailureKind.PROTOCOL, f"unusable URL ({type(error).__name__})"
+            )
             self._health.failed(route, failure.kind, failure.cause)
             raise failure from None
         timed_out = False

@@ -14,6 +14,7 @@ from twisted.web.server import Request, Site
 
 from ..errors import OCIError
 from ..observe import ClientAddress, Metrics, access_log
+from .framing import framing_error, refuse_and_close
 from .registry import exchange_of
 
 SERVER = b"regproxy"
@@ -28,6 +29,8 @@ class ProxyRequest(Request):
         super().__init__(*args, **kwargs)
         self.request_id = secrets.token_hex(8)
         self._received = 0
+        # Set once the request was refused at the framing level: nothing more of it is read.
+        self._refused = False
         self._started = time.monotonic()
 
     def setHeader(self, name: bytes | str, value: bytes | str) -> None:
@@ -38,31 +41,35 @@ class ProxyRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > MAX_REQUEST_BODY:
-            self._refuse_body()
+            self._refuse(OCIError("REQUEST_INVALID", "request body too large", status=413))
             return
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return  # bytes of a refused request that were already on their way
         self._received += len(data)
         if self._received > MAX_REQUEST_BODY:
-            self._refuse_body()
+            self._refuse(OCIError("REQUEST_INVALID", "request body too large", status=413))
             return
         super().handleContentChunk(data)
 
-    def _refuse_body(self) -> None:
-        """Answer 413 at once and hang up: reading the rest would be the attacker's game."""
-        if self.channel is None or self.startedWriting:
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
             return
-        transport = self.channel.transport
-        if transport is None:
+        error = framing_error(command, self.requestHeaders)
+        if error is not None:
+            self._refuse(error, head=command == b"HEAD")
             return
-        body = OCIError("REQUEST_INVALID", "request body too large", status=413).body()
-        transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
+        super().requestReceived(command, path, version)
+
+    def _refuse(self, error: OCIError, head: bool = False) -> None:
+        """Answer at once and hang up: reading on would be the sender's game."""
+        if self._refused or self.startedWriting or self.channel is None:
+            return
+        self._refused = True
         self.startedWriting = True
-        transport.loseConnection()
+        refuse_and_close(self.channel.transport, error, head=head)
 
     def process(self) -> None:
         self.site = self.channel.site  # type: ignore[attr-defined]

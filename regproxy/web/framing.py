@@ -1,0 +1,49 @@
+"""Request framing the proxy refuses before anything is forwarded: smuggling shapes.
+
+Twisted's HTTP server accepts ``Transfer-Encoding: identity`` and then ignores the body,
+whose bytes it parses as the next request on the connection; behind a front proxy that
+frames the message differently that is request smuggling. RFC 9112 section 6.3: a
+Transfer-Encoding whose final coding is not ``chunked`` is a 400, and the connection is
+closed. A registry read (GET, HEAD) has no body at all, so one that carries one is refused
+the same way; only the OAuth2 ``POST /_token`` form has a body, of bounded size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.web.http_headers import Headers
+
+from ..errors import OCIError
+
+BODYLESS_METHODS = (b"GET", b"HEAD")
+REASONS = {400: b"Bad Request", 413: b"Payload Too Large"}
+
+
+def framing_error(method: bytes, headers: Headers) -> OCIError | None:
+    """Why this request's framing is refused, or None when it is acceptable."""
+    codings = headers.getRawHeaders(b"transfer-encoding")
+    if codings is not None and [c.strip().lower() for c in codings] != [b"chunked"]:
+        return OCIError("REQUEST_INVALID", "only Transfer-Encoding: chunked is accepted")
+    if method in BODYLESS_METHODS:
+        lengths = headers.getRawHeaders(b"content-length") or []
+        if codings is not None or any(value.strip() != b"0" for value in lengths):
+            return OCIError("REQUEST_INVALID", "GET and HEAD requests carry no body")
+    return None
+
+
+def refuse_and_close(transport: Any, error: OCIError, *, head: bool) -> None:
+    """Answer ``error`` straight on the transport and close the connection.
+
+    Used where no Request can answer (the framing is untrusted, so nothing after it on the
+    connection may be read as another request). A HEAD answer never carries a body.
+    """
+    if transport is None:
+        return
+    body = error.body()
+    reason = REASONS.get(error.status, b"Bad Request")
+    transport.write(
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (error.status, reason, len(body), b"" if head else body)
+    )
+    transport.loseConnection()
