@@ -37,13 +37,13 @@ from zope.interface import implementer
 
 from regproxy.config import Credentials, Route, Upstream
 from regproxy.errors import OCIError
-from regproxy.upstream.client import UpstreamClient
 from regproxy.upstream.auth import (
     DEFAULT_TOKEN_LIFETIME,
     TOKEN_EXPIRY_MARGIN,
     CredentialsRejected,
     UpstreamAuth,
 )
+from regproxy.upstream.client import UpstreamClient
 from regproxy.upstream.credentials import (
     GOOGLE_REFRESH_MARGIN,
     BasicCredentials,
@@ -52,7 +52,7 @@ from regproxy.upstream.credentials import (
     basic_header,
     credential_source,
 )
-from tests.unit.test_forward import AUTH_REALM, Answer, FailingAgent, FakeRegistry
+from tests.support.inmemory import AUTH_REALM, Answer, FailingAgent, FakeRegistry
 
 SECRET = "s3cret-pa55w0rd"
 BASIC = b"Basic " + base64.b64encode(f"robot:{SECRET}".encode())
