@@ -50,7 +50,10 @@ def run_async(request: Request, work: Callable[[], Coroutine[Any, Any, None]], l
     deferred: Deferred[None] = ensureDeferred(work())
 
     def client_gone(_: Failure) -> None:
-        exchange.error_kind = "client_gone"
+        # Also fires when the proxy itself cut the client off after an upstream failure:
+        # that failure's kind is what the access event must say.
+        if exchange.error_kind is None:
+            exchange.error_kind = "client_gone"
         deferred.cancel()
 
     request.notifyFinish().addErrback(client_gone)

@@ -18,6 +18,8 @@ from .framing import framing_error, refuse_and_close
 from .registry import exchange_of
 
 SERVER = b"regproxy"
+# Error kinds that are the client's doing (see regproxy.relay and run_async).
+CLIENT_KINDS = frozenset({"client_gone", "client_stalled"})
 # The only request bodies the proxy reads are OAuth2 token forms.
 MAX_REQUEST_BODY = 64 * 1024
 
@@ -88,14 +90,16 @@ class ProxyRequest(Request):
         metrics.in_flight.dec()
         exchange = exchange_of(self)
         duration = time.monotonic() - self._started
-        status = self.code if result is None else 499  # 499: the client closed first
+        upstream_error = exchange.error_kind
+        if upstream_error in CLIENT_KINDS:
+            upstream_error = None  # the client's doing, not the upstream's
+        # 499 only when the client closed first; when the proxy cut the connection because
+        # the upstream failed mid-body, the event keeps the status that was sent.
+        status = self.code if result is None or upstream_error is not None else 499
         method = self.method.decode("latin-1")
         if method not in ("GET", "HEAD", "POST"):
             method = "other"  # bounded label values, whatever scanners send
         route, endpoint = exchange.route or "none", exchange.endpoint
-        upstream_error = exchange.error_kind
-        if upstream_error in ("client_gone", "client_stalled"):
-            upstream_error = None  # the client's doing, not the upstream's
         metrics.observe_request(
             route=route,
             endpoint=endpoint,
@@ -118,7 +122,8 @@ class ProxyRequest(Request):
         access_log.info(
             "{line}",
             line=f"{client} {logged_method} {path} {status} {self.sentLength} {duration:.3f}s"
-            f" upstream={exchange.upstream_status} route={route} id={self.request_id}",
+            f" upstream={exchange.upstream_status} route={route} id={self.request_id}"
+            + (f" error={exchange.error_kind}" if exchange.error_kind else ""),
             request_id=self.request_id,
             client=client,
             method=logged_method,
@@ -129,6 +134,8 @@ class ProxyRequest(Request):
             upstream_status=exchange.upstream_status,
             route=route,
             endpoint=endpoint,
+            error=exchange.error_kind,
+            complete=result is None,
         )
 
 

@@ -16,7 +16,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
-from twisted.web.server import Request
 from zope.interface import implementer
 
 from regproxy import challenge
@@ -32,6 +31,7 @@ from tests.support.inmemory import (
     ProxyCase,
     Seen,
 )
+from tests.support.stalling import Stalling
 
 
 class ForwardingTests(ProxyCase):
@@ -573,32 +573,6 @@ class OtherPathTests(ProxyCase):
         self.assertEqual(self.get("/healthz").body, b"ok\n")
         self.assertEqual(self.get("/readyz").body, b"ok\n")
         self.assertEqual(self.registry.seen, [])
-
-
-class Stalling(Resource):
-    """An upstream that sends part of a body and then stalls or hangs up."""
-
-    isLeaf = True
-
-    def __init__(self, *, hang_up: bool, status: int = 200) -> None:
-        super().__init__()
-        self.hang_up = hang_up
-        self.status = status
-        self.requests: list[Request] = []
-        self.gone: list[bool] = []
-
-    def render(self, request: Request) -> object:
-        from twisted.web.server import NOT_DONE_YET
-
-        self.requests.append(request)
-        request.notifyFinish().addBoth(lambda result: self.gone.append(result is not None))
-        request.setResponseCode(self.status)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", b"100")
-        request.write(b"x" * 40)
-        if self.hang_up:
-            request.loseConnection()
-        return NOT_DONE_YET
 
 
 class BrokenBodyTests(ProxyCase):
