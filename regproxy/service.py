@@ -11,6 +11,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -23,7 +24,7 @@ from .forward import Forwarder
 from .observe import ClientAddress, Metrics
 from .upstream.auth import UpstreamAuth
 from .upstream.client import HealthObserver, UpstreamClient, UpstreamFailure, user_agent
-from .upstream.credentials import credential_source
+from .upstream.credentials import RunInThread, credential_source
 from .upstream.http import make_client, make_pool
 from .upstream.realm import RealmCache
 from .web.browser import BrowserRedirect, NotFound
@@ -123,6 +124,7 @@ def build_root(
     readiness: Readiness,
     follow_client: HTTPClient | None = None,
     health: HealthObserver | None = None,
+    run_in_thread: RunInThread = deferToThread,
 ) -> Resource:
     """The whole resource tree, wired to ``client`` (tests hand in an in-memory one).
 
@@ -138,7 +140,7 @@ def build_root(
     sources = {
         r.name: source
         for r in config.routes
-        if (source := credential_source(r.credentials)) is not None
+        if (source := credential_source(r.credentials, run_in_thread)) is not None
     }
     auth = UpstreamAuth(
         upstream=upstream,
@@ -185,6 +187,7 @@ def build_service(config: Config, reactor: Any) -> IService:
         metrics=metrics,
         readiness=readiness,
         follow_client=follow_client,
+        run_in_thread=lambda work: deferToThreadPool(reactor, reactor.getThreadPool(), work),
     )
     site = ProxySite(root, metrics=metrics, client_address=ClientAddress(config.trusted_proxies))
 

@@ -12,13 +12,15 @@ import datetime
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from ..config import Credentials
 
 GOOGLE_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
+# Runs a blocking call away from the reactor thread.
+RunInThread = Callable[[Callable[[], None]], Deferred[None]]
 # Refresh this long before a Google access token expires, so no request carries a token
 # that dies on the way.
 GOOGLE_REFRESH_MARGIN = datetime.timedelta(minutes=5)
@@ -70,8 +72,10 @@ class GoogleAccessTokens:
         make_credentials: Callable[[], Any],
         description: str,
         now: Callable[[], datetime.datetime] | None = None,
+        run_in_thread: RunInThread = deferToThread,
     ) -> None:
         self._make_credentials = make_credentials
+        self._run_in_thread = run_in_thread
         self._credentials: Any = None
         self._lock = DeferredLock()
         self._now = now or (
@@ -92,7 +96,7 @@ class GoogleAccessTokens:
             await self._lock.acquire()
             try:
                 if not self._fresh():
-                    await deferToThread(self._refresh)
+                    await self._run_in_thread(self._refresh)
             finally:
                 self._lock.release()
         return basic_header("oauth2accesstoken", self._credentials.token)
@@ -108,23 +112,25 @@ class GoogleAccessTokens:
         self.log.info("refreshed Google access token ({source})", source=self.description)
 
 
-def google_key_file(path: str) -> GoogleAccessTokens:
+def google_key_file(path: str, run_in_thread: RunInThread = deferToThread) -> GoogleAccessTokens:
     def make() -> Any:
         from google.oauth2 import service_account
 
         return service_account.Credentials.from_service_account_file(path, scopes=GOOGLE_SCOPES)
 
-    return GoogleAccessTokens(make, f"Google key file {path}")
+    return GoogleAccessTokens(make, f"Google key file {path}", run_in_thread=run_in_thread)
 
 
-def google_adc() -> GoogleAccessTokens:
+def google_adc(run_in_thread: RunInThread = deferToThread) -> GoogleAccessTokens:
     def make() -> Any:
         import google.auth
 
         credentials, _ = google.auth.default(scopes=GOOGLE_SCOPES)
         return credentials
 
-    return GoogleAccessTokens(make, "Google application default credentials")
+    return GoogleAccessTokens(
+        make, "Google application default credentials", run_in_thread=run_in_thread
+    )
 
 
 def google_json_key(path: str) -> BasicCredentials:
@@ -135,7 +141,11 @@ def google_json_key(path: str) -> BasicCredentials:
     return source
 
 
-def credential_source(credentials: Credentials) -> CredentialSource | None:
+def credential_source(
+    credentials: Credentials, run_in_thread: RunInThread = deferToThread
+) -> CredentialSource | None:
+    """The route's credential source; ``run_in_thread`` runs blocking refreshes (the
+    service hands in its reactor's thread pool, tests a runner of their own)."""
     if credentials.auth_header:
         return StaticHeader(credentials.auth_header)
     if credentials.username and credentials.password is not None:
@@ -143,7 +153,7 @@ def credential_source(credentials: Credentials) -> CredentialSource | None:
     if credentials.google_key_file and credentials.google_json_key:
         return google_json_key(credentials.google_key_file)
     if credentials.google_key_file:
-        return google_key_file(credentials.google_key_file)
+        return google_key_file(credentials.google_key_file, run_in_thread)
     if credentials.google_adc:
-        return google_adc()
+        return google_adc(run_in_thread)
     return None

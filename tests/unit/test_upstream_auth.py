@@ -2,7 +2,7 @@
 
 The token realm is an in-memory twisted Resource (``FakeRegistry`` from test_forward, which
 records every request) behind ``treq.testing.RequestTraversalAgent``; time is a ``Clock``.
-Only the Google access-token tests use the real reactor, for ``deferToThread``.
+Blocking Google refreshes go to an injected runner the tests drive themselves.
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     ensureDeferred,
-    gatherResults,
     succeed,
 )
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IAgent
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -638,83 +637,106 @@ class FakeGoogleCredentials:
         self.expiry = self.now() + self.lifetime
 
 
-class GoogleAccessTokenTests(TestCase):
+class ManualThreads:
+    """Stands in for the thread pool: blocking work runs only when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Any, Deferred[None]]] = []
+        self.ran = 0
+
+    def __call__(self, work: Any) -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        self.pending.append((work, done))
+        return done
+
+    def run(self) -> None:
+        pending, self.pending = self.pending, []
+        for work, done in pending:
+            self.ran += 1
+            try:
+                done.callback(work())
+            except Exception:
+                done.errback()
+
+
+class GoogleAccessTokenTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.now = NOW
         self.made = 0
         self.credentials = FakeGoogleCredentials(lambda: self.now, datetime.timedelta(hours=1))
+        self.threads = ManualThreads()
 
         def make() -> FakeGoogleCredentials:
             self.made += 1
             return self.credentials
 
-        self.source = GoogleAccessTokens(make, "Google key file /k.json", now=lambda: self.now)
+        self.source = GoogleAccessTokens(
+            make, "Google key file /k.json", now=lambda: self.now, run_in_thread=self.threads
+        )
 
     @staticmethod
     def header(token: str) -> bytes:
         return b"Basic " + base64.b64encode(f"oauth2accesstoken:{token}".encode())
 
-    def test_refresh_in_a_thread_then_cached(self) -> Deferred[None]:
-        async def run() -> None:
-            self.assertEqual(await self.source.authorization(), self.header("ya29.token-1"))
-            self.assertEqual((self.made, self.credentials.refreshes), (1, 1))
-            self.assertNotEqual(self.credentials.threads, [threading.get_ident()])
-            [request] = self.credentials.requests
-            self.assertIsInstance(request, google.auth.transport.requests.Request)
-            # Just before expiry - margin: the token is still used as it is.
-            self.now = NOW + datetime.timedelta(hours=1) - GOOGLE_REFRESH_MARGIN
-            self.now -= datetime.timedelta(seconds=1)
-            self.assertEqual(await self.source.authorization(), self.header("ya29.token-1"))
-            self.assertEqual(self.credentials.refreshes, 1)
-            # From expiry - margin on, it is refreshed first.
-            self.now += datetime.timedelta(seconds=1)
-            self.assertEqual(await self.source.authorization(), self.header("ya29.token-2"))
-            self.assertEqual(
-                (self.made, self.credentials.refreshes, self.source.refreshes), (1, 2, 2)
-            )
+    def authorization(self) -> Deferred[bytes]:
+        d = ensureDeferred(self.source.authorization())
+        self.threads.run()
+        return d
 
-        return ensureDeferred(run())
+    def test_refresh_runs_off_the_reactor_then_is_cached(self) -> None:
+        d = ensureDeferred(self.source.authorization())
+        # Nothing blocking ran on the caller's stack: it waits for the thread pool.
+        self.assertNoResult(d)
+        self.assertEqual(self.credentials.refreshes, 0)
+        self.threads.run()
+        self.assertEqual(self.successResultOf(d), self.header("ya29.token-1"))
+        self.assertEqual((self.made, self.credentials.refreshes), (1, 1))
+        [request] = self.credentials.requests
+        self.assertIsInstance(request, google.auth.transport.requests.Request)
+        # Just before expiry - margin: the token is still used as it is, with no thread.
+        self.now = NOW + datetime.timedelta(hours=1) - GOOGLE_REFRESH_MARGIN
+        self.now -= datetime.timedelta(seconds=1)
+        self.assertEqual(
+            self.successResultOf(ensureDeferred(self.source.authorization())),
+            self.header("ya29.token-1"),
+        )
+        self.assertEqual(self.threads.ran, 1)
+        # From expiry - margin on, it is refreshed first.
+        self.now += datetime.timedelta(seconds=1)
+        self.assertEqual(self.successResultOf(self.authorization()), self.header("ya29.token-2"))
+        self.assertEqual((self.made, self.credentials.refreshes, self.source.refreshes), (1, 2, 2))
 
-    def test_concurrent_calls_share_one_refresh(self) -> Deferred[None]:
-        async def run() -> None:
-            headers = await gatherResults(
-                [ensureDeferred(self.source.authorization()) for _ in range(5)]
-            )
-            self.assertEqual(headers, [self.header("ya29.token-1")] * 5)
-            self.assertEqual((self.made, self.credentials.refreshes), (1, 1))
+    def test_concurrent_calls_share_one_refresh(self) -> None:
+        calls = [ensureDeferred(self.source.authorization()) for _ in range(5)]
+        for _ in range(5):
+            self.threads.run()
+        headers = [self.successResultOf(d) for d in calls]
+        self.assertEqual(headers, [self.header("ya29.token-1")] * 5)
+        self.assertEqual((self.made, self.credentials.refreshes, self.threads.ran), (1, 1, 1))
 
-        return ensureDeferred(run())
+    def test_failed_refresh_is_retried_by_the_next_call(self) -> None:
+        self.credentials.fail_next = True
+        self.failureResultOf(self.authorization(), google.auth.exceptions.RefreshError)
+        self.assertEqual(self.source.refreshes, 0)
+        self.assertEqual(self.successResultOf(self.authorization()), self.header("ya29.token-1"))
+        self.assertEqual((self.made, len(self.credentials.requests)), (1, 2))
 
-    def test_failed_refresh_is_retried_by_the_next_call(self) -> Deferred[None]:
-        async def run() -> None:
-            self.credentials.fail_next = True
-            with self.assertRaises(google.auth.exceptions.RefreshError):
-                await self.source.authorization()
-            self.assertEqual(self.source.refreshes, 0)
-            self.assertEqual(await self.source.authorization(), self.header("ya29.token-1"))
-            self.assertEqual((self.made, len(self.credentials.requests)), (1, 2))
+    def test_token_without_expiry_is_kept(self) -> None:
+        self.credentials.lifetime = None  # type: ignore[assignment]
+        self.credentials.now = lambda: None  # type: ignore[assignment]
 
-        return ensureDeferred(run())
+        def refresh(request: Any) -> None:
+            self.credentials.refreshes += 1
+            self.credentials.token = "ya29.forever"
+            self.credentials.expiry = None
 
-    def test_token_without_expiry_is_kept(self) -> Deferred[None]:
-        async def run() -> None:
-            self.credentials.lifetime = None  # type: ignore[assignment]
-            self.credentials.now = lambda: None  # type: ignore[assignment]
+        self.credentials.refresh = refresh  # type: ignore[method-assign]
+        self.assertEqual(self.successResultOf(self.authorization()), self.header("ya29.forever"))
+        self.now = NOW + datetime.timedelta(days=365)
+        self.assertEqual(self.successResultOf(self.authorization()), self.header("ya29.forever"))
+        self.assertEqual(self.credentials.refreshes, 1)
 
-            def refresh(request: Any) -> None:
-                self.credentials.refreshes += 1
-                self.credentials.token = "ya29.forever"
-                self.credentials.expiry = None
-
-            self.credentials.refresh = refresh  # type: ignore[method-assign]
-            self.assertEqual(await self.source.authorization(), self.header("ya29.forever"))
-            self.now = NOW + datetime.timedelta(days=365)
-            self.assertEqual(await self.source.authorization(), self.header("ya29.forever"))
-            self.assertEqual(self.credentials.refreshes, 1)
-
-        return ensureDeferred(run())
-
-    def test_google_tokens_answer_a_bearer_challenge(self) -> Deferred[None]:
+    def test_google_tokens_answer_a_bearer_challenge(self) -> None:
         """Through UpstreamAuth: the realm gets the access token as basic credentials."""
         realm = Realm()
         realm.on("/v2/token", token_answer(token="registry-tok", expires_in=300))
@@ -730,16 +752,13 @@ class GoogleAccessTokenTests(TestCase):
         # A Google credential never goes to a realm that is not a Google registry's.
         self.assertIsNone(auth.plan(route, [BEARER]))
 
-        async def run() -> None:
-            d = ensureDeferred(auth.answer(route, SCOPE, item))
-            while not d.called:
-                realm.release()
-                agent.flush()
-                await deferLater(global_reactor, 0.001)
-            self.assertEqual(await d, b"Bearer registry-tok")
-            [seen] = realm.seen
-            self.assertEqual(
-                seen.headers.getRawHeaders(b"authorization"), [self.header("ya29.token-1")]
-            )
-
-        return ensureDeferred(run())
+        d = ensureDeferred(auth.answer(route, SCOPE, item))
+        for _ in range(5):
+            self.threads.run()
+            realm.release()
+            agent.flush()
+        self.assertEqual(self.successResultOf(d), b"Bearer registry-tok")
+        [seen] = realm.seen
+        self.assertEqual(
+            seen.headers.getRawHeaders(b"authorization"), [self.header("ya29.token-1")]
+        )
