@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from tests.support.images import (
 from tests.support.ports import free_port
 from tests.support.registry import RegistryServer
 from tests.support.seed import SeededRegistry
+from tests.support.waiting import eventually
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -190,12 +190,7 @@ def wait_for_upstream_check(proxy) -> None:
     Its connection then waits in the pool and the next request reuses it, so the tests
     below see exactly one upstream connection: the one carrying their transfer.
     """
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if "regproxy_upstream_up{" in curl(proxy.url + "/metrics").body.decode():
-            return
-        time.sleep(0.05)
-    raise AssertionError("the upstream check did not run")
+    eventually(lambda: "regproxy_upstream_up{" in curl(proxy.url + "/metrics").body.decode())
 
 
 def _established(pid: int, remote_port: int) -> int:
@@ -231,13 +226,9 @@ def test_client_disconnect_mid_blob_closes_the_upstream_transfer(
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         client.sendall(f"GET /v2/huge/blobs/{layer} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         assert client.recv(65536).startswith(b"HTTP/1.1 200")
-        time.sleep(0.5)
         # The client reads nothing more: backpressure holds the upstream connection open.
-        assert _established(proxy.pid, registry.port) == 1
-    deadline = time.monotonic() + 5
-    while _established(proxy.pid, registry.port) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _established(proxy.pid, registry.port) == 0
+        eventually(lambda: _established(proxy.pid, registry.port) == 1)
+    eventually(lambda: _established(proxy.pid, registry.port) == 0, timeout=5)
     assert proxy.running
 
 
@@ -293,22 +284,16 @@ def test_a_client_that_stops_reading_is_dropped(
     )
     try:
         # It reads nothing; within a few idle periods the proxy lets go of both sides.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _established(proxy.pid, registry.port):
-            time.sleep(0.1)
-        assert _established(proxy.pid, registry.port) == 0
-        deadline = time.monotonic() + 5
-        in_flight = None
-        while time.monotonic() < deadline:
+        eventually(lambda: _established(proxy.pid, registry.port) == 0)
+
+        def in_flight() -> float:
             metrics = curl(proxy.url + "/metrics").body.decode()
-            in_flight = next(
+            return next(
                 float(line.split()[1])
                 for line in metrics.splitlines()
                 if line.startswith("regproxy_in_flight_requests ")
             )
-            if in_flight == 1:  # only the /metrics request itself
-                break
-            time.sleep(0.1)
-        assert in_flight == 1
+
+        eventually(lambda: in_flight() == 1, timeout=5)  # only the /metrics request itself
     finally:
         client.close()
