@@ -82,7 +82,7 @@ def parse_routes(data: Mapping[str, Any], base: str = ".") -> RouteTable:
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             errors.append(f"unknown top-level key {_q(key)}{_suggest(key, TOP_LEVEL_KEYS)}")
-    tables = data.get("routes")
+    tables = data.get("routes", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         errors.append("routes must be [[routes]] tables")
         raise ConfigError(errors)
