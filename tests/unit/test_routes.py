@@ -261,8 +261,7 @@ def test_an_empty_allow_list_is_a_mistake(tmp_path: Path) -> None:
         ),
         (
             'username = "u"\ngoogle_credentials = "key.json"',
-            "choose one kind of credentials, not username + password_file and "
-            "google_credentials",
+            "choose one kind of credentials, not username + password_file and google_credentials",
         ),
         ('username = "u"', "username and password_file go together"),
         ('password_file = "pw"', "username and password_file go together"),
@@ -339,7 +338,7 @@ def test_secret_file_errors_name_the_key_and_never_the_content(tmp_path: Path) -
         f'route "a": password_file: cannot read "{tmp_path}/missing": No such file or directory',
         f'route "b": auth_header_file: "{tmp_path}/empty" is empty',
         f'route "c": auth_header_file: "{tmp_path}/binary" is not UTF-8 text',
-        f'route "d": upstream_ca: "/nonexistent/ca.pem" is not a readable file',
+        'route "d": upstream_ca: "/nonexistent/ca.pem" is not a readable file',
         f'route "d": google_credentials: "{tmp_path}/missing.json" is not a readable file',
     ]
     assert not any("hunter2" in error for error in errors)
