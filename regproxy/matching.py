@@ -42,10 +42,15 @@ class Mount:
 
     route: Route
     path: str | None = None
+    # For the default route: first components that belong to path routes. A client cannot
+    # reach the default route's repositories under them (see ``RouteTable.match``).
+    shadowed: frozenset[str] = frozenset()
 
     def route_name(self, client_name: str) -> str | None:
         """A client's repository name without the path component; None when outside it."""
         if self.path is None:
+            if client_name.partition("/")[0] in self.shadowed:
+                return None
             return client_name
         head = self.path + "/"
         if client_name.startswith(head) and len(client_name) > len(head):
@@ -68,7 +73,9 @@ class Mount:
         name = self.route.client_name(upstream_name)
         if name is None or not self.route.allows(name):
             return None
-        return name if self.path is None else f"{self.path}/{name}"
+        if self.path is None:
+            return name if self.route_name(name) is not None else None
+        return f"{self.path}/{name}"
 
     def upstream_name(self, client_name: str) -> str | None:
         """The upstream repository for a client's name; None outside the mount or allow-list."""
@@ -112,7 +119,8 @@ class Mount:
 
         Mounted and unmounted clients name the same repository differently
         (``hub/library/alpine`` and ``library/alpine``), so the realm says which one the
-        scopes of a token request use; ``RouteTable.token_mount`` reads it back.
+        scopes of a token request use; ``RouteTable.token_mount`` reads it back. The default
+        route's realm also takes scopes for path routes: see ``RouteTable.token_mount``.
         """
         if self.path is None:
             return f"/_token/{self.route.name}"
@@ -223,6 +231,7 @@ class RouteTable:
     # Exact hosts first, then wildcards longest first: the most specific pattern wins.
     _hosts: tuple[tuple[str, Route], ...] = attrs.field(init=False, eq=False, repr=False)
     default: Route | None = attrs.field(init=False, eq=False)
+    _default_mount: Mount | None = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         errors = conflicts(self.routes)
@@ -242,6 +251,8 @@ class RouteTable:
         )
         set_(self, "_hosts", tuple(hosts))
         set_(self, "default", next((r for r in self.routes if r.is_default), None))
+        shadowed = frozenset(route.path for route in self.routes if route.path)
+        set_(self, "_default_mount", Mount(self.default, None, shadowed) if self.default else None)
 
     def by_name(self, name: str) -> Route | None:
         return self._by_name.get(name)
@@ -274,21 +285,39 @@ class RouteTable:
                 if not rest:
                     return None
                 return RouteMatch(Mount(route, first), rest, MatchedBy.PATH)
-        if self.default is not None:
-            return RouteMatch(Mount(self.default), name, MatchedBy.DEFAULT)
+        if self._default_mount is not None:
+            return RouteMatch(self._default_mount, name, MatchedBy.DEFAULT)
         return None
 
-    def token_mount(self, rest: str) -> Mount | None:
-        """The mount a ``/_token/<rest>`` request is for (see ``Mount.token_path``)."""
+    def token_mount(self, rest: str, scopes: Iterable[str] = ()) -> Mount | None:
+        """The mount a ``/_token/<rest>`` request is for; None: answer 404.
+
+        ``rest`` is a route name (``Mount.token_path``), a route name and its path, or
+        empty. docker and containers/image (skopeo, podman) take the realm from their
+        ``/v2/`` ping, not from the request that needed the token, so the realm of the
+        default route (and the empty one, for a proxy without a default route) also
+        receives scopes of path routes: like ``/v2/`` requests, they go to the path route
+        their first repository scope names, and otherwise to the default route.
+        """
         name, _, path = rest.strip("/").partition("/")
-        route = self.by_name(name)
-        if route is None:
+        route = self.by_name(name) if name else None
+        if name and route is None:
             return None
-        if not path:
+        if route is not None and path:
+            return Mount(route, path) if path == route.path else None
+        if route is not None and not route.is_default:
             return Mount(route)
-        if path == route.path:
-            return Mount(route, path)
-        return None
+        for text in split_scopes(scopes):
+            try:
+                scope = Scope.parse(text)
+            except OCIError:
+                continue
+            if scope.is_repository:
+                match = self.match(None, None, scope.name)
+                if match is not None and match.by is MatchedBy.PATH:
+                    return match.mount
+                break
+        return self._default_mount
 
 
 def unknown_name(name: str) -> OCIError:

@@ -167,7 +167,58 @@ def test_token_paths_say_whether_the_client_is_mounted() -> None:
     assert TABLE.token_mount("hub/ghcr") is None
     assert TABLE.token_mount("quay/") == Mount(QUAY)
     assert TABLE.token_mount("nope") is None
-    assert TABLE.token_mount("") is None
+    assert TABLE.token_mount("own/x") is None
+
+
+DEFAULT_MOUNT = Mount(OWN, None, frozenset({"hub", "ghcr"}))
+
+
+@pytest.mark.parametrize("rest", ["own", ""])
+@pytest.mark.parametrize(
+    ("scopes", "mount"),
+    [
+        # docker and skopeo ask the realm of their /v2/ ping, the default route's, for
+        # every repository, with the names they pulled: path routes must get theirs.
+        (["repository:hub/library/alpine:pull"], Mount(HUB, "hub")),
+        (["registry:catalog:* repository:ghcr/org/app:pull"], Mount(GHCR, "ghcr")),
+        (["repository:team/app:pull"], DEFAULT_MOUNT),
+        (["repository:hub:pull"], DEFAULT_MOUNT),
+        ([], DEFAULT_MOUNT),
+        (["malformed", "repository:hub/x:pull"], Mount(HUB, "hub")),
+    ],
+)
+def test_the_default_realm_dispatches_path_scopes(
+    rest: str, scopes: list[str], mount: Mount
+) -> None:
+    assert TABLE.token_mount(rest, scopes) == mount
+
+
+def test_the_empty_realm_without_a_default_route() -> None:
+    table = RouteTable((HUB, GHCR))
+    assert table.token_mount("", ["repository:ghcr/a:pull"]) == Mount(GHCR, "ghcr")
+    assert table.token_mount("", ["repository:other/a:pull"]) is None
+
+
+def test_a_host_route_realm_does_not_dispatch() -> None:
+    assert TABLE.token_mount("quay", ["repository:hub/x:pull"]) == Mount(QUAY)
+
+
+def test_mixed_routes_in_one_token_request_keep_the_first_routes_scopes() -> None:
+    scopes = ["repository:hub/alpine:pull", "repository:ghcr/a:pull", "repository:x/y:pull"]
+    mount = TABLE.token_mount("own", scopes)
+    assert mount is not None
+    assert mount.upstream_scopes(scopes) == ["repository:library/alpine:pull"]
+
+
+def test_the_default_route_drops_shadowed_names() -> None:
+    match = TABLE.match(None, None, "team/app")
+    assert match is not None and match.mount == DEFAULT_MOUNT
+    assert match.mount.upstream_scopes(
+        ["repository:team/app:pull", "repository:hub:pull", "repository:ghcr/x/y:pull"]
+    ) == ["repository:mirror/team/app:pull"]
+    # _catalog leaves out what no client can pull through the default route.
+    names = ["mirror/app", "mirror/hub/tools", "mirror/hubx"]
+    assert [match.mount.catalog_name(name) for name in names] == ["app", None, "hubx"]
 
 
 # The allow-list.
