@@ -147,7 +147,8 @@ class RouteMatch:
 
     @property
     def upstream_name(self) -> str:
-        return self.route.upstream_name(self.name)
+        """The upstream repository; "" when the request names none."""
+        return self.route.upstream_name(self.name) if self.name else ""
 
 
 def allowed(route: Route, client_name: str) -> bool:

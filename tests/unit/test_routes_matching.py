@@ -115,7 +115,18 @@ def test_localhost_and_127_are_two_hosts() -> None:
     a = Route(Upstream("http", "127.0.0.1:1"), name="a", host="localhost")
     b = Route(Upstream("http", "127.0.0.1:2"), name="b", host="127.0.0.1")
     table = RouteTable((a, b))
-    assert [table.match(h, None, "x").route for h in ("localhost:80", "127.0.0.1:80")] == [a, b]  # type: ignore[union-attr]
+    matches = [table.match(host, None, "x") for host in ("localhost:80", "127.0.0.1:80")]
+    assert [match.route if match else None for match in matches] == [a, b]
+
+
+def test_the_one_route_of_the_flags_answers_everything() -> None:
+    route = Route(Upstream("https", "registry-1.docker.io"))
+    table = RouteTable((route,))
+    for args in [("a.example", "docker.io", "alpine"), (None, None, None), ("x", None, "a/b")]:
+        match = table.match(*args)
+        assert match is not None and match.route is route and match.by is MatchedBy.DEFAULT
+    assert table.token_mount("default", ["repository:alpine:pull"]) == Mount(route)
+    assert route_scopes(route, ["repository:alpine:pull"]) == ["repository:library/alpine:pull"]
 
 
 # Names as clients of a mount see them.
@@ -270,7 +281,8 @@ def test_no_allow_list_allows_everything() -> None:
 def test_a_denied_name_matches_but_is_not_allowed() -> None:
     match = TABLE.match(None, "docker.io", "someone/else")
     assert match is not None and not match.allowed
-    assert TABLE.match(None, "docker.io", None).allowed  # type: ignore[union-attr]
+    base = TABLE.match(None, "docker.io", None)
+    assert base is not None and base.allowed and base.upstream_name == ""
 
 
 COMPONENT = st.from_regex(re.compile(r"[a-z0-9]{1,6}"), fullmatch=True)
