@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import enum
+import re
 from urllib.parse import urlsplit
 
 import attrs
 
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 DOCKER_HUB_URL = "https://registry-1.docker.io"
+
+# Registries a route's ``upstream`` may name without a URL. They all speak https on the
+# name itself, except Docker Hub: ``docker.io`` is what people write and what containerd
+# sends in ``?ns=``, but the registry API lives on registry-1.docker.io.
+KNOWN_UPSTREAMS = {
+    "docker.io": DOCKER_HUB_URL,
+    "ghcr.io": "https://ghcr.io",
+    "quay.io": "https://quay.io",
+    "gcr.io": "https://gcr.io",
+    "registry.k8s.io": "https://registry.k8s.io",
+    "public.ecr.aws": "https://public.ecr.aws",
+}
+# Regional Container Registry hosts (us.gcr.io, eu.gcr.io, ...) and Artifact Registry
+# (europe-west1-docker.pkg.dev, ...).
+KNOWN_UPSTREAM_PATTERNS = (
+    re.compile(r"[a-z0-9-]+\.gcr\.io"),
+    re.compile(r"[a-z0-9-]+-docker\.pkg\.dev"),
+)
+
+
+def known_upstream(name: str) -> str | None:
+    """The URL a known registry name stands for, or None when the name is not known."""
+    name = name.strip().lower()
+    if name in KNOWN_UPSTREAMS:
+        return KNOWN_UPSTREAMS[name]
+    if any(pattern.fullmatch(name) for pattern in KNOWN_UPSTREAM_PATTERNS):
+        return f"https://{name}"
+    return None
 
 
 class BlobRedirects(enum.Enum):
@@ -45,6 +74,11 @@ class Upstream:
         parts.port  # noqa: B018 - raises ValueError for a malformed port
         return cls(parts.scheme, parts.netloc.lower())
 
+    @classmethod
+    def from_name(cls, text: str) -> Upstream:
+        """A known registry name (``docker.io``, ``ghcr.io``, ...), a URL or a bare host."""
+        return cls.from_url(known_upstream(text) or text.strip())
+
     @property
     def origin(self) -> str:
         return f"{self.scheme}://{self.netloc}"
@@ -74,9 +108,38 @@ class Credentials:
         return bool(self.auth_header or self.username or self.google_key_file or self.google_adc)
 
 
+def compile_globs(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One regular expression for a route's ``allow`` globs; None allows every name.
+
+    ``*`` matches within one path component, ``**`` across components, and ``**/`` also
+    matches nothing (``**/app`` allows ``app``), as in .gitignore. Everything else is literal.
+    """
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{_glob_regex(pattern)})" for pattern in patterns))
+
+
+def _glob_regex(pattern: str) -> str:
+    out = []
+    for token in re.split(r"(\*\*/|\*\*|\*)", pattern):
+        if token == "**/":
+            out.append("(?:.*/)?")
+        elif token == "**":
+            out.append(".*")
+        elif token == "*":
+            out.append("[^/]*")
+        else:
+            out.append(re.escape(token))
+    return "".join(out)
+
+
 @attrs.frozen
 class Route:
-    """One upstream registry served under a repository prefix."""
+    """One upstream registry served under a repository prefix.
+
+    ``host``, ``path`` and ``namespace`` say which requests the route answers (see
+    ``regproxy.matching``); a route with none of them is the default route.
+    """
 
     upstream: Upstream
     prefix: str = ""
@@ -84,6 +147,34 @@ class Route:
     blob_redirects: BlobRedirects = BlobRedirects.PASS
     upstream_ca: str | None = None
     name: str = "default"
+    host: str | None = None
+    path: str | None = None
+    namespace: str | None = None
+    allow: tuple[str, ...] = ()
+    cache: bool = True
+    # Compiled once per route, not per request; derived from ``allow``, so not compared.
+    _allow_re: re.Pattern[str] | None = attrs.field(
+        init=False,
+        eq=False,
+        repr=False,
+        default=attrs.Factory(lambda self: compile_globs(self.allow), takes_self=True),
+    )
+
+    @property
+    def is_default(self) -> bool:
+        return self.host is None and self.path is None and self.namespace is None
+
+    def allows(self, name: str) -> bool:
+        """Whether ``allow`` admits a repository, named as clients of the route name it.
+
+        ``name`` is without the route's path component. On Docker Hub a one-component name
+        is checked as ``library/<name>``, the repository it stands for.
+        """
+        if self._allow_re is None:
+            return True
+        if self.library_names and "/" not in name:
+            name = f"library/{name}"
+        return self._allow_re.fullmatch(name) is not None
 
     @property
     def library_names(self) -> bool:
@@ -130,4 +221,5 @@ class Config:
 
     @property
     def default_route(self) -> Route:
-        return self.routes[0]
+        """The route with no host, path or namespace; the first route when there is none."""
+        return next((route for route in self.routes if route.is_default), self.routes[0])
