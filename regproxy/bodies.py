@@ -124,11 +124,17 @@ def rewrite_tags(body: bytes, client_name: str) -> bytes:
     return _dumps(document)
 
 
-def rewrite_catalog(body: bytes, client_name: Callable[[str], str | None]) -> tuple[bytes, bool]:
+def rewrite_catalog(
+    body: bytes,
+    client_name: Callable[[str], str | None],
+    shown: Callable[[str], str | None] | None = None,
+) -> tuple[bytes, bool]:
     """Keep the repositories under the prefix, without it.
 
-    Returns the body and whether the page ran past the prefix (then there is no next page
-    for the client, whatever the upstream's Link says).
+    ``client_name`` maps an upstream name inside the prefix (None: outside it); ``shown``,
+    when given, is the name the client sees, or None for one it must not (an allow-list,
+    a path route's shadow). Returns the body and whether the page ran past the prefix
+    (then there is no next page for the client, whatever the upstream's Link says).
     """
     document = _loads(body)
     if not isinstance(document, dict) or not isinstance(document.get("repositories"), list):
@@ -141,7 +147,9 @@ def rewrite_catalog(body: bytes, client_name: Callable[[str], str | None]) -> tu
             # The proxy starts listing just before the prefix, so a stranger comes after it.
             ran_past = True
             continue
-        names.append(mapped)
+        visible = shown(name) if shown is not None else mapped
+        if visible is not None:
+            names.append(visible)
     document["repositories"] = names
     return _dumps(document), ran_past
 

@@ -9,9 +9,10 @@ credentials, following a blob redirect, and what the access event records.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from urllib.parse import urljoin
 
+import attrs
 from treq.client import HTTPClient
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -21,6 +22,7 @@ from . import bodies
 from .config import BlobRedirects, Route
 from .errors import OCIError
 from .mapping import UpstreamRequest, map_request
+from .matching import RouteMatch
 from .observe import Exchange
 from .reference import Kind, RegistryPath
 from .relay import relay_response
@@ -123,17 +125,21 @@ class Forwarder:
         upstream: UpstreamClient,
         auth: UpstreamAuth,
         public_base: Callable[[Request], str],
-        follow_http: HTTPClient | None = None,
+        follow_http: Mapping[str, HTTPClient] | None = None,
     ) -> None:
         self.upstream = upstream
         self.auth = auth
         self.public_base = public_base
-        # Redirect targets are fetched through endpoints that refuse non-public addresses.
-        self.follow_http = follow_http
+        # Per route: redirect targets are fetched through endpoints that refuse non-public
+        # addresses (tests of the follow logic hand in their in-memory client).
+        self.follow_http = dict(follow_http or {})
 
     async def forward(
-        self, request: Request, route: Route, target: RegistryPath, exchange: Exchange
+        self, request: Request, match: RouteMatch, client_target: RegistryPath, exchange: Exchange
     ) -> None:
+        """Forward ``client_target`` (as the client named it) to the route ``match`` found."""
+        route = match.route
+        target = attrs.evolve(client_target, name=match.name)
         mapped = map_request(
             method=request.method,
             target=target,
@@ -141,6 +147,8 @@ class Forwarder:
             raw_query=request.uri.partition(b"?")[2],
             client_headers=request.requestHeaders,
             client_host=request.getRequestHostname(),
+            mount=match.mount,
+            client_target=client_target,
         )
         response = await self._authorized(request, route, mapped, exchange)
         url = mapped.url
@@ -153,7 +161,11 @@ class Forwarder:
         if response.code == 416:
             self._range_not_satisfiable(response)
         rewriter = ResponseRewriter(
-            route=route, target=target, upstream_url=url, public_base=self.public_base(request)
+            mount=match.mount,
+            target=client_target,
+            upstream_name=mapped.upstream_name,
+            upstream_url=url,
+            public_base=self.public_base(request),
         )
         status = response.code
         has_body = mapped.method != "HEAD" and status not in (204, 304) and status >= 200
@@ -237,7 +249,7 @@ class Forwarder:
                 url,
                 headers=mapped.headers.copy(),
                 route=route.name,
-                http=self.follow_http,
+                http=self.follow_http.get(route.name),
             )
         raise OCIError("UPSTREAM_UNAVAILABLE", "too many upstream redirects")
 

@@ -16,6 +16,7 @@ from twisted.web.http_headers import Headers
 from . import headers
 from .config import Route
 from .errors import OCIError
+from .matching import Mount
 from .reference import MAX_NAME_LENGTH, Kind, RegistryPath, validate_name, validate_tag
 from .rewrite import list_body_rewritten
 from .upstream.client import user_agent
@@ -84,8 +85,16 @@ def map_request(
     raw_query: bytes,
     client_headers: Headers,
     client_host: bytes,
+    mount: Mount | None = None,
+    client_target: RegistryPath | None = None,
 ) -> UpstreamRequest:
-    """The upstream request for a validated client request; raises OCIError for bad input."""
+    """The upstream request for a validated client request; raises OCIError for bad input.
+
+    ``target`` names the repository within the route; ``client_target`` as the client
+    did, which differs under a path route (``hub/library/alpine``), seen through ``mount``.
+    """
+    mount = mount or Mount(route)
+    client_target = client_target or target
     headers.validate_range(client_headers)
     name = upstream_name_of(target, route)
     query = upstream_query(target, route, raw_query)
@@ -95,7 +104,7 @@ def map_request(
     outgoing = headers.upstream_request_headers(client_headers, user_agent(client_host))
     # A HEAD whose GET body would be rewritten goes up as a GET (list bodies are small and
     # read whole anyway), so the client is told the length of the body it would get.
-    rewritten = method == b"HEAD" and list_body_rewritten(target, route, name)
+    rewritten = method == b"HEAD" and list_body_rewritten(client_target, mount, name)
     return UpstreamRequest(
         method="GET" if rewritten else method.decode("ascii"),
         url=url,

@@ -15,15 +15,32 @@ import attrs
 from twisted.web.http_headers import Headers
 
 from . import bodies, headers
-from .config import Route
+from .matching import Mount
 from .reference import Kind, RegistryPath
 
 
-def list_body_rewritten(target: RegistryPath, route: Route, upstream_name: str | None) -> bool:
-    """Whether a successful answer's body names the upstream (so it must be rewritten)."""
+def list_body_rewritten(target: RegistryPath, mount: Mount, upstream_name: str | None) -> bool:
+    """Whether a successful list answer's body differs for the client (so it is rewritten).
+
+    ``target`` names the repository as the client did (with a path route's component).
+    """
     if target.kind is Kind.TAGS:
         return upstream_name != target.name
-    return target.kind is Kind.CATALOG and bool(route.prefix)
+    route = mount.route
+    return target.kind is Kind.CATALOG and bool(
+        route.prefix or route.allow or mount.shadowed or mount.path
+    )
+
+
+def token_path(mount: Mount) -> str:
+    """The realm path clients of this mount are sent to.
+
+    The default route keeps the plain ``/_token`` (what a single-upstream proxy has always
+    answered): that realm also takes scopes of path routes, see ``RouteTable.token_mount``.
+    """
+    if mount.path is None and mount.route.is_default:
+        return "/_token"
+    return mount.token_path
 
 
 @attrs.frozen
@@ -42,26 +59,30 @@ class ResponseRewriter:
     def __init__(
         self,
         *,
-        route: Route,
+        mount: Mount,
         target: RegistryPath | None,
+        upstream_name: str | None,
         upstream_url: str,
         public_base: str,
     ) -> None:
-        self.route = route
+        """``target`` is the request as the client named it (with a path route's component),
+        ``upstream_name`` the repository it was mapped to upstream."""
+        self.mount = mount
+        self.route = mount.route
         self.target = target
         self.public_base = public_base
+        self._asked = upstream_name
         name = target.name if target is not None else ""
-        self._asked = route.upstream_name(name) if name else None
-        self._names: tuple[str, str] | None = (self._asked, name) if self._asked else None
+        self._names: tuple[str, str] | None = (upstream_name, name) if upstream_name else None
         self._urls = headers.URLRewriter(
-            route.upstream.origin, upstream_url, public_base, self.client_name
+            self.route.upstream.origin, upstream_url, public_base, self.client_name
         )
 
     def client_name(self, upstream_name: str) -> str | None:
         """Map upstream names back, preferring the exact spelling this client used."""
         if self._asked is not None and upstream_name == self._asked and self.target is not None:
             return self.target.name
-        return self.route.client_name(upstream_name)
+        return self.mount.client_name(upstream_name)
 
     def headers(self, upstream: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
         out = []
@@ -72,7 +93,7 @@ class ResponseRewriter:
                     v.encode("latin-1")
                     for v in headers.rewrite_challenges(
                         [v.decode("latin-1") for v in values],
-                        self.public_base + "/_token",
+                        self.public_base + token_path(self.mount),
                         self.client_name,
                         self._scrubber(),
                     )
@@ -97,12 +118,14 @@ class ResponseRewriter:
                     bodies.rewrite_errors(body, scrub_token, any_json=True)
                 )
             return None
-        if status == 200 and list_body_rewritten(target, self.route, self._asked):
+        if status == 200 and list_body_rewritten(target, self.mount, self._asked):
             if target.kind is Kind.TAGS:
                 return lambda body: Rewritten(bodies.rewrite_tags(body, target.name))
 
             def catalog(body: bytes) -> Rewritten:
-                rewritten, ran_past = bodies.rewrite_catalog(body, self.route.client_name)
+                rewritten, ran_past = bodies.rewrite_catalog(
+                    body, self.route.client_name, shown=self.mount.catalog_name
+                )
                 return Rewritten(rewritten, drop_link=ran_past)
 
             return catalog

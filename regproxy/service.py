@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread, deferToThreadPool
@@ -18,15 +19,14 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from .config import Config, Route
+from .config import Config, Route, Upstream
 from .errors import OCIError
-from .forward import Forwarder
+from .gateway import CurrentRouting, Routing, RoutingFactory
+from .matching import RouteTable
 from .observe import ClientAddress, Metrics
-from .upstream.auth import UpstreamAuth
 from .upstream.client import HealthObserver, UpstreamClient, UpstreamFailure, user_agent
-from .upstream.credentials import RunInThread, credential_source
+from .upstream.credentials import RunInThread
 from .upstream.http import make_client, make_pool
-from .upstream.realm import RealmCache
 from .web.browser import BrowserRedirect, NotFound
 from .web.health import Health, Readiness
 from .web.metrics import MetricsPage
@@ -88,6 +88,16 @@ class Drain(Service):
         await self.pool.closeCachedConnections()
 
 
+async def check_upstreams(routing: Routing, metrics: Metrics) -> None:
+    """Check every route's upstream, side by side."""
+    await gatherResults(
+        [
+            ensureDeferred(check_upstream(routing.upstream, route, metrics))
+            for route in routing.table.routes
+        ]
+    )
+
+
 async def check_upstream(upstream: UpstreamClient, route: Route, metrics: Metrics) -> None:
     """Record whether the upstream answers /v2/ at all: a metric, never readiness."""
     try:
@@ -103,18 +113,6 @@ async def check_upstream(upstream: UpstreamClient, route: Route, metrics: Metric
         metrics.upstream_up.labels(route.name).set(0)
 
 
-def build_upstream(
-    config: Config, *, client: HTTPClient, clock: IReactorTime, health: HealthObserver | None
-) -> UpstreamClient:
-    return UpstreamClient(
-        client,
-        clock=clock,
-        timeout=config.upstream_timeout,
-        idle_timeout=config.idle_timeout,
-        health=health,
-    )
-
-
 def build_root(
     config: Config,
     *,
@@ -125,43 +123,44 @@ def build_root(
     follow_client: HTTPClient | None = None,
     health: HealthObserver | None = None,
     run_in_thread: RunInThread = deferToThread,
-) -> Resource:
+    http_for: Callable[[Route], HTTPClient] | None = None,
+    follow_for: Callable[[Route], HTTPClient] | None = None,
+) -> Root:
     """The whole resource tree, wired to ``client`` (tests hand in an in-memory one).
 
-    ``follow_client`` fetches blob redirects in follow mode; the service gives it endpoints
-    that refuse non-public addresses (tests of the follow logic use ``client``).
+    ``http_for`` gives routes with a TLS trust of their own their client, ``follow_for``
+    the client that fetches their blob redirects in follow mode (the service's endpoints
+    refuse non-public addresses; tests of the follow logic use ``client``). The routing in
+    force is ``root.routing``, which a reload swaps.
     """
-    route = config.default_route
-
-    def route_for(request: Request) -> Route:
-        return route
-
-    upstream = build_upstream(config, client=client, clock=clock, health=health)
-    sources = {
-        r.name: source
-        for r in config.routes
-        if (source := credential_source(r.credentials, run_in_thread)) is not None
-    }
-    auth = UpstreamAuth(
-        upstream=upstream,
-        sources=sources,
-        on_fetch=lambda name, outcome: metrics.token_fetches.labels(name, outcome).inc(),
-    )
 
     def base(request: Request) -> str:
         return public_base(request, config)
 
-    forwarder = Forwarder(
-        upstream=upstream, auth=auth, public_base=base, follow_http=follow_client or client
+    factory = RoutingFactory(
+        clock=clock,
+        timeout=config.upstream_timeout,
+        idle_timeout=config.idle_timeout,
+        http_for=http_for or (lambda route: client),
+        follow_for=follow_for or (lambda route: follow_client or client),
+        public_base=base,
+        run_in_thread=run_in_thread,
+        on_token_fetch=lambda name, outcome: metrics.token_fetches.labels(name, outcome).inc(),
+        health=health,
     )
-    root = Root(BrowserRedirect(route_for, not config.disable_browser_redirects))
-    root.putChild(b"v2", RegistryAPI(route_for, forwarder))
-    root.putChild(
-        b"_token",
-        TokenProxy(
-            route_for=route_for, realms=RealmCache(upstream), upstream=upstream, public_base=base
-        ),
-    )
+    current = CurrentRouting(factory.build(RouteTable(config.routes)))
+
+    def browser_route(request: Request) -> Route:
+        host = request.requestHeaders.getRawHeaders(b"host", [b""])[0].decode("latin-1")
+        table = current().table
+        match = table.match(host, None, None)
+        return match.route if match is not None else table.routes[0]
+
+    root = Root(BrowserRedirect(browser_route, not config.disable_browser_redirects))
+    root.routing = current
+    root.routing_factory = factory
+    root.putChild(b"v2", RegistryAPI(current, base))
+    root.putChild(b"_token", TokenProxy(routing=current, public_base=base))
     root.putChild(b"healthz", Health())
     root.putChild(b"readyz", Health(readiness))
     # With a metrics listener of its own, the public one keeps /metrics free.
@@ -171,22 +170,42 @@ def build_root(
     return root
 
 
+def client_factories(
+    reactor: Any, pool: HTTPConnectionPool
+) -> tuple[Callable[[Route], HTTPClient], Callable[[Route], HTTPClient]]:
+    """One HTTP client per TLS trust, and one follow-mode client per upstream; made once."""
+    clients: dict[str | None, HTTPClient] = {}
+    follows: dict[tuple[str | None, Upstream], HTTPClient] = {}
+
+    def http_for(route: Route) -> HTTPClient:
+        if route.upstream_ca not in clients:
+            clients[route.upstream_ca] = make_client(reactor, pool=pool, ca_file=route.upstream_ca)
+        return clients[route.upstream_ca]
+
+    def follow_for(route: Route) -> HTTPClient:
+        key = (route.upstream_ca, route.upstream)
+        if key not in follows:
+            follows[key] = make_client(
+                reactor, pool=pool, ca_file=route.upstream_ca, guard_redirects_from=route.upstream
+            )
+        return follows[key]
+
+    return http_for, follow_for
+
+
 def build_service(config: Config, reactor: Any) -> IService:
-    route = config.default_route
     pool = make_pool(reactor)
-    client = make_client(reactor, pool=pool, ca_file=route.upstream_ca)
-    follow_client = make_client(
-        reactor, pool=pool, ca_file=route.upstream_ca, guard_redirects_from=route.upstream
-    )
+    http_for, follow_for = client_factories(reactor, pool)
     metrics = Metrics()
     readiness = Readiness()
     root = build_root(
         config,
-        client=client,
+        client=http_for(config.default_route),
         clock=reactor,
         metrics=metrics,
         readiness=readiness,
-        follow_client=follow_client,
+        http_for=http_for,
+        follow_for=follow_for,
         run_in_thread=lambda work: deferToThreadPool(reactor, reactor.getThreadPool(), work),
     )
     site = ProxySite(root, metrics=metrics, client_address=ClientAddress(config.trusted_proxies))
@@ -204,9 +223,8 @@ def build_service(config: Config, reactor: Any) -> IService:
         strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(
             top
         )
-    upstream = build_upstream(config, client=client, clock=reactor, health=None)
     checker = TimerService(
-        HEALTH_CHECK_INTERVAL, lambda: ensureDeferred(check_upstream(upstream, route, metrics))
+        HEALTH_CHECK_INTERVAL, lambda: ensureDeferred(check_upstreams(root.routing(), metrics))
     )
     checker.clock = reactor
     checker.setServiceParent(top)

@@ -11,7 +11,7 @@ a timeout) and tells a client that left apart from an upstream that failed.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import attrs
@@ -163,8 +163,11 @@ class UpstreamClient:
         timeout: float,
         idle_timeout: float,
         health: HealthObserver | None = None,
+        per_route: Mapping[str, HTTPClient] | None = None,
     ) -> None:
         self._http = http
+        # Routes with a TLS trust of their own (upstream_ca) have a client of their own.
+        self._per_route = dict(per_route or {})
         self.clock = clock
         self.timeout = timeout
         self.idle_timeout = idle_timeout
@@ -188,7 +191,8 @@ class UpstreamClient:
         the same way a departing client does.
         """
         try:
-            sending = (http or self._http).request(
+            client = http or self._per_route.get(route, self._http)
+            sending = client.request(
                 method,
                 url,
                 headers=headers,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -12,13 +13,19 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ..config import Route
 from ..errors import OCIError
-from ..forward import Forwarder
+from ..matching import MatchedBy, RouteMatch, RouteTable, unknown_name
 from ..observe import Exchange
-from ..reference import Kind, RegistryPath, parse_v2_path
+from ..reference import Kind, parse_v2_path
 from ..relay import abort_client
-from .respond import API_VERSION, API_VERSION_HEADER, write_error
+from .respond import API_VERSION, API_VERSION_HEADER, write_body, write_error
+
+if TYPE_CHECKING:
+    from ..gateway import Routing
+
+# The service the proxy names in its own challenge; /_token replaces it with the upstream's.
+PROXY_SERVICE = "regproxy"
+ERROR_BODY = OCIError("UNAUTHORIZED", "authentication required").body()
 
 READ_METHODS = (b"GET", b"HEAD")
 KEPT_ON_ERROR = (b"x-request-id", b"docker-distribution-api-version")
@@ -79,21 +86,37 @@ def run_async(request: Request, work: Callable[[], Coroutine[Any, Any, None]], l
     return NOT_DONE_YET
 
 
+def proxy_answers_pings(table: RouteTable) -> bool:
+    """Whether ``/v2/`` at the top serves several upstreams (path routes), or none."""
+    return table.default is None or any(route.path for route in table.routes)
+
+
+def namespace_of(request: Request) -> str | None:
+    """containerd's ``?ns=`` (the registry a mirror request is for), if any."""
+    for key, value in parse_qsl(request.uri.partition(b"?")[2].decode("latin-1")):
+        if key == "ns":
+            return value
+    return None
+
+
 class RegistryAPI(Resource):
     """A leaf: it parses the raw path itself, since repository names contain slashes."""
 
     isLeaf = True
     log = Logger()
 
-    def __init__(self, route_for: Callable[[Request], Route], forwarder: Forwarder) -> None:
+    def __init__(
+        self, routing: Callable[[], Routing], public_base: Callable[[Request], str]
+    ) -> None:
         super().__init__()
-        self.route_for = route_for
-        self.forwarder = forwarder
+        self.routing = routing
+        self.public_base = public_base
 
     def render(self, request: Request) -> int | bytes:
         request.defaultContentType = None
         request.setHeader(API_VERSION_HEADER, API_VERSION)
         exchange = exchange_of(request)
+        routing = self.routing()
         try:
             if request.method not in READ_METHODS:
                 # Before parsing: a write is refused as such, whatever its path.
@@ -102,12 +125,42 @@ class RegistryAPI(Resource):
                 )
             target = parse_v2_path(request.path.decode("latin-1"))
             exchange.endpoint = ENDPOINTS[target.kind]
-            route = self.route_for(request)
+            host = request.requestHeaders.getRawHeaders(b"host", [b""])[0].decode("latin-1")
+            match = routing.table.match(host, namespace_of(request), target.name or None)
+            if target.kind is Kind.BASE and self._answers_ping(routing, match):
+                self._ping(request)
+                return NOT_DONE_YET
+            if match is None or not match.allowed:
+                # A repository no route serves and one the allow-list hides look alike.
+                raise unknown_name(target.name)
         except OCIError as error:
             write_error(request, error)
             return NOT_DONE_YET
-        exchange.route = route.name
-        return run_async(request, lambda: self._forward(request, route, target), self.log)
+        exchange.route = match.route.name
+        forwarder = routing.forwarder
+        return run_async(
+            request,
+            lambda: forwarder.forward(request, match, target, exchange_of(request)),
+            self.log,
+        )
 
-    async def _forward(self, request: Request, route: Route, target: RegistryPath) -> None:
-        await self.forwarder.forward(request, route, target, exchange_of(request))
+    @staticmethod
+    def _answers_ping(routing: Routing, match: RouteMatch | None) -> bool:
+        """Whether the proxy answers ``/v2/`` itself rather than one upstream.
+
+        With path routes, the top of ``/v2/`` serves several upstreams at once, and clients
+        (docker, containers/image) take the token realm from this one answer and use it for
+        every repository: so it must be the proxy's own realm, which sends each token
+        request on to the route its scopes name.
+        """
+        return match is None or (
+            proxy_answers_pings(routing.table) and match.by is MatchedBy.DEFAULT
+        )
+
+    def _ping(self, request: Request) -> None:
+        realm = self.public_base(request) + "/_token"
+        request.setResponseCode(401)
+        request.setHeader(
+            b"www-authenticate", f'Bearer realm="{realm}",service="regproxy"'.encode()
+        )
+        write_body(request, 401, ERROR_BODY, b"application/json; charset=utf-8")

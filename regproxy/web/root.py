@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..errors import OCIError
 from .respond import write_error
 
+if TYPE_CHECKING:
+    from ..gateway import CurrentRouting, RoutingFactory
+
 
 class Root(Resource):
     """Fixed children by name; everything else goes to ``fallback`` (browser redirects)."""
+
+    # The routing in force and how to build another (a reload); set by the service.
+    routing: CurrentRouting
+    routing_factory: RoutingFactory
 
     def __init__(self, fallback: Resource) -> None:
         super().__init__()

@@ -4,6 +4,7 @@ repository scope rewritten to the upstream's (prefixed) name, pull only."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode
 
 from twisted.logger import Logger
@@ -11,31 +12,50 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ..config import Route
 from ..errors import OCIError
 from ..forward import relay, send
+from ..matching import Mount
 from ..rewrite import ResponseRewriter
-from ..scope import rewrite_up
-from ..upstream.client import UpstreamClient, user_agent
-from ..upstream.realm import RealmCache
-from .registry import exchange_of, run_async
-from .respond import write_error
+from ..upstream.client import user_agent
+from .registry import PROXY_SERVICE, exchange_of, proxy_answers_pings, run_async
+from .respond import write_body, write_error
+
+if TYPE_CHECKING:
+    from ..gateway import Routing
+
+ANONYMOUS_TOKEN = b'{"token":"anonymous","access_token":"anonymous","expires_in":300}'
 
 FORM = b"application/x-www-form-urlencoded"
 
 
 def _rewrite_pairs(
-    pairs: list[tuple[str, str]], route: Route, form: bool
+    pairs: list[tuple[str, str]], mount: Mount, service: str | None, form: bool
 ) -> list[tuple[str, str]]:
-    """Rewrite every scope; GET repeats the parameter, the OAuth2 form space-separates."""
-    scopes = rewrite_up([v for k, v in pairs if k == "scope"], route.upstream_name)
-    out = [(k, v) for k, v in pairs if k != "scope"]
+    """Rewrite every scope for the mount's upstream; ``service`` passes unchanged, except
+    the proxy's own (``/v2/`` answered by the proxy), which becomes the upstream's.
+
+    GET repeats the ``scope`` parameter, the OAuth2 form space-separates.
+    """
+    scopes = mount.upstream_scopes([v for k, v in pairs if k == "scope"])
+    out = []
+    for key, value in pairs:
+        if key == "scope":
+            continue
+        if key == "service" and value == PROXY_SERVICE:
+            if not service:
+                continue
+            value = service
+        out.append((key, value))
     if form:
         if scopes:
             out.append(("scope", " ".join(scopes)))
     else:
         out.extend(("scope", scope) for scope in scopes)
     return out
+
+
+def _scopes(pairs: list[tuple[str, str]]) -> list[str]:
+    return [value for key, value in pairs if key == "scope"]
 
 
 class TokenProxy(Resource):
@@ -45,15 +65,11 @@ class TokenProxy(Resource):
     def __init__(
         self,
         *,
-        route_for: Callable[[Request], Route],
-        realms: RealmCache,
-        upstream: UpstreamClient,
+        routing: Callable[[], Routing],
         public_base: Callable[[Request], str],
     ) -> None:
         super().__init__()
-        self.route_for = route_for
-        self.realms = realms
-        self.upstream = upstream
+        self.routing = routing
         self.public_base = public_base
 
     def render(self, request: Request) -> int:
@@ -65,31 +81,61 @@ class TokenProxy(Resource):
                 request, OCIError("UNSUPPORTED", "use GET or POST for tokens"), allow=b"GET, POST"
             )
             return NOT_DONE_YET
-        route = self.route_for(request)
-        exchange.route = route.name
-        return run_async(request, lambda: self._token(request, route), self.log)
-
-    async def _token(self, request: Request, route: Route) -> None:
+        routing = self.routing()
         try:
-            query = parse_qsl(
-                request.uri.partition(b"?")[2].decode("utf-8"), keep_blank_values=True
-            )
-            body = b""
-            if request.method == b"POST":
-                content_type = request.requestHeaders.getRawHeaders(b"content-type", [b""])[0]
-                if not content_type.split(b";")[0].strip().lower() == FORM:
-                    raise OCIError("REQUEST_INVALID", "token POST must be a form")
-                assert request.content is not None
-                request.content.seek(0)
-                form = parse_qsl(request.content.read().decode("utf-8"), keep_blank_values=True)
-                body = urlencode(_rewrite_pairs(form, route, form=True)).encode("ascii")
-        except UnicodeDecodeError:
-            raise OCIError("REQUEST_INVALID", "malformed token request") from None
-        realm = await self.realms.realm(route)
+            query, form = self._parameters(request)
+            rest = request.path.partition(b"/_token")[2].decode("ascii")
+            mount = routing.table.token_mount(rest, _scopes(query) + _scopes(form or []))
+        except (UnicodeDecodeError, OCIError) as error:
+            if not isinstance(error, OCIError):
+                error = OCIError("REQUEST_INVALID", "malformed token request")
+            write_error(request, error, allow=b"GET, POST")
+            return NOT_DONE_YET
+        if mount is None:
+            write_error(request, OCIError("NOT_FOUND", "no such token realm"), allow=b"GET, POST")
+            return NOT_DONE_YET
+        exchange.route = mount.route.name
+        return run_async(
+            request, lambda: self._token(request, routing, mount, query, form), self.log
+        )
+
+    @staticmethod
+    def _parameters(
+        request: Request,
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
+        """The query's parameters, and the OAuth2 form's for a POST."""
+        query = parse_qsl(request.uri.partition(b"?")[2].decode("utf-8"), keep_blank_values=True)
+        if request.method != b"POST":
+            return query, None
+        content_type = request.requestHeaders.getRawHeaders(b"content-type", [b""])[0]
+        if not content_type.split(b";")[0].strip().lower() == FORM:
+            raise OCIError("REQUEST_INVALID", "token POST must be a form")
+        assert request.content is not None
+        request.content.seek(0)
+        return query, parse_qsl(request.content.read().decode("utf-8"), keep_blank_values=True)
+
+    async def _token(
+        self,
+        request: Request,
+        routing: Routing,
+        mount: Mount,
+        query: list[tuple[str, str]],
+        form: list[tuple[str, str]] | None,
+    ) -> None:
+        route = mount.route
+        realm = await routing.realms.realm(route)
         if realm is None:
+            if proxy_answers_pings(routing.table):
+                # The proxy's own /v2/ answer sent this client here for a route whose
+                # upstream needs no token: any token will do, the upstream ignores it.
+                write_body(request, 200, ANONYMOUS_TOKEN, b"application/json")
+                return
             raise OCIError("NOT_FOUND", "the upstream registry does not use token authentication")
+        body = b""
+        if form is not None:
+            body = urlencode(_rewrite_pairs(form, mount, realm.service, form=True)).encode()
         url = realm.url
-        rewritten = urlencode(_rewrite_pairs(query, route, form=False))
+        rewritten = urlencode(_rewrite_pairs(query, mount, realm.service, form=False))
         if rewritten:
             url += ("&" if "?" in url else "?") + rewritten
         outgoing = Headers({b"user-agent": [user_agent(request.getRequestHostname())]})
@@ -102,7 +148,7 @@ class TokenProxy(Resource):
         exchange = exchange_of(request)
         try:
             response = await send(
-                self.upstream,
+                routing.upstream,
                 exchange,
                 request.method.decode("ascii"),
                 url,
@@ -113,11 +159,15 @@ class TokenProxy(Resource):
         except OCIError:
             # Perhaps the realm moved: learn it again next time. (A client that leaves
             # raises CancelledError instead, and forgets nothing.)
-            self.realms.forget(route)
+            routing.realms.forget(route)
             raise
         if response.code >= 500:
-            self.realms.forget(route)
+            routing.realms.forget(route)
         rewriter = ResponseRewriter(
-            route=route, target=None, upstream_url=url, public_base=self.public_base(request)
+            mount=mount,
+            target=None,
+            upstream_name=None,
+            upstream_url=url,
+            public_base=self.public_base(request),
         )
-        await relay(request, response, rewriter, self.upstream, exchange, has_body=True)
+        await relay(request, response, rewriter, routing.upstream, exchange, has_body=True)
