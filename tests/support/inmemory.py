@@ -37,6 +37,7 @@ AUTH_REALM = "https://auth.upstream.example/token"
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 MANIFEST = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+JSON_HEADERS = {b"content-type": [b"application/json"]}
 
 
 @attrs.frozen
