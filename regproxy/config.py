@@ -218,6 +218,8 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     upstream_timeout: float = 30.0
     idle_timeout: float = 60.0
+    # The TOML file the routes came from (--config): SIGHUP reads it again.
+    routes_file: str | None = None
 
     @property
     def default_route(self) -> Route:

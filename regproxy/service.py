@@ -24,6 +24,7 @@ from .errors import OCIError
 from .gateway import CurrentRouting, Routing, RoutingFactory
 from .matching import RouteTable
 from .observe import ClientAddress, Metrics
+from .reload import RoutesReloader
 from .upstream.client import HealthObserver, UpstreamClient, UpstreamFailure, user_agent
 from .upstream.credentials import RunInThread
 from .upstream.http import make_client, make_pool
@@ -223,6 +224,10 @@ def build_service(config: Config, reactor: Any) -> IService:
         strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(
             top
         )
+    if config.routes_file is not None:
+        RoutesReloader(
+            config.routes_file, root.routing, root.routing_factory, reactor
+        ).setServiceParent(top)
     checker = TimerService(
         HEALTH_CHECK_INTERVAL, lambda: ensureDeferred(check_upstreams(root.routing(), metrics))
     )
