@@ -11,6 +11,7 @@ import binascii
 import hashlib
 import json
 import secrets
+import ssl
 import threading
 import time
 import uuid
@@ -26,7 +27,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .tls import self_signed_rsa
+from .tls import TLSFiles, self_signed_rsa
 
 REPO_ACTIONS = frozenset({"pull", "push"})
 
@@ -114,7 +115,9 @@ class TokenIssuer:
         issuer: str = "regproxy-test-issuer",
         expires_in: int = 300,
         header_mode: str = "kid",
+        tls: TLSFiles | None = None,
     ) -> None:
+        self.tls = tls
         if header_mode not in ("kid", "x5c"):
             raise ValueError("header_mode must be 'kid' or 'x5c'")
         self.directory = Path(directory)
@@ -146,7 +149,8 @@ class TokenIssuer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def realm(self) -> str:
@@ -160,6 +164,10 @@ class TokenIssuer:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.tls.cert, self.tls.key)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="token-issuer", daemon=True
         )
