@@ -165,6 +165,8 @@ class ProxyChannel(HTTPChannel):
 class ProxySite(Site):
     requestFactory = ProxyRequest
     protocol = ProxyChannel  # type: ignore[assignment]
+    # "Starting factory <...>" says nothing an operator needs; listen.Listener reports.
+    noisy = False
 
     def __init__(
         self, resource: Resource, *, metrics: Metrics, client_address: ClientAddress

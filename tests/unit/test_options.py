@@ -55,6 +55,7 @@ def test_defaults() -> None:
         disable_browser_redirects=False,
         metrics_listen=None,
         shutdown_grace=30.0,
+        drain_delay=0.0,
         trusted_proxies=(),
         upstream_timeout=30.0,
         idle_timeout=60.0,
@@ -215,7 +216,7 @@ def test_repr_has_no_secrets(password_file: str) -> None:
         ({"REGISTRY_HOST": "https://gcr.io:http"}, "REGISTRY_HOST"),
         ({"REPO_PREFIX": "Bad/Prefix"}, "REPO_PREFIX"),
         (
-            {"GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"},
+            {"GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json", "REGISTRY_HOST": "gcr.io"},
             "GOOGLE_APPLICATION_CREDENTIALS",
         ),
         ({"REGPROXY_PUBLIC_URL": "r.example.com"}, "REGPROXY_PUBLIC_URL"),
