@@ -208,7 +208,7 @@ def build_service(
     )
     drain.setServiceParent(top)
     if handle_sigterm:
-        StopCleanlyOnSigterm(reactor, drain).setServiceParent(top)
+        StopCleanlyOnSigterm(reactor).setServiceParent(top)
     credentials_held = holds_credentials(config)
     for endpoint, description in listen_endpoints:
         Listener(

@@ -6,6 +6,8 @@ status 143 (or -15), which supervisors and CI count as a failure. The only way t
 otherwise is a private reactor attribute (``_exitSignal``). Instead, once the reactor runs,
 regproxy installs its own SIGTERM handler (the standard ``signal`` module), which stops the
 reactor the same way without recording the signal. SIGINT keeps Twisted's handling.
+The exit status is 0 also when the grace period ended with transfers cut short; the log
+says so ("grace period over with N requests unfinished").
 """
 
 from __future__ import annotations
@@ -13,22 +15,17 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.logger import Logger
 
 
-class _Drain(Protocol):
-    drained: bool
-
-
 class StopCleanlyOnSigterm(Service):
     log = Logger(namespace="regproxy.shutdown")
 
-    def __init__(self, reactor: Any, drain: _Drain) -> None:
+    def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
-        self.drain = drain
         self.stopping = False
 
     def startService(self) -> None:
