@@ -12,7 +12,6 @@ from ..config import Route
 from ..errors import OCIError
 from .respond import write_error
 
-
 DOCKER_HUB_PAGES = "https://hub.docker.com"
 
 
