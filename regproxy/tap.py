@@ -54,6 +54,12 @@ def _readable_file(text: str) -> str:
     return text
 
 
+def _directory(text: str) -> str:
+    if not os.path.isdir(text):
+        raise ValueError(f"{text!r} is not a directory")
+    return text
+
+
 def _public_url(text: str) -> str:
     parts = urlsplit(text.strip())
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -200,6 +206,15 @@ class Options(usage.Options):
             _named("upstream-password-file", _readable_file),
         ],
         [
+            "upstream-credentials-dir",
+            None,
+            None,
+            "Directory that may hold 'username' and 'password' files, such as a mounted "
+            "Kubernetes Secret (env REGPROXY_UPSTREAM_CREDENTIALS_DIR): both present mean "
+            "basic credentials, neither means none.",
+            _named("upstream-credentials-dir", _directory),
+        ],
+        [
             "google-credentials",
             None,
             None,
@@ -331,6 +346,8 @@ class Options(usage.Options):
         self._from_env("auth-header", "AUTH_HEADER")
         self._from_env("upstream-username", "REGPROXY_UPSTREAM_USERNAME")
         self._from_env("upstream-password-file", "REGPROXY_UPSTREAM_PASSWORD_FILE", _readable_file)
+        self._from_env("upstream-credentials-dir", "REGPROXY_UPSTREAM_CREDENTIALS_DIR", _directory)
+        self._credentials_from_directory()
         self._from_env("public-url", "REGPROXY_PUBLIC_URL", _public_url)
         self._from_env("log-format", "REGPROXY_LOG_FORMAT", _log_format)
         if self.environ.get("DISABLE_BROWSER_REDIRECTS"):
@@ -356,6 +373,38 @@ class Options(usage.Options):
             )
         if self["google-json-key"] and not self["google-credentials"]:
             raise usage.UsageError("--google-json-key needs --google-credentials")
+
+    def _credentials_from_directory(self) -> None:
+        """Username and password from one directory, so that they come and go together.
+
+        A Kubernetes Secret mounted as an optional volume is an empty directory until the
+        Secret exists; reading both files from it means a Secret without a matching setting
+        (or a setting without its Secret) cannot stop the pods from starting.
+        """
+        directory = self["upstream-credentials-dir"]
+        if directory is None:
+            return
+        username = os.path.join(directory, "username")
+        password = os.path.join(directory, "password")
+        present = [os.path.isfile(path) for path in (username, password)]
+        if not any(present):
+            return
+        option = "--upstream-credentials-dir"
+        if not all(present):
+            missing = "password" if present[0] else "username"
+            raise usage.UsageError(f"{option}: {directory} has no {missing!r} file")
+        if self["upstream-username"] or self["upstream-password-file"]:
+            raise usage.UsageError(
+                f"{option} and --upstream-username/--upstream-password-file: choose one"
+            )
+        try:
+            with open(username, encoding="utf-8") as handle:
+                self["upstream-username"] = handle.read().strip()
+            self["upstream-password-file"] = _readable_file(password)
+        except (OSError, ValueError) as error:
+            raise usage.UsageError(f"{option}: {error}") from None
+        if not self["upstream-username"]:
+            raise usage.UsageError(f"{option}: {username} is empty")
 
     def _google_credentials_from_env(self) -> None:
         """Take GOOGLE_APPLICATION_CREDENTIALS only for a Google upstream.

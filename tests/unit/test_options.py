@@ -378,3 +378,36 @@ def test_log_format_option_and_environment() -> None:
 def test_usage_errors_outside_twist_stay_exceptions() -> None:
     """Only under twist (a parent) does a usage error end the process; see test_cli."""
     assert "--bogus" in usage_error(["--bogus"])
+
+
+def test_credentials_directory_with_both_files(tmp_path: Path) -> None:
+    (tmp_path / "username").write_text("robot\n")
+    (tmp_path / "password").write_text("pa55w0rd-SECRET\n")
+    credentials = parse(
+        [], {"REGPROXY_UPSTREAM_CREDENTIALS_DIR": str(tmp_path)}
+    ).default_route.credentials
+    assert (credentials.username, credentials.password) == ("robot", "pa55w0rd-SECRET")
+
+
+def test_an_empty_credentials_directory_means_no_credentials(tmp_path: Path) -> None:
+    """A Kubernetes Secret volume that is optional and absent: the pods still start."""
+    config = parse(["--upstream-credentials-dir", str(tmp_path)])
+    assert config.default_route.credentials == Credentials()
+
+
+@pytest.mark.parametrize(
+    ("present", "missing"), [("username", "password"), ("password", "username")]
+)
+def test_a_half_filled_credentials_directory_says_what_is_missing(
+    tmp_path: Path, present: str, missing: str
+) -> None:
+    (tmp_path / present).write_text("x")
+    message = usage_error(["--upstream-credentials-dir", str(tmp_path)])
+    assert message.startswith("--upstream-credentials-dir: ")
+    assert repr(missing) in message
+
+
+def test_credentials_directory_must_exist() -> None:
+    assert "--upstream-credentials-dir" in usage_error(
+        ["--upstream-credentials-dir", "/nonexistent/dir"]
+    )
