@@ -79,6 +79,29 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
     return instructions
 
 
+def _global_args() -> dict[str, str]:
+    """ARG defaults declared before the first FROM (usable in FROM lines)."""
+    args: dict[str, str] = {}
+    for keyword, rest in _dockerfile_instructions():
+        if keyword == "FROM":
+            break
+        if keyword == "ARG":
+            name, _, default = rest.partition("=")
+            args[name] = default
+    return args
+
+
+def _base_images() -> list[str]:
+    """Each stage's base image, with ARG defaults substituted."""
+    args = _global_args()
+    images = []
+    for keyword, rest in _dockerfile_instructions():
+        if keyword == "FROM":
+            image = rest.split()[0]
+            images.append(re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image))
+    return images
+
+
 def _final_stage() -> list[tuple[str, str]]:
     instructions = _dockerfile_instructions()
     starts = [i for i, (k, _) in enumerate(instructions) if k == "FROM"]
@@ -102,13 +125,89 @@ def test_hadolint_clean() -> None:
 
 
 def test_dockerfile_multi_stage_on_python_slim() -> None:
-    froms = [a for k, a in _dockerfile_instructions() if k == "FROM"]
-    assert len(froms) >= 2
-    for image in froms:
-        assert image.split()[0].startswith("python:3.11-slim"), image
+    images = _base_images()
+    assert len(images) >= 2
+    for image in images:
+        assert image.startswith("python:3.11-slim"), image
     # The runtime stage copies the venv from the build stage.
     copies = [a for k, a in _final_stage() if k == "COPY"]
     assert any(a.startswith("--from=") for a in copies), copies
+
+
+def test_base_image_pinned_by_tag_and_digest_in_one_place() -> None:
+    images = set(_base_images())
+    assert len(images) == 1, images
+    assert re.fullmatch(r"python:3\.11-slim-\w+@sha256:[0-9a-f]{64}", images.pop())
+    froms = [a for k, a in _dockerfile_instructions() if k == "FROM"]
+    assert all(a.split()[0] == "${PYTHON_IMAGE}" for a in froms), froms
+    assert (ROOT / "deploy" / "docker" / "update-base-image").stat().st_mode & 0o111
+
+
+def _lock(name: str) -> dict[str, list[str]]:
+    """requirement -> its hashes, from a pip-compile --generate-hashes file."""
+    text = (ROOT / "requirements" / name).read_text()
+    entries: dict[str, list[str]] = {}
+    for block in re.split(r"\n(?=\S)", text):
+        match = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", block)
+        if match:
+            entries[f"{match.group(1).lower()}=={match.group(2)}"] = re.findall(
+                r"--hash=sha256:([0-9a-f]{64})", block
+            )
+    return entries
+
+
+def test_dependencies_come_from_lock_files_with_hashes() -> None:
+    runs = " ".join(" ".join(a.split()) for k, a in _dockerfile_instructions() if k == "RUN")
+    assert "--require-hashes --no-deps -r requirements/build.txt" in runs
+    assert "--require-hashes --no-deps --only-binary=:all: -r requirements/runtime.txt" in runs
+    for name in ("runtime.txt", "build.txt"):
+        lock = _lock(name)
+        assert lock, name
+        assert all(hashes for hashes in lock.values()), name
+        assert "--index-url" not in (ROOT / "requirements" / name).read_text()
+    runtime = {entry.split("==")[0] for entry in _lock("runtime.txt")}
+    setup = (ROOT / "setup.cfg").read_text()
+    install_requires = setup.split("install_requires =")[1].split("\n\n")[0]
+    for line in install_requires.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name = re.split(r"[\[ <>=]", line)[0].lower()
+            assert name in runtime, name
+
+
+def test_locked_twisted_is_in_the_pinned_range() -> None:
+    (twisted,) = [e for e in _lock("runtime.txt") if e.startswith("twisted==")]
+    import twisted as installed
+
+    assert twisted == f"twisted=={installed.__version__}", "lock and test venv differ"
+    setup = (ROOT / "setup.cfg").read_text()
+    assert re.search(r"twisted\[tls\] >= 26\.10, < 27", setup)
+
+
+def test_runtime_stage_has_no_installer_and_no_build_step() -> None:
+    runs = " ".join(" ".join(a.split()) for k, a in _final_stage() if k == "RUN")
+    assert "pip uninstall --yes --quiet pip setuptools wheel" in runs
+    assert "pip install" not in runs
+    copies = [a for k, a in _final_stage() if k == "COPY"]
+    assert copies == ["--from=build /opt/regproxy /opt/regproxy"]
+    build = " ".join(" ".join(a.split()) for k, a in _dockerfile_instructions() if k == "RUN")
+    assert "venv --without-pip /opt/regproxy" in build
+    assert "-name test -o -name tests" in build
+
+
+def test_user_is_created_without_warnings() -> None:
+    runs = " ".join(" ".join(a.split()) for k, a in _final_stage() if k == "RUN")
+    # useradd --system warns about a uid above SYS_UID_MAX (999).
+    assert "useradd --uid 10001" in runs and "--system" not in runs
+    assert "--no-log-init" in runs
+
+
+def test_oci_labels_and_proxy_build_arguments() -> None:
+    labels = " ".join(a for k, a in _final_stage() if k == "LABEL")
+    for key in ("title", "description", "licenses", "version", "revision", "source", "created"):
+        assert f"org.opencontainers.image.{key}=" in labels, key
+    args = {a.split("=")[0] for k, a in _dockerfile_instructions() if k == "ARG"}
+    assert {"PIP_INDEX_URL", "EXTRA_CA_CERTS", "PYTHON_IMAGE"} <= args
 
 
 def test_dockerfile_runs_as_numeric_non_root_user() -> None:
@@ -145,7 +244,7 @@ def test_dockerfile_runtime_environment() -> None:
 
 def test_dockerignore_keeps_build_inputs() -> None:
     patterns = (ROOT / ".dockerignore").read_text().split()
-    for needed in ("setup.cfg", "setup.py", "README.rst", "regproxy", "twisted"):
+    for needed in ("setup.cfg", "setup.py", "README.rst", "regproxy", "twisted", "requirements"):
         assert needed not in patterns, needed
     assert ".git" in patterns
 
