@@ -27,7 +27,7 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 SYSTEMD = ROOT / "deploy" / "systemd"
-KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUBERNETES = ROOT / "deploy" / "kubernetes" / "base"
 KUBERNETES_VERSION = "1.30"
 PLUGIN_CACHE_STEP = (
     'python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"'
@@ -463,13 +463,55 @@ def _documents(path: Path) -> Iterator[dict[str, Any]]:
                 yield document
 
 
+def _kustomization(directory: Path = KUBERNETES) -> dict[str, Any]:
+    return next(_documents(directory / "kustomization.yaml"))
+
+
 def _manifests() -> list[Path]:
     return sorted(p for p in KUBERNETES.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
+def _env_file(path: Path) -> dict[str, str]:
+    pairs = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value
+    return pairs
+
+
+def _rendered() -> list[dict[str, Any]]:
+    """What ``kubectl apply -k`` applies, for the parts of kustomize the base uses
+    (resources, an env-file configMapGenerator, images); without the name hash."""
+    kustomization = _kustomization()
+    documents = [d for name in kustomization["resources"] for d in _documents(KUBERNETES / name)]
+    for generator in kustomization.get("configMapGenerator", []):
+        data: dict[str, str] = {}
+        for env in generator.get("envs", []):
+            data.update(_env_file(KUBERNETES / env))
+        labels = generator.get("options", {}).get("labels", {})
+        documents.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": generator["name"], "labels": labels},
+                "data": data,
+            }
+        )
+    images = {i["name"]: i for i in kustomization.get("images", [])}
+    for document in documents:
+        if document["kind"] != "Deployment":
+            continue
+        for container in document["spec"]["template"]["spec"]["containers"]:
+            image = images.get(container["image"])
+            if image:
+                container["image"] = f"{image['newName']}:{image['newTag']}"
+    return documents
+
+
 def _resource(kind: str, path: str | None = None) -> dict[str, Any]:
-    files = [KUBERNETES / path] if path else _manifests()
-    found = [d for p in files for d in _documents(p) if d["kind"] == kind]
+    documents = list(_documents(KUBERNETES / path)) if path else _rendered()
+    found = [d for d in documents if d["kind"] == kind]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
 
@@ -498,36 +540,91 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
+def _validate(document: dict[str, Any]) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    version = kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+    assert version == KUBERNETES_VERSION
+
+
 @pytest.mark.usefixtures("no_network")
 @pytest.mark.parametrize("path", _manifests(), ids=lambda p: p.name)
 def test_manifest_valid(path: Path) -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
     documents = list(_documents(path))
     assert documents
     for document in documents:
-        version = kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
-        assert version == KUBERNETES_VERSION
+        _validate(document)
+
+
+@pytest.mark.usefixtures("no_network")
+def test_rendered_kustomization_valid() -> None:
+    for document in _rendered():
+        _validate(document)
+
+
+def _kubectl_kustomize(directory: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed (optional: the real kustomize)")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.mark.parametrize("directory", [KUBERNETES, KUBERNETES.parent / "overlays" / "gke"])
+def test_real_kustomize_renders_valid_manifests(directory: Path) -> None:
+    documents = _kubectl_kustomize(directory)
+    for document in documents:
+        _validate(document)
+    kinds = sorted(d["kind"] for d in documents)
+    assert kinds == sorted(d["kind"] for d in _rendered())
+    (configmap,) = [d for d in documents if d["kind"] == "ConfigMap"]
+    (deployment,) = [d for d in documents if d["kind"] == "Deployment"]
+    # The generated name carries a hash of the settings: a change rolls the pods.
+    assert re.fullmatch(r"regproxy-[a-z0-9]{10}", configmap["metadata"]["name"])
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert {"configMapRef": {"name": configmap["metadata"]["name"]}} in container["envFrom"]
+    assert container["image"] == _container()["image"]
+
+
+def test_gke_overlay_adds_workload_identity_and_adc() -> None:
+    overlay = KUBERNETES.parent / "overlays" / "gke"
+    kustomization = _kustomization(overlay)
+    assert kustomization["resources"] == ["../../base"]
+    patches = " ".join(p["patch"] for p in kustomization["patches"])
+    assert "iam.gke.io/gcp-service-account" in patches
+    assert "--google-adc" in patches
+    # The base carries nothing cloud-specific.
+    base = " ".join(path.read_text() for path in KUBERNETES.iterdir())
+    assert "iam.gke.io" not in base and "google-adc\n" not in base
 
 
 def test_kustomization_lists_every_manifest_but_examples() -> None:
-    kustomization = next(_documents(KUBERNETES / "kustomization.yaml"))
-    resources = set(kustomization["resources"])
+    resources = set(_kustomization()["resources"])
     expected = {p.name for p in _manifests() if ".example." not in p.name}
     assert resources == expected
+
+
+def test_image_is_set_in_one_place() -> None:
+    raw = next(_documents(KUBERNETES / "deployment.yaml"))
+    image = raw["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert ":" not in image and "/" not in image, "the Deployment names the image only"
+    assert [i["name"] for i in _kustomization()["images"]] == [image]
 
 
 def test_shutdown_timeline_fits_grace_period() -> None:
     pod = _pod_spec()
     container = _container()
-    pre_stop = container["lifecycle"]["preStop"]
-    if "sleep" in pre_stop:
-        sleep = int(pre_stop["sleep"]["seconds"])
-    else:
-        command = pre_stop["exec"]["command"]
-        sleep = int(re.findall(r"sleep\(?\s*(\d+)", " ".join(command))[-1])
+    assert "lifecycle" not in container, "the drain delay replaces a preStop sleep"
+    delay = int(_option(container["args"], "--drain-delay"))
     grace = int(_option(container["args"], "--shutdown-grace"))
-    assert pod["terminationGracePeriodSeconds"] > sleep + grace
-    assert sleep > 0
+    assert delay > 0
+    assert pod["terminationGracePeriodSeconds"] > delay + grace
 
 
 def test_probes() -> None:
@@ -569,11 +666,13 @@ def test_resources_and_scaling() -> None:
     assert resources["limits"]["memory"]
     hpa = _resource("HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    # The autoscaler owns the scale: a replicas field would reset it on every apply.
+    assert "replicas" not in deployment["spec"]
     assert hpa["spec"]["minReplicas"] >= 2
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
     pdb = _resource("PodDisruptionBudget")
     assert pdb["spec"]["minAvailable"] == 1
-    assert deployment["spec"]["replicas"] > pdb["spec"]["minAvailable"]
+    assert hpa["spec"]["minReplicas"] > pdb["spec"]["minAvailable"]
 
 
 def test_selectors_match_pod_labels() -> None:
@@ -606,23 +705,23 @@ def test_configuration_and_secret_wiring() -> None:
     secret_volumes = [v for v in volumes.values() if v.get("secret", {}).get("secretName") == name]
     assert len(secret_volumes) == 1
     volume = secret_volumes[0]["secret"]
+    # Optional, so pods start before (or without) the Secret.
+    assert volume["optional"] is True
     # Readable by the fsGroup only, not world-readable.
     assert volume["defaultMode"] == 0o440
     assert _pod_spec()["securityContext"]["fsGroup"] == 10001
-    assert {item["key"] for item in volume["items"]} <= set(secret["stringData"])
+    # Username and password arrive together, as files of one directory: a Secret
+    # without a matching setting (or the reverse) cannot crash-loop the pods.
+    assert {item["key"]: item["path"] for item in volume["items"]} == {
+        "username": "username",
+        "password": "password",
+    }
+    assert set(secret["stringData"]) == {"username", "password"}
     mounts = [m for m in container["volumeMounts"] if m["name"] == secret_volumes[0]["name"]]
     assert mounts and mounts[0]["readOnly"] is True
-    # The password file path documented in the ConfigMap is inside the mount.
-    text = (KUBERNETES / "configmap.yaml").read_text()
-    documented = re.search(r"REGPROXY_UPSTREAM_PASSWORD_FILE:\s*(\S+)", text)
-    assert documented
-    item_paths = {mounts[0]["mountPath"] + "/" + item["path"] for item in volume["items"]}
-    assert documented.group(1) in item_paths
-    for variable in container.get("env", []):
-        ref = variable.get("valueFrom", {}).get("secretKeyRef")
-        if ref:
-            assert ref["name"] == name
-            assert ref["key"] in secret["stringData"]
+    env = {variable["name"]: variable for variable in container.get("env", [])}
+    assert env["REGPROXY_UPSTREAM_CREDENTIALS_DIR"]["value"] == mounts[0]["mountPath"]
+    assert not [v for v in env.values() if "valueFrom" in v], "no secret in the environment"
 
 
 def test_kubernetes_validate_needs_no_network() -> None:
