@@ -326,11 +326,34 @@ def test_service_exec_start_and_stop_timeout() -> None:
     assert argv[0] == "/opt/regproxy/bin/twist"
     # twist's options come before the plugin name, regproxy's after it.
     plugin = argv.index("regproxy")
-    assert "--log-format=text" in argv[1:plugin]
+    assert _option(argv[plugin:], "--log-format") == "json"
     assert _option(argv[plugin:], "--port") == "systemd:domain=INET:index=0"
     grace = int(_option(argv[plugin:], "--shutdown-grace"))
     stop = int(_last(service, "TimeoutStopSec").rstrip("s"))
     assert stop > grace, "systemd would SIGKILL before draining ends"
+
+
+def test_units_name_no_placeholder_documentation() -> None:
+    for name in ("regproxy.service", "regproxy.socket"):
+        unit = _unit(SYSTEMD / name)["Unit"]
+        for url in _values(unit, "Documentation"):
+            assert "example" not in url, (name, url)
+
+
+def test_enabling_the_service_does_not_enable_the_socket() -> None:
+    """Without socket activation the socket would hold the port the service wants."""
+    install = _unit(SYSTEMD / "regproxy.service")["Install"]
+    assert not _values(install, "Also")
+
+
+def test_file_modes_agree_between_units_and_readme() -> None:
+    texts = [(SYSTEMD / "regproxy.service").read_text(), (ROOT / "README.rst").read_text()]
+    texts += [path.read_text() for path in (SYSTEMD / "regproxy.service.d").glob("*.conf")]
+    for text in texts:
+        for mode, target in re.findall(
+            r"install (?:-D )?-m (\d+) (?:\S+ )?(/etc/regproxy/\S+)", text
+        ):
+            assert mode == "0600", (mode, target)
 
 
 def test_socket_matches_service() -> None:
@@ -758,6 +781,24 @@ def test_deployment_docs_match_artifacts() -> None:
     assert f"--shutdown-grace {grace}" in text
     service = _unit(SYSTEMD / "regproxy.service")["Service"]
     assert f"TimeoutStopSec={_last(service, 'TimeoutStopSec')}" in text
-    for path in ("deploy/kubernetes", "deploy/systemd/regproxy.env.example"):
+    assert f"--drain-delay {_option(_container()['args'], '--drain-delay')}" in text
+    for path in (
+        "deploy/kubernetes/base",
+        "deploy/kubernetes/overlays/gke",
+        "deploy/systemd/regproxy.env.example",
+        "deploy/docker/update-base-image",
+    ):
         assert path in text
         assert (ROOT / path).exists()
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    command = (ROOT / ".ci" / "run").read_text().rstrip().splitlines()[-1]
+    assert "python3-venv" in command and "--no-upgrade" in command
+    assert f"\n    {command}\n" in (ROOT / "README.rst").read_text()
+
+
+def test_readme_quick_start_installs_venv_first() -> None:
+    text = (ROOT / "README.rst").read_text()
+    quick = text.split("Quick start\n")[1].split("Running the tests\n")[0]
+    assert quick.index("apt-get install -y python3-venv") < quick.index("python3 -m venv .venv")
