@@ -215,6 +215,8 @@ class Config:
     disable_browser_redirects: bool = False
     metrics_listen: str | None = None
     shutdown_grace: float = 30.0
+    # Seconds listeners keep accepting after SIGTERM while /readyz already answers 503.
+    drain_delay: float = 0.0
     trusted_proxies: tuple[str, ...] = ()
     upstream_timeout: float = 30.0
     idle_timeout: float = 60.0

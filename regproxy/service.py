@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.application import strports
 from twisted.application.internet import TimerService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -22,9 +21,12 @@ from twisted.web.server import Request
 from .config import Config, Route, Upstream
 from .errors import OCIError
 from .gateway import CurrentRouting, Routing, RoutingFactory
+from .listen import Listener, parse_endpoint
 from .matching import RouteTable
 from .observe import ClientAddress, Metrics
 from .reload import RoutesReloader
+from .signals import StopCleanlyOnSigterm
+from .startup import StartupReport, holds_credentials
 from .upstream.client import HealthObserver, UpstreamClient, UpstreamFailure, user_agent
 from .upstream.credentials import RunInThread
 from .upstream.http import make_client, make_pool
@@ -42,8 +44,9 @@ CHECK_BODY_LIMIT = 64 * 1024
 
 
 class Drain(Service):
-    """On stop: turn /readyz to 503, wait for in-flight requests (up to the grace period),
-    then close the upstream pool. The listeners stop accepting beside it."""
+    """On stop: turn /readyz to 503 at once, let the listeners accept for ``delay`` seconds
+    (they close themselves, see ``listen.Listener``), then wait for in-flight requests up to
+    ``grace`` seconds, then close the upstream pool."""
 
     log = Logger()
 
@@ -55,12 +58,16 @@ class Drain(Service):
         pool: HTTPConnectionPool,
         grace: float,
         reactor: Any,
+        delay: float = 0.0,
     ) -> None:
         self.site = site
         self.readiness = readiness
         self.pool = pool
         self.grace = grace
         self.reactor = reactor
+        self.delay = delay
+        # False when the grace period ended with requests unfinished.
+        self.drained = True
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -68,6 +75,12 @@ class Drain(Service):
         return ensureDeferred(self._drain())
 
     async def _drain(self) -> None:
+        if self.delay:
+            self.log.info(
+                "draining: /readyz answers 503; still accepting for {delay} seconds",
+                delay=self.delay,
+            )
+            await deferLater(self.reactor, self.delay, lambda: None)
         deadline = self.reactor.seconds() + self.grace
         if self.site.active:
             self.log.info(
@@ -78,14 +91,10 @@ class Drain(Service):
         while self.site.active and self.reactor.seconds() < deadline:
             await deferLater(self.reactor, 0.1, lambda: None)
         if self.site.active:
+            self.drained = False
             self.log.warn(
                 "grace period over with {count} requests unfinished", count=self.site.active
             )
-        else:
-            # A drained shutdown is a normal exit: twist would otherwise re-raise SIGTERM
-            # on itself at the end and exit -15, which service managers count as failure.
-            if getattr(self.reactor, "_exitSignal", None) is not None:
-                self.reactor._exitSignal = None
         await self.pool.closeCachedConnections()
 
 
@@ -194,7 +203,28 @@ def client_factories(
     return http_for, follow_for
 
 
-def build_service(config: Config, reactor: Any) -> IService:
+ALL_INTERFACES_WITH_CREDENTIALS = (
+    "the proxy holds upstream credentials, so anyone who reaches this port pulls what they "
+    "can read; bind one interface (tcp:8080:interface=127.0.0.1) or put access control "
+    "in front"
+)
+
+
+def build_service(
+    config: Config,
+    reactor: Any,
+    *,
+    handle_sigterm: bool = False,
+    warnings: Sequence[str] = (),
+) -> MultiService:
+    """The daemon. Endpoint descriptions are parsed here, so a bad one is a StartupError
+    before anything runs; binding happens when the service starts."""
+    listen_endpoints = [(parse_endpoint(reactor, "--port", d), d) for d in config.listen]
+    metrics_endpoint = (
+        None
+        if config.metrics_listen is None
+        else parse_endpoint(reactor, "--metrics-port", config.metrics_listen)
+    )
     pool = make_pool(reactor)
     http_for, follow_for = client_factories(reactor, pool)
     metrics = Metrics()
@@ -212,18 +242,43 @@ def build_service(config: Config, reactor: Any) -> IService:
     site = ProxySite(root, metrics=metrics, client_address=ClientAddress(config.trusted_proxies))
 
     top = MultiService()
-    Drain(
-        site=site, readiness=readiness, pool=pool, grace=config.shutdown_grace, reactor=reactor
-    ).setServiceParent(top)
-    for endpoint in config.listen:
-        strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
-    if config.metrics_listen is not None:
+    # First, so that its lines come before the listeners'.
+    StartupReport(config, warnings=warnings).setServiceParent(top)
+    drain = Drain(
+        site=site,
+        readiness=readiness,
+        pool=pool,
+        grace=config.shutdown_grace,
+        reactor=reactor,
+        delay=config.drain_delay,
+    )
+    drain.setServiceParent(top)
+    if handle_sigterm:
+        StopCleanlyOnSigterm(reactor).setServiceParent(top)
+    credentials_held = holds_credentials(config)
+    for endpoint, description in listen_endpoints:
+        Listener(
+            option="--port",
+            description=description,
+            endpoint=endpoint,
+            factory=site,
+            reactor=reactor,
+            close_delay=config.drain_delay,
+            warn_all_interfaces=ALL_INTERFACES_WITH_CREDENTIALS if credentials_held else None,
+        ).setServiceParent(top)
+    if metrics_endpoint is not None:
         metrics_root = Resource()
         metrics_root.putChild(b"metrics", MetricsPage(metrics))
         metrics_site = ProxySite(metrics_root, metrics=metrics, client_address=ClientAddress(()))
-        strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(
-            top
-        )
+        Listener(
+            option="--metrics-port",
+            description=str(config.metrics_listen),
+            endpoint=metrics_endpoint,
+            factory=metrics_site,
+            reactor=reactor,
+            serves="metrics",
+            close_delay=config.drain_delay,
+        ).setServiceParent(top)
     if config.routes_file is not None:
         RoutesReloader(
             config.routes_file, root.routing, root.routing_factory, reactor

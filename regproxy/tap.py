@@ -4,19 +4,36 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
-from typing import Any
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from twisted.application.service import IService
 from twisted.python import usage
 
+from . import __version__
 from .config import DOCKER_HUB_URL, BlobRedirects, Config, Credentials, Route, Upstream
+from .hosts import is_google_registry
+from .logs import LogFormat
 from .reference import NAME_RE
+
+_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+_HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
 
 
 def _upstream(text: str) -> Upstream:
-    return Upstream.from_url(text.strip())
+    upstream = Upstream.from_url(text.strip())
+    host = upstream.host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(host):
+            raise ValueError(
+                f"{text.strip()!r} is not a registry URL; give one such as https://gcr.io"
+            ) from None
+    return upstream
 
 
 _upstream.coerceDoc = (  # type: ignore[attr-defined]
@@ -34,6 +51,12 @@ def _prefix(text: str) -> str:
 def _readable_file(text: str) -> str:
     if not os.path.isfile(text) or not os.access(text, os.R_OK):
         raise ValueError(f"{text!r} is not a readable file")
+    return text
+
+
+def _directory(text: str) -> str:
+    if not os.path.isdir(text):
+        raise ValueError(f"{text!r} is not a directory")
     return text
 
 
@@ -68,6 +91,28 @@ def _blob_redirects(text: str) -> BlobRedirects:
 
 
 _blob_redirects.coerceDoc = "'pass' hands redirects to clients; 'follow' streams them through."  # type: ignore[attr-defined]
+
+
+def _endpoint(text: str) -> str:
+    """A Twisted endpoint description; a bare port number means ``tcp:PORT``, as PORT does."""
+    text = text.strip()
+    if text.isdigit():
+        if not 0 < int(text) < 65536:
+            raise ValueError(f"{text} is not a TCP port number")
+        return f"tcp:{text}"
+    if not text:
+        raise ValueError("give a port number or an endpoint such as tcp:8080")
+    return text
+
+
+_endpoint.coerceDoc = "A port number or a Twisted endpoint such as tcp:8080:interface=127.0.0.1."  # type: ignore[attr-defined]
+
+
+def _log_format(text: str) -> LogFormat:
+    try:
+        return LogFormat(text.strip().lower())
+    except ValueError:
+        raise ValueError("use 'json' or 'text'") from None
 
 
 def _network(text: str) -> str:
@@ -161,6 +206,15 @@ class Options(usage.Options):
             _named("upstream-password-file", _readable_file),
         ],
         [
+            "upstream-credentials-dir",
+            None,
+            None,
+            "Directory that may hold 'username' and 'password' files, such as a mounted "
+            "Kubernetes Secret (env REGPROXY_UPSTREAM_CREDENTIALS_DIR): both present mean "
+            "basic credentials, neither means none.",
+            _named("upstream-credentials-dir", _directory),
+        ],
+        [
             "google-credentials",
             None,
             None,
@@ -187,13 +241,30 @@ class Options(usage.Options):
             None,
             None,
             "Separate endpoint for /metrics (then the main listener answers 404 there).",
+            _named("metrics-port", _endpoint),
         ],
         [
             "shutdown-grace",
             None,
             30.0,
-            "Seconds in-flight transfers may take after SIGTERM.",
+            "Seconds in-flight transfers may take after SIGTERM (after the drain delay).",
             _named("shutdown-grace", _seconds),
+        ],
+        [
+            "drain-delay",
+            None,
+            0.0,
+            "Seconds listeners keep accepting after SIGTERM while /readyz already answers "
+            "503, so load balancers stop sending first (replaces a preStop sleep).",
+            _named("drain-delay", _seconds),
+        ],
+        [
+            "log-format",
+            None,
+            None,
+            "json|text (env REGPROXY_LOG_FORMAT); default: twist's choice, text on a "
+            "terminal, else one JSON object per line.",
+            _named("log-format", _log_format),
         ],
         [
             "upstream-timeout",
@@ -217,11 +288,40 @@ class Options(usage.Options):
         self.environ = dict(os.environ if environ is None else environ)
         self["port"] = []
         self["trusted-proxy"] = []
+        # Said once at start-up, when logging runs (see makeService).
+        self.warnings: list[str] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Under ``twist``, a usage error is one line, not the whole help.
+
+        twist answers a plugin's ``UsageError`` with the error and then its full 60-line
+        help. A sub-command's options know they run under twist by their ``parent``; there
+        regproxy says what is wrong and where help is, and exits with ``EX_USAGE`` as twist
+        would (``--help`` exits from option parsing the same way).
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            if self.parent is None:
+                raise
+            # usage.Options words a failed coerce as "Parameter type enforcement failed:
+            # --option: why"; the option and the why are the useful part.
+            _exit_with_usage_error(str(error).removeprefix(_COERCE_FAILED))
+
+    def opt_version(self) -> NoReturn:
+        """Print regproxy's version and exit."""
+        from twisted import __version__ as twisted_version
+
+        print(f"regproxy {__version__} (Twisted {twisted_version})")
+        sys.exit(0)
 
     def opt_port(self, endpoint: str) -> None:
-        """Listen on this Twisted endpoint (repeatable; default tcp:8080; env PORT, HOST,
-        TLS_CERT and TLS_KEY)."""
-        self["port"].append(endpoint)
+        """Listen on this port number or Twisted endpoint (repeatable; default tcp:8080;
+        env PORT, HOST, TLS_CERT and TLS_KEY)."""
+        try:
+            self["port"].append(_endpoint(endpoint))
+        except ValueError as error:
+            raise usage.UsageError(f"--port: {error}") from None
 
     opt_p = opt_port
 
@@ -246,14 +346,15 @@ class Options(usage.Options):
         self._from_env("auth-header", "AUTH_HEADER")
         self._from_env("upstream-username", "REGPROXY_UPSTREAM_USERNAME")
         self._from_env("upstream-password-file", "REGPROXY_UPSTREAM_PASSWORD_FILE", _readable_file)
-        if not self["google-adc"]:
-            # With --google-adc, google-auth reads this variable itself, as part of ADC.
-            self._from_env("google-credentials", "GOOGLE_APPLICATION_CREDENTIALS", _readable_file)
+        self._from_env("upstream-credentials-dir", "REGPROXY_UPSTREAM_CREDENTIALS_DIR", _directory)
+        self._credentials_from_directory()
         self._from_env("public-url", "REGPROXY_PUBLIC_URL", _public_url)
+        self._from_env("log-format", "REGPROXY_LOG_FORMAT", _log_format)
         if self.environ.get("DISABLE_BROWSER_REDIRECTS"):
             self["disable-browser-redirects"] = True
         if self["upstream"] is None:
             self["upstream"] = Upstream.from_url(DOCKER_HUB_URL)
+        self._google_credentials_from_env()
         if self["repo-prefix"] is None:
             self["repo-prefix"] = ""
         if not self["port"]:
@@ -272,6 +373,65 @@ class Options(usage.Options):
             )
         if self["google-json-key"] and not self["google-credentials"]:
             raise usage.UsageError("--google-json-key needs --google-credentials")
+
+    def _credentials_from_directory(self) -> None:
+        """Username and password from one directory, so that they come and go together.
+
+        A Kubernetes Secret mounted as an optional volume is an empty directory until the
+        Secret exists; reading both files from it means a Secret without a matching setting
+        (or a setting without its Secret) cannot stop the pods from starting.
+        """
+        directory = self["upstream-credentials-dir"]
+        if directory is None:
+            return
+        username = os.path.join(directory, "username")
+        password = os.path.join(directory, "password")
+        present = [os.path.isfile(path) for path in (username, password)]
+        if not any(present):
+            return
+        option = "--upstream-credentials-dir"
+        if not all(present):
+            missing = "password" if present[0] else "username"
+            raise usage.UsageError(f"{option}: {directory} has no {missing!r} file")
+        if self["upstream-username"] or self["upstream-password-file"]:
+            raise usage.UsageError(
+                f"{option} and --upstream-username/--upstream-password-file: choose one"
+            )
+        try:
+            with open(username, encoding="utf-8") as handle:
+                self["upstream-username"] = handle.read().strip()
+            self["upstream-password-file"] = _readable_file(password)
+        except (OSError, ValueError) as error:
+            raise usage.UsageError(f"{option}: {error}") from None
+        if not self["upstream-username"]:
+            raise usage.UsageError(f"{option}: {username} is empty")
+
+    def _google_credentials_from_env(self) -> None:
+        """Take GOOGLE_APPLICATION_CREDENTIALS only for a Google upstream.
+
+        The variable is common on workstations and CI runners; taken for any upstream it
+        would send Google access tokens to Docker Hub's token service. An explicit choice
+        of credential (or --google-adc, where google-auth reads the variable itself as part
+        of ADC) wins over it.
+        """
+        variable = "GOOGLE_APPLICATION_CREDENTIALS"
+        if self["google-credentials"] is not None or not self.environ.get(variable):
+            return
+        if self["google-adc"]:
+            return
+        host = self["upstream"].host
+        if self["auth-header"] or self["upstream-username"]:
+            self.warnings.append(
+                f"{variable} is ignored: another upstream credential was given explicitly"
+            )
+        elif not is_google_registry(host):
+            self.warnings.append(
+                f"{variable} is ignored: the upstream {host} is not a Google registry "
+                "(gcr.io, *.gcr.io, *.pkg.dev), and Google credentials go only to Google; "
+                "pass --google-credentials to send them anyway"
+            )
+        else:
+            self._from_env("google-credentials", variable, _readable_file)
 
     def _port_from_env(self) -> str:
         port = self.environ.get("PORT", "8080")
@@ -316,17 +476,42 @@ class Options(usage.Options):
             disable_browser_redirects=bool(self["disable-browser-redirects"]),
             metrics_listen=self["metrics-port"],
             shutdown_grace=self["shutdown-grace"],
+            drain_delay=self["drain-delay"],
             trusted_proxies=tuple(self["trusted-proxy"]),
             upstream_timeout=self["upstream-timeout"],
             idle_timeout=self["idle-timeout"],
         )
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
-    from .service import build_service
+_COERCE_FAILED = "Parameter type enforcement failed: "
 
+
+def _exit_with_usage_error(message: str) -> NoReturn:
+    sys.stderr.write(f"Error: {message}\nsee: twist regproxy --help\n")
+    sys.stderr.flush()
+    raise SystemExit(os.EX_USAGE)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    from .logs import choose_twist_log_observer
+    from .service import build_service
+    from .startup import StartupError
+
+    if options.parent is not None:
+        choose_twist_log_observer(options.parent, options["log-format"])
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return build_service(options.config(), reactor)
+    config = options.config()
+    try:
+        return build_service(
+            config,
+            reactor,
+            handle_sigterm=options.parent is not None,
+            warnings=options.warnings,
+        )
+    except StartupError as error:
+        # Logging has not begun (twist starts it after makeService): stderr is the terminal
+        # or the supervisor's log, and one line there is the whole story.
+        raise SystemExit(f"Error: {error}") from None

@@ -12,6 +12,29 @@ from ..config import Route
 from ..errors import OCIError
 from .respond import write_error
 
+DOCKER_HUB_PAGES = "https://hub.docker.com"
+
+
+def upstream_page(route: Route, path: str) -> str:
+    """Where a person who opens the proxy's address in a browser is sent.
+
+    The page names the upstream repository, prefix included (that is what the upstream's
+    own pages are called); ``--disable-browser-redirects`` keeps it to the proxy. The
+    upstream's scheme is kept, so an http upstream gets an http link. Docker Hub's pages
+    live elsewhere: official images (``library/...``) at ``/_/<name>``, others at ``/r/``.
+    """
+    name = "/".join(part for part in (route.prefix, path.strip("/")) if part)
+    if not route.upstream.is_docker_hub:
+        return "/".join(part for part in (route.upstream.origin, name) if part)
+    if not name:
+        return DOCKER_HUB_PAGES + "/"
+    head, _, rest = name.partition("/")
+    if head == "library" and rest:
+        return f"{DOCKER_HUB_PAGES}/_/{rest}"
+    if not rest and route.library_names:
+        return f"{DOCKER_HUB_PAGES}/_/{name}"
+    return f"{DOCKER_HUB_PAGES}/r/{name}"
+
 
 def _has_dot_segments(path: bytes) -> bool:
     segments = unquote(path.decode("latin-1")).replace("\\", "/").split("/")
@@ -35,7 +58,7 @@ class BrowserRedirect(Resource):
         else:
             path = unquote(request.path.decode("latin-1"))
             # Re-quoted, so nothing in the path can end the header or add to it.
-            target = quote(self.route_for(request).browser_url(path), safe=":/@!$&'()*+,;=-._~")
+            target = quote(upstream_page(self.route_for(request), path), safe=":/@!$&'()*+,;=-._~")
             request.setResponseCode(307)
             request.setHeader(b"location", target.encode("ascii"))
             request.setHeader(b"content-length", b"0")

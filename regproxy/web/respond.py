@@ -12,7 +12,8 @@ API_VERSION = b"registry/2.0"
 
 def write_body(request: Request, status: int, body: bytes, content_type: bytes) -> None:
     """Answer with a complete small body (never a relayed one), unless the client left."""
-    if request.finished or getattr(request, "_disconnected", False):
+    # Request.connectionLost drops the channel: nobody is left to answer.
+    if request.finished or request.channel is None:
         return
     request.setResponseCode(status)
     request.setHeader(b"content-type", content_type)

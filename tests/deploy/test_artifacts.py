@@ -27,7 +27,7 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 SYSTEMD = ROOT / "deploy" / "systemd"
-KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUBERNETES = ROOT / "deploy" / "kubernetes" / "base"
 KUBERNETES_VERSION = "1.30"
 PLUGIN_CACHE_STEP = (
     'python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"'
@@ -79,6 +79,29 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
     return instructions
 
 
+def _global_args() -> dict[str, str]:
+    """ARG defaults declared before the first FROM (usable in FROM lines)."""
+    args: dict[str, str] = {}
+    for keyword, rest in _dockerfile_instructions():
+        if keyword == "FROM":
+            break
+        if keyword == "ARG":
+            name, _, default = rest.partition("=")
+            args[name] = default
+    return args
+
+
+def _base_images() -> list[str]:
+    """Each stage's base image, with ARG defaults substituted."""
+    args = _global_args()
+    images = []
+    for keyword, rest in _dockerfile_instructions():
+        if keyword == "FROM":
+            image = rest.split()[0]
+            images.append(re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image))
+    return images
+
+
 def _final_stage() -> list[tuple[str, str]]:
     instructions = _dockerfile_instructions()
     starts = [i for i, (k, _) in enumerate(instructions) if k == "FROM"]
@@ -102,13 +125,89 @@ def test_hadolint_clean() -> None:
 
 
 def test_dockerfile_multi_stage_on_python_slim() -> None:
-    froms = [a for k, a in _dockerfile_instructions() if k == "FROM"]
-    assert len(froms) >= 2
-    for image in froms:
-        assert image.split()[0].startswith("python:3.11-slim"), image
+    images = _base_images()
+    assert len(images) >= 2
+    for image in images:
+        assert image.startswith("python:3.11-slim"), image
     # The runtime stage copies the venv from the build stage.
     copies = [a for k, a in _final_stage() if k == "COPY"]
     assert any(a.startswith("--from=") for a in copies), copies
+
+
+def test_base_image_pinned_by_tag_and_digest_in_one_place() -> None:
+    images = set(_base_images())
+    assert len(images) == 1, images
+    assert re.fullmatch(r"python:3\.11-slim-\w+@sha256:[0-9a-f]{64}", images.pop())
+    froms = [a for k, a in _dockerfile_instructions() if k == "FROM"]
+    assert all(a.split()[0] == "${PYTHON_IMAGE}" for a in froms), froms
+    assert (ROOT / "deploy" / "docker" / "update-base-image").stat().st_mode & 0o111
+
+
+def _lock(name: str) -> dict[str, list[str]]:
+    """requirement -> its hashes, from a pip-compile --generate-hashes file."""
+    text = (ROOT / "requirements" / name).read_text()
+    entries: dict[str, list[str]] = {}
+    for block in re.split(r"\n(?=\S)", text):
+        match = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", block)
+        if match:
+            entries[f"{match.group(1).lower()}=={match.group(2)}"] = re.findall(
+                r"--hash=sha256:([0-9a-f]{64})", block
+            )
+    return entries
+
+
+def test_dependencies_come_from_lock_files_with_hashes() -> None:
+    runs = " ".join(" ".join(a.split()) for k, a in _dockerfile_instructions() if k == "RUN")
+    assert "--require-hashes --no-deps -r requirements/build.txt" in runs
+    assert "--require-hashes --no-deps --only-binary=:all: -r requirements/runtime.txt" in runs
+    for name in ("runtime.txt", "build.txt"):
+        lock = _lock(name)
+        assert lock, name
+        assert all(hashes for hashes in lock.values()), name
+        assert "--index-url" not in (ROOT / "requirements" / name).read_text()
+    runtime = {entry.split("==")[0] for entry in _lock("runtime.txt")}
+    setup = (ROOT / "setup.cfg").read_text()
+    install_requires = setup.split("install_requires =")[1].split("\n\n")[0]
+    for line in install_requires.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name = re.split(r"[\[ <>=]", line)[0].lower()
+            assert name in runtime, name
+
+
+def test_locked_twisted_is_in_the_pinned_range() -> None:
+    (twisted,) = [e for e in _lock("runtime.txt") if e.startswith("twisted==")]
+    import twisted as installed
+
+    assert twisted == f"twisted=={installed.__version__}", "lock and test venv differ"
+    setup = (ROOT / "setup.cfg").read_text()
+    assert re.search(r"twisted\[tls\] >= 26\.10, < 27", setup)
+
+
+def test_runtime_stage_has_no_installer_and_no_build_step() -> None:
+    runs = " ".join(" ".join(a.split()) for k, a in _final_stage() if k == "RUN")
+    assert "pip uninstall --yes --quiet pip setuptools wheel" in runs
+    assert "pip install" not in runs
+    copies = [a for k, a in _final_stage() if k == "COPY"]
+    assert copies == ["--from=build /opt/regproxy /opt/regproxy"]
+    build = " ".join(" ".join(a.split()) for k, a in _dockerfile_instructions() if k == "RUN")
+    assert "venv --without-pip /opt/regproxy" in build
+    assert "-name test -o -name tests" in build
+
+
+def test_user_is_created_without_warnings() -> None:
+    runs = " ".join(" ".join(a.split()) for k, a in _final_stage() if k == "RUN")
+    # useradd --system warns about a uid above SYS_UID_MAX (999).
+    assert "useradd --uid 10001" in runs and "--system" not in runs
+    assert "--no-log-init" in runs
+
+
+def test_oci_labels_and_proxy_build_arguments() -> None:
+    labels = " ".join(a for k, a in _final_stage() if k == "LABEL")
+    for key in ("title", "description", "licenses", "version", "revision", "source", "created"):
+        assert f"org.opencontainers.image.{key}=" in labels, key
+    args = {a.split("=")[0] for k, a in _dockerfile_instructions() if k == "ARG"}
+    assert {"PIP_INDEX_URL", "EXTRA_CA_CERTS", "PYTHON_IMAGE"} <= args
 
 
 def test_dockerfile_runs_as_numeric_non_root_user() -> None:
@@ -145,7 +244,7 @@ def test_dockerfile_runtime_environment() -> None:
 
 def test_dockerignore_keeps_build_inputs() -> None:
     patterns = (ROOT / ".dockerignore").read_text().split()
-    for needed in ("setup.cfg", "setup.py", "README.rst", "regproxy", "twisted"):
+    for needed in ("setup.cfg", "setup.py", "README.rst", "regproxy", "twisted", "requirements"):
         assert needed not in patterns, needed
     assert ".git" in patterns
 
@@ -227,11 +326,34 @@ def test_service_exec_start_and_stop_timeout() -> None:
     assert argv[0] == "/opt/regproxy/bin/twist"
     # twist's options come before the plugin name, regproxy's after it.
     plugin = argv.index("regproxy")
-    assert "--log-format=text" in argv[1:plugin]
+    assert _option(argv[plugin:], "--log-format") == "json"
     assert _option(argv[plugin:], "--port") == "systemd:domain=INET:index=0"
     grace = int(_option(argv[plugin:], "--shutdown-grace"))
     stop = int(_last(service, "TimeoutStopSec").rstrip("s"))
     assert stop > grace, "systemd would SIGKILL before draining ends"
+
+
+def test_units_name_no_placeholder_documentation() -> None:
+    for name in ("regproxy.service", "regproxy.socket"):
+        unit = _unit(SYSTEMD / name)["Unit"]
+        for url in _values(unit, "Documentation"):
+            assert "example" not in url, (name, url)
+
+
+def test_enabling_the_service_does_not_enable_the_socket() -> None:
+    """Without socket activation the socket would hold the port the service wants."""
+    install = _unit(SYSTEMD / "regproxy.service")["Install"]
+    assert not _values(install, "Also")
+
+
+def test_file_modes_agree_between_units_and_readme() -> None:
+    texts = [(SYSTEMD / "regproxy.service").read_text(), (ROOT / "README.rst").read_text()]
+    texts += [path.read_text() for path in (SYSTEMD / "regproxy.service.d").glob("*.conf")]
+    for text in texts:
+        for mode, target in re.findall(
+            r"install (?:-D )?-m (\d+) (?:\S+ )?(/etc/regproxy/\S+)", text
+        ):
+            assert mode == "0600", (mode, target)
 
 
 def test_socket_matches_service() -> None:
@@ -364,13 +486,55 @@ def _documents(path: Path) -> Iterator[dict[str, Any]]:
                 yield document
 
 
+def _kustomization(directory: Path = KUBERNETES) -> dict[str, Any]:
+    return next(_documents(directory / "kustomization.yaml"))
+
+
 def _manifests() -> list[Path]:
     return sorted(p for p in KUBERNETES.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
+def _env_file(path: Path) -> dict[str, str]:
+    pairs = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value
+    return pairs
+
+
+def _rendered() -> list[dict[str, Any]]:
+    """What ``kubectl apply -k`` applies, for the parts of kustomize the base uses
+    (resources, an env-file configMapGenerator, images); without the name hash."""
+    kustomization = _kustomization()
+    documents = [d for name in kustomization["resources"] for d in _documents(KUBERNETES / name)]
+    for generator in kustomization.get("configMapGenerator", []):
+        data: dict[str, str] = {}
+        for env in generator.get("envs", []):
+            data.update(_env_file(KUBERNETES / env))
+        labels = generator.get("options", {}).get("labels", {})
+        documents.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": generator["name"], "labels": labels},
+                "data": data,
+            }
+        )
+    images = {i["name"]: i for i in kustomization.get("images", [])}
+    for document in documents:
+        if document["kind"] != "Deployment":
+            continue
+        for container in document["spec"]["template"]["spec"]["containers"]:
+            image = images.get(container["image"])
+            if image:
+                container["image"] = f"{image['newName']}:{image['newTag']}"
+    return documents
+
+
 def _resource(kind: str, path: str | None = None) -> dict[str, Any]:
-    files = [KUBERNETES / path] if path else _manifests()
-    found = [d for p in files for d in _documents(p) if d["kind"] == kind]
+    documents = list(_documents(KUBERNETES / path)) if path else _rendered()
+    found = [d for d in documents if d["kind"] == kind]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
 
@@ -399,36 +563,91 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
+def _validate(document: dict[str, Any]) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    version = kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+    assert version == KUBERNETES_VERSION
+
+
 @pytest.mark.usefixtures("no_network")
 @pytest.mark.parametrize("path", _manifests(), ids=lambda p: p.name)
 def test_manifest_valid(path: Path) -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
     documents = list(_documents(path))
     assert documents
     for document in documents:
-        version = kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
-        assert version == KUBERNETES_VERSION
+        _validate(document)
+
+
+@pytest.mark.usefixtures("no_network")
+def test_rendered_kustomization_valid() -> None:
+    for document in _rendered():
+        _validate(document)
+
+
+def _kubectl_kustomize(directory: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed (optional: the real kustomize)")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.mark.parametrize("directory", [KUBERNETES, KUBERNETES.parent / "overlays" / "gke"])
+def test_real_kustomize_renders_valid_manifests(directory: Path) -> None:
+    documents = _kubectl_kustomize(directory)
+    for document in documents:
+        _validate(document)
+    kinds = sorted(d["kind"] for d in documents)
+    assert kinds == sorted(d["kind"] for d in _rendered())
+    (configmap,) = [d for d in documents if d["kind"] == "ConfigMap"]
+    (deployment,) = [d for d in documents if d["kind"] == "Deployment"]
+    # The generated name carries a hash of the settings: a change rolls the pods.
+    assert re.fullmatch(r"regproxy-[a-z0-9]{10}", configmap["metadata"]["name"])
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert {"configMapRef": {"name": configmap["metadata"]["name"]}} in container["envFrom"]
+    assert container["image"] == _container()["image"]
+
+
+def test_gke_overlay_adds_workload_identity_and_adc() -> None:
+    overlay = KUBERNETES.parent / "overlays" / "gke"
+    kustomization = _kustomization(overlay)
+    assert kustomization["resources"] == ["../../base"]
+    patches = " ".join(p["patch"] for p in kustomization["patches"])
+    assert "iam.gke.io/gcp-service-account" in patches
+    assert "--google-adc" in patches
+    # The base carries nothing cloud-specific.
+    base = " ".join(path.read_text() for path in KUBERNETES.iterdir())
+    assert "iam.gke.io" not in base and "google-adc\n" not in base
 
 
 def test_kustomization_lists_every_manifest_but_examples() -> None:
-    kustomization = next(_documents(KUBERNETES / "kustomization.yaml"))
-    resources = set(kustomization["resources"])
+    resources = set(_kustomization()["resources"])
     expected = {p.name for p in _manifests() if ".example." not in p.name}
     assert resources == expected
+
+
+def test_image_is_set_in_one_place() -> None:
+    raw = next(_documents(KUBERNETES / "deployment.yaml"))
+    image = raw["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert ":" not in image and "/" not in image, "the Deployment names the image only"
+    assert [i["name"] for i in _kustomization()["images"]] == [image]
 
 
 def test_shutdown_timeline_fits_grace_period() -> None:
     pod = _pod_spec()
     container = _container()
-    pre_stop = container["lifecycle"]["preStop"]
-    if "sleep" in pre_stop:
-        sleep = int(pre_stop["sleep"]["seconds"])
-    else:
-        command = pre_stop["exec"]["command"]
-        sleep = int(re.findall(r"sleep\(?\s*(\d+)", " ".join(command))[-1])
+    assert "lifecycle" not in container, "the drain delay replaces a preStop sleep"
+    delay = int(_option(container["args"], "--drain-delay"))
     grace = int(_option(container["args"], "--shutdown-grace"))
-    assert pod["terminationGracePeriodSeconds"] > sleep + grace
-    assert sleep > 0
+    assert delay > 0
+    assert pod["terminationGracePeriodSeconds"] > delay + grace
 
 
 def test_probes() -> None:
@@ -470,11 +689,13 @@ def test_resources_and_scaling() -> None:
     assert resources["limits"]["memory"]
     hpa = _resource("HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    # The autoscaler owns the scale: a replicas field would reset it on every apply.
+    assert "replicas" not in deployment["spec"]
     assert hpa["spec"]["minReplicas"] >= 2
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
     pdb = _resource("PodDisruptionBudget")
     assert pdb["spec"]["minAvailable"] == 1
-    assert deployment["spec"]["replicas"] > pdb["spec"]["minAvailable"]
+    assert hpa["spec"]["minReplicas"] > pdb["spec"]["minAvailable"]
 
 
 def test_selectors_match_pod_labels() -> None:
@@ -507,23 +728,23 @@ def test_configuration_and_secret_wiring() -> None:
     secret_volumes = [v for v in volumes.values() if v.get("secret", {}).get("secretName") == name]
     assert len(secret_volumes) == 1
     volume = secret_volumes[0]["secret"]
+    # Optional, so pods start before (or without) the Secret.
+    assert volume["optional"] is True
     # Readable by the fsGroup only, not world-readable.
     assert volume["defaultMode"] == 0o440
     assert _pod_spec()["securityContext"]["fsGroup"] == 10001
-    assert {item["key"] for item in volume["items"]} <= set(secret["stringData"])
+    # Username and password arrive together, as files of one directory: a Secret
+    # without a matching setting (or the reverse) cannot crash-loop the pods.
+    assert {item["key"]: item["path"] for item in volume["items"]} == {
+        "username": "username",
+        "password": "password",
+    }
+    assert set(secret["stringData"]) == {"username", "password"}
     mounts = [m for m in container["volumeMounts"] if m["name"] == secret_volumes[0]["name"]]
     assert mounts and mounts[0]["readOnly"] is True
-    # The password file path documented in the ConfigMap is inside the mount.
-    text = (KUBERNETES / "configmap.yaml").read_text()
-    documented = re.search(r"REGPROXY_UPSTREAM_PASSWORD_FILE:\s*(\S+)", text)
-    assert documented
-    item_paths = {mounts[0]["mountPath"] + "/" + item["path"] for item in volume["items"]}
-    assert documented.group(1) in item_paths
-    for variable in container.get("env", []):
-        ref = variable.get("valueFrom", {}).get("secretKeyRef")
-        if ref:
-            assert ref["name"] == name
-            assert ref["key"] in secret["stringData"]
+    env = {variable["name"]: variable for variable in container.get("env", [])}
+    assert env["REGPROXY_UPSTREAM_CREDENTIALS_DIR"]["value"] == mounts[0]["mountPath"]
+    assert not [v for v in env.values() if "valueFrom" in v], "no secret in the environment"
 
 
 def test_kubernetes_validate_needs_no_network() -> None:
@@ -560,6 +781,24 @@ def test_deployment_docs_match_artifacts() -> None:
     assert f"--shutdown-grace {grace}" in text
     service = _unit(SYSTEMD / "regproxy.service")["Service"]
     assert f"TimeoutStopSec={_last(service, 'TimeoutStopSec')}" in text
-    for path in ("deploy/kubernetes", "deploy/systemd/regproxy.env.example"):
+    assert f"--drain-delay {_option(_container()['args'], '--drain-delay')}" in text
+    for path in (
+        "deploy/kubernetes/base",
+        "deploy/kubernetes/overlays/gke",
+        "deploy/systemd/regproxy.env.example",
+        "deploy/docker/update-base-image",
+    ):
         assert path in text
         assert (ROOT / path).exists()
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    command = (ROOT / ".ci" / "run").read_text().rstrip().splitlines()[-1]
+    assert "python3-venv" in command and "--no-upgrade" in command
+    assert f"\n    {command}\n" in (ROOT / "README.rst").read_text()
+
+
+def test_readme_quick_start_installs_venv_first() -> None:
+    text = (ROOT / "README.rst").read_text()
+    quick = text.split("Quick start\n")[1].split("Running the tests\n")[0]
+    assert quick.index("apt-get install -y python3-venv") < quick.index("python3 -m venv .venv")

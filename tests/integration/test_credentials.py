@@ -138,9 +138,17 @@ def test_google_service_account_key_file(
     ):
         seeded = seed_registry(registry, standard_images, prefix="proj")
         key_file = oauth.write_key_file(tmp / "key.json")
+        # A loopback upstream is no Google registry: the key file is named explicitly
+        # (GOOGLE_APPLICATION_CREDENTIALS alone is honoured only for Google upstreams).
         proxy = start_proxy(
-            ["--upstream", registry.url, "--repo-prefix", "proj"],
-            env={"GOOGLE_APPLICATION_CREDENTIALS": str(key_file)},
+            [
+                "--upstream",
+                registry.url,
+                "--repo-prefix",
+                "proj",
+                "--google-credentials",
+                str(key_file),
+            ]
         )
         for ref in ("app:v1", "multi:v1"):
             result = skopeo_copy(
@@ -245,8 +253,14 @@ def test_a_failing_google_refresh_is_a_502_not_a_crash(
         key_file = oauth.write_key_file(tmp / "key.json")
     # The endpoint is gone now: its token_uri refuses connections.
     proxy = start_proxy(
-        ["--upstream", prefixed_htpasswd_registry.url, "--repo-prefix", "proj"],
-        env={"GOOGLE_APPLICATION_CREDENTIALS": str(key_file)},
+        [
+            "--upstream",
+            prefixed_htpasswd_registry.url,
+            "--repo-prefix",
+            "proj",
+            "--google-credentials",
+            str(key_file),
+        ]
     )
     answer = curl(proxy.url + "/v2/app/manifests/v1")
     assert answer.status == 502

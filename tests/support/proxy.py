@@ -96,21 +96,42 @@ class RegproxyProcess:
         return "".join(parts)
 
     def log_events(self) -> list[dict[str, object]]:
-        """twist's JSON log (its format when stdout is no terminal), one event per record."""
-        from twisted.logger import eventFromJSON
+        """The JSON log (the format when stdout is no terminal), one event per line.
 
+        regproxy writes one flat JSON object per line (``regproxy.logs``); each is returned
+        with the keys tests know from Twisted events added: ``log_namespace`` (the
+        ``logger``) and ``log_level`` (from ``severity``). Twisted's own record-separated
+        JSON (``twist`` under another plugin) is read too.
+        """
+        from twisted.logger import LogLevel, eventFromJSON
+
+        levels = {
+            "DEBUG": LogLevel.debug,
+            "INFO": LogLevel.info,
+            "WARNING": LogLevel.warn,
+            "ERROR": LogLevel.error,
+            "CRITICAL": LogLevel.critical,
+        }
         events = []
         for record in self.log_text().replace("\x1e", "\n").splitlines():
-            if record.strip().startswith("{"):
-                with contextlib.suppress(ValueError):
-                    events.append(eventFromJSON(record))
+            if not record.strip().startswith("{"):
+                continue
+            with contextlib.suppress(ValueError):
+                event = eventFromJSON(record)
+                if "logger" in event and "severity" in event and "log_namespace" not in event:
+                    event["log_namespace"] = event["logger"]
+                    event["log_level"] = levels.get(str(event["severity"]), LogLevel.info)
+                events.append(event)
         return events
 
     def log_messages(self) -> list[str]:
         """Every log event rendered as text, as the text format would show it."""
         from twisted.logger import formatEvent
 
-        return [formatEvent(event) for event in self.log_events()]
+        return [
+            str(event["message"]) if "log_format" not in event else formatEvent(event)
+            for event in self.log_events()
+        ]
 
     def start(self) -> RegproxyProcess:
         env = dict(os.environ)

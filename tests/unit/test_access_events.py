@@ -59,7 +59,7 @@ class UpstreamBrokeOffTests(SiteCase):
         self.assertTrue(transport.disconnecting)
         channel.connectionLost(Failure(ConnectionDone()))
         [event] = self.access_events()
-        self.assertEqual((event["status"], event["error"]), (200, "body"))
+        self.assertEqual((event["status"], event["error_kind"]), (200, "body"))
         self.assertFalse(event["complete"])
         self.assertEqual(self.errors_logged(), [])
 

@@ -55,6 +55,7 @@ def test_defaults() -> None:
         disable_browser_redirects=False,
         metrics_listen=None,
         shutdown_grace=30.0,
+        drain_delay=0.0,
         trusted_proxies=(),
         upstream_timeout=30.0,
         idle_timeout=60.0,
@@ -215,7 +216,7 @@ def test_repr_has_no_secrets(password_file: str) -> None:
         ({"REGISTRY_HOST": "https://gcr.io:http"}, "REGISTRY_HOST"),
         ({"REPO_PREFIX": "Bad/Prefix"}, "REPO_PREFIX"),
         (
-            {"GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"},
+            {"GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json", "REGISTRY_HOST": "gcr.io"},
             "GOOGLE_APPLICATION_CREDENTIALS",
         ),
         ({"REGPROXY_PUBLIC_URL": "r.example.com"}, "REGPROXY_PUBLIC_URL"),
@@ -290,3 +291,123 @@ def test_google_adc_leaves_the_key_file_variable_to_google_auth(tmp_path) -> Non
     credentials = options.config().default_route.credentials
     assert credentials.google_adc is True
     assert credentials.google_key_file is None
+
+
+def test_a_bare_port_number_means_tcp() -> None:
+    config = parse(["--port", "8084", "--metrics-port", "9090"])
+    assert (config.listen, config.metrics_listen) == (("tcp:8084",), "tcp:9090")
+
+
+@pytest.mark.parametrize("args", [["--port", "0"], ["--port", "70000"], ["--port", ""]])
+def test_impossible_ports_name_the_option(args: list[str]) -> None:
+    assert usage_error(args).startswith("--port: ")
+
+
+@pytest.mark.parametrize("url", ["not a url", "https://exa mple.com", "http://[bad", "a/b"])
+def test_upstream_that_is_no_url_is_refused(url: str) -> None:
+    assert "--upstream" in usage_error(["--upstream", url])
+
+
+def test_drain_delay() -> None:
+    assert parse(["--drain-delay", "5"]).drain_delay == 5.0
+    assert "--drain-delay" in usage_error(["--drain-delay", "-1"])
+
+
+def options(args: list[str], environ: dict[str, str]) -> Options:
+    parsed = Options(environ=environ)
+    parsed.parseOptions(args)
+    return parsed
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    ["https://registry-1.docker.io", "https://ghcr.io", "http://127.0.0.1:5000", "gcr.io.evil"],
+)
+def test_ambient_google_credentials_are_ignored_for_other_upstreams(
+    upstream: str, key_file: str
+) -> None:
+    parsed = options(["--upstream", upstream], {"GOOGLE_APPLICATION_CREDENTIALS": key_file})
+    assert parsed.config().default_route.credentials == Credentials()
+    assert len(parsed.warnings) == 1
+    assert "GOOGLE_APPLICATION_CREDENTIALS is ignored" in parsed.warnings[0]
+    assert "not a Google registry" in parsed.warnings[0]
+
+
+@pytest.mark.parametrize(
+    "upstream", ["https://gcr.io", "eu.gcr.io", "https://europe-docker.pkg.dev"]
+)
+def test_ambient_google_credentials_serve_google_upstreams(upstream: str, key_file: str) -> None:
+    parsed = options(["--upstream", upstream], {"GOOGLE_APPLICATION_CREDENTIALS": key_file})
+    assert parsed.config().default_route.credentials.google_key_file == key_file
+    assert parsed.warnings == []
+
+
+def test_ambient_google_credentials_do_not_block_a_username(
+    key_file: str, password_file: str
+) -> None:
+    parsed = options(
+        [
+            "--upstream",
+            "https://gcr.io",
+            "--upstream-username",
+            "robot",
+            "--upstream-password-file",
+            password_file,
+        ],
+        {"GOOGLE_APPLICATION_CREDENTIALS": key_file},
+    )
+    credentials = parsed.config().default_route.credentials
+    assert (credentials.username, credentials.google_key_file) == ("robot", None)
+    assert "another upstream credential" in parsed.warnings[0]
+
+
+def test_explicit_google_credentials_go_anywhere_they_are_told(key_file: str) -> None:
+    parsed = options(["--upstream", "https://ghcr.io", "--google-credentials", key_file], {})
+    assert parsed.config().default_route.credentials.google_key_file == key_file
+
+
+def test_log_format_option_and_environment() -> None:
+    from regproxy.logs import LogFormat
+
+    assert options([], {})["log-format"] is None
+    assert options(["--log-format", "JSON"], {})["log-format"] is LogFormat.JSON
+    assert options([], {"REGPROXY_LOG_FORMAT": "text"})["log-format"] is LogFormat.TEXT
+    assert "--log-format" in usage_error(["--log-format", "xml"])
+
+
+def test_usage_errors_outside_twist_stay_exceptions() -> None:
+    """Only under twist (a parent) does a usage error end the process; see test_cli."""
+    assert "--bogus" in usage_error(["--bogus"])
+
+
+def test_credentials_directory_with_both_files(tmp_path: Path) -> None:
+    (tmp_path / "username").write_text("robot\n")
+    (tmp_path / "password").write_text("pa55w0rd-SECRET\n")
+    credentials = parse(
+        [], {"REGPROXY_UPSTREAM_CREDENTIALS_DIR": str(tmp_path)}
+    ).default_route.credentials
+    assert (credentials.username, credentials.password) == ("robot", "pa55w0rd-SECRET")
+
+
+def test_an_empty_credentials_directory_means_no_credentials(tmp_path: Path) -> None:
+    """A Kubernetes Secret volume that is optional and absent: the pods still start."""
+    config = parse(["--upstream-credentials-dir", str(tmp_path)])
+    assert config.default_route.credentials == Credentials()
+
+
+@pytest.mark.parametrize(
+    ("present", "missing"), [("username", "password"), ("password", "username")]
+)
+def test_a_half_filled_credentials_directory_says_what_is_missing(
+    tmp_path: Path, present: str, missing: str
+) -> None:
+    (tmp_path / present).write_text("x")
+    message = usage_error(["--upstream-credentials-dir", str(tmp_path)])
+    assert message.startswith("--upstream-credentials-dir: ")
+    assert repr(missing) in message
+
+
+def test_credentials_directory_must_exist() -> None:
+    assert "--upstream-credentials-dir" in usage_error(
+        ["--upstream-credentials-dir", "/nonexistent/dir"]
+    )

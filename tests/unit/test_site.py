@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
-from twisted.web.test.requesthelper import DummyRequest
+from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from regproxy.config import Config, Route, Upstream
 from regproxy.observe import ClientAddress, Metrics
@@ -187,3 +189,33 @@ def test_large_chunked_body_refused() -> None:
     output, _ = _serve(raw)
     assert output.startswith(b"HTTP/1.1 413 ")
     assert b"got" not in output
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /x HTTP/1.1\r\nHost: a\r\nContent-Length: nope\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nBad Header Line\r\n\r\n",
+        b"GET\r\n\r\n",
+    ],
+)
+def test_malformed_requests_get_an_oci_error(raw: bytes) -> None:
+    """Twisted answers these through HTTPChannel._respondToBadRequestAndDisconnect, which
+    ProxyChannel overrides (no public hook exists): if Twisted changes, this fails."""
+    output, _ = _serve(raw)
+    assert output.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    body = output.partition(b"\r\n\r\n")[2]
+    assert json.loads(body)["errors"][0]["code"] == "REQUEST_INVALID"
+
+
+def test_answers_after_the_client_left_are_dropped() -> None:
+    from twisted.web.server import Request
+
+    from regproxy.errors import OCIError
+    from regproxy.web.respond import write_error
+
+    request = Request(DummyChannel(), False)
+    request.method = b"GET"
+    request.connectionLost(Exception("gone"))
+    write_error(request, OCIError("NOT_FOUND", "not found"))
+    assert not request.finished and request.code == 200

@@ -1,0 +1,109 @@
+"""Log output that collectors take as it is: one JSON object per line, or plain text.
+
+``twist`` writes its own JSON whenever stdout is not a terminal (containers, systemd,
+Kubernetes, ``nohup``): RFC 7464 records that start with a ``\\x1e`` separator and carry
+internal fields (``log_flattened``, ``__class_uuid__``), which Cloud Logging, Loki,
+fluent-bit and Elastic do not parse as JSON. regproxy's JSON is one object per line with
+``time`` (RFC 3339, UTC), ``severity`` (``INFO``, ``WARNING``, ``ERROR``, as Cloud Logging
+reads it), ``message``, ``logger`` and the event's own plain fields, flat (an access event's
+``method``, ``path``, ``status``, ``bytes``, ``duration``, ...).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Callable, MutableMapping
+from datetime import datetime, timezone
+from typing import IO, Any
+
+from twisted.logger import (
+    FileLogObserver,
+    LogEvent,
+    LogLevel,
+    eventAsText,
+    textFileLogObserver,
+)
+
+
+class LogFormat(enum.Enum):
+    TEXT = "text"
+    JSON = "json"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+SEVERITY = {
+    LogLevel.debug: "DEBUG",
+    LogLevel.info: "INFO",
+    LogLevel.warn: "WARNING",
+    LogLevel.error: "ERROR",
+    LogLevel.critical: "CRITICAL",
+}
+
+# Keys that are the logging system's own, or that the JSON line already says otherwise
+# (legacy twisted.python.log events carry "message" as a tuple, "isError", "system").
+_RESERVED = frozenset(
+    {"time", "severity", "message", "logger", "format", "isError", "system", "why", "line"}
+)
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def rfc3339(timestamp: float | None) -> str:
+    when = datetime.fromtimestamp(timestamp or 0.0, tz=timezone.utc)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def json_line(event: LogEvent) -> str:
+    """One event as one line of JSON that parses by itself.
+
+    Only plain values (strings, numbers, booleans, null) become fields: objects in events
+    (factories, failures, protocols) have no stable JSON form and may hold secrets.
+    """
+    level = event.get("log_level", LogLevel.info)
+    record: dict[str, Any] = {
+        "time": rfc3339(event.get("log_time")),
+        "severity": SEVERITY.get(level, "DEFAULT"),
+        "message": eventAsText(
+            event, includeTraceback=True, includeTimestamp=False, includeSystem=False
+        ),
+        "logger": event.get("log_namespace", "-"),
+    }
+    for key, value in event.items():
+        if key.startswith("log_") or key in _RESERVED or not isinstance(value, _PLAIN):
+            continue
+        if isinstance(value, float) and value != value:  # NaN is not JSON
+            continue
+        record[key] = value
+    # ensure_ascii: the line stays one line and valid whatever bytes a client sent.
+    return json.dumps(record, ensure_ascii=True, allow_nan=False, default=str) + "\n"
+
+
+def jsonLineFileLogObserver(out: IO[Any]) -> FileLogObserver:
+    """A ``FileLogObserver`` that writes one JSON object per line to ``out``."""
+    return FileLogObserver(out, json_line)
+
+
+ObserverFactory = Callable[[IO[Any]], FileLogObserver]
+
+
+def choose_twist_log_observer(
+    twist_options: MutableMapping[str, Any], chosen: LogFormat | None
+) -> None:
+    """Make ``twist`` log in ``chosen`` format, or in clean JSON where it picked its own JSON.
+
+    twist offers no public hook for a plugin's log format: it builds its observer, after
+    ``makeService``, from ``fileLogObserverFactory`` in its own options, which are the
+    plugin options' ``parent`` (``twisted.application.twist._options.TwistOptions``). This is
+    the only place regproxy relies on that; ``tests/unit/test_logs.py`` fails if twist
+    changes it, and under any other runner (``twistd``, tests) nothing happens.
+    """
+    if "fileLogObserverFactory" not in twist_options:
+        return
+    if chosen is None:
+        chosen = LogFormat.JSON if twist_options.get("logFormat") == "json" else LogFormat.TEXT
+    factory: ObserverFactory
+    factory = jsonLineFileLogObserver if chosen is LogFormat.JSON else textFileLogObserver
+    twist_options["fileLogObserverFactory"] = factory
+    twist_options["logFormat"] = str(chosen)

@@ -1,0 +1,79 @@
+"""What the operator reads when regproxy starts: its version, routes, and doubts.
+
+Listener lines come from ``listen.Listener`` once each address is bound.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+from twisted import __version__ as twisted_version
+
+from . import __version__
+from .config import Config, Credentials, Route
+
+
+class StartupError(Exception):
+    """A configuration that cannot run, said in one line that names the option and the fix."""
+
+
+def credential_kind(credentials: Credentials) -> str:
+    """What the proxy authenticates upstream with, never the secret itself."""
+    if credentials.auth_header:
+        return "static Authorization header"
+    if credentials.username:
+        return f"basic ({credentials.username})"
+    if credentials.google_adc:
+        return "Google application default credentials"
+    if credentials.google_key_file and credentials.google_json_key:
+        return f"Google key file as _json_key ({credentials.google_key_file})"
+    if credentials.google_key_file:
+        return f"Google key file ({credentials.google_key_file})"
+    return "none (clients bring their own)"
+
+
+def describe_route(route: Route, *, cache: bool) -> str:
+    prefix = route.prefix or "(none)"
+    return (
+        f"route {route.name}: upstream {route.upstream.origin}, prefix {prefix}, "
+        f"credentials {credential_kind(route.credentials)}, cache {'on' if cache else 'off'}"
+    )
+
+
+def holds_credentials(config: Config) -> bool:
+    return any(route.credentials.configured for route in config.routes)
+
+
+class StartupReport(Service):
+    """Logs, when the service starts, what regproxy is and what it serves."""
+
+    log = Logger(namespace="regproxy.startup")
+
+    def __init__(self, config: Config, warnings: Sequence[str] = ()) -> None:
+        self.config = config
+        self.warnings = tuple(warnings)
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info(
+            "regproxy {version} (Twisted {twisted}, Python {python}) starting",
+            version=__version__,
+            twisted=twisted_version,
+            python=platform.python_version(),
+        )
+        cache = getattr(self.config, "cache_dir", None) is not None
+        for route in self.config.routes:
+            # "line" is the rendered text; the other fields stay keys of the JSON line.
+            self.log.info(
+                "{line}",
+                line=describe_route(route, cache=cache),
+                route=route.name,
+                upstream=route.upstream.origin,
+                prefix=route.prefix,
+            )
+        for warning in self.warnings:
+            self.log.warn("{line}", line=warning)

@@ -1,0 +1,86 @@
+"""Graceful shutdown: readiness first, listeners after the drain delay, then the grace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.web.resource import Resource
+
+from regproxy.observe import ClientAddress, Metrics
+from regproxy.service import Drain
+from regproxy.signals import StopCleanlyOnSigterm
+from regproxy.web.health import Readiness
+from regproxy.web.site import ProxySite
+
+
+class Pool:
+    closed = False
+
+    def closeCachedConnections(self) -> Deferred[None]:
+        self.closed = True
+        return succeed(None)
+
+
+def drain(delay: float, grace: float = 30.0) -> tuple[Drain, Clock, Readiness, Pool, ProxySite]:
+    clock, readiness, pool = Clock(), Readiness(), Pool()
+    site = ProxySite(Resource(), metrics=Metrics(), client_address=ClientAddress(()))
+    service = Drain(
+        site=site, readiness=readiness, pool=pool, grace=grace, reactor=clock, delay=delay
+    )
+    service.startService()
+    return service, clock, readiness, pool, site
+
+
+def test_readiness_turns_at_once_and_the_grace_starts_after_the_delay() -> None:
+    service, clock, readiness, pool, site = drain(delay=5, grace=10)
+    site.active = 1
+    done: list[object] = []
+    service.stopService().addBoth(done.append)
+    assert readiness.draining
+    clock.advance(5)  # the delay: still accepting, nothing waited for yet
+    clock.pump([0.1] * 95)  # 9.5 s of the grace
+    assert not done and not pool.closed
+    site.active = 0
+    clock.advance(0.1)
+    assert done == [None] and pool.closed and service.drained
+
+
+def test_grace_over_with_requests_left() -> None:
+    service, clock, _, pool, site = drain(delay=0, grace=1)
+    site.active = 2
+    done: list[object] = []
+    service.stopService().addBoth(done.append)
+    clock.pump([0.1] * 11)
+    assert done == [None] and pool.closed and not service.drained
+
+
+def test_an_idle_drain_without_delay_finishes_at_once() -> None:
+    service, _, readiness, pool, _ = drain(delay=0)
+    done: list[object] = []
+    service.stopService().addBoth(done.append)
+    assert done == [None] and readiness.draining and pool.closed
+
+
+class Reactor:
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+        self.when_running: list[Any] = []
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.calls.append(f)
+
+    def callWhenRunning(self, f: Any) -> None:
+        self.when_running.append(f)
+
+    def stop(self) -> None:
+        pass
+
+
+def test_sigterm_stops_the_reactor_once() -> None:
+    reactor = Reactor()
+    stopper = StopCleanlyOnSigterm(reactor)
+    stopper.sigterm(15)
+    stopper.sigterm(15)
+    assert reactor.calls == [reactor.stop]

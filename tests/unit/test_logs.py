@@ -1,0 +1,150 @@
+"""Collector-ready logs: one JSON object per line, and twist made to write them."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+from twisted.application.twist._options import TwistOptions
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger, LogLevel, textFileLogObserver
+from twisted.python.failure import Failure
+
+from regproxy.logs import LogFormat, choose_twist_log_observer, json_line, jsonLineFileLogObserver
+from regproxy.tap import Options
+
+ACCESS = {
+    "log_namespace": "regproxy.access",
+    "log_level": LogLevel.info,
+    "log_time": 1796045152.25,
+    "log_format": "{line}",
+    "line": "127.0.0.1 GET /v2/ 200 2 0.001s",
+    "request_id": "abc",
+    "client": "127.0.0.1",
+    "method": "GET",
+    "path": "/v2/",
+    "status": 200,
+    "bytes": 2,
+    "duration": 0.001,
+    "upstream_status": None,
+    "route": "default",
+}
+
+
+def test_access_event_is_one_flat_json_line() -> None:
+    line = json_line(ACCESS)
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert json.loads(line) == {
+        "time": "2026-11-30T13:25:52.250Z",
+        "severity": "INFO",
+        "message": "127.0.0.1 GET /v2/ 200 2 0.001s",
+        "logger": "regproxy.access",
+        "request_id": "abc",
+        "client": "127.0.0.1",
+        "method": "GET",
+        "path": "/v2/",
+        "status": 200,
+        "bytes": 2,
+        "duration": 0.001,
+        "upstream_status": None,
+        "route": "default",
+    }
+
+
+@pytest.mark.parametrize(
+    ("level", "severity"),
+    [
+        (LogLevel.debug, "DEBUG"),
+        (LogLevel.info, "INFO"),
+        (LogLevel.warn, "WARNING"),
+        (LogLevel.error, "ERROR"),
+        (LogLevel.critical, "CRITICAL"),
+    ],
+)
+def test_severity_is_a_plain_cloud_logging_string(level: LogLevel, severity: str) -> None:
+    assert json.loads(json_line({**ACCESS, "log_level": level}))["severity"] == severity
+
+
+def test_no_record_separator_and_no_twisted_internals() -> None:
+    line = json_line({**ACCESS, "log_logger": object(), "log_source": object()})
+    assert "\x1e" not in line
+    assert not [key for key in json.loads(line) if key.startswith(("log_", "__"))]
+
+
+def test_objects_never_become_fields() -> None:
+    class Secretive:
+        def __repr__(self) -> str:
+            return "Secretive(token=s3cr3t)"
+
+    line = json_line({**ACCESS, "factory": Secretive(), "nan": float("nan")})
+    assert "s3cr3t" not in line
+    assert "factory" not in json.loads(line) and "nan" not in json.loads(line)
+
+
+def test_a_failure_is_in_the_message_and_the_line_stays_one_line() -> None:
+    events: list[dict[str, Any]] = []
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        Logger(observer=events.append).failure("relay failed for {route}", route="r1")
+    line = json_line(events[0])
+    assert line.count("\n") == 1
+    record = json.loads(line)
+    assert record["severity"] == "CRITICAL"
+    assert record["message"].startswith("relay failed for r1")
+    assert "ValueError: boom" in record["message"]
+    assert record["route"] == "r1"
+
+
+def test_every_line_a_file_observer_writes_parses() -> None:
+    out = io.StringIO()
+    observer = jsonLineFileLogObserver(out)
+    observer(ACCESS)
+    observer({"log_format": "non-ASCII path \u00e9 {x}", "x": "\u2603", "log_time": 0.0})
+    observer({"log_failure": Failure(RuntimeError("x")), "log_format": "oops", "log_time": 0})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        assert isinstance(json.loads(line), dict)
+        assert line.isascii()
+
+
+def twist_options(*argv: str) -> TwistOptions:
+    """twist's own option parsing, as ``twist ARGV`` does it (without a real reactor)."""
+    options = TwistOptions()
+    options["reactor"] = MemoryReactorClock()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_twist_still_chooses_its_observer_from_its_options() -> None:
+    """The one twist detail regproxy relies on (regproxy.logs): if this fails, twist changed."""
+    options = twist_options("--log-format", "json", "regproxy")
+    assert isinstance(options.subOptions, Options)
+    assert options.subOptions.parent is options
+    assert "fileLogObserverFactory" in options
+    choose_twist_log_observer(options, None)
+    assert options["fileLogObserverFactory"] is jsonLineFileLogObserver
+
+
+def test_twist_text_format_stays_text() -> None:
+    options = twist_options("--log-format", "text", "regproxy")
+    choose_twist_log_observer(options, None)
+    assert options["fileLogObserverFactory"] is textFileLogObserver
+
+
+def test_plugin_option_wins_over_twist_choice() -> None:
+    options = twist_options("--log-format", "text", "regproxy", "--log-format", "json")
+    choose_twist_log_observer(options, options.subOptions["log-format"])
+    assert options["fileLogObserverFactory"] is jsonLineFileLogObserver
+    options = twist_options("--log-format", "json", "regproxy", "--log-format", "text")
+    choose_twist_log_observer(options, options.subOptions["log-format"])
+    assert options["fileLogObserverFactory"] is textFileLogObserver
+
+
+def test_other_runners_are_left_alone() -> None:
+    foreign: dict[str, Any] = {"logfile": "x"}
+    choose_twist_log_observer(foreign, LogFormat.JSON)
+    assert foreign == {"logfile": "x"}
