@@ -17,7 +17,9 @@ from . import __version__
 from .config import DOCKER_HUB_URL, BlobRedirects, Config, Credentials, Route, Upstream
 from .hosts import is_google_registry
 from .logs import LogFormat
+from .matching import ConfigError, RouteTable
 from .reference import NAME_RE
+from .routes import load_routes
 
 _LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
 _HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
@@ -144,6 +146,11 @@ class Options(usage.Options):
 
     optFlags = [
         [
+            "check",
+            None,
+            "With --config: check the routes file, print every problem, exit 0 or 1.",
+        ],
+        [
             "disable-browser-redirects",
             None,
             "Answer 404 instead of sending browsers upstream (env DISABLE_BROWSER_REDIRECTS).",
@@ -230,9 +237,17 @@ class Options(usage.Options):
             _named("public-url", _public_url),
         ],
         [
+            "config",
+            None,
+            None,
+            "TOML file of routes, for many upstreams (env REGPROXY_CONFIG); replaces the "
+            "route options (--upstream, --repo-prefix, credentials ...). SIGHUP re-reads it.",
+            _named("config", _readable_file),
+        ],
+        [
             "blob-redirects",
             None,
-            BlobRedirects.PASS,
+            None,
             "pass|follow: what to do with blob redirects to storage hosts.",
             _named("blob-redirects", _blob_redirects),
         ],
@@ -290,6 +305,8 @@ class Options(usage.Options):
         self["trusted-proxy"] = []
         # Said once at start-up, when logging runs (see makeService).
         self.warnings: list[str] = []
+        # The routes of --config, loaded (and so checked) while options are parsed.
+        self.routes: RouteTable | None = None
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """Under ``twist``, a usage error is one line, not the whole help.
@@ -341,6 +358,22 @@ class Options(usage.Options):
                 raise usage.UsageError(f"{variable}: {error}") from None
 
     def postOptions(self) -> None:
+        self._from_env("config", "REGPROXY_CONFIG", _readable_file)
+        if self["config"] is not None:
+            self._routes_from_file()
+        elif self["check"]:
+            raise usage.UsageError("--check checks a routes file: give --config FILE")
+        else:
+            self._route_options()
+        self._from_env("public-url", "REGPROXY_PUBLIC_URL", _public_url)
+        self._from_env("log-format", "REGPROXY_LOG_FORMAT", _log_format)
+        if self.environ.get("DISABLE_BROWSER_REDIRECTS"):
+            self["disable-browser-redirects"] = True
+        if not self["port"]:
+            self["port"] = [self._port_from_env()]
+
+    def _route_options(self) -> None:
+        """The one route of the flags and the original's environment variables."""
         self._from_env("upstream", "REGISTRY_HOST", _upstream)
         self._from_env("repo-prefix", "REPO_PREFIX", _prefix)
         self._from_env("auth-header", "AUTH_HEADER")
@@ -348,17 +381,11 @@ class Options(usage.Options):
         self._from_env("upstream-password-file", "REGPROXY_UPSTREAM_PASSWORD_FILE", _readable_file)
         self._from_env("upstream-credentials-dir", "REGPROXY_UPSTREAM_CREDENTIALS_DIR", _directory)
         self._credentials_from_directory()
-        self._from_env("public-url", "REGPROXY_PUBLIC_URL", _public_url)
-        self._from_env("log-format", "REGPROXY_LOG_FORMAT", _log_format)
-        if self.environ.get("DISABLE_BROWSER_REDIRECTS"):
-            self["disable-browser-redirects"] = True
         if self["upstream"] is None:
             self["upstream"] = Upstream.from_url(DOCKER_HUB_URL)
         self._google_credentials_from_env()
         if self["repo-prefix"] is None:
             self["repo-prefix"] = ""
-        if not self["port"]:
-            self["port"] = [self._port_from_env()]
         if bool(self["upstream-username"]) != bool(self["upstream-password-file"]):
             raise usage.UsageError("--upstream-username and --upstream-password-file go together")
         sources = [
@@ -373,6 +400,31 @@ class Options(usage.Options):
             )
         if self["google-json-key"] and not self["google-credentials"]:
             raise usage.UsageError("--google-json-key needs --google-credentials")
+
+    def _routes_from_file(self) -> None:
+        """--config: the file defines every route, so route options would be ignored:
+        refuse them rather than guess. ``--check`` reports and exits here."""
+        given = [f"--{name}" for name in ROUTE_OPTIONS if self[name] not in (None, False, 0)]
+        if given:
+            raise usage.UsageError(
+                f"--config defines the routes: drop {', '.join(given)} (or put them in the file)"
+            )
+        try:
+            self.routes = load_routes(self["config"])
+            errors: list[str] = []
+        except ConfigError as error:
+            errors = error.errors
+        if self["check"]:
+            for line in errors:
+                print(f"{self['config']}: {line}", file=sys.stderr)
+            if not errors:
+                print(f"{self['config']}: ok ({len(self.routes.routes)} routes)")  # type: ignore[union-attr]
+            raise SystemExit(1 if errors else 0)
+        if errors:
+            raise usage.UsageError(f"{self['config']}: " + "; ".join(errors))
+        for variable in ROUTE_VARIABLES:
+            if self.environ.get(variable):
+                self.warnings.append(f"{variable} is ignored: --config defines the routes")
 
     def _credentials_from_directory(self) -> None:
         """Username and password from one directory, so that they come and go together.
@@ -462,15 +514,21 @@ class Options(usage.Options):
         )
 
     def config(self) -> Config:
+        if self.routes is not None:
+            return self._server_config(self.routes.routes)
         route = Route(
             upstream=self["upstream"],
             prefix=self["repo-prefix"],
             credentials=self.credentials(),
-            blob_redirects=self["blob-redirects"],
+            blob_redirects=self["blob-redirects"] or BlobRedirects.PASS,
             upstream_ca=self["upstream-ca"],
         )
+        return self._server_config((route,))
+
+    def _server_config(self, routes: tuple[Route, ...]) -> Config:
         return Config(
-            routes=(route,),
+            routes=routes,
+            routes_file=self["config"],
             listen=tuple(self["port"]),
             public_url=self["public-url"],
             disable_browser_redirects=bool(self["disable-browser-redirects"]),
@@ -484,6 +542,29 @@ class Options(usage.Options):
 
 
 _COERCE_FAILED = "Parameter type enforcement failed: "
+# What a routes file replaces: given with --config, they are an error (flags) or ignored
+# with a warning (the environment, which a deployment may set for every instance).
+ROUTE_OPTIONS = (
+    "upstream",
+    "repo-prefix",
+    "upstream-ca",
+    "auth-header",
+    "upstream-username",
+    "upstream-password-file",
+    "upstream-credentials-dir",
+    "google-credentials",
+    "google-adc",
+    "google-json-key",
+    "blob-redirects",
+)
+ROUTE_VARIABLES = (
+    "REGISTRY_HOST",
+    "REPO_PREFIX",
+    "AUTH_HEADER",
+    "REGPROXY_UPSTREAM_USERNAME",
+    "REGPROXY_UPSTREAM_PASSWORD_FILE",
+    "REGPROXY_UPSTREAM_CREDENTIALS_DIR",
+)
 
 
 def _exit_with_usage_error(message: str) -> NoReturn:

@@ -21,16 +21,10 @@ from twisted.web.http_headers import Headers
 
 from .. import challenge
 from ..config import Route
+from ..hosts import is_google_registry
 from .client import UpstreamClient, UpstreamFailure, user_agent
 
 CHALLENGE_BODY_LIMIT = 64 * 1024
-GOOGLE_REGISTRY_SUFFIXES = (".gcr.io", ".pkg.dev")
-
-
-def is_google_registry(host: str) -> bool:
-    """gcr.io, its regional hosts, and Artifact Registry (``*-docker.pkg.dev``)."""
-    host = host.lower().rstrip(".")
-    return host == "gcr.io" or host.endswith(GOOGLE_REGISTRY_SUFFIXES)
 
 
 def _parent_domain(host: str) -> str | None:

@@ -30,9 +30,17 @@ from tests.support.waiting import eventually
 
 
 @pytest.fixture(scope="module")
-def tls_token_issuer(tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles):
+def tls_token_issuer(
+    tmp_path_factory: pytest.TempPathFactory,
+    tls_files: TLSFiles,
+    proxy_credentials: tuple[str, str],
+):
+    user, password = proxy_credentials
     with TokenIssuer(
-        tmp_path_factory.mktemp("issuer-tls"), service="secure-registry", tls=tls_files
+        tmp_path_factory.mktemp("issuer-tls"),
+        users={user: password},
+        service="secure-registry",
+        tls=tls_files,
     ) as issuer:
         yield issuer
 
@@ -43,15 +51,16 @@ def secure(
     tls_files: TLSFiles,
     tls_token_issuer: TokenIssuer,
     standard_images: StandardImages,
+    proxy_credentials: tuple[str, str],
 ) -> Iterator[SeededRegistry]:
-    """Token auth over TLS; the standard images under ``mirror/``."""
+    """Token auth over TLS (anonymous pulls allowed); the standard images under ``mirror/``."""
     with RegistryServer(
         auth="token",
         token_issuer=tls_token_issuer,
         tls=tls_files,
         directory=tmp_path_factory.mktemp("registry-secure"),
     ) as server:
-        seeded = seed_registry(server, standard_images, prefix="mirror")
+        seeded = seed_registry(server, standard_images, creds=proxy_credentials, prefix="mirror")
         tls_token_issuer.clear()
         yield seeded
 
@@ -121,7 +130,8 @@ def test_skopeo_pulls_through_every_route(
     if name != "multi":  # the top route's allow-list admits app, team/** and big only
         pulls[f"{proxy.host_port}/{ref}"] = plain[ref]
     for number, (source, digest) in enumerate(pulls.items()):
-        result = skopeo_copy(source, tmp / f"out{number}", tag=tag)
+        extra = ["--all"] if name == "multi" else []
+        result = skopeo_copy(source, tmp / f"out{number}", extra, tag=tag)
         assert result.digest == digest, source
 
 
@@ -150,6 +160,7 @@ def test_tokens_go_to_the_routes_own_realm_with_its_prefix(
 def test_containerd_through_the_namespace_and_a_path_route(
     proxy, plain: SeededRegistry, standard_images: StandardImages, tmp: Path
 ) -> None:
+    (tmp / "containerd").mkdir()
     with Containerd(tmp / "containerd") as containerd:
         hosts = tmp / "hosts" / "docker.io"
         hosts.mkdir(parents=True)
@@ -186,7 +197,7 @@ def test_sighup_adds_a_route_while_a_download_goes_on(
         )
         proxy.send_signal(signal.SIGHUP)
 
-        eventually(lambda: curl(proxy.url + "/v2/late/app/manifests/v1").status == 200)
+        eventually(lambda: curl(proxy.url + "/v2/late/app/tags/list").status == 200)
         # The old transfer finishes intact on the routing it started with.
         while len(received) < big.size + 200:
             chunk = client.recv(1 << 20)
@@ -205,7 +216,7 @@ def test_an_invalid_reload_keeps_the_routes(proxy, config: Path) -> None:
     proxy.send_signal(signal.SIGHUP)
     eventually(lambda: "reload of" in proxy.log_text())
     assert "refused" in proxy.log_text()
-    assert curl(proxy.url + "/v2/plain/app/manifests/v1").status == 200
+    assert curl(proxy.url + "/v2/plain/app/tags/list").status == 200
 
 
 def test_check_validates_a_file(config: Path, tmp: Path) -> None:
@@ -219,13 +230,17 @@ def test_check_validates_a_file(config: Path, tmp: Path) -> None:
 
     good = check(config)
     assert good.returncode == 0, good.stderr
-    bad = tmp / "bad.toml"
-    bad.write_text(
-        '[[routes]]\nname = "a"\nupstream = "x"\npath = "p"\n[[routes]]\nname = "b"'
-        '\nupstream = "y"\npath = "p"\nbogus = true\n'
+    unknown_key = tmp / "unknown.toml"
+    unknown_key.write_text('[[routes]]\nname = "a"\nupstream = "x"\nbogus = true\n')
+    ambiguous = tmp / "ambiguous.toml"
+    ambiguous.write_text(
+        '[[routes]]\nname = "a"\nupstream = "x"\npath = "p"\n'
+        '[[routes]]\nname = "b"\nupstream = "y"\npath = "p"\n'
     )
-    result = check(bad)
-    assert result.returncode == 1
-    output = result.stdout + result.stderr
-    assert "bogus" in output and '"a"' in output and '"b"' in output
-    assert "Traceback" not in output
+    for bad, words in ((unknown_key, ["bogus", '"a"']), (ambiguous, ['"a"', '"b"', "path"])):
+        result = check(bad)
+        assert result.returncode == 1
+        output = result.stdout + result.stderr
+        for word in words:
+            assert word in output, (word, output)
+        assert "Traceback" not in output
