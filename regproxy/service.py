@@ -6,7 +6,6 @@ from typing import Any
 
 from treq.client import HTTPClient
 from treq.content import content
-from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -32,6 +31,7 @@ from .web.registry import RegistryAPI
 from .web.root import Root
 from .web.site import ProxySite
 from .web.token import TokenProxy
+from .workers import Listeners, WorkerRole, WorkerSpec
 
 HEALTH_CHECK_INTERVAL = 30.0
 
@@ -155,28 +155,31 @@ def build_root(
     return root
 
 
-def build_service(config: Config, reactor: Any) -> IService:
+def build_service(config: Config, reactor: Any, worker: WorkerSpec | None = None) -> IService:
     route = config.default_route
     pool = make_pool(reactor)
     client = make_client(reactor, pool=pool, ca_file=route.upstream_ca)
-    metrics = Metrics()
+    metrics = Metrics(multiprocess=worker is not None)
     readiness = Readiness()
     root = build_root(config, client=client, clock=reactor, metrics=metrics, readiness=readiness)
     site = ProxySite(root, metrics=metrics, client_address=ClientAddress(config.trusted_proxies))
 
+    # In a --workers worker: the supervisor's sockets, a worker field in the access log.
+    listeners = Listeners(reactor, worker)
     top = MultiService()
+    if worker is not None:
+        site.worker = worker.number
+        WorkerRole(worker, reactor).attach(top)
     Drain(
         site=site, readiness=readiness, pool=pool, grace=config.shutdown_grace, reactor=reactor
     ).setServiceParent(top)
     for endpoint in config.listen:
-        strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
+        listeners.service(endpoint, site).setServiceParent(top)
     if config.metrics_listen is not None:
         metrics_root = Resource()
         metrics_root.putChild(b"metrics", MetricsPage(metrics))
         metrics_site = ProxySite(metrics_root, metrics=metrics, client_address=ClientAddress(()))
-        strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(
-            top
-        )
+        listeners.service(config.metrics_listen, metrics_site).setServiceParent(top)
     checker = TimerService(
         HEALTH_CHECK_INTERVAL,
         lambda: ensureDeferred(check_upstream(client, route, metrics, config.upstream_timeout)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,6 +14,7 @@ from twisted.python import usage
 
 from .config import DOCKER_HUB_URL, BlobRedirects, Config, Credentials, Route, Upstream
 from .reference import NAME_RE
+from .workers import WorkerSpec, worker_count
 
 
 def _upstream(text: str) -> Upstream:
@@ -210,6 +212,22 @@ class Options(usage.Options):
             "transfer is abandoned.",
             _named("idle-timeout", _positive_seconds),
         ],
+        [
+            "workers",
+            None,
+            None,
+            "Worker processes serving every listener (default 1; 'auto': one per CPU; env "
+            "REGPROXY_WORKERS). Above 1, a supervisor binds the listeners and restarts "
+            "workers that die.",
+            _named("workers", worker_count),
+        ],
+        [
+            "as-worker",
+            None,
+            None,
+            "Internal: set by the --workers supervisor on the workers it starts.",
+            _named("as-worker", WorkerSpec.parse),
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -250,6 +268,9 @@ class Options(usage.Options):
             # With --google-adc, google-auth reads this variable itself, as part of ADC.
             self._from_env("google-credentials", "GOOGLE_APPLICATION_CREDENTIALS", _readable_file)
         self._from_env("public-url", "REGPROXY_PUBLIC_URL", _public_url)
+        self._from_env("workers", "REGPROXY_WORKERS", worker_count)
+        if self["workers"] is None:
+            self["workers"] = 1
         if self.environ.get("DISABLE_BROWSER_REDIRECTS"):
             self["disable-browser-redirects"] = True
         if self["upstream"] is None:
@@ -322,11 +343,24 @@ class Options(usage.Options):
         )
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: Any = None, argv: list[str] | None = None) -> IService:
     from .service import build_service
 
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return build_service(options.config(), reactor)
+    config = options.config()
+    if options["workers"] > 1 and options["as-worker"] is None:
+        from .workers import build_supervisor
+
+        return build_supervisor(
+            count=options["workers"],
+            listen=[*config.listen, *filter(None, [config.metrics_listen])],
+            # Workers run the supervisor's own twist command line (twist's options too).
+            argv=sys.argv[1:] if argv is None else argv,
+            environ=options.environ,
+            grace=config.shutdown_grace,
+            reactor=reactor,
+        )
+    return build_service(config, reactor, worker=options["as-worker"])

@@ -106,12 +106,19 @@ class ProxyRequest(Request):
         # Never the query: token requests may carry account names and such.
         path = self.path.decode("latin-1")[:512]
         logged_method = self.method.decode("latin-1")[:16]
+        line = (
+            f"{client} {logged_method} {path} {status} {self.sentLength} {duration:.3f}s"
+            f" upstream={exchange.upstream_status} route={route} id={self.request_id}"
+        )
+        # --workers: which worker answered (absent in a single process).
+        extra = {} if site.worker is None else {"worker": site.worker}
+        if site.worker is not None:
+            line += f" worker={site.worker}"
         # The readable line is rendered here, once; the format names only it, so the JSON
         # observer does not re-render every field (the fields stay keys of the event).
         access_log.info(
             "{line}",
-            line=f"{client} {logged_method} {path} {status} {self.sentLength} {duration:.3f}s"
-            f" upstream={exchange.upstream_status} route={route} id={self.request_id}",
+            line=line,
             request_id=self.request_id,
             client=client,
             method=logged_method,
@@ -122,6 +129,7 @@ class ProxyRequest(Request):
             upstream_status=exchange.upstream_status,
             route=route,
             endpoint=endpoint,
+            **extra,
         )
 
 
@@ -165,6 +173,8 @@ class ProxyChannel(HTTPChannel):
 class ProxySite(Site):
     requestFactory = ProxyRequest
     protocol = ProxyChannel  # type: ignore[assignment]
+    # The worker number under --workers, named in access events; None in a single process.
+    worker: int | None = None
 
     def __init__(
         self, resource: Resource, *, metrics: Metrics, client_address: ClientAddress
