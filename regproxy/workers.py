@@ -180,6 +180,31 @@ def bind(request: ListenRequest) -> socket.socket:
     return sock
 
 
+def ignore_repeated_stop_signals() -> None:
+    """Let only the first SIGTERM or SIGINT reach the reactor's handler (once it runs).
+
+    A service manager that signals the whole process group (systemd's default
+    KillMode=control-group, Ctrl-C in a terminal) reaches each worker twice: directly and
+    through the supervisor. A second stop would make the reactor log ReactorNotRunning
+    and exit by the signal even after a clean drain.
+    """
+    stopping = False
+
+    def wrap(previous: Callable[[int, Any], Any]) -> Callable[[int, Any], None]:
+        def handler(signum: int, frame: Any) -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                previous(signum, frame)
+
+        return handler
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+        if callable(previous):
+            signal.signal(signum, wrap(previous))
+
+
 # -- the worker's side ---------------------------------------------------------------------------
 
 
@@ -276,6 +301,7 @@ class WorkerRole(Service):
         super().startService()
         if self.signals:
             signal.signal(signal.SIGHUP, self._on_hangup)
+            self.reactor.callWhenRunning(ignore_repeated_stop_signals)
 
     def _on_hangup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(
@@ -362,6 +388,7 @@ class Supervisor(Service):
         self.metrics_dir = tempfile.mkdtemp(prefix="regproxy-metrics-")
         if self.signals:
             self._previous_hangup = signal.signal(signal.SIGHUP, self._on_hangup)
+            self.reactor.callWhenRunning(ignore_repeated_stop_signals)
         self.log.info(
             "supervisor: {count} workers on {listeners}",
             count=self.count,
