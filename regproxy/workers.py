@@ -301,7 +301,14 @@ class WorkerRole(Service):
         super().startService()
         if self.signals:
             signal.signal(signal.SIGHUP, self._on_hangup)
-            self.reactor.callWhenRunning(ignore_repeated_stop_signals)
+        self.reactor.callWhenRunning(self._running)
+
+    def _running(self) -> None:
+        if self.signals:
+            ignore_repeated_stop_signals()
+        self.log.info(
+            "worker {worker} (pid {pid}) serving", worker=self.spec.number, pid=os.getpid()
+        )
 
     def _on_hangup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(

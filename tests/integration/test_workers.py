@@ -60,6 +60,10 @@ def start_workers(
     """The proxy with ``--workers count``, once every worker runs and answers."""
     proxy = start_proxy([*args, "--workers", str(count)])
     wait_for(lambda: len(children(proxy.pid)) == count, what=f"{count} workers")
+    wait_for(
+        lambda: sum(" serving" in message for message in proxy.log_messages()) == count,
+        what=f"{count} workers serving",
+    )
     wait_for(lambda: serving(proxy.url), what="an answer from a worker")
     return proxy
 
@@ -291,6 +295,11 @@ def test_systemd_socket_activation_with_workers(
         wait_for_port("127.0.0.1", port)
         # systemd-socket-activate execs the command: its pid is the supervisor's.
         wait_for(lambda: len(children(process.pid)) == 2, what="2 workers")
+        log_path = tmp / "activate.log"
+        wait_for(
+            lambda: log_path.read_text().count("(pid {pid}) serving") == 2,
+            what="2 workers serving",
+        )
         for _ in range(4):
             answer = curl(f"http://127.0.0.1:{port}/v2/app/manifests/v1", "-I", "-H", ACCEPT)
             assert answer.status == 200
