@@ -79,13 +79,13 @@ class Relay(Resource):
     def render_GET(self, request: Request) -> Any:
         rest = request.uri.partition(b"/v2/")[2]
         url = self.upstream + b"/v2/" + self.prefix + b"/" + rest
-        accept = request.requestHeaders.getRawHeaders(b"accept") or []
+        headers = Headers({b"accept": request.requestHeaders.getRawHeaders(b"accept") or []})
         if self.use_treq:
             d = self.client.request(
-                "GET", url, headers={b"accept": accept}, unbuffered=True, allow_redirects=False
+                "GET", url, headers=headers, unbuffered=True, allow_redirects=False
             )
         else:
-            d = self.agent.request(b"GET", url, Headers({b"accept": accept}))
+            d = self.agent.request(b"GET", url, headers)
         d.addCallback(self._answer, request)
         d.addErrback(self._failed, request)
         return NOT_DONE_YET
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         resource = Relay(agent, args.upstream, args.prefix, use_treq=args.kind == "treq")
     site = QuietSite(resource)
     serverFromString(reactor, args.listen).listen(site)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":

@@ -287,7 +287,7 @@ def profile(
     seconds = settings.profile_seconds
     outputs: dict[str, str] = {}
 
-    def record(name: str, work: Callable[[], None]) -> None:
+    def record(name: str, work: Callable[[], object]) -> None:
         path = directory / f"{mode}-{name}.txt"
         spy = subprocess.Popen(
             [
