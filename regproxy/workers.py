@@ -45,6 +45,10 @@ METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 # Variables of systemd socket activation: they describe the supervisor's descriptors.
 SYSTEMD_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 FIRST_CHILD_FD = 3
+# Held (blocked) from a worker's start until its handlers are in place: a worker still
+# importing would otherwise die of them instead of stopping cleanly (blocked signals stay
+# pending across exec, and the mask is inherited).
+HELD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 PARENT_CHECK_INTERVAL = 1.0
 # Restart back-off: the first restart after FIRST_DELAY, doubling up to MAX_DELAY while
 # workers keep dying young; a worker that ran for STABLE_AFTER seconds resets it.
@@ -309,6 +313,8 @@ class WorkerRole(Service):
     def _running(self) -> None:
         if self.signals:
             ignore_repeated_stop_signals()
+            # Held since the supervisor started us; any that came meanwhile arrive now.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         self.log.info(
             "worker {worker} (pid {pid}) serving", worker=self.spec.number, pid=os.getpid()
         )
@@ -428,13 +434,17 @@ class Supervisor(Service):
         env[METRICS_DIR_VARIABLE] = self.metrics_dir
         args = [self.executable, "-m", "twisted", *self.argv, "--as-worker", spec.argument()]
         holder: list[_Worker] = []
-        transport = self.reactor.spawnProcess(
-            _WorkerProtocol(lambda reason: self._ended(holder[0], reason)),
-            self.executable,
-            args=args,
-            env=env,
-            childFDs=fds,
-        )
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            transport = self.reactor.spawnProcess(
+                _WorkerProtocol(lambda reason: self._ended(holder[0], reason)),
+                self.executable,
+                args=args,
+                env=env,
+                childFDs=fds,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         worker = _Worker(number, transport.pid, self.reactor.seconds(), transport)
         holder.append(worker)
         self.workers[number] = worker

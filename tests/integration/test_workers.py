@@ -325,3 +325,28 @@ def test_sigterm_to_the_whole_process_group_is_one_clean_stop(
     assert proxy.wait(30) == 0
     assert "ReactorNotRunning" not in proxy.log_text()
     assert any("every worker drained" in message for message in proxy.log_messages())
+
+
+def test_sigterm_while_workers_start_is_a_clean_stop(
+    start_proxy, prefixed_registry: SeededRegistry
+) -> None:
+    """Workers still importing hold the signal until they can drain, instead of dying."""
+    proxy = start_proxy(["--upstream", prefixed_registry.url, "--workers", "2"])
+    wait_for(lambda: len(children(proxy.pid)) == 2, what="2 workers")
+    proxy.send_signal(signal.SIGTERM)
+    assert proxy.wait(30) == 0
+    assert any("every worker drained" in message for message in proxy.log_messages())
+
+
+def test_sighup_reaches_every_worker_and_stops_none(
+    start_proxy, prefixed_registry: SeededRegistry
+) -> None:
+    proxy = start_workers(start_proxy, ["--upstream", prefixed_registry.url])
+    workers = children(proxy.pid)
+    proxy.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: sum("SIGHUP, nothing to reload" in m for m in proxy.log_messages()) == 2,
+        what="both workers taking SIGHUP",
+    )
+    assert children(proxy.pid) == workers and proxy.running
+    assert serving(proxy.url)
