@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.application.service import MultiService
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
@@ -231,3 +232,19 @@ def test_sighup_goes_to_every_worker(running) -> None:
 
     supervisor.forward(signal.SIGHUP)
     assert [entry[4].signals for entry in reactor.spawned] == [["HUP"], ["HUP"]]
+
+
+def test_a_worker_stops_when_its_supervisor_is_gone() -> None:
+    reactor = MemoryReactorClock()
+    role = WorkerRole(WorkerSpec(1, os.getppid(), ()), reactor, signals=False)
+    top = MultiService()
+    role.attach(top)
+    top.startService()
+    reactor.running = True  # (MemoryReactor.run() would stop at once)
+    reactor.advance(5)
+    assert not reactor.hasStopped
+    orphan = WorkerRole(WorkerSpec(2, os.getppid() + 1, ()), reactor, signals=False)
+    orphan.attach(MultiService())
+    orphan.parent.startService()  # type: ignore[union-attr]
+    reactor.advance(1)
+    assert reactor.hasStopped
