@@ -283,6 +283,9 @@ def profile(
     directory = Path(settings.profile_dir or ".")
     directory.mkdir(parents=True, exist_ok=True)
     py_spy = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
+    if not os.access(py_spy, os.X_OK):
+        log("  py-spy is not installed (pip install py-spy): no profiles")
+        return {}
     regproxy = next(ep for ep in endpoints if ep.label == "regproxy")
     seconds = settings.profile_seconds
     outputs: dict[str, str] = {}
