@@ -34,6 +34,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -181,9 +182,9 @@ def bind(request: ListenRequest) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((request.interface, request.port))
         sock.listen(request.backlog)
-    except BaseException:
+    except OSError as error:
         sock.close()
-        raise
+        raise CannotListenError(request.interface, request.port, error) from None
     return sock
 
 

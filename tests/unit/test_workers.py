@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from twisted.application.service import MultiService
-from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.error import CannotListenError, ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -93,6 +93,8 @@ def test_listener_descriptions_are_read_by_twisted_and_bound_by_the_supervisor()
     with bind(request) as sock:
         host, port = sock.getsockname()
         assert host == "127.0.0.1" and port > 0
+        with pytest.raises(CannotListenError):  # as Twisted's own listenTCP says it
+            bind(listen_request(f"tcp:{port}:interface=127.0.0.1"))
 
 
 def test_ssl_listener_carries_its_context_factory(tmp_path: Path) -> None:
