@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         "--tls",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also run items 1 and 2 against an HTTPS upstream (default on)",
+        help="also run items 1, 2 and 5 against an HTTPS upstream (default on)",
     )
     parser.add_argument(
         "--workers",
