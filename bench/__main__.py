@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from .report import text
+from .report import text, write_docs
 from .suite import GiB, MiB, Settings, run
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--blob-size", type=size, help="big blob size, e.g. 1GiB (default)")
     parser.add_argument("--repeats", type=int, help="blob GETs per path (median; default 5)")
-    parser.add_argument("--durations", type=float, help="seconds per wrk run (default 10)")
+    parser.add_argument("--durations", type=float, help="seconds per wrk run (default 5)")
     parser.add_argument("--pulls", type=int, help="concurrent pulls (default 100)")
     parser.add_argument("--streams", type=int, help="concurrent blob streams (default 100)")
     parser.add_argument(
@@ -45,9 +45,42 @@ def main(argv: list[str] | None = None) -> int:
         "--tls",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also run items 1 and 2 against an HTTPS upstream (default on)",
+        help="also run items 1, 2 and 5 against an HTTPS upstream (default on)",
     )
-    parser.add_argument("--nginx-workers", type=int, help="nginx worker_processes (default 1)")
+    parser.add_argument(
+        "--workers",
+        type=lambda text: tuple(int(n) for n in text.split(",")),
+        help="regproxy --workers of each run, comma-separated (default 2,1)",
+    )
+    parser.add_argument(
+        "--nginx-workers",
+        type=int,
+        help="nginx worker_processes (default: regproxy's worker count of each run)",
+    )
+    parser.add_argument(
+        "--tls-listeners",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="in the TLS run, clients speak HTTPS to both proxies (default on)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure bare twisted.web, Agent and treq servers too (default on)",
+    )
+    parser.add_argument(
+        "--rate-repeats", type=int, help="wrk runs per path and concurrency (default 3)"
+    )
+    parser.add_argument(
+        "--write-docs",
+        metavar="RST",
+        nargs="?",
+        const=Path("docs/benchmarks.rst"),
+        type=Path,
+        help="put the tables into this page (default docs/benchmarks.rst) between its "
+        "'.. bench-results-begin' and '.. bench-results-end' lines",
+    )
     parser.add_argument(
         "--profile",
         metavar="DIR",
@@ -67,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             "stream_blob_size": args.stream_blob_size,
             "tls": args.tls,
             "nginx_workers": args.nginx_workers,
+            "workers": args.workers,
+            "tls_listeners": args.tls_listeners,
+            "calibrate": args.calibrate,
+            "rate_repeats": args.rate_repeats,
             "profile_dir": args.profile,
         }.items()
         if value is not None
@@ -86,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
+    if args.write_docs:
+        write_docs(result, args.write_docs)
     print(text(result))
     return 0 if all(t["met"] for t in result["targets"]) or args.smoke else 1
 

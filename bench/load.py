@@ -45,13 +45,26 @@ class Endpoint:
         return self.base + self.path(name, kind, reference)
 
 
+def process_tree(pid: int) -> list[int]:
+    """*pid* and its child processes (nginx's workers, regproxy's --workers), recursively."""
+    pids, queue = [], [pid]
+    while queue:
+        one = queue.pop()
+        pids.append(one)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{one}/task"):
+                with contextlib.suppress(OSError):
+                    queue += [
+                        int(c)
+                        for c in Path(f"/proc/{one}/task/{task}/children").read_text().split()
+                    ]
+    return pids
+
+
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of *pid* and its child processes (nginx's workers)."""
-    pids = [pid]
-    with contextlib.suppress(OSError):
-        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    """User + system CPU seconds of *pid* and all its child processes, from /proc/<pid>/stat."""
     total = 0
-    for one in pids:
+    for one in process_tree(pid):
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{one}/stat").read_text().rpartition(")")[2].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
@@ -292,17 +305,24 @@ def paced_read(
 
 
 def rss_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of *pid* in KiB."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            key, value = line.split(":", 1)
-            values[key] = int(value.split()[0])
-    return values["VmRSS"], values["VmHWM"]
+    """(VmRSS, VmHWM) in KiB, summed over *pid* and its child processes (all workers).
+
+    The summed VmHWM is an upper bound of the tree's peak: each process peaks on its own.
+    """
+    rss = hwm = 0
+    for one in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{one}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    hwm += int(line.split()[1])
+    return rss, hwm
 
 
 class RSSSampler:
-    """Samples VmRSS every *interval* s in a thread; resets and reads VmHWM around it too."""
+    """Samples the tree's VmRSS every *interval* s in a thread; resets and reads VmHWM
+    around it too."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         self.pid = pid
@@ -320,8 +340,9 @@ class RSSSampler:
 
     def __enter__(self) -> RSSSampler:
         # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0).
-        with contextlib.suppress(OSError):
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        for one in process_tree(self.pid):
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{one}/clear_refs").write_text("5")
         self._thread.start()
         return self
 

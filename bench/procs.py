@@ -33,8 +33,8 @@ http {{
         keepalive 32;
     }}
     server {{
-        listen 127.0.0.1:{port};
-        client_max_body_size 0;
+        listen 127.0.0.1:{port}{listen_ssl};
+{listener_tls}        client_max_body_size 0;
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_set_header Host {upstream_host_port};
@@ -46,6 +46,12 @@ http {{
         location /v2/ {{ proxy_pass {scheme}://registry/v2/{prefix}/; }}
     }}
 }}
+"""
+
+NGINX_LISTENER_TLS = """\
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
 """
 
 NGINX_TLS = """\
@@ -73,8 +79,11 @@ class NginxProcess:
         scheme: str = "http",
         ca_file: Path | None = None,
         workers: int = 1,
+        listener_tls: tuple[Path, Path] | None = None,
     ) -> None:
+        """*listener_tls*: (certificate, key) to serve HTTPS instead of HTTP."""
         self.directory = Path(directory)
+        self.listener_tls = listener_tls
         self.upstream_host_port = upstream_host_port
         self.prefix = prefix
         self.scheme = scheme
@@ -85,7 +94,8 @@ class NginxProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.listener_tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -94,12 +104,18 @@ class NginxProcess:
 
     def config_text(self) -> str:
         tls = NGINX_TLS.format(ca=self.ca_file) if self.scheme == "https" else ""
+        listener_tls = ""
+        if self.listener_tls:
+            cert, key = self.listener_tls
+            listener_tls = NGINX_LISTENER_TLS.format(cert=cert, key=key)
         return NGINX_CONF.format(
             user="user root;\n" if os.geteuid() == 0 else "",
             workers=self.workers,
             dir=self.directory,
             upstream_host_port=self.upstream_host_port,
             port=self.port,
+            listen_ssl=" ssl" if self.listener_tls else "",
+            listener_tls=listener_tls,
             tls=tls,
             scheme=self.scheme,
             prefix=self.prefix,
@@ -156,6 +172,75 @@ class NginxProcess:
             os.killpg(process.pid, signal.SIGKILL)
 
     def __enter__(self) -> NginxProcess:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class CalibrationServer:
+    """``python -m bench.calibrate KIND ...`` as a process; a context manager."""
+
+    def __init__(self, directory: Path, kind: str, args: list[str], listen: str, port: int):
+        self.directory = Path(directory)
+        self.kind = kind
+        self.args = args
+        self.listen = listen
+        self.port = port
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def start(self) -> CalibrationServer:
+        import sys
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        root = Path(__file__).resolve().parents[1]
+        argv = [sys.executable, "-m", "bench.calibrate", self.kind, "--listen", self.listen]
+        with open(self.directory / f"{self.kind}.log", "ab") as err:
+            self._process = subprocess.Popen(
+                [*argv, *self.args],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                cwd=root,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 20
+        while not port_open("127.0.0.1", self.port):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"calibration server {self.kind} did not start:\n{self.log_text()}"
+                )
+            time.sleep(0.05)
+        return self
+
+    def log_text(self) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return (self.directory / f"{self.kind}.log").read_text(errors="replace")
+        return ""
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    def __enter__(self) -> CalibrationServer:
         return self.start()
 
     def __exit__(

@@ -25,25 +25,54 @@ def _size(count: float) -> str:
     return f"{count / 1024:.0f} KiB"
 
 
+def _spread(values: list[float]) -> str:
+    """(max - min) / median, in percent: how much one run's repeats disagree."""
+    if len(values) < 2:
+        return "-"
+    ordered = sorted(values)
+    median = ordered[len(ordered) // 2]
+    return f"{100 * (ordered[-1] - ordered[0]) / median:.0f}%" if median else "-"
+
+
+def _describe(key: str, run: dict[str, Any]) -> str:
+    upstream = "TLS" if run.get("upstream_tls", key.startswith("tls")) else "plain"
+    workers = run.get("workers", 1)
+    text_ = f"upstream {upstream}, regproxy --workers {workers}"
+    if "nginx_workers" in run:
+        text_ += f", nginx worker_processes {run['nginx_workers']}"
+    if run.get("listener_tls"):
+        text_ += ", TLS listeners"
+    return text_
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
 def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) for every table of the report."""
     out: list[tuple[str, list[str], list[list[str]]]] = []
-    for mode, run in result["runs"].items():
+    for key, run in result["runs"].items():
+        what = _describe(key, run)
         blob = run["blob"]
         rows = [
             [
                 p,
                 _f(blob[p]["median_mb_s"], 0),
+                _spread(blob[p]["runs_mb_s"]),
                 _f(blob[p].get("cpu_s_per_gib")),
                 " ".join(f"{v:.0f}" for v in blob[p]["runs_mb_s"]),
             ]
             for p in PATHS
         ]
-        rows.append(["regproxy/nginx", _f(blob["ratio_regproxy_nginx"]), "", ""])
+        cpu_ratio = _ratio(
+            blob["regproxy"].get("cpu_s_per_gib"), blob["nginx"].get("cpu_s_per_gib")
+        )
+        rows.append(["regproxy/nginx", _f(blob["ratio_regproxy_nginx"]), "", _f(cpu_ratio), ""])
         out.append(
             (
-                f"1. Blob GET, {_size(blob['blob_bytes'])}, upstream {mode}: MB/s (median)",
-                ["path", "MB/s", "server CPU s/GiB", "runs"],
+                f"1. Blob GET, {_size(blob['blob_bytes'])}, {what}: MB/s (median)",
+                ["path", "MB/s", "spread", "server CPU s/GiB", "runs"],
                 rows,
             )
         )
@@ -56,9 +85,10 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
                         connections,
                         p,
                         _f(stats["rps"], 0),
+                        _spread(stats.get("rps_runs", [])),
                         _f(stats["p50_ms"]),
                         _f(stats["p99_ms"]),
-                        _f(stats.get("cpu_ms_per_request")),
+                        _f(stats.get("cpu_ms_per_request"), 3),
                         f"{stats['errors'] + stats['non2xx']:.0f}",
                     ]
                 )
@@ -67,16 +97,26 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
                     connections,
                     "regproxy/nginx",
                     _f(row["ratio_regproxy_nginx"]),
+                    "",
                     f"{_f(row.get('added_p50_ms_regproxy'))} added",
                     f"{_f(row['added_p99_ms_regproxy'])} added",
-                    "",
+                    _f(row.get("cpu_ratio_regproxy_nginx")),
                     "",
                 ]
             )
         out.append(
             (
-                f"2. Manifest GET (wrk), upstream {mode}",
-                ["conns", "path", "req/s", "p50 ms", "p99 ms", "server CPU ms/req", "errors"],
+                f"2. Manifest GET (wrk), {what}",
+                [
+                    "conns",
+                    "path",
+                    "req/s",
+                    "spread",
+                    "p50 ms",
+                    "p99 ms",
+                    "server CPU ms/req",
+                    "errors",
+                ],
                 rows,
             )
         )
@@ -94,7 +134,7 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
             ]
             out.append(
                 (
-                    f"3. Concurrent pulls of the small image, upstream {mode}",
+                    f"3. Concurrent pulls of the small image, {what}",
                     ["path", "pulls", "wall s", "pull p50 s", "pull max s", "errors"],
                     rows,
                 )
@@ -124,11 +164,57 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
             ]
             out.append(
                 (
-                    "4. regproxy RSS (MiB)",
+                    f"4. regproxy RSS, all processes together (MiB), {what}",
                     ["load", "idle", "peak", "growth", "seconds", "errors"],
                     rows,
                 )
             )
+    for mode, calibration in result.get("calibration", {}).items():
+        rows = []
+        single = result["runs"].get(f"{mode}-w1", {}).get("manifest", {})
+        for connections in sorted(
+            {c for row in calibration["rows"].values() for c in row}, key=int
+        ):
+            reference = [
+                (f"{p} (1 worker)", single[connections][p])
+                for p in ("nginx", "regproxy")
+                if connections in single
+            ]
+            measured = [
+                (label, row[connections])
+                for label, row in calibration["rows"].items()
+                if connections in row
+            ]
+            for label, stats in [*measured, *reference]:
+                rows.append(
+                    [
+                        connections,
+                        label,
+                        _f(stats["rps"], 0),
+                        _spread(stats.get("rps_runs", [])),
+                        _f(stats["p50_ms"]),
+                        _f(stats["p99_ms"]),
+                        _f(stats.get("cpu_ms_per_request"), 3),
+                        f"{stats['errors'] + stats['non2xx']:.0f}",
+                    ]
+                )
+        out.append(
+            (
+                f"5. Calibration: manifest GET ({calibration['manifest_bytes']} bytes) through "
+                f"bare single-process servers, upstream {mode}",
+                [
+                    "conns",
+                    "server",
+                    "req/s",
+                    "spread",
+                    "p50 ms",
+                    "p99 ms",
+                    "server CPU ms/req",
+                    "errors",
+                ],
+                rows,
+            )
+        )
     rows = [
         [t["target"], f"{t['op']} {t['limit']:g}", _f(t["value"]), "met" if t["met"] else "MISSED"]
         for t in result.get("targets", [])
@@ -137,16 +223,22 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
     return out
 
 
-def text(result: dict[str, Any]) -> str:
+def header_lines(result: dict[str, Any]) -> list[str]:
+    """The machine, the versions and how loaded the machine was by others."""
     lines = []
     machine = result.get("machine", {})
     lines.append("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
     load = result.get("machine_load")
     if load:
         lines.append(
-            f"run: {load['wall_s']:.0f} s; CPU taken by other processes: "
-            f"{load['foreign_cpu_s']:.0f} s ({100 * load['foreign_cpu_share']:.1f}%)"
+            f"run: {result.get('started', '?')}, {load['wall_s']:.0f} s; CPU taken by other "
+            f"processes: {load['foreign_cpu_s']:.0f} s ({100 * load['foreign_cpu_share']:.1f}%)"
         )
+    return lines
+
+
+def text(result: dict[str, Any]) -> str:
+    lines = header_lines(result)
     for title, header, rows in tables(result):
         widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=False)]
         lines.append("")
@@ -172,6 +264,41 @@ def rst(result: dict[str, Any]) -> str:
         body.append(rule)
         blocks.append(f"**{title}**\n\n" + "\n".join(line.rstrip() for line in body))
     return "\n\n".join(blocks) + "\n"
+
+
+BEGIN = ".. bench-results-begin"
+END = ".. bench-results-end"
+
+
+def write_docs(result: dict[str, Any], page: Path) -> None:
+    """Put this run's tables into *page* between the BEGIN and END comment lines (added
+    before the page's Analysis section, or at its end, the first time)."""
+    settings = result.get("settings", {})
+    block = [
+        BEGIN,
+        "",
+        "Generated by ``python -m bench --write-docs``; figures are from one run on this "
+        "machine, ratios in the same run matter, not absolute numbers.",
+        "",
+        "::",
+        "",
+        *(f"   {line}" for line in header_lines(result)),
+        f"   settings: {json.dumps(settings, sort_keys=True)}",
+        "",
+        rst(result),
+        END,
+    ]
+    text_ = page.read_text() if page.exists() else ""
+    if BEGIN in text_ and END in text_:
+        before, _, rest = text_.partition(BEGIN)
+        _, _, after = rest.partition(END)
+        text_ = before + "\n".join(block) + after
+    elif "\nAnalysis\n========" in text_:
+        before, _, after = text_.partition("\nAnalysis\n========")
+        text_ = before + "\n" + "\n".join(block) + "\n\n\nAnalysis\n========" + after
+    else:
+        text_ = text_ + "\n\nLatest run\n==========\n\n" + "\n".join(block) + "\n"
+    page.write_text(text_)
 
 
 def main() -> None:

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.images import MANIFEST_ACCEPT, OCI_MANIFEST
+from tests.support.ports import free_port
 from tests.support.proxy import RegproxyProcess
 from tests.support.registry import RegistryServer
 from tests.support.tls import TLSFiles, make_ca_and_cert
 
 from . import load
 from .load import Endpoint
-from .procs import NginxProcess, machine_info
-from .seed import BlobImage, push_blob_image, push_small_image, random_file
+from .procs import CalibrationServer, NginxProcess, machine_info
+from .seed import BlobImage, connection, push_blob_image, push_small_image, random_file
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -33,7 +34,8 @@ PREFIX = "bench"  # upstream names are bench/<name>; clients of the proxies ask 
 class Settings:
     blob_size: int = GiB
     repeats: int = 5
-    duration: float = 10.0  # seconds per wrk run
+    duration: float = 5.0  # seconds per wrk run
+    rate_repeats: int = 3  # wrk runs per path and concurrency (median, spread)
     concurrencies: tuple[int, ...] = (1, 16, 64)
     pulls: int = 100
     slow_rate: float = 10e6  # bytes/s of the slow reader
@@ -42,7 +44,11 @@ class Settings:
     stream_rate: float = 4e6  # bytes/s of each of the concurrent readers
     stream_max_seconds: float = 120.0
     tls: bool = True
-    nginx_workers: int = 1
+    tls_listeners: bool = True  # in the TLS run, clients speak HTTPS to both proxies too
+    workers: tuple[int, ...] = (2, 1)  # regproxy --workers of each run
+    nginx_workers: int | None = None  # None: as many as regproxy's workers in that run
+    calibrate: bool = True
+    calibration_concurrencies: tuple[int, ...] = (1, 16)
     profile_dir: str | None = None
     profile_seconds: float = 10.0
     smoke: bool = False
@@ -53,6 +59,7 @@ class Settings:
             blob_size=2 * MiB,
             repeats=2,
             duration=1.0,
+            rate_repeats=1,
             pulls=10,
             streams=5,
             stream_blob_size=512 * 1024,
@@ -153,6 +160,32 @@ def blob_throughput(
     return out
 
 
+def rate(
+    ep: Endpoint, url: str, connections: int, duration: float, repeats: int
+) -> dict[str, Any]:
+    """wrk *repeats* times against *url*: medians, the spread of req/s, and the server's CPU
+    per request over all runs (every process of the server: workers included)."""
+    runs: list[dict[str, float]] = []
+    cpu = 0.0
+    for _ in range(repeats):
+        before = ep.cpu_seconds()
+        runs.append(load.run_wrk(url, connections, duration))
+        cpu += ep.cpu_seconds() - before
+    requests = sum(r["requests"] for r in runs)
+    rps = [r["rps"] for r in runs]
+    return {
+        "rps": _median(rps),
+        "rps_runs": rps,
+        "rps_spread": (max(rps) - min(rps)) / _median(rps) if _median(rps) else 0.0,
+        "p50_ms": _median([r["p50_ms"] for r in runs]),
+        "p99_ms": _median([r["p99_ms"] for r in runs]),
+        "requests": requests,
+        "errors": sum(r["errors"] for r in runs),
+        "non2xx": sum(r["non2xx"] for r in runs),
+        "cpu_ms_per_request": 1000 * cpu / requests if requests else 0.0,
+    }
+
+
 def manifest_rates(
     endpoints: list[Endpoint], images: Images, settings: Settings, log: Log
 ) -> dict[str, Any]:
@@ -161,25 +194,31 @@ def manifest_rates(
         row: dict[str, Any] = {}
         for ep in endpoints:
             url = ep.url(images.small_name, "manifests", images.small_tag)
-            before = ep.cpu_seconds()
-            row[ep.label] = load.run_wrk(url, connections, settings.duration)
-            stats = row[ep.label]
-            cpu = ep.cpu_seconds() - before
-            stats["cpu_ms_per_request"] = (
-                1000 * cpu / stats["requests"] if stats["requests"] else 0
+            stats = row[ep.label] = rate(
+                ep, url, connections, settings.duration, settings.rate_repeats
             )
             log(
                 f"  manifest c={connections} {ep.label}: {stats['rps']:.0f} req/s "
                 f"p50 {stats['p50_ms']:.2f} ms p99 {stats['p99_ms']:.2f} ms "
+                f"CPU {stats['cpu_ms_per_request']:.3f} ms/req "
                 f"errors {stats['errors'] + stats['non2xx']:.0f}"
             )
         row["ratio_regproxy_nginx"] = _ratio(row["regproxy"]["rps"], row["nginx"]["rps"])
+        row["cpu_ratio_regproxy_nginx"] = _ratio(
+            row["regproxy"]["cpu_ms_per_request"], row["nginx"]["cpu_ms_per_request"]
+        )
         row["added_p99_ms_regproxy"] = row["regproxy"]["p99_ms"] - row["direct"]["p99_ms"]
         row["added_p50_ms_regproxy"] = row["regproxy"]["p50_ms"] - row["direct"]["p50_ms"]
         row["added_p50_ms_nginx"] = row["nginx"]["p50_ms"] - row["direct"]["p50_ms"]
         row["added_p99_ms_nginx"] = row["nginx"]["p99_ms"] - row["direct"]["p99_ms"]
         out[str(connections)] = row
     return out
+
+
+def warm_up(endpoints: list[Endpoint], images: Images) -> None:
+    """One second of wrk per path, so every worker (and nginx's) has its connections."""
+    for ep in endpoints:
+        load.run_wrk(ep.url(images.small_name, "manifests", images.small_tag), 16, 1.0)
 
 
 def pulls(endpoints: list[Endpoint], images: Images, count: int, log: Log) -> dict[str, Any]:
@@ -198,11 +237,14 @@ def pulls(endpoints: list[Endpoint], images: Images, count: int, log: Log) -> di
 def memory(
     settings: Settings, directory: Path, proxy_args: list[str], images: Images, log: Log
 ) -> dict[str, Any]:
-    """RSS growth of a fresh regproxy (warmed up by one pull) under slow and many streams."""
+    """RSS growth of a fresh regproxy (warmed up by pulls) under slow and many streams; RSS
+    of all its processes together (the supervisor and every worker)."""
     out: dict[str, Any] = {}
     with RegproxyProcess(args=proxy_args, directory=directory) as proxy:
         ep = Endpoint("regproxy", proxy.url)
-        load.pull(ep, images.small_name, images.small_tag, images.small_digest)
+        wait_serving(proxy)
+        warm_up([ep], images)
+        load.concurrent_pulls(ep, images.small_name, images.small_tag, images.small_digest, 4)
         time.sleep(0.5)
         out["fresh_rss_mib"] = load.rss_kib(proxy.pid)[0] / 1024
         big, mid = images.big, images.mid
@@ -241,11 +283,14 @@ def profile(
     directory = Path(settings.profile_dir or ".")
     directory.mkdir(parents=True, exist_ok=True)
     py_spy = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
+    if not os.access(py_spy, os.X_OK):
+        log("  py-spy is not installed (pip install py-spy): no profiles")
+        return {}
     regproxy = next(ep for ep in endpoints if ep.label == "regproxy")
     seconds = settings.profile_seconds
     outputs: dict[str, str] = {}
 
-    def record(name: str, work: Callable[[], None]) -> None:
+    def record(name: str, work: Callable[[], object]) -> None:
         path = directory / f"{mode}-{name}.txt"
         spy = subprocess.Popen(
             [
@@ -256,6 +301,7 @@ def profile(
                 "--rate",
                 "200",
                 "--nonblocking",
+                "--subprocesses",  # --workers: the workers are the supervisor's children
                 "--format",
                 "raw",
                 "--duration",
@@ -305,7 +351,22 @@ def profile(
     return outputs
 
 
-# -- one mode (plain or TLS upstream) -------------------------------------------------------------
+# -- one run: upstream plain or TLS, some number of workers ------------------------------------
+
+
+def wait_serving(proxy: RegproxyProcess, timeout: float = 30.0) -> None:
+    """Until every worker runs: the supervisor's port accepts before any worker does."""
+    deadline = time.monotonic() + timeout
+    expected = 0
+    if "--workers" in proxy.args:
+        expected = int(proxy.args[proxy.args.index("--workers") + 1])
+    while expected > 1:
+        serving = sum(" serving" in message for message in proxy.log_messages())
+        if serving >= expected:
+            break
+        if time.monotonic() > deadline or not proxy.running:
+            raise RuntimeError(f"regproxy workers did not start:\n{proxy.log_text()[-3000:]}")
+        time.sleep(0.1)
 
 
 def run_mode(
@@ -314,28 +375,49 @@ def run_mode(
     registry: RegistryServer,
     tls: TLSFiles | None,
     images: Images,
+    workers: int,
     full: bool,
     log: Log,
 ) -> dict[str, Any]:
     ca = str(tls.ca_cert) if tls else None
-    proxy_args = ["--upstream", registry.url, "--repo-prefix", PREFIX]
+    proxy_args = ["--upstream", registry.url, "--repo-prefix", PREFIX, "--workers", str(workers)]
     if ca:
         proxy_args += ["--upstream-ca", ca]
-    mode = "tls" if tls else "plain"
-    out: dict[str, Any] = {"upstream": registry.url}
+    listener_tls = tls is not None and settings.tls_listeners
+    mode = f"{'tls' if tls else 'plain'} upstream, --workers {workers}" + (
+        ", TLS listeners" if listener_tls else ""
+    )
+    nginx_workers = settings.nginx_workers or workers
+    out: dict[str, Any] = {
+        "upstream": registry.url,
+        "upstream_tls": tls is not None,
+        "listener_tls": listener_tls,
+        "workers": workers,
+        "nginx_workers": nginx_workers,
+    }
     nginx = NginxProcess(
         directory / "nginx",
         registry.host_port,
         PREFIX,
         registry.scheme,
         tls.ca_cert if tls else None,
-        workers=settings.nginx_workers,
+        workers=nginx_workers,
+        listener_tls=(tls.cert, tls.key) if tls and listener_tls else None,
     )
-    with nginx, RegproxyProcess(args=proxy_args, directory=directory / "regproxy") as proxy:
+    tls_port = free_port()
+    args = list(proxy_args)
+    if tls and listener_tls:
+        args += [
+            "--port",
+            f"ssl:{tls_port}:privateKey={tls.key}:certKey={tls.cert}:interface=127.0.0.1",
+        ]
+    with nginx, RegproxyProcess(args=args, directory=directory / "regproxy") as proxy:
+        wait_serving(proxy)
+        regproxy_url = f"https://127.0.0.1:{tls_port}" if listener_tls else proxy.url
         endpoints = [
             Endpoint("direct", registry.url, PREFIX + "/", ca, registry.pid),
-            Endpoint("nginx", nginx.url, pid=nginx.pid),
-            Endpoint("regproxy", proxy.url, pid=proxy.pid),
+            Endpoint("nginx", nginx.url, cafile=ca if listener_tls else None, pid=nginx.pid),
+            Endpoint("regproxy", regproxy_url, cafile=ca if listener_tls else None, pid=proxy.pid),
         ]
         out["verified"] = verify(endpoints, images, log)
         failed = {k: v for k, v in out["verified"].items() if not v["ok"]}
@@ -344,6 +426,7 @@ def run_mode(
                 f"content check failed: {failed}\n{proxy.log_text()[-3000:]}\n"
                 f"{nginx.log_text()[-3000:]}"
             )
+        warm_up(endpoints, images)
         log(f"[{mode}] blob throughput")
         out["blob"] = blob_throughput(endpoints, images, settings.repeats, log)
         log(f"[{mode}] manifest rate")
@@ -353,11 +436,88 @@ def run_mode(
             out["pulls"] = pulls(endpoints, images, settings.pulls, log)
         if settings.profile_dir:
             log(f"[{mode}] profiling regproxy")
-            out["profiles"] = profile(settings, proxy, endpoints, images, mode, log)
+            name = f"{'tls' if tls else 'plain'}-w{workers}"
+            out["profiles"] = profile(settings, proxy, endpoints, images, name, log)
         out["regproxy_alive"] = proxy.running
     if full:
         log(f"[{mode}] regproxy memory")
         out["memory"] = memory(settings, directory / "regproxy-memory", proxy_args, images, log)
+    return out
+
+
+# -- calibration: the floor under regproxy's CPU per request ----------------------------------
+
+CALIBRATIONS = (
+    ("site", "twisted.web Site"),
+    ("agent", "Agent relay"),
+    ("treq", "treq relay"),
+)
+
+
+def calibrate(
+    settings: Settings,
+    directory: Path,
+    registry: RegistryServer,
+    tls: TLSFiles | None,
+    images: Images,
+    log: Log,
+) -> dict[str, Any]:
+    """Manifest GETs through three bare single-process servers (bench/calibrate.py)."""
+    listener_tls = tls is not None and settings.tls_listeners
+    ca = str(tls.ca_cert) if tls else None
+    manifest = directory / "manifest.json"
+    directory.mkdir(parents=True, exist_ok=True)
+    conn = connection(registry.url, ca)
+    try:
+        conn.request(
+            "GET",
+            f"/v2/{PREFIX}/{images.small_name}/manifests/{images.small_tag}",
+            headers={"Accept": MANIFEST_ACCEPT},
+        )
+        response = conn.getresponse()
+        manifest.write_bytes(response.read())
+        content_type = response.getheader("Content-Type") or OCI_MANIFEST
+    finally:
+        conn.close()
+    out: dict[str, Any] = {"manifest_bytes": manifest.stat().st_size, "rows": {}}
+    for kind, label in CALIBRATIONS:
+        port = free_port()
+        listen = f"tcp:{port}:interface=127.0.0.1"
+        if tls and listener_tls:
+            listen = f"ssl:{port}:privateKey={tls.key}:certKey={tls.cert}:interface=127.0.0.1"
+        args = ["--upstream", registry.url, "--prefix", PREFIX]
+        if ca:
+            args += ["--upstream-ca", ca]
+        if kind == "site":
+            args = ["--body", str(manifest), "--content-type", content_type]
+        scheme = "https" if listener_tls else "http"
+        with CalibrationServer(directory, kind, args, listen, port) as server:
+            ep = Endpoint(
+                label,
+                f"{scheme}://127.0.0.1:{port}",
+                cafile=ca if listener_tls else None,
+                pid=server.pid,
+            )
+            load.fetch_verified(
+                ep,
+                images.small_name,
+                "manifests",
+                images.small_tag,
+                images.small_digest,
+                MANIFEST_ACCEPT,
+            )
+            warm_up([ep], images)
+            row: dict[str, Any] = {}
+            for connections in settings.calibration_concurrencies:
+                url = ep.url(images.small_name, "manifests", images.small_tag)
+                stats = row[str(connections)] = rate(
+                    ep, url, connections, settings.duration, settings.rate_repeats
+                )
+                log(
+                    f"  calibration c={connections} {label}: {stats['rps']:.0f} req/s "
+                    f"CPU {stats['cpu_ms_per_request']:.3f} ms/req"
+                )
+            out["rows"][label] = row
     return out
 
 
@@ -419,6 +579,7 @@ def run(settings: Settings, log: Log = print) -> dict[str, Any]:
         "machine": machine_info(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runs": {},
+        "calibration": {},
     }
     work = Path(tempfile.mkdtemp(prefix="regproxy-bench-"))
     try:
@@ -426,16 +587,42 @@ def run(settings: Settings, log: Log = print) -> dict[str, Any]:
         log(f"seeding a registry with a {settings.blob_size} byte blob")
         with RegistryServer(directory=registry_dir) as registry:
             images = seed(registry, work, settings, log)
-            result["runs"]["plain"] = run_mode(
-                settings, work / "plain", registry, None, images, full=True, log=log
-            )
+            for workers in settings.workers:
+                result["runs"][f"plain-w{workers}"] = run_mode(
+                    settings,
+                    work / f"plain-w{workers}",
+                    registry,
+                    None,
+                    images,
+                    workers,
+                    full=True,
+                    log=log,
+                )
+            if settings.calibrate:
+                log("[plain upstream] calibration")
+                result["calibration"]["plain"] = calibrate(
+                    settings, work / "calibrate-plain", registry, None, images, log
+                )
         if settings.tls:
             tls = make_ca_and_cert(work / "tls")
             # the same storage, served over HTTPS by a second registry process
             with RegistryServer(tls=tls, directory=registry_dir) as registry:
-                result["runs"]["tls"] = run_mode(
-                    settings, work / "tls-run", registry, tls, images, full=False, log=log
-                )
+                for workers in settings.workers:
+                    result["runs"][f"tls-w{workers}"] = run_mode(
+                        settings,
+                        work / f"tls-w{workers}",
+                        registry,
+                        tls,
+                        images,
+                        workers,
+                        full=False,
+                        log=log,
+                    )
+                if settings.calibrate:
+                    log("[tls upstream] calibration")
+                    result["calibration"]["tls"] = calibrate(
+                        settings, work / "calibrate-tls", registry, tls, images, log
+                    )
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(work, ignore_errors=True)
@@ -451,61 +638,76 @@ def run(settings: Settings, log: Log = print) -> dict[str, Any]:
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured value and whether it is met."""
+    """The issue's targets for every run, each with the measured value and whether it is met."""
     rows: list[dict[str, Any]] = []
 
-    def add(name: str, value: float | None, limit: float, higher_is_better: bool) -> None:
-        met = value is not None and (value >= limit if higher_is_better else value < limit)
-        rows.append(
-            {
-                "target": name,
-                "value": value,
-                "limit": limit,
-                "op": ">=" if higher_is_better else "<",
-                "met": met,
-            }
+    def add(name: str, value: float | None, limit: float, op: str) -> None:
+        met = (
+            value is not None
+            and {
+                ">=": value >= limit,
+                "<": value < limit,
+                "<=": value <= limit,
+            }[op]
         )
+        rows.append({"target": name, "value": value, "limit": limit, "op": op, "met": met})
 
-    for mode, run_ in result["runs"].items():
+    for key, run_ in result["runs"].items():
+        tls = run_.get("upstream_tls", key.startswith("tls"))
+        what = f"{'TLS' if tls else 'plain'} upstream, --workers {run_.get('workers', 1)}"
+        blob = run_["blob"]
         add(
-            f"blob throughput regproxy/nginx ({mode})",
-            run_["blob"]["ratio_regproxy_nginx"],
-            1.0,
-            True,
+            f"blob GET regproxy/nginx ({what})",
+            blob["ratio_regproxy_nginx"],
+            0.8 if tls else 1.0,
+            ">=",
         )
-        if "16" in run_["manifest"]:
+        add(
+            f"blob CPU per GiB regproxy/nginx ({what})",
+            _ratio(blob["regproxy"].get("cpu_s_per_gib"), blob["nginx"].get("cpu_s_per_gib")),
+            1.5 if tls else 1.1,
+            "<=",
+        )
+        manifest = run_["manifest"]
+        if "16" in manifest:
             add(
-                f"manifest rate regproxy/nginx at 16 connections ({mode})",
-                run_["manifest"]["16"]["ratio_regproxy_nginx"],
+                f"manifest rate regproxy/nginx at 16 connections ({what})",
+                manifest["16"]["ratio_regproxy_nginx"],
                 0.8,
-                True,
+                ">=",
             )
-        if "1" in run_["manifest"]:
             add(
-                f"p99 added over direct at 1 connection, ms ({mode})",
-                run_["manifest"]["1"]["added_p99_ms_regproxy"],
-                2.0,
-                False,
+                f"CPU per manifest GET, ms, at 16 connections ({what})",
+                manifest["16"]["regproxy"]["cpu_ms_per_request"],
+                0.3,
+                "<=",
             )
-    plain = result["runs"].get("plain", {})
-    if "memory" in plain:
-        add(
-            "RSS growth, slow 10 MB/s stream, MiB",
-            plain["memory"]["slow_stream"]["growth_mib"],
-            10.0,
-            False,
-        )
-        add(
-            "RSS growth, concurrent streams, MiB",
-            plain["memory"]["concurrent_streams"]["growth_mib"],
-            64.0,
-            False,
-        )
-    if "pulls" in plain:
-        add(
-            "errors in concurrent pulls through regproxy",
-            float(plain["pulls"]["regproxy"]["errors"]),
-            1.0,
-            False,
-        )
+        if "1" in manifest:
+            add(
+                f"p99 added over direct at 1 connection, ms ({what})",
+                manifest["1"]["added_p99_ms_regproxy"],
+                2.0,
+                "<",
+            )
+        if "memory" in run_:
+            memory = run_["memory"]
+            add(
+                f"RSS growth, slow 10 MB/s stream, MiB ({what})",
+                memory["slow_stream"]["growth_mib"],
+                10.0,
+                "<",
+            )
+            add(
+                f"RSS growth, concurrent streams, all processes, MiB ({what})",
+                memory["concurrent_streams"]["growth_mib"],
+                64.0,
+                "<",
+            )
+        if "pulls" in run_:
+            add(
+                f"errors in concurrent pulls through regproxy ({what})",
+                float(run_["pulls"]["regproxy"]["errors"]),
+                1.0,
+                "<",
+            )
     return rows

@@ -8,6 +8,7 @@ from typing import Any
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 from twisted.logger import Logger
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -26,10 +27,21 @@ class Exchange:
 
 
 class Metrics:
-    """All of regproxy's metrics, in a registry of their own (no process-wide globals)."""
+    """All of regproxy's metrics, in a registry of their own (no process-wide globals).
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    ``exposed`` is the registry ``/metrics`` renders: this one, or with ``multiprocess``
+    (a ``--workers`` worker; prometheus-client then keeps values in files under
+    PROMETHEUS_MULTIPROC_DIR) one that sums every worker's files.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess: bool = False
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.exposed = self.registry
+        if multiprocess:
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed)
         labels = ("route", "endpoint", "method", "status")
         self.requests = Counter(
             "regproxy_requests", "Requests answered.", labels, registry=self.registry
@@ -55,7 +67,10 @@ class Metrics:
             registry=self.registry,
         )
         self.in_flight = Gauge(
-            "regproxy_in_flight_requests", "Requests being answered.", registry=self.registry
+            "regproxy_in_flight_requests",
+            "Requests being answered.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.upstream_errors = Counter(
             "regproxy_upstream_errors",
@@ -75,6 +90,7 @@ class Metrics:
             "1 when the last check of the upstream's /v2/ got an HTTP answer, else 0.",
             ("route",),
             registry=self.registry,
+            multiprocess_mode="livemostrecent",
         )
 
     def observe_request(

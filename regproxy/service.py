@@ -21,7 +21,7 @@ from twisted.web.server import Request
 from .config import Config, Route, Upstream
 from .errors import OCIError
 from .gateway import CurrentRouting, Routing, RoutingFactory
-from .listen import Listener, parse_endpoint
+from .listen import Listener
 from .matching import RouteTable
 from .observe import ClientAddress, Metrics
 from .reload import RoutesReloader
@@ -38,6 +38,7 @@ from .web.registry import RegistryAPI
 from .web.root import Root
 from .web.site import ProxySite
 from .web.token import TokenProxy
+from .workers import ListenerEndpoints, WorkerRole, WorkerSpec
 
 HEALTH_CHECK_INTERVAL = 30.0
 CHECK_BODY_LIMIT = 64 * 1024
@@ -216,18 +217,21 @@ def build_service(
     *,
     handle_sigterm: bool = False,
     warnings: Sequence[str] = (),
+    worker: WorkerSpec | None = None,
 ) -> MultiService:
     """The daemon. Endpoint descriptions are parsed here, so a bad one is a StartupError
-    before anything runs; binding happens when the service starts."""
-    listen_endpoints = [(parse_endpoint(reactor, "--port", d), d) for d in config.listen]
+    before anything runs; binding happens when the service starts. In a ``--workers``
+    worker, the endpoints are the supervisor's sockets, in the order of the descriptions."""
+    endpoints = ListenerEndpoints(reactor, worker)
+    listen_endpoints = [(endpoints.endpoint("--port", d), d) for d in config.listen]
     metrics_endpoint = (
         None
         if config.metrics_listen is None
-        else parse_endpoint(reactor, "--metrics-port", config.metrics_listen)
+        else endpoints.endpoint("--metrics-port", config.metrics_listen)
     )
     pool = make_pool(reactor)
     http_for, follow_for = client_factories(reactor, pool)
-    metrics = Metrics()
+    metrics = Metrics(multiprocess=worker is not None)
     readiness = Readiness()
     root = build_root(
         config,
@@ -244,6 +248,10 @@ def build_service(
     top = MultiService()
     # First, so that its lines come before the listeners'.
     StartupReport(config, warnings=warnings).setServiceParent(top)
+    if worker is not None:
+        site.worker = worker.number
+        # A routes file means SIGHUP reloads (RoutesReloader); otherwise the worker takes it.
+        WorkerRole(worker, reactor, hangup=config.routes_file is None).attach(top)
     drain = Drain(
         site=site,
         readiness=readiness,

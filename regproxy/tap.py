@@ -20,6 +20,7 @@ from .logs import LogFormat
 from .matching import ConfigError, RouteTable
 from .reference import NAME_RE
 from .routes import load_routes
+from .workers import WorkerSpec, worker_count
 
 _LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
 _HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
@@ -296,6 +297,22 @@ class Options(usage.Options):
             "transfer is abandoned.",
             _named("idle-timeout", _positive_seconds),
         ],
+        [
+            "workers",
+            None,
+            None,
+            "Worker processes serving every listener (default 1; 'auto': one per CPU; env "
+            "REGPROXY_WORKERS). Above 1, a supervisor binds the listeners and restarts "
+            "workers that die.",
+            _named("workers", worker_count),
+        ],
+        [
+            "as-worker",
+            None,
+            None,
+            "Internal: set by the --workers supervisor on the workers it starts.",
+            _named("as-worker", WorkerSpec.parse),
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -367,6 +384,9 @@ class Options(usage.Options):
             self._route_options()
         self._from_env("public-url", "REGPROXY_PUBLIC_URL", _public_url)
         self._from_env("log-format", "REGPROXY_LOG_FORMAT", _log_format)
+        self._from_env("workers", "REGPROXY_WORKERS", worker_count)
+        if self["workers"] is None:
+            self["workers"] = 1
         if self.environ.get("DISABLE_BROWSER_REDIRECTS"):
             self["disable-browser-redirects"] = True
         if not self["port"]:
@@ -573,7 +593,7 @@ def _exit_with_usage_error(message: str) -> NoReturn:
     raise SystemExit(os.EX_USAGE)
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: Any = None, argv: list[str] | None = None) -> IService:
     from .logs import choose_twist_log_observer
     from .service import build_service
     from .startup import StartupError
@@ -585,12 +605,25 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = default_reactor
     config = options.config()
+    if options["workers"] > 1 and options["as-worker"] is None:
+        from .workers import build_supervisor
+
+        return build_supervisor(
+            count=options["workers"],
+            listen=[*config.listen, *filter(None, [config.metrics_listen])],
+            # Workers run the supervisor's own twist command line (twist's options too).
+            argv=sys.argv[1:] if argv is None else argv,
+            environ=options.environ,
+            grace=config.shutdown_grace,
+            reactor=reactor,
+        )
     try:
         return build_service(
             config,
             reactor,
             handle_sigterm=options.parent is not None,
             warnings=options.warnings,
+            worker=options["as-worker"],
         )
     except StartupError as error:
         # Logging has not begun (twist starts it after makeService): stderr is the terminal

@@ -18,4 +18,4 @@ class MetricsPage(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(self.metrics.registry)
+        return generate_latest(self.metrics.exposed)

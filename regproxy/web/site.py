@@ -120,10 +120,14 @@ class ProxyRequest(Request):
         # The readable line is rendered here, once; the format names only it, so the JSON
         # observer does not re-render every field (the fields stay keys of the event).
         failure = f" error={exchange.error_kind}" if exchange.error_kind else ""
+        # --workers: which worker answered (absent in a single process).
+        extra = {} if site.worker is None else {"worker": site.worker}
+        worker = "" if site.worker is None else f" worker={site.worker}"
         access_log.info(
             "{line}",
             line=f"{client} {logged_method} {path} {status} {self.sentLength} {duration:.3f}s"
-            f" upstream={exchange.upstream_status} route={route} id={self.request_id}{failure}",
+            f" upstream={exchange.upstream_status} route={route} id={self.request_id}{failure}"
+            f"{worker}",
             request_id=self.request_id,
             client=client,
             method=logged_method,
@@ -137,6 +141,7 @@ class ProxyRequest(Request):
             # What went wrong, when something did: connect, tls, timeout, ..., client_gone.
             error_kind=exchange.error_kind,
             complete=result is None,
+            **extra,
         )
 
 
@@ -185,6 +190,8 @@ class ProxyChannel(HTTPChannel):
 class ProxySite(Site):
     requestFactory = ProxyRequest
     protocol = ProxyChannel  # type: ignore[assignment]
+    # The worker number under --workers, named in access events; None in a single process.
+    worker: int | None = None
     # "Starting factory <...>" says nothing an operator needs; listen.Listener reports.
     noisy = False
 
