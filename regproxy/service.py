@@ -248,10 +248,6 @@ def build_service(
     top = MultiService()
     # First, so that its lines come before the listeners'.
     StartupReport(config, warnings=warnings).setServiceParent(top)
-    if worker is not None:
-        site.worker = worker.number
-        # A routes file means SIGHUP reloads (RoutesReloader); otherwise the worker takes it.
-        WorkerRole(worker, reactor, hangup=config.routes_file is None).attach(top)
     drain = Drain(
         site=site,
         readiness=readiness,
@@ -263,6 +259,12 @@ def build_service(
     drain.setServiceParent(top)
     if handle_sigterm:
         StopCleanlyOnSigterm(reactor).setServiceParent(top)
+    if worker is not None:
+        site.worker = worker.number
+        # After the SIGTERM handler is in place: the worker unblocks held signals when it
+        # runs, and a SIGTERM held since its start must reach that handler.
+        # A routes file means SIGHUP reloads (RoutesReloader); otherwise the worker takes it.
+        WorkerRole(worker, reactor, hangup=config.routes_file is None).attach(top)
     credentials_held = holds_credentials(config)
     for endpoint, description in listen_endpoints:
         Listener(

@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .listen import parse_endpoint
+from .signals import StopCleanlyOnSigterm
 
 # The environment variable prometheus-client reads (at import) to switch to multiprocess mode.
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -551,10 +552,6 @@ class Supervisor(Service):
             self.log.warn("supervisor: {count} workers did not stop cleanly", count=self._unclean)
             return
         self.log.info("supervisor: every worker drained and exited")
-        # As in service.Drain: a drained shutdown is a normal exit, while twist would
-        # re-raise SIGTERM on itself at the end and exit -15 (a failure to service managers).
-        if getattr(self.reactor, "_exitSignal", None) is not None:
-            self.reactor._exitSignal = None
 
 
 def build_supervisor(
@@ -567,6 +564,8 @@ def build_supervisor(
     reactor: Any,
 ) -> IService:
     top = MultiService()
+    # A drained stop exits 0 (see regproxy.signals), without twist's private exit signal.
+    StopCleanlyOnSigterm(reactor).setServiceParent(top)
     Supervisor(
         count=count, listen=listen, argv=argv, environ=environ, grace=grace, reactor=reactor
     ).setServiceParent(top)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -297,7 +298,7 @@ def test_systemd_socket_activation_with_workers(
         wait_for(lambda: len(children(process.pid)) == 2, what="2 workers")
         log_path = tmp / "activate.log"
         wait_for(
-            lambda: log_path.read_text().count("(pid {pid}) serving") == 2,
+            lambda: len(re.findall(r"worker \d+ \(pid \d+\) serving", log_path.read_text())) == 2,
             what="2 workers serving",
         )
         for _ in range(4):
