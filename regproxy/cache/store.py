@@ -138,6 +138,7 @@ class PendingObject:
             os.makedirs(directory, exist_ok=True)
             self.fd = os.open(self.temp_path, flags, 0o644)
         self.finished = False
+        self._synced = -1
 
     def write(self, data: bytes) -> None:
         if self.finished:
@@ -149,6 +150,12 @@ class PendingObject:
         self._hash.update(data)
         self.size += len(data)
         self.store._pending_grew(len(data))
+
+    def sync(self) -> None:
+        """fsync the bytes written: the slow part of a commit, safe to run in a thread while
+        the reactor goes on (it touches nothing but the descriptor)."""
+        os.fsync(self.fd)
+        self._synced = self.size
 
     def verified(self) -> bool:
         """Whether the bytes so far hash to the digest (the check ``commit`` makes)."""
@@ -175,7 +182,7 @@ class PendingObject:
             self.abort()
             raise TooLarge(self.digest)
         store = self.store
-        if store.fsync:
+        if store.fsync and self._synced != self.size:
             os.fsync(self.fd)
         os.rename(self.temp_path, self.final_path)
         if store.fsync:
