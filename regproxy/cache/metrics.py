@@ -14,6 +14,7 @@ CounterName = Literal[
     "misses",
     "coalesced_readers",
     "bytes_from_cache",
+    "bytes_zero_copy",
     "bytes_from_upstream",
     "digest_mismatches",
     "corrupt_objects",
