@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -65,8 +65,10 @@ def _run_here(work: Callable[[], None]) -> Deferred[None]:
 class Download:
     """The shared state of one digest being fetched.
 
-    ``expected_size`` is the upstream's Content-Length when it sent one; it lets ranged readers
-    be answered before the end and lets an abandoned download judge what is left.
+    ``expected_size`` is the upstream's Content-Length when it sent one (given here, or later
+    with ``announce`` once the upstream's headers arrive: the lock is taken, and the download
+    shared, before the upstream request goes out); it lets ranged readers be answered before
+    the end and lets an abandoned download judge what is left.
     ``orphan_limit`` bytes is how much more the download may fetch once no reader is left
     (it is already paid for). ``run_blocking`` runs the fsync (default: right here; the
     service passes a thread pool runner so a large fsync never stalls the reactor).
@@ -89,6 +91,8 @@ class Download:
     ) -> None:
         self.digest = pending.digest
         self.expected_size = expected_size
+        self.announced = expected_size is not None
+        self._announce_waiters: list[Deferred[int | None]] = []
         self.received = 0
         self.done: Deferred[bool] = Deferred()
         self.stop_upstream: Callable[[], None] | None = None
@@ -131,6 +135,36 @@ class Download:
         return self.expected_size
 
     # Writer side (what an IProtocol's dataReceived/connectionLost call).
+
+    def announce(self, size: int | None) -> bool:
+        """The upstream's response headers arrived, with this Content-Length (None: none).
+
+        Callers answering clients wait for this (``when_announced``) to send their own
+        headers. Returns whether the object will be kept: one larger than the whole cache is
+        still streamed to its readers but never counted against the cache nor committed.
+        """
+        if self.announced:
+            raise ValueError("announced twice")
+        self.announced = True
+        self.expected_size = size
+        kept = size is None or size <= self._pending.store.max_size
+        if not kept:
+            self._pending.exclude_from_accounting()
+        waiters, self._announce_waiters = self._announce_waiters, []
+        for waiter in waiters:
+            waiter.callback(size)
+        return kept
+
+    def when_announced(self) -> Deferred[int | None]:
+        """Fires with the announced size (at once if known); fails if the download failed."""
+        if self._state == _FAILED:
+            assert self._failure is not None
+            return fail(self._failure)
+        if self.announced:
+            return succeed(self.expected_size)
+        waiter: Deferred[int | None] = Deferred()
+        self._announce_waiters.append(waiter)
+        return waiter
 
     def write(self, data: bytes) -> None:
         if self._state != _WRITING or not data:
@@ -193,6 +227,9 @@ class Download:
     def _fail_readers(self, failure: Failure) -> None:
         self._state = _FAILED
         self._failure = failure
+        waiters, self._announce_waiters = self._announce_waiters, []
+        for waiter in waiters:
+            waiter.errback(failure)
         for reader in list(self._readers):
             reader._fail(failure)
         self.done.errback(failure)
@@ -447,7 +484,10 @@ class Downloads:
     def start(self, digest: str, expected_size: int | None = None) -> Download | None:
         """A new download of ``digest``, or None when this process may not write it: another
         process is downloading it (``wait_for_commit``), it is stored already
-        (``store.open_object``), or it is larger than the whole cache (pass it through)."""
+        (``store.open_object``), or it is larger than the whole cache (pass it through).
+
+        Call it before sending the upstream request, then ``announce`` the size when the
+        headers arrive (unless given here)."""
         if digest in self._active:
             raise ValueError(f"{digest} is already being downloaded here; attach to it")
         if expected_size is not None and expected_size > self.store.max_size:

@@ -139,6 +139,7 @@ class PendingObject:
             self.fd = os.open(self.temp_path, flags, 0o644)
         self.finished = False
         self._synced = -1
+        self._counted = True
 
     def write(self, data: bytes) -> None:
         if self.finished:
@@ -149,7 +150,15 @@ class PendingObject:
             view = view[written:]
         self._hash.update(data)
         self.size += len(data)
-        self.store._pending_grew(len(data))
+        if self._counted:
+            self.store._pending_grew(len(data))
+
+    def exclude_from_accounting(self) -> None:
+        """This object will not be kept (too large): its bytes must not push the cache into
+        evicting everything else. ``commit`` will raise ``TooLarge``."""
+        if self._counted:
+            self._counted = False
+            self.store._pending_grew(-self.size)
 
     def sync(self) -> None:
         """fsync the bytes written: the slow part of a commit, safe to run in a thread while
@@ -190,7 +199,8 @@ class PendingObject:
         self.finished = True
         stat = os.fstat(self.fd)
         os.close(self.fd)
-        store._pending_grew(-self.size)
+        if self._counted:
+            store._pending_grew(-self.size)
         store._committed(self, stat)
         read_lock = store._locks.downgrade(self.hex)
         self._lock.release()
@@ -204,7 +214,8 @@ class PendingObject:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.temp_path)
         os.close(self.fd)
-        self.store._pending_grew(-self.size)
+        if self._counted:
+            self.store._pending_grew(-self.size)
         self._lock.release()
 
 

@@ -471,3 +471,52 @@ def test_fd_count_returns_to_start_after_downloads(h: Harness) -> None:
         download.finish()
     assert len(os.listdir("/proc/self/fd")) == before
     assert len(h.downloads) == 0
+
+
+# Announcing the size once the upstream's headers arrive.
+
+
+def test_readers_can_wait_for_the_upstream_headers(h: Harness) -> None:
+    download = h.start()  # the lock is taken before the upstream request goes out
+    sizes = outcome(download.when_announced())
+    _, ranged, ranged_done = reader_on(download, 0, 99)
+    assert sizes == []
+    assert download.announce(len(BLOB)) is True
+    assert sizes == [len(BLOB)]
+    assert outcome(download.when_announced()) == [len(BLOB)]
+    download.write(PARTS[0])
+    assert ranged.value() == BLOB[:99]
+    for part in PARTS[1:]:
+        download.write(part)
+    download.finish()
+    assert ranged_done == [100]
+
+
+def test_a_failure_before_the_headers_fails_the_waiters(h: Harness) -> None:
+    download = h.start()
+    sizes = outcome(download.when_announced())
+    outcome(download.done)
+    download.fail(Failure(ConnectionLost()))
+    assert sizes[0].check(DownloadFailed)
+    assert outcome(download.when_announced())[0].check(DownloadFailed)
+
+
+def test_an_object_announced_larger_than_the_cache_streams_without_evicting(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path, max_size=200_000)
+    small = h.start(b"kept" * 1000)
+    small.write(b"kept" * 1000)
+    small.finish()
+    download = h.start()
+    _, consumer, done = reader_on(download)
+    assert download.announce(len(BLOB)) is False
+    for part in PARTS:
+        download.write(part)
+        assert h.store.pending_size == 0
+    committed = outcome(download.done)
+    download.finish()
+    assert consumer.value() == BLOB and done == [len(BLOB)]
+    assert committed == [False]
+    assert not h.store.contains(digest_of(BLOB))
+    assert h.store.contains(digest_of(b"kept" * 1000))
