@@ -3,14 +3,18 @@ same cache directory (for the multi-process behaviour, with real processes and r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import selectors
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 WORKTREE = Path(__file__).resolve().parents[2]
 
@@ -92,3 +96,30 @@ class Helper:
         for stream in (self.process.stdin, self.process.stdout):
             if stream is not None:
                 stream.close()
+
+
+class Server:
+    """A test server script (a real reactor in a process of its own) that prints ``port N``."""
+
+    def __init__(self, script: Path, *args: str) -> None:
+        self.helper = Helper(
+            "import runpy; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')",
+            str(script),
+            *args,
+        )
+        deadline = time.monotonic() + 30
+        while not any(line.startswith("port ") for line in self.helper.lines):
+            assert time.monotonic() < deadline, "the server did not start"
+            with contextlib.suppress(AssertionError):
+                self.helper.expect("never", timeout=0.2)
+        self.port = int(next(ln for ln in self.helper.lines if ln.startswith("port ")).split()[1])
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def stats(self) -> Any:
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with direct.open(f"{self.base}/stats", timeout=30) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        self.helper.stop()

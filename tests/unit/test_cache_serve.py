@@ -4,7 +4,6 @@ server process of its own, fetched with curl and raw sockets)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import json
@@ -30,9 +29,10 @@ from regproxy.cache.serve import (
 from regproxy.cache.store import CacheStore, open_store
 from tests.support.curl import curl
 
-from .cache_helpers import Helper, digest_of
+from .cache_helpers import Server, digest_of
 
 BIG = os.urandom(3 * 1024 * 1024 + 12345)
+SERVER = Path(__file__).with_name("cache_serve_server.py")
 
 
 # Range parsing.
@@ -261,30 +261,6 @@ def test_serving_keeps_no_descriptor_open(tmp_path: Path) -> None:
 # Real sockets, a real reactor, in a server process of its own.
 
 
-class Server:
-    def __init__(self, root: Path, mode: str) -> None:
-        self.helper = Helper(
-            "import runpy; sys.argv = sys.argv[1:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')",
-            str(Path(__file__).with_name("cache_serve_server.py")),
-            str(root),
-            mode,
-        )
-        deadline = time.monotonic() + 30
-        while not any(line.startswith("port ") for line in self.helper.lines):
-            assert time.monotonic() < deadline, "the server did not start"
-            with contextlib.suppress(AssertionError):
-                self.helper.expect("never", timeout=0.2)
-        self.port = int(next(ln for ln in self.helper.lines if ln.startswith("port ")).split()[1])
-        self.base = f"http://127.0.0.1:{self.port}"
-
-    def stats(self) -> Any:
-        return curl(f"{self.base}/stats").json()
-
-    def stop(self) -> None:
-        self.helper.stop()
-
-
 @pytest.fixture
 def stored(tmp_path: Path) -> tuple[Path, str]:
     store = open_store(str(tmp_path), max_size=1 << 30, fsync=False)
@@ -297,7 +273,7 @@ def stored(tmp_path: Path) -> tuple[Path, str]:
 
 def test_sendfile_is_used_on_plain_tcp(stored: tuple[Path, str]) -> None:
     root, digest = stored
-    server = Server(root, "sendfile")
+    server = Server(SERVER, str(root), "sendfile")
     try:
         # The one private Twisted detail we rely on still means what we think.
         assert curl(f"{server.base}/selfcheck").body == b"010"
@@ -313,7 +289,7 @@ def test_sendfile_is_used_on_plain_tcp(stored: tuple[Path, str]) -> None:
 @pytest.mark.parametrize("mode", ["sendfile", "producer"])
 def test_ranges_and_head_over_real_sockets(stored: tuple[Path, str], mode: str) -> None:
     root, digest = stored
-    server = Server(root, mode)
+    server = Server(SERVER, str(root), mode)
     try:
         ranged = curl(f"{server.base}/blob/{digest}", "-r", "1000000-2999999")
         assert ranged.status == 206 and ranged.body == BIG[1000000:3000000]
@@ -348,7 +324,7 @@ def read_slowly(port: int, path: str, pause: float) -> bytes:
 
 def test_a_slow_socket_gets_every_byte_in_order(stored: tuple[Path, str]) -> None:
     root, digest = stored
-    server = Server(root, "sendfile")
+    server = Server(SERVER, str(root), "sendfile")
     try:
         raw = read_slowly(server.port, f"/blob/{digest}", 0.002)
         head, _, body = raw.partition(b"\r\n\r\n")
@@ -361,7 +337,7 @@ def test_a_slow_socket_gets_every_byte_in_order(stored: tuple[Path, str]) -> Non
 
 def test_a_client_dropping_mid_body_releases_the_object(stored: tuple[Path, str]) -> None:
     root, digest = stored
-    server = Server(root, "sendfile")
+    server = Server(SERVER, str(root), "sendfile")
     try:
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
