@@ -4,12 +4,14 @@ and several processes on one directory (real processes, real fcntl locks)."""
 from __future__ import annotations
 
 import builtins
+import fcntl
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from regproxy.cache.locks import ProcessLocks
 from regproxy.cache.metrics import RecordingMetrics
 from regproxy.cache.objects import NotCacheable
 from regproxy.cache.sizes import default_max_size, parse_size
@@ -501,3 +503,80 @@ def test_a_torn_tag_record_reads_as_unknown(tmp_path: Path) -> None:
         if path.is_file() and path.name != ".name":
             path.write_bytes(b"")
     assert store.index.tag("hub", "app", "latest", "") is None
+
+
+def test_rescan_adopts_objects_others_committed_and_forgets_those_they_evicted(
+    tmp_path: Path,
+) -> None:
+    mine = make_store(tmp_path)
+    other = make_store(tmp_path)
+    kept = put(mine, b"k" * 5000)
+    gone = put(mine, b"g" * 7000)
+    theirs = put(other, b"t" * 3000)
+    other.rescan()
+    assert other._evict(gone.split(":")[1])
+    mine.rescan()
+    assert mine.objects == 2 and mine.size == 8000
+    assert mine.contains(kept) and mine.contains(theirs) and not mine.contains(gone)
+
+
+def test_start_removes_lock_files_nobody_holds(tmp_path: Path) -> None:
+    store = make_store(tmp_path, small_object_size=0)
+    digest = put(store, b"locked" * 100)
+    obj = store.open_object(digest)
+    assert obj is not None
+    obj.close()
+    orphan = tmp_path / "locks" / "ff" / ("ff" * 32 + ".lock")
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"")
+    report = CacheStore(str(tmp_path), max_size=1 << 30, fsync=False).start()
+    assert not orphan.exists()
+    assert report.lock_files_removed == 1  # only the orphan: the object's lock file stays
+    assert report.objects == 1
+
+
+def test_a_lock_file_replaced_while_locking_is_locked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    locks = ProcessLocks(str(tmp_path))
+    key = "ab" * 32
+    real_lockf = fcntl.lockf
+    swaps: list[str] = []
+
+    def lockf_after_a_swap(fd: int, mode: int) -> None:
+        if not swaps:
+            # The previous holder releases (and removes the file) between our open and lock;
+            # someone else creates a fresh one.
+            path = locks.path(key)
+            os.unlink(path)
+            Path(path).write_bytes(b"")
+            swaps.append(path)
+        real_lockf(fd, mode)
+
+    monkeypatch.setattr(fcntl, "lockf", lockf_after_a_swap)
+    held = locks.exclusive(key)
+    assert held is not None
+    fd = locks._held[key].fd
+    assert os.fstat(fd).st_ino == os.stat(locks.path(key)).st_ino
+    held.release()
+    assert not os.path.exists(locks.path(key))
+
+
+def test_locks_inside_one_process_are_decided_by_the_process(tmp_path: Path) -> None:
+    locks = ProcessLocks(str(tmp_path))
+    key = "cd" * 32
+    first = locks.shared(key)
+    second = locks.shared(key)
+    assert first is not None and second is not None
+    assert locks.exclusive(key) is None  # fcntl alone would grant it to the same process
+    first.release()
+    assert locks.exclusive(key) is None
+    second.release()
+    writer = locks.exclusive(key)
+    assert writer is not None
+    assert locks.shared(key) is None
+    reader = locks.downgrade(key)
+    writer.release()
+    assert locks.exclusive(key) is None
+    reader.release()
+    assert locks.exclusive(key) is not None
