@@ -398,6 +398,12 @@ class CacheStore:
         evicting it): either way there is nothing trustworthy to read yet.
         """
         hex_ = sha256_hex(digest)
+        entry = self._entries.get(hex_)
+        if entry is not None and entry.size <= self.small_object_size:
+            small = self._open_small(digest, hex_)
+            if small is not None:
+                return small
+            # Changed, gone or corrupt: the full path below decides, under the lock.
         lock = self._locks.shared(hex_)
         if lock is None:
             self.metrics.count("misses")
@@ -424,15 +430,8 @@ class CacheStore:
             self.metrics.count("misses")
             return None
         entry, data = trusted
-        now = self._clock()
-        entry.last_served = now
+        self._served(entry, fd)
         self.metrics.count("hits")
-        if now - entry.atime_written >= self._atime_resolution:
-            # Last served time for other processes and the next start-up; on our own
-            # descriptor, so a file another process put in place since is not touched.
-            entry.atime_written = now
-            with contextlib.suppress(OSError):
-                os.utime(fd, ns=(int(now * 1e9), entry.mtime_ns))
         if data is not None:
             os.close(fd)
             lock.release()
@@ -441,6 +440,36 @@ class CacheStore:
         return StoredObject(
             digest, entry.size, fd=fd, on_close=lambda: self._reader_closed(hex_, lock)
         )
+
+    def _open_small(self, digest: str, hex_: str) -> StoredObject | None:
+        """A small object needs no lock: it is read whole, at once, and rehashed; an eviction
+        racing with the read leaves our descriptor on the intact file."""
+        try:
+            fd = os.open(self.object_path(hex_), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            trusted = self._check(hex_, fd)
+            if trusted is None or trusted[1] is None:
+                return None
+            entry, data = trusted
+            self._served(entry, fd)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        self.metrics.count("hits")
+        return StoredObject(digest, entry.size, data=data)
+
+    def _served(self, entry: _Entry, fd: int) -> None:
+        now = self._clock()
+        entry.last_served = now
+        if now - entry.atime_written >= self._atime_resolution:
+            # Last served time for other processes and the next start-up; on our own
+            # descriptor, so a file another process put in place since is not touched.
+            entry.atime_written = now
+            with contextlib.suppress(OSError):
+                os.utime(fd, ns=(int(now * 1e9), entry.mtime_ns))
 
     def _check(self, hex_: str, fd: int) -> tuple[_Entry, bytes | None] | None:
         """Is the open file the one a verifier renamed into place? Returns its entry, and its
