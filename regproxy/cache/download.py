@@ -72,8 +72,9 @@ class Download:
     ``orphan_limit`` bytes is how much more the download may fetch once no reader is left
     (it is already paid for). ``run_blocking`` runs the fsync (default: right here; the
     service passes a thread pool runner so a large fsync never stalls the reactor).
-    ``done`` fires with True when the object was committed to the store, False when it was
-    verified and served but not kept (too large), and fails with the download's failure.
+    ``done`` fires with True when the object was committed to the store and False when it was
+    not (the download failed -- then ``failure`` says why -- or the object was too large to
+    keep); it never fails, so nobody has to listen to it.
     """
 
     log = Logger()
@@ -95,6 +96,7 @@ class Download:
         self._announce_waiters: list[Deferred[int | None]] = []
         self.received = 0
         self.done: Deferred[bool] = Deferred()
+        self.failure: Failure | None = None
         self.stop_upstream: Callable[[], None] | None = None
         self._pending = pending
         self._clock = clock
@@ -103,7 +105,6 @@ class Download:
         self._run_blocking = run_blocking
         self._on_over = on_over
         self._state = _WRITING
-        self._failure: Failure | None = None
         self._readers: list[DownloadReader] = []
         self._attached_ever = 0
         self._orphaned_at: int | None = None
@@ -158,8 +159,8 @@ class Download:
     def when_announced(self) -> Deferred[int | None]:
         """Fires with the announced size (at once if known); fails if the download failed."""
         if self._state == _FAILED:
-            assert self._failure is not None
-            return fail(self._failure)
+            assert self.failure is not None
+            return fail(self.failure)
         if self.announced:
             return succeed(self.expected_size)
         waiter: Deferred[int | None] = Deferred()
@@ -226,13 +227,13 @@ class Download:
 
     def _fail_readers(self, failure: Failure) -> None:
         self._state = _FAILED
-        self._failure = failure
+        self.failure = failure
         waiters, self._announce_waiters = self._announce_waiters, []
         for waiter in waiters:
             waiter.errback(failure)
         for reader in list(self._readers):
             reader._fail(failure)
-        self.done.errback(failure)
+        self.done.callback(False)
         self._maybe_over()
 
     def _commit(self) -> None:
@@ -287,8 +288,8 @@ class Download:
         self._orphaned_at = None
         reader._start()
         if self._state == _FAILED:
-            assert self._failure is not None
-            reader._fail(self._failure)
+            assert self.failure is not None
+            reader._fail(self.failure)
         return reader
 
     def _detached(self, reader: DownloadReader) -> None:

@@ -78,7 +78,6 @@ class Cached(Resource):
         if download is None:
             download = downloads.start(digest)
             assert download is not None
-            download.done.addErrback(lambda _: None)
             started = download
             url = b"http://127.0.0.1:%d/up/%s" % (PORT, digest.encode())
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -127,7 +127,7 @@ class Client:
         self.digest = digest_of(data)
         self.resource = Serving(self.store, self.metrics)
         self.transport = PushbackTransport()
-        self.channel = Site(self.resource).buildProtocol(None)
+        self.channel = Site(self.resource, reactor=MemoryReactorClock()).buildProtocol(None)
         self.channel.makeConnection(self.transport)
 
     def request(self, method: str = "GET", *headers: str) -> None:
