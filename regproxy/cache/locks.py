@@ -51,10 +51,11 @@ class HeldLock:
 class ProcessLocks:
     """This process's view of the lock files under ``directory`` (``ab/abcd....lock``).
 
-    ``exclusive(key)`` is for a writer (a download) or an evictor: it fails if anyone, in this
-    process or another, holds the key in either mode. ``shared(key)`` is for readers of a
-    committed object: any number of them, in any number of processes. An exclusive holder
-    removes the lock file when it releases, so lock files do not pile up.
+    ``exclusive(key)`` fails if anyone, in this process or another, holds the key in either
+    mode; ``shared(key)`` is granted to any number of holders in any number of processes. The
+    store uses two keys per digest: ``<hex>.w``, held exclusively by its one download, and
+    ``<hex>``, held shared by readers of the committed object and exclusively by an evictor.
+    An exclusive holder removes the lock file when it releases, so lock files do not pile up.
     """
 
     def __init__(self, directory: str) -> None:
@@ -88,20 +89,6 @@ class ProcessLocks:
         if fd is None:
             return None
         self._held[key] = _Held(fd, self.path(key), exclusive=False)
-        return HeldLock(self, key, exclusive=False)
-
-    def downgrade(self, key: str) -> HeldLock:
-        """Turn this process's exclusive hold of ``key`` into a shared one, without a gap.
-
-        A writer that has just committed an object keeps reading it: another process must not
-        be able to evict it between the commit and the first read.
-        """
-        held = self._held[key]
-        if not held.exclusive:
-            raise ValueError(f"{key} is not held exclusively")
-        fcntl.lockf(held.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        held.exclusive = False
-        held.holders += 1
         return HeldLock(self, key, exclusive=False)
 
     def _release(self, key: str) -> None:

@@ -37,6 +37,12 @@ SMALL_OBJECT_SIZE = 64 * 1024
 """Objects up to this size (manifests, configs) are read whole and rehashed at every read."""
 
 _TEMP_PREFIX = ".tmp-"
+_WRITER = ".w"
+"""Suffix of a digest's download lock key; the bare digest is its read lock key."""
+
+
+def _download_key(hex_: str) -> str:
+    return hex_ + _WRITER
 _HASH_CHUNK = 1024 * 1024
 
 
@@ -115,8 +121,8 @@ class StoredObject:
 class PendingObject:
     """A download being written: ``write`` bytes, then ``commit`` (or ``abort``).
 
-    It holds the digest's exclusive lock, so no other process downloads the same digest and no
-    evictor touches it. ``fd`` is the temporary file; readers of the download ``os.dup`` it and
+    It holds the digest's download lock, so no other process downloads the same digest at the
+    same time (and no start-up clean-up removes its temporary file). ``fd`` is the temporary file; readers of the download ``os.dup`` it and
     ``pread`` from it, which keeps working after the rename (and even after an eviction).
     """
 
@@ -193,7 +199,16 @@ class PendingObject:
         store = self.store
         if store.fsync and self._synced != self.size:
             os.fsync(self.fd)
-        os.rename(self.temp_path, self.final_path)
+        # Readers' lock first: no evictor (here or elsewhere) may take the object between
+        # the rename and our first read. Busy only while another process evicts an older
+        # copy; then we go without, and at worst the new file is evicted early.
+        read_lock = store._locks.shared(self.hex)
+        try:
+            os.rename(self.temp_path, self.final_path)
+        except BaseException:
+            if read_lock is not None:
+                read_lock.release()
+            raise
         if store.fsync:
             _fsync_directory(os.path.dirname(self.final_path))
         self.finished = True
@@ -202,7 +217,6 @@ class PendingObject:
         if self._counted:
             store._pending_grew(-self.size)
         store._committed(self, stat)
-        read_lock = store._locks.downgrade(self.hex)
         self._lock.release()
         return store._reader(self.digest, self.hex, read_lock)
 
@@ -343,7 +357,7 @@ class CacheStore:
         hex_ = name[len(_TEMP_PREFIX) :].split("-", 1)[0]
         if len(hex_) != 64 or not _is_hex(hex_):
             return 0
-        lock = self._locks.exclusive(hex_)
+        lock = self._locks.exclusive(_download_key(hex_))
         if lock is None:
             return 0
         try:
@@ -367,10 +381,10 @@ class CacheStore:
             except (FileNotFoundError, NotADirectoryError):
                 continue
             for name in names:
-                hex_ = name.removesuffix(".lock")
-                if hex_ == name or hex_ in self._entries:
-                    continue
-                lock = self._locks.exclusive(hex_)
+                key = name.removesuffix(".lock")
+                if key == name or key in self._entries:
+                    continue  # not a lock file, or the read lock of an object we hold
+                lock = self._locks.exclusive(key)
                 if lock is not None:
                     lock.release()  # an exclusive release removes the file
                     removed += 1
@@ -424,9 +438,10 @@ class CacheStore:
             lock.release()
             raise
         if trusted is None:
+            ino = os.fstat(fd).st_ino
             os.close(fd)
             lock.release()
-            self._discard(hex_)
+            self._discard(hex_, ino)
             self.metrics.count("misses")
             return None
         entry, data = trusted
@@ -438,7 +453,7 @@ class CacheStore:
             return StoredObject(digest, entry.size, data=data)
         entry.readers += 1
         return StoredObject(
-            digest, entry.size, fd=fd, on_close=lambda: self._reader_closed(hex_, lock)
+            digest, entry.size, fd=fd, on_close=lambda: self._reader_closed(entry, lock)
         )
 
     def _open_small(self, digest: str, hex_: str) -> StoredObject | None:
@@ -494,20 +509,20 @@ class CacheStore:
             return None
         return entry, data
 
-    def _reader(self, digest: str, hex_: str, lock: HeldLock) -> StoredObject:
+    def _reader(self, digest: str, hex_: str, lock: HeldLock | None) -> StoredObject:
         """A reader for an object this process has just committed (lock already shared)."""
         entry = self._entries[hex_]
         fd = os.open(self.object_path(hex_), os.O_RDONLY | os.O_CLOEXEC)
         entry.readers += 1
         return StoredObject(
-            digest, entry.size, fd=fd, on_close=lambda: self._reader_closed(hex_, lock)
+            digest, entry.size, fd=fd, on_close=lambda: self._reader_closed(entry, lock)
         )
 
-    def _reader_closed(self, hex_: str, lock: HeldLock) -> None:
-        lock.release()
-        entry = self._entries.get(hex_)
-        if entry is not None:
-            entry.readers -= 1
+    def _reader_closed(self, entry: _Entry, lock: HeldLock | None) -> None:
+        # The entry the reader opened, even if the digest has been replaced since.
+        entry.readers -= 1
+        if lock is not None:
+            lock.release()
 
     # Writing.
 
@@ -517,7 +532,7 @@ class CacheStore:
         stored (``open_object`` it).
         """
         hex_ = sha256_hex(digest)
-        lock = self._locks.exclusive(hex_)
+        lock = self._locks.exclusive(_download_key(hex_))
         if lock is None:
             return None
         if os.path.exists(self.object_path(hex_)):
@@ -537,7 +552,7 @@ class CacheStore:
         object still absent, that download failed and it is this process's turn.
         """
         hex_ = sha256_hex(digest)
-        lock = self._locks.exclusive(hex_)
+        lock = self._locks.exclusive(_download_key(hex_))
         if lock is None:
             return True
         lock.release()
@@ -603,25 +618,26 @@ class CacheStore:
         return True
 
     def discard(self, digest: str) -> bool:
-        """Remove an object found to be corrupt (unless someone is reading it)."""
+        """Remove an object found to be corrupt; True if it was there."""
         return self._discard(sha256_hex(digest))
 
-    def _discard(self, hex_: str) -> bool:
+    def _discard(self, hex_: str, ino: int | None = None) -> bool:
+        """Remove a corrupt object at once, even while it is being read: readers that have it
+        open keep their descriptor (nothing can make their bytes right now), and nobody new
+        gets it. Only the file found corrupt (``ino``) goes, never a good copy another
+        process has put in place since."""
         self.metrics.count("corrupt_objects")
-        entry = self._entries.get(hex_)
-        if entry is not None and entry.readers > 0:
-            return False
-        lock = self._locks.exclusive(hex_)
-        if lock is None:
-            return False
+        path = self.object_path(hex_)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.object_path(hex_))
-            self._forget(hex_)
-        finally:
-            lock.release()
+            if ino is not None and os.stat(path).st_ino != ino:
+                return False
+            os.unlink(path)
+            removed = True
+        except FileNotFoundError:
+            removed = False
+        self._forget(hex_)
         self._publish()
-        return True
+        return removed
 
     # Verification of large objects.
 
@@ -669,7 +685,6 @@ class CacheStore:
             mtime_ns=stat.st_mtime_ns,
             ino=stat.st_ino,
             last_served=max(stat.st_atime, stat.st_mtime),
-            readers=old.readers if old is not None else 0,
         )
         self._entries[hex_] = entry
         self._size += entry.size

@@ -575,8 +575,29 @@ def test_locks_inside_one_process_are_decided_by_the_process(tmp_path: Path) -> 
     writer = locks.exclusive(key)
     assert writer is not None
     assert locks.shared(key) is None
-    reader = locks.downgrade(key)
     writer.release()
-    assert locks.exclusive(key) is None
-    reader.release()
-    assert locks.exclusive(key) is not None
+    assert locks.shared(key) is not None
+
+
+def test_a_corrupt_object_is_removed_even_while_read_and_can_be_fetched_again(
+    tmp_path: Path,
+) -> None:
+    store = make_store(tmp_path)
+    data = os.urandom(200 * KIB)
+    digest = put(store, data)
+    reader = store.open_object(digest)
+    assert reader is not None
+    path = store.object_path(digest.split(":")[1])
+    stat = os.stat(path)
+    with open(path, "r+b") as file:
+        file.write(b"\0" * 8)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert store.verify() == [digest]
+    assert not os.path.exists(path) and store.open_object(digest) is None
+    put(store, data)  # fetched again, a new file
+    reader.close()  # the old reader leaving does not disturb the new object's count
+    fresh = store.open_object(digest)
+    assert fresh is not None and fresh.read(0, fresh.size) == data
+    fresh.close()
+    assert all(entry.readers == 0 for entry in store._entries.values())
+    assert store.size == len(data)
