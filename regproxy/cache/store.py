@@ -122,8 +122,9 @@ class PendingObject:
     """A download being written: ``write`` bytes, then ``commit`` (or ``abort``).
 
     It holds the digest's download lock, so no other process downloads the same digest at the
-    same time (and no start-up clean-up removes its temporary file). ``fd`` is the temporary file; readers of the download ``os.dup`` it and
-    ``pread`` from it, which keeps working after the rename (and even after an eviction).
+    same time (and no start-up clean-up removes its temporary file). ``fd`` is the temporary
+    file; readers of the download ``os.dup`` it and ``pread`` from it, which keeps working
+    after the rename (and even after an eviction).
     """
 
     def __init__(self, store: CacheStore, digest: str, hex_: str, lock: HeldLock) -> None:
