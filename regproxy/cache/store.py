@@ -43,6 +43,8 @@ _WRITER = ".w"
 
 def _download_key(hex_: str) -> str:
     return hex_ + _WRITER
+
+
 _HASH_CHUNK = 1024 * 1024
 
 
