@@ -19,7 +19,7 @@ from twisted.web.client import Agent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from regproxy.cache.download import DownloadProtocol, Downloads
+from regproxy.cache.download import DownloadProtocol, Downloads, wait_for_commit
 from regproxy.cache.metrics import RecordingMetrics
 from regproxy.cache.serve import serve_object
 from regproxy.cache.store import open_store
@@ -32,6 +32,7 @@ BLOB = bytes(range(256)) * (int(sys.argv[2]) // 256)
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
 SENT = BLOB[:-1] + b"\0" if sys.argv[3] == "corrupt" and BLOB[-1] != 0 else BLOB
 upstream_gets = 0
+waits = 0
 agent = Agent(clock)
 PORT = 0
 
@@ -69,31 +70,41 @@ class Cached(Resource):
     isLeaf = True
 
     def render_GET(self, request: Request) -> object:
-        digest = request.postpath[0].decode()
-        obj = store.open_object(digest)
-        if obj is not None:
-            serve_object(request, obj, metrics=metrics).addErrback(lambda _: None)
-            return NOT_DONE_YET
-        download = downloads.get(digest)
-        if download is None:
-            download = downloads.start(digest)
-            assert download is not None
-            started = download
-            url = b"http://127.0.0.1:%d/up/%s" % (PORT, digest.encode())
-
-            def got(response: Any) -> None:
-                started.announce(response.length)
-                response.deliverBody(DownloadProtocol(started))
-
-            agent.request(b"GET", url).addCallbacks(got, started.fail)
-
-        def announced(size: int | None) -> None:
-            request.setHeader(b"content-length", b"%d" % size)  # type: ignore[str-bytes-safe]
-            reader = download.attach(request)
-            reader.done.addCallbacks(lambda _: request.finish(), lambda _: abort(request))
-
-        download.when_announced().addCallbacks(announced, lambda _: abort(request))
+        answer(request, request.postpath[0].decode())
         return NOT_DONE_YET
+
+
+def answer(request: Request, digest: str) -> None:
+    """What a fetcher does: a hit from disk; else join this process's download; else start
+    one; else (another process downloads it) wait for its commit, then start over."""
+    obj = store.open_object(digest)
+    if obj is not None:
+        serve_object(request, obj, metrics=metrics).addErrback(lambda _: None)
+        return
+    download = downloads.get(digest)
+    if download is None:
+        download = downloads.start(digest)
+        if download is None:
+            global waits
+            waits += 1
+            waiting = wait_for_commit(store, digest, clock, timeout=60)
+            waiting.addCallback(lambda _: answer(request, digest))
+            return
+        started = download
+        url = b"http://127.0.0.1:%d/up/%s" % (PORT, digest.encode())
+
+        def got(response: Any) -> None:
+            started.announce(response.length)
+            response.deliverBody(DownloadProtocol(started))
+
+        agent.request(b"GET", url).addCallbacks(got, started.fail)
+
+    def announced(size: int | None) -> None:
+        request.setHeader(b"content-length", b"%d" % size)  # type: ignore[str-bytes-safe]
+        reader = download.attach(request)
+        reader.done.addCallbacks(lambda _: request.finish(), lambda _: abort(request))
+
+    download.when_announced().addCallbacks(announced, lambda _: abort(request))
 
 
 class Stats(Resource):
@@ -107,6 +118,7 @@ class Stats(Resource):
                 "objects": store.objects,
                 "readers": readers,
                 "downloads": len(downloads),
+                "waits": waits,
                 "counters": dict(metrics.counters),
             }
         ).encode()

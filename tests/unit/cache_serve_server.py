@@ -5,6 +5,8 @@ their own process). Prints ``port N`` once listening.
 GET/HEAD /blob/<digest>  the object (Range honoured)
 GET /stats               JSON: counters, open readers
 GET /selfcheck           3 bytes: "0", then 1/0 for transport_buffer_is_empty before/after
+
+argv: cache dir, "sendfile" | "producer", and for TLS a certificate and key file.
 """
 
 from __future__ import annotations
@@ -80,6 +82,13 @@ root = Resource()
 root.putChild(b"blob", Blob())
 root.putChild(b"stats", Stats())
 root.putChild(b"selfcheck", SelfCheck())
-port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")  # type: ignore[attr-defined]
+if len(sys.argv) > 3:  # TLS: certificate and key files
+    from twisted.internet import ssl
+
+    with open(sys.argv[3]) as cert, open(sys.argv[4]) as key:
+        options = ssl.PrivateCertificate.loadPEM(cert.read() + key.read()).options()
+    port = reactor.listenSSL(0, Site(root), options, interface="127.0.0.1")  # type: ignore[attr-defined]
+else:
+    port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")  # type: ignore[attr-defined]
 print("port", port.getHost().port, flush=True)
 reactor.run()  # type: ignore[attr-defined]

@@ -152,3 +152,59 @@ def test_a_download_whose_only_client_left_completes_into_the_cache(tmp_path: Pa
         assert server.stats()["upstream_gets"] == 1
     finally:
         server.stop()
+
+
+def test_two_processes_on_one_directory_fetch_a_blob_once(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    cache = str(tmp_path / "cache")
+    first = Server(SCRIPT, cache, str(SIZE), "good")
+    second = Server(SCRIPT, cache, str(SIZE), "good")
+    curls: list[subprocess.Popen[bytes]] = []
+    try:
+        curls = start_curls(f"{first.base}/blob/{DIGEST}", 1, tmp_path / "out")
+        deadline = time.monotonic() + 60
+        while first.stats()["downloads"] != 1:
+            assert time.monotonic() < deadline, "the first download did not start"
+            time.sleep(0.01)
+        (tmp_path / "out2").mkdir()
+        curls += start_curls(f"{second.base}/blob/{DIGEST}", 4, tmp_path / "out2")
+        for c in curls:
+            assert c.wait(60) == 0
+        for path in [tmp_path / "out" / "c0"] + [tmp_path / "out2" / f"c{i}" for i in range(4)]:
+            assert path.read_bytes() == BLOB
+        one, two = first.stats(), second.stats()
+        assert one["upstream_gets"] + two["upstream_gets"] == 1
+        assert two["waits"] >= 1
+    finally:
+        for c in curls:
+            if c.poll() is None:
+                c.kill()
+            c.wait()
+        first.stop()
+        second.stop()
+
+
+def test_a_process_killed_mid_download_leaves_nothing_served(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    cache = str(tmp_path / "cache")
+    server = Server(SCRIPT, cache, str(SIZE), "good")
+    try:
+        reader = SlowReader(server.port, f"/blob/{DIGEST}")
+        deadline = time.monotonic() + 60
+        while server.stats()["downloads"] != 1:
+            assert time.monotonic() < deadline, "the download did not start"
+            time.sleep(0.01)
+        server.helper.kill()  # kill -9 mid-download
+        reader.sock.close()
+        assert [p for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()]
+        restarted = Server(SCRIPT, cache, str(SIZE), "good")
+        try:
+            assert not [p for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()]
+            curls = start_curls(f"{restarted.base}/blob/{DIGEST}", 1, tmp_path / "out")
+            assert curls[0].wait(60) == 0
+            assert (tmp_path / "out" / "c0").read_bytes() == BLOB
+            assert restarted.stats()["upstream_gets"] == 1
+        finally:
+            restarted.stop()
+    finally:
+        server.stop()

@@ -28,6 +28,7 @@ from regproxy.cache.serve import (
 )
 from regproxy.cache.store import CacheStore, open_store
 from tests.support.curl import curl
+from tests.support.tls import make_ca_and_cert
 
 from .cache_helpers import Server, digest_of
 
@@ -348,5 +349,23 @@ def test_a_client_dropping_mid_body_releases_the_object(stored: tuple[Path, str]
         while server.stats()["readers"] != 0:
             assert time.monotonic() < deadline, "the object stayed open after the client left"
             time.sleep(0.05)
+    finally:
+        server.stop()
+
+
+def test_tls_falls_back_to_the_producer(stored: tuple[Path, str], tmp_path: Path) -> None:
+    root, digest = stored
+    tls = make_ca_and_cert(tmp_path / "tls")
+    server = Server(SERVER, str(root), "sendfile", str(tls.cert), str(tls.key))
+    try:
+        url = f"https://127.0.0.1:{server.port}/blob/{digest}"
+        result = curl(url, "--cacert", str(tls.ca_cert))
+        assert result.status == 200 and result.body == BIG
+        ranged = curl(url, "--cacert", str(tls.ca_cert), "-r", "5-9")
+        assert ranged.status == 206 and ranged.body == BIG[5:10]
+        stats = curl(f"https://127.0.0.1:{server.port}/stats", "--cacert", str(tls.ca_cert))
+        counters = stats.json()["counters"]
+        assert counters["bytes_from_cache"] == len(BIG) + 5
+        assert counters.get("bytes_zero_copy", 0) == 0
     finally:
         server.stop()
