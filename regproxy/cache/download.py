@@ -369,27 +369,34 @@ class DownloadReader:
             return
         self._pumping = True
         try:
-            download = self.download
-            while not self._paused and not self._finished:
-                end = self._end()
-                limit = download._limit_for(end)
-                if self.position >= limit:
-                    if download.verified and end is not None and self.position >= end:
-                        self._complete()
-                    break
-                data = download._read(
-                    self._fd, self.position, min(READ_CHUNK, limit - self.position)
-                )
-                if not data:
-                    # The file is shorter than the writer said: never happens unless the
-                    # temporary file was truncated under us; treat like a failed download.
-                    self._fail(Failure(DownloadFailed("the download's file ended early")))
-                    break
-                self.position += len(data)
-                self.sent += len(data)
-                self.consumer.write(data)
+            self._deliver()
+        except Exception:
+            # This reader's consumer or file broke: fail this reader alone, never the
+            # writer (whose dataReceived we may be inside) nor the other readers.
+            self.download.log.failure("a reader of {digest} failed", digest=self.download.digest)
+            self._fail(Failure())
         finally:
             self._pumping = False
+
+    def _deliver(self) -> None:
+        download = self.download
+        while not self._paused and not self._finished:
+            limit = download._limit_for(self._end())
+            if self.position >= limit:
+                break
+            data = download._read(self._fd, self.position, min(READ_CHUNK, limit - self.position))
+            if not data:
+                # The file is shorter than the writer said: never happens unless the
+                # temporary file was truncated under us; treat like a failed download.
+                self._fail(Failure(DownloadFailed("the download's file ended early")))
+                return
+            self.position += len(data)
+            self.sent += len(data)
+            self.consumer.write(data)
+        end = self._end()
+        if not self._finished and download.verified and end is not None and self.position >= end:
+            # Complete even if paused: the last bytes are with the consumer already.
+            self._complete()
 
     def _complete(self) -> None:
         self._close()

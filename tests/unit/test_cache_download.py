@@ -523,3 +523,41 @@ def test_an_object_announced_larger_than_the_cache_streams_without_evicting(
     assert committed == [False]
     assert not h.store.contains(digest_of(BLOB))
     assert h.store.contains(digest_of(b"kept" * 1000))
+
+
+def test_a_broken_consumer_fails_its_reader_alone(h: Harness) -> None:
+    download = h.start()
+    broken = StringTransport()
+
+    def explode(data: bytes) -> None:
+        raise RuntimeError("the request is gone")
+
+    broken.write = explode  # type: ignore[method-assign]
+    broken_reader = download.attach(broken)
+    broken_done = outcome(broken_reader.done)
+    _, healthy, healthy_done = reader_on(download)
+    for part in PARTS:
+        download.write(part)  # never raises into the upstream protocol
+    download.finish()
+    assert broken_done[0].check(RuntimeError)
+    assert healthy.value() == BLOB and healthy_done == [len(BLOB)]
+    assert h.store.contains(digest_of(BLOB))
+
+
+def test_a_reader_paused_by_its_last_write_still_completes(h: Harness) -> None:
+    download = h.start(b"tiny")
+    consumer = StringTransport()
+    original = consumer.write
+
+    def write_then_pause(data: bytes) -> None:
+        original(data)
+        reader.pauseProducing()
+
+    consumer.write = write_then_pause  # type: ignore[method-assign]
+    reader = download.attach(consumer)
+    done = outcome(reader.done)
+    download.write(b"tiny")
+    download.finish()
+    assert consumer.value() == b"tin" and done == []  # paused: no more bytes
+    reader.resumeProducing()  # the last byte goes, and the write pauses the reader again
+    assert consumer.value() == b"tiny" and done == [4]
