@@ -23,9 +23,10 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from functools import partial
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from .index import CacheIndex
@@ -661,6 +662,10 @@ class CacheStore:
             os.close(fd)
         return digest_of.hexdigest() == hex_
 
+    def digests(self, min_size: int = 0) -> list[str]:
+        """The digests of the objects this process knows of, of at least ``min_size`` bytes."""
+        return ["sha256:" + h for h, e in self._entries.items() if e.size >= min_size]
+
     def verify(self, min_size: int | None = None) -> list[str]:
         """Rehash every object of at least ``min_size`` bytes (default: the large ones,
         which reads do not rehash) and discard the corrupt; returns their digests.
@@ -733,8 +738,43 @@ def _fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def open_store(root: str, **kwargs: Any) -> CacheStore:
-    """A started store (clean-up and index rebuild done)."""
-    store = CacheStore(root, **kwargs)
+async def verify_in_background(
+    store: CacheStore, run_in_thread: Callable[[Callable[[], bool]], Deferred[bool]]
+) -> list[str]:
+    """``CacheStore.verify`` without blocking the reactor: each large object is rehashed in
+    ``run_in_thread`` (e.g. ``lambda f: deferToThreadPool(reactor, pool, f)``), and the
+    corrupt are discarded back on the reactor thread. Returns their digests."""
+    corrupt = []
+    for digest in store.digests(min_size=store.small_object_size + 1):
+        intact = await run_in_thread(partial(store.verify_object, digest))
+        if not intact:
+            store.log.warn("cached object {digest} failed verification", digest=digest)
+            store.discard(digest)
+            corrupt.append(digest)
+    return corrupt
+
+
+def open_store(
+    root: str,
+    *,
+    max_size: int,
+    clock: Callable[[], float] = time.time,
+    metrics: CacheMetrics | None = None,
+    small_object_size: int = SMALL_OBJECT_SIZE,
+    eviction_slack: float = 0.05,
+    atime_resolution: float = 60.0,
+    fsync: bool = True,
+) -> CacheStore:
+    """A started store (clean-up and index rebuild done): ``CacheStore(...)`` + ``start()``."""
+    store = CacheStore(
+        root,
+        max_size=max_size,
+        clock=clock,
+        metrics=metrics,
+        small_object_size=small_object_size,
+        eviction_slack=eviction_slack,
+        atime_resolution=atime_resolution,
+        fsync=fsync,
+    )
     store.start()
     return store

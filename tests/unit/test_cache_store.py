@@ -10,12 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred, succeed
 
 from regproxy.cache.locks import ProcessLocks
 from regproxy.cache.metrics import RecordingMetrics
 from regproxy.cache.objects import NotCacheable
 from regproxy.cache.sizes import default_max_size, parse_size
-from regproxy.cache.store import CacheStore, DigestMismatch, TooLarge, open_store
+from regproxy.cache.store import (
+    CacheStore,
+    DigestMismatch,
+    TooLarge,
+    open_store,
+    verify_in_background,
+)
 
 from .cache_helpers import FakeClock, Helper, digest_of
 
@@ -601,3 +608,26 @@ def test_a_corrupt_object_is_removed_even_while_read_and_can_be_fetched_again(
     fresh.close()
     assert all(entry.readers == 0 for entry in store._entries.values())
     assert store.size == len(data)
+
+
+def test_background_verification_hashes_in_the_runner_and_discards_on_return(
+    tmp_path: Path,
+) -> None:
+    store = make_store(tmp_path)
+    bad = put(store, os.urandom(200 * KIB))
+    good = put(store, os.urandom(200 * KIB))
+    small = put(store, b"small")
+    path = store.object_path(bad.split(":")[1])
+    with open(path, "r+b") as file:
+        file.write(b"\0" * 8)
+    ran: list[Any] = []
+
+    def runner(work: Any) -> Deferred[bool]:
+        ran.append(work)
+        return succeed(work())
+
+    result: list[Any] = []
+    Deferred.fromCoroutine(verify_in_background(store, runner)).addBoth(result.append)
+    assert result == [[bad]]
+    assert len(ran) == 2  # the large ones only
+    assert not store.contains(bad) and store.contains(good) and store.contains(small)
