@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from treq.client import HTTPClient
@@ -178,15 +178,17 @@ def build_service(
     *,
     handle_sigterm: bool = False,
     warnings: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
 ) -> MultiService:
     """The daemon. Endpoint descriptions are parsed here, so a bad one is a StartupError
-    before anything runs; binding happens when the service starts."""
+    before anything runs; binding happens when the service starts. ``environ`` is the
+    start-up environment, for saying what a supervisor did not hand over."""
     route = config.default_route
-    listen_endpoints = [(parse_endpoint(reactor, "--port", d), d) for d in config.listen]
+    listen_endpoints = [(parse_endpoint(reactor, "--port", d, environ), d) for d in config.listen]
     metrics_endpoint = (
         None
         if config.metrics_listen is None
-        else parse_endpoint(reactor, "--metrics-port", config.metrics_listen)
+        else parse_endpoint(reactor, "--metrics-port", config.metrics_listen, environ)
     )
     pool = make_pool(reactor)
     client = make_client(reactor, pool=pool, ca_file=route.upstream_ca)

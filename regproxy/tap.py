@@ -510,6 +510,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             reactor,
             handle_sigterm=options.parent is not None,
             warnings=options.warnings,
+            environ=options.environ,
         )
     except StartupError as error:
         # Logging has not begun (twist starts it after makeService): stderr is the terminal
