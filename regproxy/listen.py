@@ -100,7 +100,7 @@ def is_all_interfaces(host: str) -> bool:
 
 
 class Listener(Service):
-    log = Logger(namespace="regproxy.startup")
+    log = Logger()
 
     def __init__(
         self,
