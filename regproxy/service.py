@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from treq.client import HTTPClient
@@ -92,6 +92,33 @@ class Drain(Service):
                 "grace period over with {count} requests unfinished", count=self.site.active
             )
         await self.pool.closeCachedConnections()
+
+
+class PeriodicCheck(TimerService):
+    """A TimerService whose check in progress is cancelled on stop, not waited for.
+
+    TimerService's stop waits for the call in progress: an upstream check that hangs
+    (an address that accepts and never answers) would hold an idle process for the whole
+    upstream timeout after SIGTERM.
+    """
+
+    def __init__(
+        self, interval: float, check: Callable[[], Deferred[None]], *, clock: IReactorTime
+    ) -> None:
+        super().__init__(interval, self._run)
+        self.check = check
+        self.clock = clock
+        self._running: Deferred[None] | None = None
+
+    def _run(self) -> Deferred[None]:
+        self._running = self.check()
+        return self._running
+
+    def stopService(self) -> Deferred[None]:
+        if self._running is not None and not self._running.called:
+            self._running.cancel()
+        stopped: Deferred[None] = super().stopService()
+        return stopped
 
 
 async def check_upstream(
@@ -235,10 +262,9 @@ def build_service(
             serves="metrics",
             close_delay=config.drain_delay,
         ).setServiceParent(top)
-    checker = TimerService(
+    PeriodicCheck(
         HEALTH_CHECK_INTERVAL,
         lambda: ensureDeferred(check_upstream(client, route, metrics, config.upstream_timeout)),
-    )
-    checker.clock = reactor
-    checker.setServiceParent(top)
+        clock=reactor,
+    ).setServiceParent(top)
     return top

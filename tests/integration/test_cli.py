@@ -371,3 +371,14 @@ def test_unnamed_sockets_from_a_supervisor_are_one_line(tmp: Path) -> None:
         "(FileDescriptorName= in the .socket unit, --fdname for systemd-socket-activate)"
     ]
     assert "Traceback" not in log.read_text()
+
+
+def test_a_hanging_upstream_check_does_not_hold_up_the_exit(piped) -> None:
+    """An upstream that accepts and never answers: SIGTERM still ends an idle proxy."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)
+        proxy = piped(["--upstream", f"http://127.0.0.1:{hole.getsockname()[1]}"])
+        started = time.monotonic()
+        assert proxy.stop() == 0
+        assert time.monotonic() - started < 2.0
