@@ -89,7 +89,8 @@ ENV PATH=/opt/regproxy/bin:$PATH \
 
 # The base's pip, setuptools and wheel are not needed to run; nor is a user
 # with a home, a login shell or an entry in the lastlog database.
-RUN python -m pip uninstall --yes --quiet pip setuptools wheel \
+RUN PIP_ROOT_USER_ACTION=ignore python -m pip uninstall --yes --quiet --quiet \
+        pip setuptools wheel \
     && rm -rf /usr/local/lib/python3.11/ensurepip /usr/local/bin/pip* \
     && groupadd --gid 10001 regproxy \
     && useradd --uid 10001 --gid 10001 --no-log-init \

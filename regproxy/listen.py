@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import Service
@@ -29,17 +31,23 @@ ENDPOINT_HELP = (
 )
 
 
-def parse_endpoint(reactor: Any, option: str, description: str) -> IStreamServerEndpoint:
-    """The endpoint for ``description``, or a StartupError that says what to change."""
+def parse_endpoint(
+    reactor: Any,
+    option: str,
+    description: str,
+    environ: Mapping[str, str] | None = None,
+) -> IStreamServerEndpoint:
+    """The endpoint for ``description``, or a StartupError that says what to change.
+
+    ``environ`` is the environment as regproxy started with it: Twisted takes the
+    ``LISTEN_*`` variables out of ``os.environ`` when it first reads them.
+    """
+    handed_over = dict(os.environ if environ is None else environ)
     try:
         endpoint: IStreamServerEndpoint = endpoints.serverFromString(reactor, description)
     except (IndexError, KeyError) as error:
         if description.startswith("systemd:"):
-            raise StartupError(
-                f"{option} {description}: the supervisor passed no such socket; start "
-                "regproxy through its .socket unit, which names the socket (LISTEN_FDS and "
-                "LISTEN_FDNAMES), or listen on a port of its own with --port tcp:8080"
-            ) from None
+            raise StartupError(f"{option} {description}: {_systemd_hint(handed_over)}") from None
         raise StartupError(f"{option} {description}: {error}; {ENDPOINT_HELP}") from None
     except Exception as error:  # any parse failure is a usage problem
         kind, _, rest = description.partition(":")
@@ -50,6 +58,21 @@ def parse_endpoint(reactor: Any, option: str, description: str) -> IStreamServer
             ) from None
         raise StartupError(f"{option} {description}: {error}; {ENDPOINT_HELP}") from None
     return endpoint
+
+
+def _systemd_hint(environ: Mapping[str, str]) -> str:
+    """Which half of the socket hand-over is missing."""
+    if environ.get("LISTEN_FDS") and not environ.get("LISTEN_FDNAMES"):
+        return (
+            "the supervisor passed sockets without names (no LISTEN_FDNAMES), and Twisted "
+            "adopts named sockets only; name them (FileDescriptorName= in the .socket "
+            "unit, --fdname for systemd-socket-activate)"
+        )
+    return (
+        "the supervisor passed no such socket; start regproxy through its .socket unit, "
+        "which hands it over (LISTEN_FDS and LISTEN_FDNAMES), or listen on a port of its "
+        "own with --port tcp:8080"
+    )
 
 
 def explain_listen_failure(error: BaseException) -> str:
@@ -77,7 +100,7 @@ def is_all_interfaces(host: str) -> bool:
 
 
 class Listener(Service):
-    log = Logger(namespace="regproxy.startup")
+    log = Logger()
 
     def __init__(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from treq.client import HTTPClient
@@ -97,6 +97,33 @@ class Drain(Service):
                 "grace period over with {count} requests unfinished", count=self.site.active
             )
         await self.pool.closeCachedConnections()
+
+
+class PeriodicCheck(TimerService):
+    """A TimerService whose check in progress is cancelled on stop, not waited for.
+
+    TimerService's stop waits for the call in progress: an upstream check that hangs
+    (an address that accepts and never answers) would hold an idle process for the whole
+    upstream timeout after SIGTERM.
+    """
+
+    def __init__(
+        self, interval: float, check: Callable[[], Deferred[None]], *, clock: IReactorTime
+    ) -> None:
+        super().__init__(interval, self._run)
+        self.check = check
+        self.clock = clock
+        self._running: Deferred[None] | None = None
+
+    def _run(self) -> Deferred[None]:
+        self._running = self.check()
+        return self._running
+
+    def stopService(self) -> Deferred[None]:
+        if self._running is not None and not self._running.called:
+            self._running.cancel()
+        stopped: Deferred[None] = super().stopService()
+        return stopped
 
 
 async def check_upstreams(routing: Routing, metrics: Metrics) -> None:
@@ -218,11 +245,14 @@ def build_service(
     handle_sigterm: bool = False,
     warnings: Sequence[str] = (),
     worker: WorkerSpec | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> MultiService:
     """The daemon. Endpoint descriptions are parsed here, so a bad one is a StartupError
     before anything runs; binding happens when the service starts. In a ``--workers``
-    worker, the endpoints are the supervisor's sockets, in the order of the descriptions."""
-    endpoints = ListenerEndpoints(reactor, worker)
+    worker, the endpoints are the supervisor's sockets, in the order of the descriptions.
+    ``environ`` is the start-up environment, for saying what a supervisor did not hand
+    over."""
+    endpoints = ListenerEndpoints(reactor, worker, environ)
     listen_endpoints = [(endpoints.endpoint("--port", d), d) for d in config.listen]
     metrics_endpoint = (
         None
@@ -293,9 +323,9 @@ def build_service(
         RoutesReloader(
             config.routes_file, root.routing, root.routing_factory, reactor
         ).setServiceParent(top)
-    checker = TimerService(
-        HEALTH_CHECK_INTERVAL, lambda: ensureDeferred(check_upstreams(root.routing(), metrics))
-    )
-    checker.clock = reactor
-    checker.setServiceParent(top)
+    PeriodicCheck(
+        HEALTH_CHECK_INTERVAL,
+        lambda: ensureDeferred(check_upstreams(root.routing(), metrics)),
+        clock=reactor,
+    ).setServiceParent(top)
     return top

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 
 class StopCleanlyOnSigterm(Service):
-    log = Logger(namespace="regproxy.shutdown")
+    log = Logger()
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor

@@ -51,7 +51,7 @@ def holds_credentials(config: Config) -> bool:
 class StartupReport(Service):
     """Logs, when the service starts, what regproxy is and what it serves."""
 
-    log = Logger(namespace="regproxy.startup")
+    log = Logger()
 
     def __init__(self, config: Config, warnings: Sequence[str] = ()) -> None:
         self.config = config

@@ -624,6 +624,7 @@ def makeService(options: Options, reactor: Any = None, argv: list[str] | None = 
             handle_sigterm=options.parent is not None,
             warnings=options.warnings,
             worker=options["as-worker"],
+            environ=options.environ,
         )
     except StartupError as error:
         # Logging has not begun (twist starts it after makeService): stderr is the terminal

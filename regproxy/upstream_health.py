@@ -59,7 +59,7 @@ def plain_http_hint(upstream: Upstream, kind: str) -> str | None:
 class UpstreamHealthLog:
     """Logs upstream failures once per (route, kind), a summary a minute, and recovery."""
 
-    log = Logger(namespace="regproxy.upstream")
+    log = Logger()
 
     def __init__(
         self,

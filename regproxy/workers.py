@@ -270,14 +270,20 @@ class ListenerEndpoints:
     """Listening endpoints: parsed from the description in a single process; in a worker,
     the supervisor's sockets, taken in the order the daemon asks for them."""
 
-    def __init__(self, reactor: Any, worker: WorkerSpec | None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        worker: WorkerSpec | None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.reactor = reactor
         self.worker = worker
+        self.environ = environ
         self._taken = 0
 
     def endpoint(self, option: str, description: str) -> IStreamServerEndpoint:
         if self.worker is None:
-            return parse_endpoint(self.reactor, option, description)
+            return parse_endpoint(self.reactor, option, description, self.environ)
         inherited = self.worker.listeners[self._taken]
         self._taken += 1
         with socket.socket(fileno=os.dup(inherited.fd)) as probe:

@@ -170,8 +170,9 @@ def test_dependencies_come_from_lock_files_with_hashes() -> None:
     install_requires = setup.split("install_requires =")[1].split("\n\n")[0]
     for line in install_requires.splitlines():
         line = line.strip()
-        if line and not line.startswith("#"):
-            name = re.split(r"[\[ <>=]", line)[0].lower()
+        # The image runs Python 3.11: a dependency for older Pythons only is not in its lock.
+        if line and not line.startswith("#") and 'python_version < "3.11"' not in line:
+            name = re.split(r"[\[ <>=;]", line)[0].lower()
             assert name in runtime, name
 
 
@@ -186,7 +187,7 @@ def test_locked_twisted_is_in_the_pinned_range() -> None:
 
 def test_runtime_stage_has_no_installer_and_no_build_step() -> None:
     runs = " ".join(" ".join(a.split()) for k, a in _final_stage() if k == "RUN")
-    assert "pip uninstall --yes --quiet pip setuptools wheel" in runs
+    assert "pip uninstall --yes --quiet --quiet pip setuptools wheel" in runs
     assert "pip install" not in runs
     copies = [a for k, a in _final_stage() if k == "COPY"]
     assert copies == ["--from=build /opt/regproxy /opt/regproxy"]

@@ -5,9 +5,11 @@ Every test runs the real command (``python -m twisted regproxy``) as a subproces
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -326,3 +328,57 @@ def test_an_idle_proxy_exits_promptly_after_sigterm(
     started = time.monotonic()
     assert proxy.stop() == 0
     assert time.monotonic() - started < 2.0
+
+
+def test_unnamed_sockets_from_a_supervisor_are_one_line(tmp: Path) -> None:
+    """systemd-socket-activate without --fdname: LISTEN_FDS but no LISTEN_FDNAMES."""
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("systemd-socket-activate not installed (Debian package systemd)")
+    port = free_port()
+    log = tmp / "activate.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                *(activate, "-l", f"127.0.0.1:{port}"),
+                *(sys.executable, "-m", "twisted", "regproxy"),
+                *("--port", "systemd:domain=INET:index=0"),
+            ],
+            cwd=REPO_ROOT,
+            env=environment(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while not port_open("127.0.0.1", port):
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            # The first connection makes systemd-socket-activate start regproxy.
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.settimeout(20)
+                with contextlib.suppress(ConnectionResetError):
+                    assert client.recv(1) == b""
+            assert process.wait(20) != 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    errors = [line for line in log.read_text().splitlines() if line.startswith("Error:")]
+    assert errors == [
+        "Error: --port systemd:domain=INET:index=0: the supervisor passed sockets without "
+        "names (no LISTEN_FDNAMES), and Twisted adopts named sockets only; name them "
+        "(FileDescriptorName= in the .socket unit, --fdname for systemd-socket-activate)"
+    ]
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_hanging_upstream_check_does_not_hold_up_the_exit(piped) -> None:
+    """An upstream that accepts and never answers: SIGTERM still ends an idle proxy."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)
+        proxy = piped(["--upstream", f"http://127.0.0.1:{hole.getsockname()[1]}"])
+        started = time.monotonic()
+        assert proxy.stop() == 0
+        assert time.monotonic() - started < 2.0

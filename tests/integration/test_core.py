@@ -175,7 +175,8 @@ def test_browser_redirects(start_proxy, prefixed_registry: SeededRegistry) -> No
     proxy = start_proxy(["--upstream", prefixed_registry.url, "--repo-prefix", "proj"])
     answer = curl(proxy.url + "/app")
     assert answer.status == 307
-    assert answer.header("Location") == f"https://{prefixed_registry.host_port}/proj/app"
+    # The upstream's own scheme: this one is plain http.
+    assert answer.header("Location") == f"http://{prefixed_registry.host_port}/proj/app"
     disabled = start_proxy(
         ["--upstream", prefixed_registry.url], env={"DISABLE_BROWSER_REDIRECTS": "1"}
     )

@@ -84,3 +84,23 @@ def test_sigterm_stops_the_reactor_once() -> None:
     stopper.sigterm(15)
     stopper.sigterm(15)
     assert reactor.calls == [reactor.stop]
+
+
+def test_a_periodic_check_in_progress_is_cancelled_on_stop() -> None:
+    from regproxy.service import PeriodicCheck
+
+    clock = Clock()
+    checks: list[Deferred[None]] = []
+
+    def check() -> Deferred[None]:
+        checks.append(Deferred())
+        return checks[-1]
+
+    service = PeriodicCheck(30.0, check, clock=clock)
+    service.startService()
+    assert len(checks) == 1 and not checks[0].called
+    stopped: list[object] = []
+    service.stopService().addBoth(stopped.append)
+    assert stopped == [None]
+    assert checks[0].called  # cancelled, not waited for
+    checks[0].addErrback(lambda _: None)

@@ -122,3 +122,14 @@ def test_listeners_close_at_once_without_a_delay() -> None:
     done: list[object] = []
     maybeDeferred(service.stopService).addBoth(done.append)
     assert done == [None]
+
+
+def test_unnamed_sockets_from_a_supervisor_are_named_as_the_problem() -> None:
+    with pytest.raises(StartupError) as caught:
+        parse_endpoint(
+            MemoryReactorClock(),
+            "--port",
+            "systemd:domain=INET:index=0",
+            {"LISTEN_FDS": "1", "LISTEN_PID": "1"},
+        )
+    assert "without names (no LISTEN_FDNAMES)" in str(caught.value)
