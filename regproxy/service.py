@@ -30,6 +30,7 @@ from .startup import StartupReport, holds_credentials
 from .upstream.client import HealthObserver, UpstreamClient, UpstreamFailure, user_agent
 from .upstream.credentials import RunInThread
 from .upstream.http import make_client, make_pool
+from .upstream_health import HealthReport, UpstreamHealthLog
 from .web.browser import BrowserRedirect, NotFound
 from .web.health import Health, Readiness
 from .web.metrics import MetricsPage
@@ -263,6 +264,12 @@ def build_service(
     http_for, follow_for = client_factories(reactor, pool)
     metrics = Metrics(multiprocess=worker is not None)
     readiness = Readiness()
+    routing: list[CurrentRouting] = []  # filled once the tree exists
+
+    def upstream_of(name: str) -> Upstream | None:
+        route = routing[0]().table.by_name(name) if routing else None
+        return route.upstream if route is not None else None
+
     root = build_root(
         config,
         client=http_for(config.default_route),
@@ -271,8 +278,11 @@ def build_service(
         readiness=readiness,
         http_for=http_for,
         follow_for=follow_for,
+        # A failing upstream is logged once per route and kind, summarised, and its recovery.
+        health=HealthReport(UpstreamHealthLog(reactor), upstream_of),
         run_in_thread=lambda work: deferToThreadPool(reactor, reactor.getThreadPool(), work),
     )
+    routing.append(root.routing)
     site = ProxySite(root, metrics=metrics, client_address=ClientAddress(config.trusted_proxies))
 
     top = MultiService()

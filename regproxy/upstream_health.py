@@ -13,6 +13,7 @@ class schedules nothing and needs no reactor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -131,3 +132,22 @@ class UpstreamHealthLog:
     def failing(self, route: str) -> frozenset[str]:
         """The kinds of failure ``route`` is in the middle of (for readiness or status)."""
         return frozenset(kind for name, kind in self._outages if name == route)
+
+
+class HealthReport:
+    """What the upstream client tells about each exchange, to the health log (with the
+    plain-HTTP hint where a TLS handshake failed against an https upstream)."""
+
+    def __init__(
+        self, log: UpstreamHealthLog, upstream_of: Callable[[str], Upstream | None]
+    ) -> None:
+        self._log = log
+        self._upstream_of = upstream_of
+
+    def failed(self, route: str, kind: object, cause: str) -> None:
+        upstream = self._upstream_of(route)
+        hint = plain_http_hint(upstream, str(kind)) if upstream is not None else None
+        self._log.failed(route, str(kind), cause, hint)
+
+    def succeeded(self, route: str) -> None:
+        self._log.succeeded(route)
