@@ -208,6 +208,17 @@ class Route:
 
 
 @attrs.frozen
+class CacheConfig:
+    """``--cache-dir`` and its settings: the pull-through cache."""
+
+    directory: str
+    max_size: int
+    stale_max_age: float = 7 * 86400.0
+    tag_ttl: float = 0.0
+    verify: bool = False
+
+
+@attrs.frozen
 class Config:
     routes: tuple[Route, ...]
     listen: tuple[str, ...] = ("tcp:8080",)
@@ -222,6 +233,7 @@ class Config:
     idle_timeout: float = 60.0
     # The TOML file the routes came from (--config): SIGHUP reads it again.
     routes_file: str | None = None
+    cache: CacheConfig | None = None
 
     @property
     def default_route(self) -> Route:

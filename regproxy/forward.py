@@ -19,6 +19,14 @@ from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
 from . import bodies
+from .cache.fetcher import (
+    HANDLED,
+    CacheRequest,
+    CachingFetcher,
+    Relay,
+    accept_key,
+    credential_key,
+)
 from .config import BlobRedirects, Route
 from .errors import OCIError
 from .mapping import UpstreamRequest, map_request
@@ -30,8 +38,12 @@ from .rewrite import ResponseRewriter
 from .upstream.auth import UpstreamAuth
 from .upstream.client import FailureKind, RedirectRefused, UpstreamClient, UpstreamFailure
 from .upstream.redirects import check_scheme
+from .web.respond import write_body
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+CACHED_KINDS = frozenset({Kind.BLOB, Kind.MANIFEST})
+# Range is the client's business with the cache: the cache fetches whole objects.
+WHOLE_OBJECT_DROPS = (b"range", b"if-range")
 MAX_REDIRECTS = 5
 _SIZE = re.compile(rb"bytes \*/(\d{1,19})")
 
@@ -126,6 +138,7 @@ class Forwarder:
         auth: UpstreamAuth,
         public_base: Callable[[Request], str],
         follow_http: Mapping[str, HTTPClient] | None = None,
+        cache: CachingFetcher | None = None,
     ) -> None:
         self.upstream = upstream
         self.auth = auth
@@ -133,6 +146,7 @@ class Forwarder:
         # Per route: redirect targets are fetched through endpoints that refuse non-public
         # addresses (tests of the follow logic hand in their in-memory client).
         self.follow_http = dict(follow_http or {})
+        self.cache = cache
 
     async def forward(
         self, request: Request, match: RouteMatch, client_target: RegistryPath, exchange: Exchange
@@ -150,7 +164,34 @@ class Forwarder:
             mount=match.mount,
             client_target=client_target,
         )
-        response = await self._authorized(request, route, mapped, exchange)
+        rewriter = ResponseRewriter(
+            mount=match.mount,
+            target=client_target,
+            upstream_name=mapped.upstream_name,
+            upstream_url=mapped.url,
+            public_base=self.public_base(request),
+        )
+        if self.cache is not None and route.cache and target.kind in CACHED_KINDS:
+            outcome = await self.cache.handle(
+                self._cache_request(request, route, target, mapped),
+                _CacheOps(self, request, route, mapped, rewriter, exchange),
+                exchange,
+            )
+            if outcome is HANDLED:
+                return
+            if isinstance(outcome, Relay):
+                await self._relay(request, match, client_target, mapped, outcome, exchange)
+                return
+        try:
+            response = await self._authorized(request, route, mapped, exchange)
+        except OCIError as error:
+            if target.kind is Kind.BASE and self.cache is not None and error.status in (502, 504):
+                # The upstream is down, and clients ping /v2/ before every pull: with a
+                # cache, what it holds can still be served, so the ping says so.
+                exchange.cache = "stale"
+                write_body(request, 200, b"{}", b"application/json")
+                return
+            raise
         url = mapped.url
         if (
             route.blob_redirects is BlobRedirects.FOLLOW
@@ -158,18 +199,53 @@ class Forwarder:
             and response.code in REDIRECT_STATUSES
         ):
             response, url = await self._follow(mapped, response, route, exchange)
+        await self._relay(request, match, client_target, mapped, Relay(response, url), exchange)
+
+    async def _relay(
+        self,
+        request: Request,
+        match: RouteMatch,
+        client_target: RegistryPath,
+        mapped: UpstreamRequest,
+        answer: Relay,
+        exchange: Exchange,
+    ) -> None:
+        response = answer.response
         if response.code == 416:
             self._range_not_satisfiable(response)
         rewriter = ResponseRewriter(
             mount=match.mount,
             target=client_target,
             upstream_name=mapped.upstream_name,
-            upstream_url=url,
+            upstream_url=answer.url,
             public_base=self.public_base(request),
         )
         status = response.code
-        has_body = mapped.method != "HEAD" and status not in (204, 304) and status >= 200
+        sent_method = response.request.method if response.request is not None else b"GET"
+        has_body = sent_method != b"HEAD" and status not in (204, 304) and status >= 200
         await relay(request, response, rewriter, self.upstream, exchange, has_body=has_body)
+
+    def _cache_request(
+        self, request: Request, route: Route, target: RegistryPath, mapped: UpstreamRequest
+    ) -> CacheRequest:
+        assert mapped.upstream_name is not None
+        name = mapped.upstream_name
+        client_auth = request.requestHeaders.getRawHeaders(b"authorization")
+        return CacheRequest(
+            request=request,
+            route=route.name,
+            repository=name,
+            is_manifest=target.kind is Kind.MANIFEST,
+            reference=target.reference,
+            url=mapped.url.partition("?")[0],
+            digest_url=lambda digest: (
+                route.upstream.origin + attrs.evolve(target, reference=digest).path(name)
+            ),
+            accept_key=accept_key(request.requestHeaders.getRawHeaders(b"accept", [])),
+            credential=None
+            if self.auth.configured(route)
+            else credential_key(client_auth[0] if client_auth else None),
+        )
 
     async def _authorized(
         self, request: Request, route: Route, mapped: UpstreamRequest, exchange: Exchange
@@ -274,3 +350,40 @@ class Forwarder:
             status=416,
             headers=((b"content-range", b"bytes */" + size),) if size is not None else (),
         )
+
+
+class _CacheOps:
+    """The cache's way upstream for one request: as the forwarder sends (credentials,
+    redirects followed without them), for the whole object, headers rewritten."""
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        request: Request,
+        route: Route,
+        mapped: UpstreamRequest,
+        rewriter: ResponseRewriter,
+        exchange: Exchange,
+    ) -> None:
+        self._forwarder = forwarder
+        self._request = request
+        self._route = route
+        self._mapped = mapped
+        self._rewriter = rewriter
+        self._exchange = exchange
+
+    async def send(self, method: str, url: str) -> IResponse:
+        headers = self._mapped.headers.copy()
+        for name in WHOLE_OBJECT_DROPS:
+            headers.removeHeader(name)
+        mapped = attrs.evolve(self._mapped, method=method, url=url, headers=headers)
+        forwarder = self._forwarder
+        response = await forwarder._authorized(self._request, self._route, mapped, self._exchange)
+        if response.code in REDIRECT_STATUSES:
+            # The cache needs the bytes itself, whatever the route does with redirects.
+            response, _ = await forwarder._follow(mapped, response, self._route, self._exchange)
+        return response
+
+    def copy_headers(self, response: IResponse) -> None:
+        for name, values in self._rewriter.headers(response.headers):
+            self._request.responseHeaders.setRawHeaders(name, values)

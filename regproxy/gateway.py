@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from .cache.fetcher import CachingFetcher
 from .config import Route
 from .forward import Forwarder
 from .matching import RouteTable
@@ -49,6 +50,7 @@ class RoutingFactory:
     run_in_thread: RunInThread
     on_token_fetch: Callable[[str, str], None]
     health: HealthObserver | None = None
+    cache: CachingFetcher | None = None
 
     def build(self, table: RouteTable) -> Routing:
         clients = {route.name: self.http_for(route) for route in table.routes}
@@ -69,7 +71,11 @@ class RoutingFactory:
         auth = UpstreamAuth(upstream=upstream, sources=sources, on_fetch=self.on_token_fetch)
         follow = {route.name: self.follow_for(route) for route in table.routes}
         forwarder = Forwarder(
-            upstream=upstream, auth=auth, public_base=self.public_base, follow_http=follow
+            upstream=upstream,
+            auth=auth,
+            public_base=self.public_base,
+            follow_http=follow,
+            cache=self.cache,
         )
         return Routing(
             table=table,

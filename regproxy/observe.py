@@ -24,6 +24,8 @@ class Exchange:
     route: str = ""
     endpoint: str = "other"
     error_kind: str | None = None
+    # With --cache-dir: hit, miss, coalesced, stale or bypass.
+    cache: str | None = None
 
 
 class Metrics:
@@ -92,6 +94,30 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemostrecent",
         )
+        self.cache_requests = Counter(
+            "regproxy_cache_requests",
+            "Blob and manifest requests by what the cache did: hit, miss, coalesced, stale, "
+            "bypass.",
+            ("route", "outcome"),
+            registry=self.registry,
+        )
+        self.cache_events = Counter(
+            "regproxy_cache_events",
+            "What the cache store counts: bytes_from_cache, bytes_from_upstream, "
+            "digest_mismatches, evictions, corrupt_objects, ... (by name).",
+            ("name",),
+            registry=self.registry,
+        )
+        self.cache_size = Gauge(
+            "regproxy_cache",
+            "The cache store: size_bytes and objects.",
+            ("name",),
+            registry=self.registry,
+            multiprocess_mode="livemostrecent",
+        )
+
+    def cache_outcome(self, route: str, outcome: str) -> None:
+        self.cache_requests.labels(route, outcome).inc()
 
     def observe_request(
         self,
@@ -160,3 +186,16 @@ class ClientAddress:
 
 
 access_log = Logger(namespace="regproxy.access")
+
+
+class PrometheusCacheMetrics:
+    """The cache store's counts (``regproxy.cache.metrics.CacheMetrics``) as metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def count(self, name: str, amount: int = 1) -> None:
+        self._metrics.cache_events.labels(name).inc(amount)
+
+    def gauge(self, name: str, value: int) -> None:
+        self._metrics.cache_size.labels(name).set(value)

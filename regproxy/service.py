@@ -18,12 +18,15 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from .cache.download import Downloads
+from .cache.fetcher import CachingFetcher
+from .cache.store import open_store, verify_in_background
 from .config import Config, Route, Upstream
 from .errors import OCIError
 from .gateway import CurrentRouting, Routing, RoutingFactory
 from .listen import Listener
 from .matching import RouteTable
-from .observe import ClientAddress, Metrics
+from .observe import ClientAddress, Metrics, PrometheusCacheMetrics
 from .reload import RoutesReloader
 from .signals import StopCleanlyOnSigterm
 from .startup import StartupReport, holds_credentials
@@ -42,6 +45,7 @@ from .web.token import TokenProxy
 from .workers import ListenerEndpoints, WorkerRole, WorkerSpec
 
 HEALTH_CHECK_INTERVAL = 30.0
+CACHE_RESCAN_INTERVAL = 60.0
 CHECK_BODY_LIMIT = 64 * 1024
 
 
@@ -164,6 +168,7 @@ def build_root(
     run_in_thread: RunInThread = deferToThread,
     http_for: Callable[[Route], HTTPClient] | None = None,
     follow_for: Callable[[Route], HTTPClient] | None = None,
+    cache: CachingFetcher | None = None,
 ) -> Root:
     """The whole resource tree, wired to ``client`` (tests hand in an in-memory one).
 
@@ -186,6 +191,7 @@ def build_root(
         run_in_thread=run_in_thread,
         on_token_fetch=lambda name, outcome: metrics.token_fetches.labels(name, outcome).inc(),
         health=health,
+        cache=cache,
     )
     current = CurrentRouting(factory.build(RouteTable(config.routes)))
 
@@ -232,6 +238,66 @@ def client_factories(
     return http_for, follow_for
 
 
+def build_cache(
+    config: Config, metrics: Metrics, reactor: Any, thread_pool: RunInThread
+) -> CachingFetcher | None:
+    """The pull-through cache of --cache-dir, its store opened (and cleaned up) now."""
+    if config.cache is None:
+        return None
+    settings = config.cache
+    store = open_store(
+        settings.directory, max_size=settings.max_size, metrics=PrometheusCacheMetrics(metrics)
+    )
+    downloads = Downloads(store, clock=reactor, run_blocking=thread_pool)
+    return CachingFetcher(
+        store,
+        downloads,
+        clock=reactor,
+        tag_ttl=settings.tag_ttl,
+        stale_max_age=settings.stale_max_age,
+        idle_timeout=config.idle_timeout,
+        counts=metrics,
+    )
+
+
+class CacheUpkeep(Service):
+    """Other processes on the same directory add and evict objects: rescan every
+    ``CACHE_RESCAN_INTERVAL``; with ``--cache-verify``, rehash large objects once at start."""
+
+    log = Logger()
+
+    def __init__(
+        self, cache: CachingFetcher, reactor: Any, thread_pool: RunInThread, *, verify: bool
+    ) -> None:
+        self.cache = cache
+        self.reactor = reactor
+        self.thread_pool = thread_pool
+        self.verify = verify
+        self._timer = TimerService(CACHE_RESCAN_INTERVAL, self._rescan)
+        self._timer.clock = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._timer.startService()
+        if self.verify:
+            self.reactor.callWhenRunning(self._verify)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        return self._timer.stopService()  # type: ignore[no-any-return]
+
+    def _rescan(self) -> None:
+        self.cache.store.rescan()
+
+    def _verify(self) -> None:
+        def done(corrupt: list[str]) -> None:
+            self.log.info("cache verified: {count} corrupt objects discarded", count=len(corrupt))
+
+        # The runner returns what the work returns (deferToThreadPool does).
+        runner: Any = self.thread_pool
+        ensureDeferred(verify_in_background(self.cache.store, runner)).addCallback(done)
+
+
 ALL_INTERFACES_WITH_CREDENTIALS = (
     "the proxy holds upstream credentials, so anyone who reaches this port pulls what they "
     "can read; bind one interface (tcp:8080:interface=127.0.0.1) or put access control "
@@ -264,6 +330,8 @@ def build_service(
     http_for, follow_for = client_factories(reactor, pool)
     metrics = Metrics(multiprocess=worker is not None)
     readiness = Readiness()
+    thread_pool = lambda work: deferToThreadPool(reactor, reactor.getThreadPool(), work)  # noqa: E731
+    cache = build_cache(config, metrics, reactor, thread_pool)
     routing: list[CurrentRouting] = []  # filled once the tree exists
 
     def upstream_of(name: str) -> Upstream | None:
@@ -280,7 +348,8 @@ def build_service(
         follow_for=follow_for,
         # A failing upstream is logged once per route and kind, summarised, and its recovery.
         health=HealthReport(UpstreamHealthLog(reactor), upstream_of),
-        run_in_thread=lambda work: deferToThreadPool(reactor, reactor.getThreadPool(), work),
+        cache=cache,
+        run_in_thread=thread_pool,
     )
     routing.append(root.routing)
     site = ProxySite(root, metrics=metrics, client_address=ClientAddress(config.trusted_proxies))
@@ -329,6 +398,8 @@ def build_service(
             serves="metrics",
             close_delay=config.drain_delay,
         ).setServiceParent(top)
+    if cache is not None and config.cache is not None:
+        CacheUpkeep(cache, reactor, thread_pool, verify=config.cache.verify).setServiceParent(top)
     if config.routes_file is not None:
         RoutesReloader(
             config.routes_file, root.routing, root.routing_factory, reactor

@@ -14,7 +14,16 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from . import __version__
-from .config import DOCKER_HUB_URL, BlobRedirects, Config, Credentials, Route, Upstream
+from .cache.sizes import default_max_size, parse_size
+from .config import (
+    DOCKER_HUB_URL,
+    BlobRedirects,
+    CacheConfig,
+    Config,
+    Credentials,
+    Route,
+    Upstream,
+)
 from .hosts import is_google_registry
 from .logs import LogFormat
 from .matching import ConfigError, RouteTable
@@ -61,6 +70,18 @@ def _directory(text: str) -> str:
     if not os.path.isdir(text):
         raise ValueError(f"{text!r} is not a directory")
     return text
+
+
+def _cache_directory(text: str) -> str:
+    """A directory the cache may use, made if missing (its parent must exist)."""
+    path = os.path.abspath(text.strip())
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot use {path!r}: {error.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{path!r} is not writable")
+    return path
 
 
 def _public_url(text: str) -> str:
@@ -146,6 +167,11 @@ class Options(usage.Options):
     )
 
     optFlags = [
+        [
+            "cache-verify",
+            None,
+            "Rehash the large objects of the cache once at start-up, in the background.",
+        ],
         [
             "check",
             None,
@@ -298,6 +324,37 @@ class Options(usage.Options):
             _named("idle-timeout", _positive_seconds),
         ],
         [
+            "cache-dir",
+            None,
+            None,
+            "Keep a pull-through cache in this directory (env REGPROXY_CACHE_DIR); off by "
+            "default. Several processes may share it.",
+            _named("cache-dir", _cache_directory),
+        ],
+        [
+            "cache-max-size",
+            None,
+            None,
+            "Bound of the cache, like 50G or 500M (env REGPROXY_CACHE_MAX_SIZE; default 80 % "
+            "of the free space at start-up).",
+            _named("cache-max-size", parse_size),
+        ],
+        [
+            "cache-stale-max-age",
+            None,
+            7 * 86400.0,
+            "Seconds a tag's last known digest may be served while the upstream fails.",
+            _named("cache-stale-max-age", _seconds),
+        ],
+        [
+            "cache-tag-ttl",
+            None,
+            0.0,
+            "Seconds a tag is served from the cache without asking the upstream (default 0: "
+            "every request revalidates with a HEAD, shared by concurrent requests).",
+            _named("cache-tag-ttl", _seconds),
+        ],
+        [
             "workers",
             None,
             None,
@@ -385,6 +442,10 @@ class Options(usage.Options):
         self._from_env("public-url", "REGPROXY_PUBLIC_URL", _public_url)
         self._from_env("log-format", "REGPROXY_LOG_FORMAT", _log_format)
         self._from_env("workers", "REGPROXY_WORKERS", worker_count)
+        self._from_env("cache-dir", "REGPROXY_CACHE_DIR", _cache_directory)
+        self._from_env("cache-max-size", "REGPROXY_CACHE_MAX_SIZE", parse_size)
+        if self["cache-max-size"] is not None and self["cache-dir"] is None:
+            raise usage.UsageError("--cache-max-size goes with --cache-dir")
         if self["workers"] is None:
             self["workers"] = 1
         if self.environ.get("DISABLE_BROWSER_REDIRECTS"):
@@ -545,8 +606,21 @@ class Options(usage.Options):
         )
         return self._server_config((route,))
 
+    def _cache_config(self) -> CacheConfig | None:
+        directory = self["cache-dir"]
+        if directory is None:
+            return None
+        return CacheConfig(
+            directory=directory,
+            max_size=self["cache-max-size"] or default_max_size(directory),
+            stale_max_age=self["cache-stale-max-age"],
+            tag_ttl=self["cache-tag-ttl"],
+            verify=bool(self["cache-verify"]),
+        )
+
     def _server_config(self, routes: tuple[Route, ...]) -> Config:
         return Config(
+            cache=self._cache_config(),
             routes=routes,
             routes_file=self["config"],
             listen=tuple(self["port"]),

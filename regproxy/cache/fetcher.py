@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -76,7 +76,7 @@ class UpstreamOps(Protocol):
 
 
 class RouteCounts(Protocol):
-    def outcome(self, route: str, outcome: str) -> None: ...
+    def cache_outcome(self, route: str, outcome: str) -> None: ...
 
 
 @attrs.frozen
@@ -99,7 +99,10 @@ def credential_key(authorization: bytes | None) -> str:
     return hashlib.sha256(authorization or b"").hexdigest()
 
 
-def accept_key(accepts: list[bytes]) -> str:
+ANONYMOUS = credential_key(None)
+
+
+def accept_key(accepts: Sequence[bytes]) -> str:
     """Which manifest a tag resolves to depends on Accept: one record per set of types."""
     types = sorted(
         {part.split(b";")[0].strip().lower() for v in accepts for part in v.split(b",")}
@@ -181,6 +184,9 @@ class CachingFetcher:
         # Per digest in download: the answer headers its first reader got, for the others.
         self._headers: dict[str, list[tuple[bytes, list[bytes]]]] = {}
         self._download_repo: dict[str, tuple[str, str]] = {}
+        self._children_recorded: set[tuple[str, str, str]] = set()
+        # (route, repository) the upstream served without credentials.
+        self._open: set[tuple[str, str]] = set()
 
     # -- entry point ------------------------------------------------------------------------
 
@@ -198,8 +204,14 @@ class CachingFetcher:
         self, asked: CacheRequest, ops: UpstreamOps, exchange: Any, digest: str, url: str
     ) -> Outcome:
         holds = self.index.repository_holds(asked.route, asked.repository, digest)
-        if holds and self.store.contains(digest):
-            if not await self._admitted(asked, ops):
+        if self.store.contains(digest):
+            if holds:
+                admitted = await self._admitted(asked, ops)
+            else:
+                # Stored for another repository: R may read it only if the upstream says R
+                # holds it (a HEAD, which is also this client's access check).
+                admitted = holds = await self._upstream_confirms(asked, ops, url, digest)
+            if not admitted:
                 exchange.cache = "bypass"
                 return PASS
             obj = self.store.open_object(digest)
@@ -235,6 +247,7 @@ class CachingFetcher:
         except BaseException as error:
             download.fail(Failure(error))
             raise
+        self._learn_public(asked, response.code)
         if response.code != 200:
             download.fail(Failure(OCIError("UPSTREAM_UNAVAILABLE", "no content upstream")))
             return Relay(response, url)
@@ -276,6 +289,17 @@ class CachingFetcher:
             if asked.is_manifest:
                 self._record_children(asked, digest)
         return committed
+
+    def _children_known(self, asked: CacheRequest, digest: str, data: bytes) -> None:
+        """A manifest of R served from the cache lists what R holds: record it once."""
+        key = (asked.route, asked.repository, digest)
+        if key in self._children_recorded:
+            return
+        if len(self._children_recorded) > 100_000:
+            self._children_recorded.clear()
+        self._children_recorded.add(key)
+        for child in referenced_digests(data):
+            self.index.record_repository_digest(asked.route, asked.repository, child)
 
     def _record_children(self, asked: CacheRequest, digest: str) -> None:
         obj = self.store.open_object(digest)
@@ -349,6 +373,7 @@ class CachingFetcher:
         if asked.is_manifest:
             data = obj.data if obj.data is not None else obj.read(0, min(obj.size, 1 << 20))
             request.setHeader(b"content-type", manifest_media_type(data))
+            self._children_known(asked, digest, data)
         else:
             request.setHeader(b"content-type", BLOB_TYPE)
         request.setHeader(b"docker-content-digest", digest.encode())
@@ -362,10 +387,27 @@ class CachingFetcher:
 
     # -- access -----------------------------------------------------------------------------
 
+    async def _upstream_confirms(
+        self, asked: CacheRequest, ops: UpstreamOps, url: str, digest: str
+    ) -> bool:
+        try:
+            response = await ops.send("HEAD", url)
+        except OCIError:
+            return False
+        response.deliverBody(Discard())
+        self._learn_public(asked, response.code)
+        if response.code != 200:
+            return False
+        self.index.record_repository_digest(asked.route, asked.repository, digest)
+        if asked.credential is not None:
+            key = (asked.route, asked.repository, asked.credential)
+            self._access[key] = self.clock.seconds() + ACCESS_MEMORY
+        return True
+
     async def _admitted(self, asked: CacheRequest, ops: UpstreamOps) -> bool:
         """Whether this client may read R: always with the route's own credentials;
         otherwise once the upstream accepted the client's credential for R."""
-        if asked.credential is None:
+        if asked.credential is None or self._public(asked):
             return True
         key = (asked.route, asked.repository, asked.credential)
         now = self.clock.seconds()
@@ -376,6 +418,7 @@ class CachingFetcher:
         except OCIError:
             return False
         response.deliverBody(Discard())
+        self._learn_public(asked, response.code)
         if response.code != 200:
             return False
         if len(self._access) > 10_000:
@@ -407,6 +450,7 @@ class CachingFetcher:
             raise
         if revalidated.status in FAILING and await self._stale(asked, exchange, record):
             return HANDLED
+        self._learn_public(asked, revalidated.status)
         if revalidated.status != 200 or revalidated.digest is None:
             exchange.cache = "bypass"
             return PASS
@@ -455,7 +499,7 @@ class CachingFetcher:
         """Serve the last known digest of the tag, if recent enough and still on disk."""
         if record is None or self.clock.seconds() - record.confirmed_at > self.stale_max_age:
             return False
-        if asked.credential is not None and not self._remembered(asked):
+        if asked.credential is not None and not (self._public(asked) or self._remembered(asked)):
             return False  # the upstream cannot confirm this client now: no cached answer
         obj = self.store.open_object(record.digest)
         if obj is None:
@@ -472,6 +516,23 @@ class CachingFetcher:
         await self._serve(asked, obj, record.digest, stale=True)
         return True
 
+    def _public(self, asked: CacheRequest) -> bool:
+        """Whether R is known to be readable without credentials, and this client has none.
+
+        Learnt from the upstream itself (it answered an anonymous request for R) and
+        forgotten when it refuses one: unlike one client's credential, this does not
+        expire, so anonymous pulls of public repositories keep working through outages.
+        """
+        return asked.credential == ANONYMOUS and (asked.route, asked.repository) in self._open
+
+    def _learn_public(self, asked: CacheRequest, status: int) -> None:
+        if asked.credential != ANONYMOUS:
+            return
+        if status == 200:
+            self._open.add((asked.route, asked.repository))
+        elif status in (401, 403):
+            self._open.discard((asked.route, asked.repository))
+
     def _remembered(self, asked: CacheRequest) -> bool:
         key = (asked.route, asked.repository, asked.credential or "")
         return self._access.get(key, 0.0) > self.clock.seconds()
@@ -479,7 +540,7 @@ class CachingFetcher:
     def _count(self, asked: CacheRequest, exchange: Any, outcome: str) -> None:
         exchange.cache = outcome
         if self.counts is not None:
-            self.counts.outcome(asked.route, outcome)
+            self.counts.cache_outcome(asked.route, outcome)
 
 
 def _guarded(source: Deferred[Any], on_cancel: Callable[[], None]) -> Deferred[Any]:

@@ -120,6 +120,8 @@ class ProxyRequest(Request):
         # The readable line is rendered here, once; the format names only it, so the JSON
         # observer does not re-render every field (the fields stay keys of the event).
         failure = f" error={exchange.error_kind}" if exchange.error_kind else ""
+        if exchange.cache:
+            failure += f" cache={exchange.cache}"
         # --workers: which worker answered (absent in a single process).
         extra = {} if site.worker is None else {"worker": site.worker}
         worker = "" if site.worker is None else f" worker={site.worker}"
@@ -141,6 +143,7 @@ class ProxyRequest(Request):
             # What went wrong, when something did: connect, tls, timeout, ..., client_gone.
             error_kind=exchange.error_kind,
             complete=result is None,
+            cache=exchange.cache,
             **extra,
         )
 

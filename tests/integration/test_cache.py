@@ -1,0 +1,233 @@
+"""The pull-through cache with a real distribution registry upstream and real clients.
+
+Each test has a registry of its own with its access log on, so the requests that reached
+the upstream can be counted there; storage is the registry's filesystem driver, so a blob
+can be corrupted on purpose.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.curl import curl
+from tests.support.images import build_image, push, skopeo_copy
+from tests.support.registry import RegistryServer
+from tests.support.seed import SeededRegistry, StandardImages, seed_registry
+from tests.support.waiting import eventually
+
+OCI_ACCEPT = "Accept: application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture
+def upstream(tmp: Path, standard_images: StandardImages) -> Iterator[SeededRegistry]:
+    with RegistryServer(
+        directory=tmp / "upstream",
+        extra_config={"log": {"level": "info", "accesslog": {"disabled": False}}},
+    ) as server:
+        yield seed_registry(server, standard_images)
+
+
+def upstream_gets(upstream: SeededRegistry, kind: str = "") -> int:
+    """GETs of blobs and manifests the upstream answered, from its own access log."""
+    pattern = rf'"GET /v2/[^ ]*/(?:blobs|manifests)/{kind}'
+    return len(re.findall(pattern, upstream.registry.log_text()))
+
+
+def cached_proxy(start_proxy, upstream: SeededRegistry, cache: Path, *extra: str):
+    return start_proxy(["--upstream", upstream.url, "--cache-dir", str(cache), *extra])
+
+
+def test_a_second_pull_makes_no_upstream_get(
+    start_proxy, upstream: SeededRegistry, tmp: Path
+) -> None:
+    proxy = cached_proxy(start_proxy, upstream, tmp / "cache")
+    refs = ["app:v1", "team/app:v1", "multi:v1", "big:v1"]
+    for number, ref in enumerate(refs):
+        extra = ["--all"] if ref.startswith("multi") else []
+        result = skopeo_copy(f"{proxy.host_port}/{ref}", tmp / f"first{number}", extra, tag="v1")
+        assert result.digest == upstream[ref]
+    before = upstream_gets(upstream)
+    assert before > 0
+    for number, ref in enumerate(refs):
+        extra = ["--all"] if ref.startswith("multi") else []
+        result = skopeo_copy(f"{proxy.host_port}/{ref}", tmp / f"again{number}", extra, tag="v1")
+        assert result.digest == upstream[ref]
+    # Tags were revalidated with HEADs (free on Docker Hub); nothing was downloaded again.
+    assert upstream_gets(upstream) == before
+    proxy.stop()
+    outcomes = {e.get("cache") for e in proxy.log_events() if e.get("endpoint") == "blob"}
+    assert {"miss", "hit"} <= outcomes
+
+
+def test_pulls_survive_an_upstream_outage(
+    start_proxy, upstream: SeededRegistry, tmp: Path
+) -> None:
+    proxy = cached_proxy(start_proxy, upstream, tmp / "cache")
+    skopeo_copy(f"{proxy.host_port}/app:v1", tmp / "warm", tag="v1")
+    # A tag resolves per Accept: warm this client's resolution too.
+    assert curl(proxy.url + "/v2/app/manifests/v1", "-H", OCI_ACCEPT).header("Warning") is None
+    upstream.registry.stop()
+    by_tag = skopeo_copy(f"{proxy.host_port}/app:v1", tmp / "by-tag", tag="v1")
+    assert by_tag.digest == upstream["app:v1"]
+    digest = upstream["app:v1"]
+    by_digest = skopeo_copy(f"{proxy.host_port}/app@{digest}", tmp / "by-digest", tag="v1")
+    assert by_digest.digest == digest
+    answer = curl(proxy.url + "/v2/app/manifests/v1", "-H", OCI_ACCEPT)
+    assert answer.status == 200
+    assert answer.header("Warning") == '110 - "Response is Stale"'
+    assert hashlib.sha256(answer.body).hexdigest() == digest.split(":")[1]
+    head = curl(proxy.url + "/v2/app/manifests/v1", "-I", "-H", OCI_ACCEPT)
+    assert head.status == 200 and head.header("Docker-Content-Digest") == digest
+    unknown = curl(proxy.url + "/v2/app/manifests/never-pushed")
+    assert unknown.status in (502, 504)
+    assert unknown.error_codes() in (["UPSTREAM_UNAVAILABLE"], ["UPSTREAM_TIMEOUT"])
+    proxy.stop()
+    assert any(e.get("cache") == "stale" for e in proxy.log_events())
+
+
+def test_twenty_clients_on_a_cold_blob_cost_one_upstream_get(
+    start_proxy, upstream: SeededRegistry, tmp: Path
+) -> None:
+    image = build_image(tmp / "cold", layers=(32 * 1024 * 1024,), tag="cold", compress=False)
+    push(tmp / "cold", "cold", f"{upstream.host_port}/cold:v1")
+    layer = image.layers[0]
+    proxy = cached_proxy(start_proxy, upstream, tmp / "cache")
+    url = f"{proxy.url}/v2/cold/blobs/{layer.digest}"
+    before = upstream_gets(upstream, "sha256")
+
+    def fetch(number: int, rate: str | None = None) -> tuple[str, float]:
+        out = tmp / f"client{number}"
+        started = time.monotonic()
+        args = ["curl", "-sS", "-f", "-o", str(out), url]
+        if rate:
+            args[1:1] = ["--limit-rate", rate]
+        subprocess.run(args, check=True, timeout=120)
+        digest = "sha256:" + hashlib.sha256(out.read_bytes()).hexdigest()
+        out.unlink()
+        return digest, time.monotonic() - started
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=21) as pool:
+        slow = pool.submit(fetch, 99, "1M")
+        fast = [pool.submit(fetch, n) for n in range(19)]
+        fast_results = [f.result() for f in fast]
+        assert not slow.done()  # 32 MiB at 1 MB/s: the others did not wait for it
+        slow_result = slow.result()
+    for digest, _ in [*fast_results, slow_result]:
+        assert digest == layer.digest
+    assert upstream_gets(upstream, "sha256") - before == 1
+
+
+def corrupt_blob(upstream: SeededRegistry, digest: str) -> None:
+    hex_ = digest.split(":")[1]
+    data = (
+        upstream.registry.directory
+        / "storage/docker/registry/v2/blobs/sha256"
+        / hex_[:2]
+        / hex_
+        / "data"
+    )
+    content = bytearray(data.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    data.write_bytes(bytes(content))
+
+
+def test_a_corrupt_upstream_blob_is_never_served_whole_nor_kept(
+    start_proxy, upstream: SeededRegistry, standard_images: StandardImages, tmp: Path
+) -> None:
+    layer = standard_images.big.layers[0]
+    corrupt_blob(upstream, layer.digest)
+    proxy = cached_proxy(start_proxy, upstream, tmp / "cache")
+    for attempt in range(2):
+        out = tmp / f"corrupt{attempt}"
+        result = subprocess.run(
+            ["curl", "-sS", "-o", str(out), f"{proxy.url}/v2/big/blobs/{layer.digest}"],
+            timeout=60,
+        )
+        # Cut off before the last byte: curl sees a transfer that ended early.
+        assert result.returncode in (18, 52, 56), result.returncode
+        assert out.stat().st_size < layer.size
+    stored = list((tmp / "cache").glob(f"blobs/sha256/*/{layer.digest.split(':')[1]}"))
+    assert stored == []
+    assert upstream_gets(upstream, "sha256") >= 2  # nothing kept: fetched again
+    proxy.stop()
+    assert any(e.get("error_kind") == "digest_mismatch" for e in proxy.log_events())
+
+
+def test_kill_9_mid_download_leaves_nothing_partial(
+    start_proxy, upstream: SeededRegistry, tmp: Path
+) -> None:
+    image = build_image(tmp / "huge", layers=(48 * 1024 * 1024,), tag="huge", compress=False)
+    push(tmp / "huge", "huge", f"{upstream.host_port}/huge:v1")
+    layer = image.layers[0]
+    proxy = cached_proxy(start_proxy, upstream, tmp / "cache")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.sendall(f"GET /v2/huge/blobs/{layer.digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert client.recv(65536).startswith(b"HTTP/1.1 200")
+        os.kill(proxy.pid, signal.SIGKILL)
+        eventually(lambda: not proxy.running)
+    again = cached_proxy(start_proxy, upstream, tmp / "cache")
+    before = upstream_gets(upstream, "sha256")
+    out = tmp / "whole"
+    subprocess.run(
+        ["curl", "-sSf", "-o", str(out), f"{again.url}/v2/huge/blobs/{layer.digest}"],
+        check=True,
+        timeout=60,
+    )
+    assert "sha256:" + hashlib.sha256(out.read_bytes()).hexdigest() == layer.digest
+    assert upstream_gets(upstream, "sha256") == before + 1  # downloaded anew
+
+
+def test_two_processes_share_one_cache_directory(
+    start_proxy, upstream: SeededRegistry, tmp: Path
+) -> None:
+    first = cached_proxy(start_proxy, upstream, tmp / "cache")
+    second = cached_proxy(start_proxy, upstream, tmp / "cache")
+    refs = ["app:v1", "team/app:v1", "big:v1"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        jobs = [
+            pool.submit(
+                skopeo_copy,
+                f"{proxy.host_port}/{ref}",
+                tmp / f"{n}-{i}",
+                [],
+                None,
+                False,
+                None,
+                "v1",
+            )
+            for i, proxy in enumerate((first, second, first, second))
+            for n, ref in enumerate(refs)
+        ]
+        results = [job.result() for job in jobs]
+    assert [r.digest for r in results] == [upstream[ref] for _ in range(4) for ref in refs]
+    # Both read what is stored, intact.
+    for proxy in (first, second):
+        for ref in refs:
+            assert (
+                skopeo_copy(f"{proxy.host_port}/{ref}", tmp / "check", tag="v1").digest
+                == (upstream[ref])
+            )
+
+
+def test_eviction_keeps_the_bound_while_clients_read(
+    start_proxy, upstream: SeededRegistry, tmp: Path
+) -> None:
+    proxy = cached_proxy(start_proxy, upstream, tmp / "cache", "--cache-max-size", "10M")
+    for round_ in range(2):
+        for ref in ("big:v1", "app:v1", "team/app:v1"):
+            result = skopeo_copy(f"{proxy.host_port}/{ref}", tmp / f"e{round_}{ref}", tag="v1")
+            assert result.digest == upstream[ref]
+    stored = sum(p.stat().st_size for p in (tmp / "cache" / "blobs").rglob("*") if p.is_file())
+    assert stored <= 10 * 1024 * 1024 * 1.05
