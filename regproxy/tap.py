@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from twisted.application.service import IService
 from twisted.python import usage
 
-from . import __version__
+from . import SYSTEMD_HANDOVER, __version__
 from .cache.sizes import default_max_size, parse_size
 from .config import (
     DOCKER_HUB_URL,
@@ -374,7 +374,7 @@ class Options(usage.Options):
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
-        self.environ = dict(os.environ if environ is None else environ)
+        self.environ = {**SYSTEMD_HANDOVER, **os.environ} if environ is None else dict(environ)
         self["port"] = []
         self["trusted-proxy"] = []
         # Said once at start-up, when logging runs (see makeService).
