@@ -231,3 +231,67 @@ def test_eviction_keeps_the_bound_while_clients_read(
             assert result.digest == upstream[ref]
     stored = sum(p.stat().st_size for p in (tmp / "cache" / "blobs").rglob("*") if p.is_file())
     assert stored <= 10 * 1024 * 1024 * 1.05
+
+
+def test_a_cached_blob_is_no_way_around_the_upstreams_authorization(
+    start_proxy,
+    prefixed_private_token_registry: SeededRegistry,
+    proxy_credentials: tuple[str, str],
+    tmp: Path,
+) -> None:
+    """Clients bring their own credentials: the upstream decides who reads, cache or not."""
+    registry = prefixed_private_token_registry
+    proxy = start_proxy(
+        ["--upstream", registry.url, "--repo-prefix", "proj", "--cache-dir", str(tmp / "cache")]
+    )
+    allowed = skopeo_copy(f"{proxy.host_port}/app:v1", tmp / "a", creds=proxy_credentials)
+    assert allowed.digest == registry["app:v1"]
+    layer = registry.images.app.layers[0].digest
+    # Cached now; a client without credentials still gets exactly the upstream's answer.
+    refused = curl(f"{proxy.url}/v2/app/blobs/{layer}")
+    assert refused.status == 401
+    assert refused.header("WWW-Authenticate") is not None
+    # The client with access gets it from the cache.
+    again = skopeo_copy(f"{proxy.host_port}/app:v1", tmp / "b", creds=proxy_credentials)
+    assert again.digest == registry["app:v1"]
+    proxy.stop()
+    blob_events = [e for e in proxy.log_events() if e.get("path") == f"/v2/app/blobs/{layer}"]
+    assert [e.get("status") for e in blob_events if e.get("cache") == "hit"] == [200]
+    assert any(e.get("status") == 401 for e in blob_events)
+
+
+def test_concurrent_requests_for_a_tag_cost_one_upstream_head(
+    start_proxy, upstream: SeededRegistry, tmp: Path
+) -> None:
+    proxy = cached_proxy(start_proxy, upstream, tmp / "cache")
+    url = proxy.url + "/v2/app/manifests/v1"
+    assert curl(url, "-H", OCI_ACCEPT).status == 200  # warm: the manifest is stored
+
+    def heads() -> int:
+        return len(re.findall(r'"HEAD /v2/app/manifests/v1 ', upstream.registry.log_text()))
+
+    before = heads()
+    # Thirty requests at the same moment: connections open first, then every request sent.
+    request = (
+        "GET /v2/app/manifests/v1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"{OCI_ACCEPT}\r\n\r\n"
+    ).encode()
+    clients = [socket.create_connection(("127.0.0.1", proxy.port), timeout=20) for _ in range(30)]
+    try:
+        for client in clients:
+            client.sendall(request)
+        answers = []
+        for client in clients:
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+            answers.append(data)
+    finally:
+        for client in clients:
+            client.close()
+    assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+    assert all(upstream["app:v1"].encode() in a for a in answers)
+    # Coalesced: far fewer HEADs than requests (one per burst that overlaps).
+    assert heads() - before <= 3
+    metrics = curl(proxy.url + "/metrics").body.decode()
+    assert 'regproxy_cache_requests_total{outcome="hit",route="default"}' in metrics
