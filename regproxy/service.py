@@ -216,9 +216,14 @@ def build_root(
 
 
 def client_factories(
-    reactor: Any, pool: HTTPConnectionPool
+    reactor: Any, pool: HTTPConnectionPool, follow_pool: HTTPConnectionPool
 ) -> tuple[Callable[[Route], HTTPClient], Callable[[Route], HTTPClient]]:
-    """One HTTP client per TLS trust, and one follow-mode client per upstream; made once."""
+    """One HTTP client per TLS trust, and one follow-mode client per upstream; made once.
+
+    Followed redirects have a pool of their own: a pooled connection is reused by host and
+    port without asking the endpoint again, so sharing one pool would let a connection made
+    without the address check serve a redirect target (or the reverse).
+    """
     clients: dict[str | None, HTTPClient] = {}
     follows: dict[tuple[str | None, Upstream], HTTPClient] = {}
 
@@ -231,7 +236,10 @@ def client_factories(
         key = (route.upstream_ca, route.upstream)
         if key not in follows:
             follows[key] = make_client(
-                reactor, pool=pool, ca_file=route.upstream_ca, guard_redirects_from=route.upstream
+                reactor,
+                pool=follow_pool,
+                ca_file=route.upstream_ca,
+                guard_redirects_from=route.upstream,
             )
         return follows[key]
 
@@ -327,7 +335,8 @@ def build_service(
         else endpoints.endpoint("--metrics-port", config.metrics_listen)
     )
     pool = make_pool(reactor)
-    http_for, follow_for = client_factories(reactor, pool)
+    follow_pool = make_pool(reactor)
+    http_for, follow_for = client_factories(reactor, pool, follow_pool)
     metrics = Metrics(multiprocess=worker is not None)
     readiness = Readiness()
     thread_pool = lambda work: deferToThreadPool(reactor, reactor.getThreadPool(), work)  # noqa: E731

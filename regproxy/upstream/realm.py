@@ -25,6 +25,28 @@ from ..hosts import is_google_registry
 from .client import UpstreamClient, UpstreamFailure, user_agent
 
 CHALLENGE_BODY_LIMIT = 64 * 1024
+# Parent domains whose names belong to many tenants (one registry each): a sibling there
+# is somebody else's host, never one the credentials belong to.
+SHARED_PARENTS = frozenset(
+    {
+        "azurecr.io",
+        "jfrog.io",
+        "pkg.dev",
+        "gcr.io",
+        "ocir.io",
+        "scw.cloud",
+        "cloudfront.net",
+        "github.io",
+        "herokuapp.com",
+        "appspot.com",
+        "run.app",
+        "azurewebsites.net",
+        "digitaloceanspaces.com",
+    }
+)
+SHARED_SUFFIXES = (".amazonaws.com", ".cloudfront.net", ".windows.net", ".run.app")
+# How long "this upstream offers no token realm" is believed before asking again.
+NO_REALM_MEMORY = 60.0
 
 
 def _parent_domain(host: str) -> str | None:
@@ -56,7 +78,9 @@ def credential_may_go_to(route: Route, url: str) -> bool:
     if credentials.google_key_file or credentials.google_adc:
         return is_google_registry(realm_host)
     parent = _parent_domain(upstream_host)
-    return parent is not None and (realm_host == parent or realm_host.endswith("." + parent))
+    if parent is None or parent in SHARED_PARENTS or parent.endswith(SHARED_SUFFIXES):
+        return False
+    return realm_host == parent or realm_host.endswith("." + parent)
 
 
 @attrs.frozen
@@ -81,11 +105,17 @@ class RealmCache:
         # /v2/ once must not switch token auth off until the next restart.
         self._realms: dict[str, Realm] = {}
         self._learning: dict[str, list[Deferred[Realm | None]]] = {}
+        # Routes whose upstream offered no usable realm, until when that answer is kept:
+        # an anonymous upstream would otherwise be asked (and logged about) per token request.
+        self._absent: dict[str, float] = {}
+        self._warned: set[tuple[str, int]] = set()
 
     async def realm(self, route: Route) -> Realm | None:
         known = self._realms.get(route.name)
         if known is not None:
             return known
+        if self._absent.get(route.name, 0.0) > self._upstream.clock.seconds():
+            return None
         # One Deferred per waiter: a client that leaves cancels only its own wait, never
         # the lookup the others share.
         waiter: Deferred[Realm | None] = Deferred()
@@ -128,11 +158,17 @@ class RealmCache:
                 )
                 self._realms[route.name] = realm
                 return realm
-        self.log.warn(
-            "route {route}: upstream /v2/ answered {status} without a usable Bearer realm",
-            route=route.name,
-            status=response.code,
-        )
+        if (route.name, response.code) not in self._warned:
+            self._warned.add((route.name, response.code))
+            self.log.warn(
+                "route {route}: upstream /v2/ answered {status} without a usable Bearer realm",
+                route=route.name,
+                status=response.code,
+            )
+        if response.code == 200:
+            # An upstream that needs no token says so with a 200; a 5xx or a load
+            # balancer's page says nothing, and is asked again next time.
+            self._absent[route.name] = self._upstream.clock.seconds() + NO_REALM_MEMORY
         return None
 
     def forget(self, route: Route) -> None:

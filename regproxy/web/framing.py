@@ -15,13 +15,25 @@ from typing import Any
 from twisted.web.http_headers import Headers
 
 from ..errors import OCIError
+from .public import HOST
 
 BODYLESS_METHODS = (b"GET", b"HEAD")
 REASONS = {400: b"Bad Request", 413: b"Payload Too Large"}
 
 
-def framing_error(method: bytes, headers: Headers) -> OCIError | None:
+def framing_error(
+    method: bytes, headers: Headers, version: bytes = b"HTTP/1.1"
+) -> OCIError | None:
     """Why this request's framing is refused, or None when it is acceptable."""
+    hosts = headers.getRawHeaders(b"host")
+    # RFC 9112 section 3.2: one Host, well formed, and required in HTTP/1.1. Host routes
+    # pick the upstream (and its credentials) by it: a front proxy reading another Host
+    # than regproxy would disagree with it about where the request goes.
+    if hosts is None:
+        if version != b"HTTP/1.0":
+            return OCIError("REQUEST_INVALID", "an HTTP/1.1 request needs a Host header")
+    elif len(hosts) != 1 or not HOST.fullmatch(hosts[0]):
+        return OCIError("REQUEST_INVALID", "exactly one well-formed Host header is required")
     codings = headers.getRawHeaders(b"transfer-encoding")
     if codings is not None and [c.strip().lower() for c in codings] != [b"chunked"]:
         return OCIError("REQUEST_INVALID", "only Transfer-Encoding: chunked is accepted")

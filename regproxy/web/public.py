@@ -8,15 +8,15 @@ from twisted.web.server import Request
 
 from ..config import Config
 
-_HOST = re.compile(
-    rb"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
+HOST = re.compile(
+    rb"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?\.?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
 )
 
 
 def request_host(request: Request) -> str:
     """The Host the client used, when it is a well-formed host[:port]; else the listener's."""
     host = request.requestHeaders.getRawHeaders(b"host", [b""])[0]
-    if _HOST.fullmatch(host):
+    if HOST.fullmatch(host):
         return host.decode("ascii").lower()
     address = request.getHost()
     return f"{getattr(address, 'host', 'localhost')}:{getattr(address, 'port', 80)}"

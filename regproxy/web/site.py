@@ -59,19 +59,47 @@ class ProxyRequest(Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return
-        error = framing_error(command, self.requestHeaders)
+        error = framing_error(command, self.requestHeaders, version)
         if error is not None:
-            self._refuse(error, head=command == b"HEAD")
+            self._refuse(error, head=command == b"HEAD", method=command)
             return
         super().requestReceived(command, path, version)
 
-    def _refuse(self, error: OCIError, head: bool = False) -> None:
+    def _refuse(self, error: OCIError, head: bool = False, method: bytes = b"-") -> None:
         """Answer at once and hang up: reading on would be the sender's game."""
         if self._refused or self.startedWriting or self.channel is None:
             return
         self._refused = True
         self.startedWriting = True
-        refuse_and_close(self.channel.transport, error, head=head)
+        transport = self.channel.transport
+        refuse_and_close(transport, error, head=head)
+        # Never processed, so no access event would say it happened: say it here.
+        site: ProxySite = self.channel.site  # type: ignore[attr-defined]
+        peer = getattr(transport.getPeer(), "host", "-") if transport is not None else "-"
+        shown = method.decode("latin-1")[:16]
+        site.metrics.observe_request(
+            route="none",
+            endpoint="other",
+            method=shown if shown in ("GET", "HEAD", "POST") else "other",
+            status=error.status,
+            sent=0,
+            duration=0.0,
+            upstream_seconds=None,
+            upstream_error=None,
+        )
+        access_log.info(
+            "{line}",
+            line=f"{peer} {shown} - {error.status} refused: {error.message} id={self.request_id}",
+            request_id=self.request_id,
+            client=peer,
+            method=shown,
+            status=error.status,
+            bytes=0,
+            route="none",
+            endpoint="other",
+            error_kind="refused",
+            complete=True,
+        )
 
     def process(self) -> None:
         self.site = self.channel.site  # type: ignore[attr-defined]
@@ -90,6 +118,9 @@ class ProxyRequest(Request):
         metrics.in_flight.dec()
         exchange = exchange_of(self)
         duration = time.monotonic() - self._started
+        if result is not None and exchange.error_kind is None:
+            # The client closed first; the request's own errback may not have run yet.
+            exchange.error_kind = "client_gone"
         upstream_error = exchange.error_kind
         if upstream_error in CLIENT_KINDS:
             upstream_error = None  # the client's doing, not the upstream's

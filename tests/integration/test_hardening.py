@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.curl import curl
 from tests.support.seed import SeededRegistry
+from tests.support.waiting import eventually
 
 
 @pytest.fixture
@@ -132,3 +133,35 @@ def test_a_range_past_the_end_of_a_small_blob_is_a_clean_416(
     assert json.loads(answer.body)["errors"][0]["code"] == "RANGE_INVALID"
     # The connection stays usable: the next request on a fresh one works too.
     assert curl(url).status == 200
+
+
+@pytest.mark.parametrize(
+    "hosts",
+    [
+        b"Host: localhost\r\nHost: 127.0.0.1\r\n",
+        b"Host: x@localhost\r\n",
+        b"Host: a b\r\n",
+        b"",  # HTTP/1.1 without a Host
+    ],
+)
+def test_host_must_be_one_and_well_formed(proxy, hosts: bytes) -> None:
+    """Host routes choose the upstream by Host: a front proxy reading another Host than
+    regproxy must not be possible."""
+    received = exchange(
+        proxy.port,
+        b"GET /v2/app/tags/list HTTP/1.1\r\n" + hosts + b"\r\n"
+        b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    assert [line[:12] for line in status_lines(received)] == [b"HTTP/1.1 400"]
+
+
+def test_refusals_leave_a_trace_in_the_access_log(proxy) -> None:
+    exchange(
+        proxy.port,
+        b"GET /v2/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n",
+    )
+    eventually(
+        lambda: any(e.get("error_kind") == "refused" for e in proxy.log_events()), timeout=5
+    )
+    [event] = [e for e in proxy.log_events() if e.get("error_kind") == "refused"]
+    assert (event["status"], event["method"]) == (400, "GET")

@@ -9,6 +9,7 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
@@ -139,3 +140,37 @@ class RealmCacheTests(SynchronousTestCase):
             self.assertEqual(self.failureResultOf(waiter).value.status, 504)
         ensureDeferred(self.realms.realm(ROUTE))
         self.assertEqual(len(self.agent.pending), 2)  # the cancelled one and a new lookup
+
+
+class NoRealmTests(SynchronousTestCase):
+    def test_an_upstream_without_a_realm_is_asked_once_a_minute_and_logged_once(self) -> None:
+        agent = HeldAgent()
+        clock = Clock()
+        realms = RealmCache(
+            UpstreamClient(HTTPClient(agent), clock=clock, timeout=30, idle_timeout=30)
+        )
+
+        class NoChallenge(FakeResponse):
+            code = 200
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.headers = Headers()
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        first = ensureDeferred(realms.realm(ROUTE))
+        agent.pending.pop().callback(NoChallenge())
+        self.assertIsNone(self.successResultOf(first))
+        for _ in range(5):
+            self.assertIsNone(self.successResultOf(ensureDeferred(realms.realm(ROUTE))))
+        self.assertEqual(agent.pending, [])  # not asked again within the minute
+        clock.advance(61)
+        again = ensureDeferred(realms.realm(ROUTE))
+        agent.pending.pop().callback(NoChallenge())
+        self.assertIsNone(self.successResultOf(again))
+        warnings = [
+            e for e in events if "without a usable Bearer realm" in e.get("log_format", "")
+        ]
+        self.assertEqual(len(warnings), 1)

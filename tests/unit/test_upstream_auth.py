@@ -223,6 +223,20 @@ class BearerTests(AuthCase):
         self.assertIsNone(self.successResultOf(self.answer([challenge])))
         self.assertEqual(self.realm.seen, [])
 
+    def test_siblings_on_shared_domains_are_other_tenants(self) -> None:
+        from regproxy.upstream.realm import credential_may_go_to
+
+        hub = Route(Upstream("https", "registry-1.docker.io"), credentials=ROUTE.credentials)
+        assert credential_may_go_to(hub, "https://auth.docker.io/token")
+        for upstream, realm in (
+            ("mine.azurecr.io", "https://theirs.azurecr.io/oauth2/token"),
+            ("mine.jfrog.io", "https://theirs.jfrog.io/token"),
+            ("1.dkr.ecr.eu-west-1.amazonaws.com", "https://2.dkr.ecr.eu-west-1.amazonaws.com/"),
+        ):
+            route = Route(Upstream("https", upstream), credentials=ROUTE.credentials)
+            assert not credential_may_go_to(route, realm), (upstream, realm)
+            assert credential_may_go_to(route, f"https://{upstream}/token")
+
     def test_realm_on_a_foreign_host_gets_no_credentials(self) -> None:
         """Credentials go to the upstream's host, its subdomains and its siblings only."""
         for realm in (
