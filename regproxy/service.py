@@ -195,11 +195,12 @@ def build_root(
     )
     current = CurrentRouting(factory.build(RouteTable(config.routes)))
 
-    def browser_route(request: Request) -> Route:
+    def browser_route(request: Request, path: str) -> tuple[Route, str] | None:
         host = request.requestHeaders.getRawHeaders(b"host", [b""])[0].decode("latin-1")
-        table = current().table
-        match = table.match(host, None, None)
-        return match.route if match is not None else table.routes[0]
+        match = current().table.match(host, None, path.strip("/") or None)
+        if match is None or not match.allowed:
+            return None  # no route's page, or one the allow-list hides
+        return match.route, match.name
 
     root = Root(BrowserRedirect(browser_route, not config.disable_browser_redirects))
     root.routing = current

@@ -44,7 +44,11 @@ def _has_dot_segments(path: bytes) -> bool:
 class BrowserRedirect(Resource):
     isLeaf = True
 
-    def __init__(self, route_for: Callable[[Request], Route], enabled: bool) -> None:
+    def __init__(
+        self, route_for: Callable[[Request, str], tuple[Route, str] | None], enabled: bool
+    ) -> None:
+        """``route_for(request, path)`` is the route for a browser's path and the path
+        within that route (a path route's component taken off), or None: no page."""
         super().__init__()
         self.route_for = route_for
         self.enabled = enabled
@@ -55,10 +59,12 @@ class BrowserRedirect(Resource):
         elif not self.enabled or _has_dot_segments(request.path):
             # Traversal shapes are scanners, not people: no redirect for them.
             write_error(request, OCIError("NOT_FOUND", "not found"))
+        elif (found := self.route_for(request, unquote(request.path.decode("latin-1")))) is None:
+            write_error(request, OCIError("NOT_FOUND", "not found"))
         else:
-            path = unquote(request.path.decode("latin-1"))
+            route, path = found
             # Re-quoted, so nothing in the path can end the header or add to it.
-            target = quote(upstream_page(self.route_for(request), path), safe=":/@!$&'()*+,;=-._~")
+            target = quote(upstream_page(route, path), safe=":/@!$&'()*+,;=-._~")
             request.setResponseCode(307)
             request.setHeader(b"location", target.encode("ascii"))
             request.setHeader(b"content-length", b"0")

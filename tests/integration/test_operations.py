@@ -16,28 +16,15 @@ import pytest
 
 from tests.support.curl import curl
 from tests.support.images import build_image, push, skopeo_copy
+from tests.support.metrics import ACCEPT, metric
 from tests.support.ports import free_port, wait_for_port
 from tests.support.proxy import RegproxyProcess
 from tests.support.registry import RegistryServer
 from tests.support.seed import SeededRegistry
+from tests.support.waiting import eventually
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # distribution 2.8 hides OCI manifests from clients that do not accept them.
-ACCEPT = "Accept: application/vnd.oci.image.manifest.v1+json"
-
-
-def metric(text: str, name: str, **labels: str) -> float | None:
-    """The value of one sample in Prometheus text output (labels in any order)."""
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
-        if match is None or match.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
-        if all(found.get(key) == value for key, value in labels.items()):
-            return float(match.group(3))
-    return None
 
 
 def test_health_and_readiness_do_not_follow_the_upstream(start_proxy) -> None:
@@ -189,10 +176,16 @@ def test_sigterm_lets_a_running_download_finish(
     assert head.startswith(b"HTTP/1.1 200")
     body = bytearray(head.partition(b"\r\n\r\n")[2])
     proxy.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
+        except OSError:
+            return True
+        return False
+
     # New connections are refused while the download goes on.
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
+    eventually(refused, timeout=5)
     # An open keep-alive connection sees the drain.
     keepalive.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert keepalive.recv(65536).startswith(b"HTTP/1.1 503")

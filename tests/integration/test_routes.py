@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.containerd import Containerd, containerd_binaries
 from tests.support.curl import curl
-from tests.support.images import sha256_digest, skopeo_copy
+from tests.support.images import sha256_digest, skopeo_copy, skopeo_list_tags
 from tests.support.ports import free_port
 from tests.support.registry import RegistryServer
 from tests.support.seed import SeededRegistry, StandardImages, seed_registry
@@ -80,6 +80,7 @@ upstream = "{secure.url}"
 repo_prefix = "mirror"
 path = "sec"
 upstream_ca = "{tls_files.ca_cert}"
+allow = ["app", "team/**", "multi", "big", "many"]
 
 [[routes]]
 name = "plain"
@@ -117,22 +118,29 @@ def proxy(start_proxy, config: Path):
     return start_proxy(["--config", str(config)])
 
 
-@pytest.mark.parametrize("ref", ["app:v1", "team/app:v1", "multi:v1"])
+@pytest.mark.parametrize("ref", ["app:v1", "team/app:v1", "multi:v1", "big:v1"])
 def test_skopeo_pulls_through_every_route(
     proxy, secure: SeededRegistry, plain: SeededRegistry, tmp: Path, ref: str
 ) -> None:
     name, _, tag = ref.partition(":")
+    key = ref
     pulls = {
-        f"{proxy.host_port}/sec/{ref}": secure[ref],
-        f"{proxy.host_port}/plain/{ref}": plain[ref],
-        f"localhost:{proxy.port}/{ref}": secure[ref],
+        f"{proxy.host_port}/sec/{ref}": secure[key],
+        f"{proxy.host_port}/plain/{ref}": plain[key],
+        f"localhost:{proxy.port}/{ref}": secure[key],
     }
-    if name != "multi":  # the top route's allow-list admits app, team/** and big only
-        pulls[f"{proxy.host_port}/{ref}"] = plain[ref]
+    if name != "multi":  # the top route's allow-list: app, team/**, big
+        pulls[f"{proxy.host_port}/{ref}"] = plain[key]
     for number, (source, digest) in enumerate(pulls.items()):
         extra = ["--all"] if name == "multi" else []
         result = skopeo_copy(source, tmp / f"out{number}", extra, tag=tag)
         assert result.digest == digest, source
+
+
+def test_many_tags_are_listed_through_every_route(proxy, plain: SeededRegistry) -> None:
+    for where in (f"{proxy.host_port}/sec", f"{proxy.host_port}/plain", f"localhost:{proxy.port}"):
+        tags = skopeo_list_tags(f"docker://{where}/many")
+        assert sorted(tags) == plain.many_tags, where
 
 
 def test_the_allow_list_hides_repositories(proxy, tmp: Path) -> None:
@@ -143,8 +151,18 @@ def test_the_allow_list_hides_repositories(proxy, tmp: Path) -> None:
         answer = curl(proxy.url + "/v2/multi/manifests/v1", *method)
         assert answer.status == 404
     assert curl(proxy.url + "/v2/multi/tags/list").error_codes() == ["NAME_UNKNOWN"]
-    token = curl(proxy.url + "/_token/top?scope=repository:multi:pull&service=regproxy")
-    assert token.status == 200  # a token, but for nothing: the scope was dropped
+
+
+def test_token_scopes_outside_the_allow_list_never_reach_the_upstream(
+    proxy, tls_token_issuer: TokenIssuer
+) -> None:
+    tls_token_issuer.clear()
+    token = curl(
+        proxy.url + "/_token?service=regproxy"
+        "&scope=repository:sec/secret:pull&scope=repository:sec/app:pull"
+    )
+    assert token.status == 200
+    assert tls_token_issuer.requested_scopes() == ["repository:mirror/app:pull"]
 
 
 def test_tokens_go_to_the_routes_own_realm_with_its_prefix(

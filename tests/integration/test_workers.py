@@ -19,9 +19,9 @@ from typing import TypeVar
 
 import pytest
 
-from tests.integration.test_operations import ACCEPT, metric
 from tests.support.curl import curl
 from tests.support.images import build_image, push, skopeo_copy
+from tests.support.metrics import ACCEPT, metric
 from tests.support.ports import free_port, wait_for_port
 from tests.support.proxy import RegproxyProcess
 from tests.support.registry import RegistryServer

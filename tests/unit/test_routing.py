@@ -161,3 +161,15 @@ class NoDefaultRouteTests(RoutingCase):
         self.assertEqual(reply.status, 404)
         self.assertEqual(reply.json()["errors"][0]["code"], "NAME_UNKNOWN")
         self.assertEqual(self.registry.seen, [])
+
+
+class BrowserTests(RoutingCase):
+    def test_a_browser_on_a_path_route_goes_to_that_upstreams_page(self) -> None:
+        reply = self.get("/hub/alpine")
+        self.assertEqual(reply.status, 307)
+        self.assertEqual(reply.header(b"location"), [b"https://hub.docker.com/_/alpine"])
+
+    def test_a_browser_on_a_denied_repository_gets_no_page(self) -> None:
+        self.assertEqual(self.get("/secret").status, 404)
+        reply = self.get("/app")
+        self.assertEqual(reply.header(b"location"), [b"https://private.example/team/app"])
