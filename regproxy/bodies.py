@@ -141,6 +141,7 @@ def rewrite_catalog(
         return body, False
     names = []
     ran_past = False
+    last_hidden = False
     for name in document["repositories"]:
         mapped = client_name(name) if isinstance(name, str) else None
         if mapped is None:
@@ -148,10 +149,22 @@ def rewrite_catalog(
             ran_past = True
             continue
         visible = shown(name) if shown is not None else mapped
+        last_hidden = visible is None
         if visible is not None:
             names.append(visible)
     document["repositories"] = names
+    # The next page's cursor is the page's last name: one the client may not see must not
+    # be named in the Link. Continuing from the last visible name lists the hidden ones
+    # again (and hides them again); a page with nothing visible ends the listing.
+    if last_hidden and not names:
+        ran_past = True
     return _dumps(document), ran_past
+
+
+def catalog_names(body: bytes) -> list[str]:
+    document = _loads(body)
+    names = document.get("repositories") if isinstance(document, dict) else None
+    return [name for name in names if isinstance(name, str)] if isinstance(names, list) else []
 
 
 WITHHELD = "<upstream>"

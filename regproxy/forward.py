@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin
 
 import attrs
 from treq.client import HTTPClient
@@ -46,6 +46,12 @@ CACHED_KINDS = frozenset({Kind.BLOB, Kind.MANIFEST})
 WHOLE_OBJECT_DROPS = (b"range", b"if-range")
 MAX_REDIRECTS = 5
 _SIZE = re.compile(rb"bytes \*/(\d{1,19})")
+_LAST = re.compile(rb"([?&]last=)[^&>]*")
+
+
+def set_last(link: bytes, last: str) -> bytes:
+    """A _catalog Link whose cursor is ``last`` (the last name this client was shown)."""
+    return _LAST.sub(lambda m: m.group(1) + quote(last, safe="").encode(), link)
 
 
 async def send(
@@ -122,6 +128,11 @@ async def relay(
     rewritten = rewrite(await upstream.read(response, limit))
     if rewritten.drop_link:
         request.responseHeaders.removeHeader(b"link")
+    elif rewritten.link_last is not None:
+        links = request.responseHeaders.getRawHeaders(b"link") or []
+        request.responseHeaders.setRawHeaders(
+            b"link", [set_last(link, rewritten.link_last) for link in links]
+        )
     request.setHeader(b"content-length", b"%d" % len(rewritten.body))
     if request.method != b"HEAD":
         request.write(rewritten.body)

@@ -48,6 +48,8 @@ class Rewritten:
     body: bytes
     # A _catalog page that ran past the prefix has no next page for the client.
     drop_link: bool = False
+    # The cursor for the next _catalog page when the page's own last name is hidden.
+    link_last: str | None = None
 
 
 BodyRewrite = Callable[[bytes], Rewritten]
@@ -126,7 +128,10 @@ class ResponseRewriter:
                 rewritten, ran_past = bodies.rewrite_catalog(
                     body, self.route.client_name, shown=self.mount.catalog_name
                 )
-                return Rewritten(rewritten, drop_link=ran_past)
+                listed = bodies.catalog_names(rewritten)
+                return Rewritten(
+                    rewritten, drop_link=ran_past, link_last=listed[-1] if listed else None
+                )
 
             return catalog
         if status >= 400 and b"json" in content_type:

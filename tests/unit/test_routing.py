@@ -173,3 +173,24 @@ class BrowserTests(RoutingCase):
         self.assertEqual(self.get("/secret").status, 404)
         reply = self.get("/app")
         self.assertEqual(reply.header(b"location"), [b"https://private.example/team/app"])
+
+
+class CatalogTests(RoutingCase):
+    def catalog(self, names: list[str], last: str) -> Answer:
+        body = json.dumps({"repositories": names}).encode()
+        link = f'</v2/_catalog?last={last}&n=2>; rel="next"'.encode()
+        return Answer(200, {**JSON_HEADERS, b"link": [link]}, body)
+
+    def test_hidden_repositories_are_neither_listed_nor_named_in_the_link(self) -> None:
+        self.registry.on("/v2/_catalog", self.catalog(["team/app", "team/secret"], "team/secret"))
+        reply = self.get("/v2/_catalog?n=2")
+        self.assertEqual(reply.json()["repositories"], ["app"])
+        [link] = reply.header(b"link")
+        self.assertNotIn(b"secret", link)
+        self.assertIn(b"last=app", link)
+
+    def test_a_page_with_nothing_visible_ends_the_listing(self) -> None:
+        self.registry.on("/v2/_catalog", self.catalog(["team/secret", "team/zz"], "team/zz"))
+        reply = self.get("/v2/_catalog?n=2")
+        self.assertEqual(reply.json()["repositories"], [])
+        self.assertEqual(reply.header(b"link"), [])
