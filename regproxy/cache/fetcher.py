@@ -36,12 +36,15 @@ from twisted.web.server import Request
 from ..bodies import Discard
 from ..errors import OCIError
 from ..relay import abort_client
-from .download import Download, DownloadProtocol, Downloads, ReaderStopped
+from .download import Download, DownloadProtocol, Downloads, ReaderStopped, wait_for_commit
 from .objects import is_cacheable
 from .serve import ByteRange, Unsatisfiable, choose_range, parse_range, serve_object
 from .store import CacheStore, DigestMismatch, StoredObject
 
 ACCESS_MEMORY = 60.0
+# How long a request waits for another process's download of the same object to commit
+# before it fetches the object itself (unverified, passed through).
+CROSS_PROCESS_WAIT = 30.0
 STALE_WARNING = b'110 - "Response is Stale"'
 BLOB_TYPE = b"application/octet-stream"
 MANIFEST_LIMIT = 4 * 1024 * 1024
@@ -169,9 +172,11 @@ class CachingFetcher:
         tag_ttl: float = 0.0,
         stale_max_age: float = 7 * 86400.0,
         idle_timeout: float = 60.0,
+        cross_process_wait: float = CROSS_PROCESS_WAIT,
         counts: RouteCounts | None = None,
     ) -> None:
         self.idle_timeout = idle_timeout
+        self.cross_process_wait = cross_process_wait
         self.store = store
         self.index = store.index
         self.downloads = downloads
@@ -237,7 +242,26 @@ class CachingFetcher:
             return PASS
         download = self.downloads.start(digest)
         if download is None:
-            # Another process fetches it, or it is too large for the cache: pass through.
+            if self.store.writer_active(digest):
+                # Another process on this directory downloads it: wait for its commit (the
+                # file lock says when) rather than fetch it a second time.
+                committed = await _guarded(
+                    wait_for_commit(
+                        self.store, digest, self.clock, timeout=self.cross_process_wait
+                    ),
+                    lambda: None,
+                )
+                if committed is not None:
+                    if self.index.repository_holds(asked.route, asked.repository, digest):
+                        admitted = await self._admitted(asked, ops)
+                    else:
+                        admitted = await self._upstream_confirms(asked, ops, url, digest)
+                    if admitted:
+                        self._count(asked, exchange, "coalesced")
+                        await self._serve(asked, committed, digest)
+                        return HANDLED
+                    committed.close()
+            # Too large for the cache, or the other process took too long: pass through.
             exchange.cache = "bypass"
             return PASS
         self._download_repo[digest] = (asked.route, asked.repository)

@@ -295,3 +295,24 @@ def test_concurrent_requests_for_a_tag_cost_one_upstream_head(
     assert heads() - before <= 3
     metrics = curl(proxy.url + "/metrics").body.decode()
     assert 'regproxy_cache_requests_total{outcome="hit",route="default"}' in metrics
+
+
+def test_two_processes_fetch_a_cold_blob_from_the_upstream_once(
+    start_proxy, upstream: SeededRegistry, tmp: Path
+) -> None:
+    image = build_image(tmp / "shared", layers=(8 * 1024 * 1024,), tag="shared", compress=False)
+    push(tmp / "shared", "shared", f"{upstream.host_port}/shared:v1")
+    layer = image.layers[0]
+    proxies = [cached_proxy(start_proxy, upstream, tmp / "cache") for _ in range(2)]
+    before = upstream_gets(upstream, "sha256")
+
+    def fetch(number: int) -> str:
+        out = tmp / f"shared{number}"
+        url = f"{proxies[number % 2].url}/v2/shared/blobs/{layer.digest}"
+        subprocess.run(["curl", "-sSf", "-o", str(out), url], check=True, timeout=120)
+        return "sha256:" + hashlib.sha256(out.read_bytes()).hexdigest()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        digests = list(pool.map(fetch, range(6)))
+    assert digests == [layer.digest] * 6
+    assert upstream_gets(upstream, "sha256") - before == 1
