@@ -101,6 +101,14 @@ class Drain(Service):
             self.log.warn(
                 "grace period over with {count} requests unfinished", count=self.site.active
             )
+        # A finished request may still have its last bytes in the connection's write
+        # buffer (a slow client): the reactor's shutdown would cut those connections at
+        # once. Closing them gracefully first lets every buffer flush, within the grace.
+        for channel in list(self.site.open_channels):
+            if channel.transport is not None:
+                channel.transport.loseConnection()
+        while self.site.open_channels and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.05, lambda: None)
         await self.pool.closeCachedConnections()
 
 

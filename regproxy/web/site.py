@@ -6,6 +6,7 @@ import secrets
 import time
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -20,6 +21,7 @@ from .registry import exchange_of
 SERVER = b"regproxy"
 # Error kinds that are the client's doing (see regproxy.relay and run_async).
 CLIENT_KINDS = frozenset({"client_gone", "client_stalled"})
+CONNECTION_DONE = Failure(ConnectionDone())
 # The only request bodies the proxy reads are OAuth2 token forms.
 MAX_REQUEST_BODY = 64 * 1024
 
@@ -61,11 +63,13 @@ class ProxyRequest(Request):
             return
         error = framing_error(command, self.requestHeaders, version)
         if error is not None:
-            self._refuse(error, head=command == b"HEAD", method=command)
+            self._refuse(error, head=command == b"HEAD", method=command, path=path)
             return
         super().requestReceived(command, path, version)
 
-    def _refuse(self, error: OCIError, head: bool = False, method: bytes = b"-") -> None:
+    def _refuse(
+        self, error: OCIError, head: bool = False, method: bytes = b"-", path: bytes = b"-"
+    ) -> None:
         """Answer at once and hang up: reading on would be the sender's game."""
         if self._refused or self.startedWriting or self.channel is None:
             return
@@ -77,6 +81,8 @@ class ProxyRequest(Request):
         site: ProxySite = self.channel.site  # type: ignore[attr-defined]
         peer = getattr(transport.getPeer(), "host", "-") if transport is not None else "-"
         shown = method.decode("latin-1")[:16]
+        # Never the query, as for every access event.
+        shown_path = path.partition(b"?")[0].decode("latin-1")[:512]
         site.metrics.observe_request(
             route="none",
             endpoint="other",
@@ -89,10 +95,12 @@ class ProxyRequest(Request):
         )
         access_log.info(
             "{line}",
-            line=f"{peer} {shown} - {error.status} refused: {error.message} id={self.request_id}",
+            line=f"{peer} {shown} {shown_path} {error.status} refused: {error.message}"
+            f" id={self.request_id}",
             request_id=self.request_id,
             client=peer,
             method=shown,
+            path=shown_path,
             status=error.status,
             bytes=0,
             route="none",
@@ -189,6 +197,14 @@ class ProxyChannel(HTTPChannel):
 
     _first = True
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.open_channels.add(self)  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+        self.site.open_channels.discard(self)  # type: ignore[attr-defined]
+        super().connectionLost(reason)
+
     def dataReceived(self, data: bytes) -> None:
         if self._first:
             self._first = False
@@ -238,6 +254,8 @@ class ProxySite(Site):
         self.displayTracebacks = False
         # Requests being answered; graceful shutdown waits for it to reach zero.
         self.active = 0
+        # Open client connections: graceful shutdown closes them so their buffers flush.
+        self.open_channels: set[ProxyChannel] = set()
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         """The access event is emitted by ProxyRequest, structured; no combined log line."""

@@ -104,3 +104,37 @@ def test_a_periodic_check_in_progress_is_cancelled_on_stop() -> None:
     assert stopped == [None]
     assert checks[0].called  # cancelled, not waited for
     checks[0].addErrback(lambda _: None)
+
+
+class SlowClientTransport:
+    """A connection whose last bytes are still in its write buffer."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.closing = False
+        self.aborted = False
+
+    def loseConnection(self) -> None:
+        self.closing = True  # flushes first, closes later (see flushed)
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+def test_connections_are_closed_gracefully_so_their_buffers_flush() -> None:
+    service, clock, _, pool, site = drain(delay=0, grace=10)
+
+    class Channel:
+        transport: Any = None
+
+    channel = Channel()
+    channel.transport = SlowClientTransport(channel)
+    site.open_channels.add(channel)  # type: ignore[arg-type]
+    done: list[object] = []
+    service.stopService().addBoth(done.append)
+    assert channel.transport.closing and not channel.transport.aborted
+    clock.pump([0.05] * 20)
+    assert not done  # the buffer has not flushed yet: shutdown waits
+    site.open_channels.discard(channel)  # type: ignore[arg-type]  # flushed, closed
+    clock.advance(0.05)
+    assert done == [None] and pool.closed
