@@ -263,7 +263,11 @@ def build_cache(
         return None
     settings = config.cache
     store = open_store(
-        settings.directory, max_size=settings.max_size, metrics=PrometheusCacheMetrics(metrics)
+        settings.directory,
+        max_size=settings.max_size,
+        metrics=PrometheusCacheMetrics(metrics),
+        # Tag ages are compared with the fetcher's clock: one clock for both.
+        clock=reactor.seconds,
     )
     downloads = Downloads(store, clock=reactor, run_blocking=thread_pool)
     return CachingFetcher(

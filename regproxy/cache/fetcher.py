@@ -36,7 +36,14 @@ from twisted.web.server import Request
 from ..bodies import Discard
 from ..errors import OCIError
 from ..relay import abort_client
-from .download import Download, DownloadProtocol, Downloads, ReaderStopped, wait_for_commit
+from .download import (
+    Download,
+    DownloadProtocol,
+    DownloadReader,
+    Downloads,
+    ReaderStopped,
+    wait_for_commit,
+)
 from .objects import is_cacheable
 from .serve import ByteRange, Unsatisfiable, choose_range, parse_range, serve_object
 from .store import CacheStore, DigestMismatch, StoredObject
@@ -281,10 +288,15 @@ class CachingFetcher:
         ops.copy_headers(response)
         request = asked.request
         self._headers[digest] = list(request.responseHeaders.getAllRawHeaders())  # type: ignore[arg-type]
-        response.deliverBody(DownloadProtocol(download))
         download.done.addCallback(self._committed, asked, digest)
+        # This client reads before the body flows: a body that arrived with the headers is
+        # delivered at once, and the download must not be over before anyone reads it.
+        reader = self._attach(asked, download, digest, None, length)
+        response.deliverBody(DownloadProtocol(download))
+        if reader is None:
+            return HANDLED
         self._watch(download, download.received)
-        await self._read_download(asked, exchange, download, digest, None)
+        await self._finish_reading(asked, exchange, reader, digest)
         return HANDLED
 
     def _watch(self, download: Download, received: int) -> None:
@@ -344,8 +356,21 @@ class CachingFetcher:
         digest: str,
         headers: list[tuple[bytes, list[bytes]]] | None,
     ) -> None:
-        request = asked.request
         size = await _guarded(download.when_announced(), lambda: None)
+        reader = self._attach(asked, download, digest, headers, size)
+        if reader is not None:
+            await self._finish_reading(asked, exchange, reader, digest)
+
+    def _attach(
+        self,
+        asked: CacheRequest,
+        download: Download,
+        digest: str,
+        headers: list[tuple[bytes, list[bytes]]] | None,
+        size: int | None,
+    ) -> DownloadReader | None:
+        """Answer the headers and attach this client as a reader (None: a 416 was answered)."""
+        request = asked.request
         if headers is not None:
             for name, values in headers:
                 if name.lower() not in (b"content-length", b"content-range"):
@@ -359,7 +384,7 @@ class CachingFetcher:
                 request.setHeader(b"content-range", b"bytes */%d" % size)
                 request.setHeader(b"content-length", b"0")
                 request.finish()
-                return
+                return None
             if isinstance(chosen, ByteRange):
                 first, last = chosen.first, chosen.last
                 request.setResponseCode(206)
@@ -367,7 +392,12 @@ class CachingFetcher:
             end = size if last is None else last + 1
             request.setHeader(b"content-length", b"%d" % (end - first))
         request.setHeader(b"docker-content-digest", digest.encode())
-        reader = download.attach(request, first, last)
+        return download.attach(request, first, last)
+
+    async def _finish_reading(
+        self, asked: CacheRequest, exchange: Any, reader: DownloadReader, digest: str
+    ) -> None:
+        request = asked.request
         try:
             await _guarded(reader.done, reader.stopProducing)
         except ReaderStopped:
