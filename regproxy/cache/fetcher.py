@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,6 +36,7 @@ from twisted.web.server import Request
 from ..bodies import Discard
 from ..errors import OCIError
 from ..relay import abort_client
+from ..singleflight import SingleFlight
 from .download import (
     Download,
     DownloadProtocol,
@@ -192,7 +193,7 @@ class CachingFetcher:
         self.stale_max_age = stale_max_age
         self.counts = counts
         self._access: dict[tuple[str, str, str], float] = {}
-        self._revalidating: dict[tuple[str, ...], list[Deferred[_Revalidated]]] = {}
+        self._revalidating: SingleFlight[tuple[str, ...], _Revalidated] = SingleFlight()
         # Per digest in download: the answer headers its first reader got, for the others.
         self._headers: dict[str, list[tuple[bytes, list[bytes]]]] = {}
         self._download_repo: dict[str, tuple[str, str]] = {}
@@ -525,13 +526,7 @@ class CachingFetcher:
             asked.accept_key,
             asked.credential or "",
         )
-        waiter: Deferred[_Revalidated] = Deferred()
-        if key in self._revalidating:
-            self._revalidating[key].append(waiter)
-        else:
-            self._revalidating[key] = [waiter]
-            ensureDeferred(self._head(asked, ops)).addBoth(self._revalidated, key)
-        return await waiter
+        return await self._revalidating.run(key, lambda: self._head(asked, ops))
 
     async def _head(self, asked: CacheRequest, ops: UpstreamOps) -> _Revalidated:
         response = await ops.send("HEAD", asked.url)
@@ -539,15 +534,6 @@ class CachingFetcher:
         digest = (response.headers.getRawHeaders(b"docker-content-digest") or [b""])[0]
         text = digest.decode("latin-1").strip()
         return _Revalidated(response.code, text if is_cacheable(text) else None)
-
-    def _revalidated(self, result: _Revalidated | Failure, key: tuple[str, ...]) -> None:
-        for waiter in self._revalidating.pop(key, []):
-            if waiter.called:
-                continue
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
 
     async def _stale(self, asked: CacheRequest, exchange: Any, record: Any) -> bool:
         """Serve the last known digest of the tag, if recent enough and still on disk."""

@@ -14,14 +14,13 @@ from collections.abc import Callable
 from urllib.parse import urlencode, urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .. import challenge
 from ..config import Route
 from ..errors import OCIError
+from ..singleflight import SingleFlight
 from .client import UpstreamClient, UpstreamFailure, user_agent
 from .credentials import CredentialSource
 from .realm import credential_may_go_to
@@ -70,7 +69,7 @@ class UpstreamAuth:
         # (route, realm host) pairs already logged as refused, so the log says it once.
         self._refused_realms: set[tuple[str, str]] = set()
         self._tokens: dict[tuple[str, str], _Token] = {}
-        self._waiters: dict[tuple[str, str], list[Deferred[bytes]]] = {}
+        self._fetching: SingleFlight[tuple[str, str], bytes] = SingleFlight()
         # Routes whose registry asked for Basic: send it up front from then on.
         self._basic_routes: set[str] = set()
 
@@ -131,16 +130,7 @@ class UpstreamAuth:
             return await self._credential(route, source)
         key = (route.name, scope)
         self._tokens.pop(key, None)
-        # One Deferred per waiter: a client that leaves cancels only its own wait.
-        # It is registered before the fetch starts, which may finish at once.
-        waiter: Deferred[bytes] = Deferred()
-        if key in self._waiters:
-            self._waiters[key].append(waiter)
-        else:
-            self._waiters[key] = [waiter]
-            fetch = ensureDeferred(self._fetch(route, source, item, scope))
-            fetch.addBoth(self._deliver, key)
-        return await waiter
+        return await self._fetching.run(key, lambda: self._fetch(route, source, item, scope))
 
     async def _credential(self, route: Route, source: CredentialSource) -> bytes:
         """The source's Authorization value; a source that fails (a Google token refresh
@@ -160,15 +150,6 @@ class UpstreamAuth:
                 "the proxy's upstream credentials could not be obtained",
                 {"route": route.name},
             ) from None
-
-    def _deliver(self, result: bytes | Failure, key: tuple[str, str]) -> None:
-        for waiter in self._waiters.pop(key, []):
-            if waiter.called:
-                continue  # cancelled: its client left
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
 
     async def _fetch(
         self, route: Route, source: CredentialSource, item: challenge.Challenge, scope: str

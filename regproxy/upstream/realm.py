@@ -14,14 +14,13 @@ import ipaddress
 from urllib.parse import urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from .. import challenge
 from ..config import Route
 from ..hosts import is_google_registry
+from ..singleflight import SingleFlight
 from .client import UpstreamClient, UpstreamFailure, user_agent
 
 CHALLENGE_BODY_LIMIT = 64 * 1024
@@ -104,7 +103,7 @@ class RealmCache:
         # Only realms actually found are kept: a 5xx or a load balancer's page answering
         # /v2/ once must not switch token auth off until the next restart.
         self._realms: dict[str, Realm] = {}
-        self._learning: dict[str, list[Deferred[Realm | None]]] = {}
+        self._learning: SingleFlight[str, Realm | None] = SingleFlight()
         # Routes whose upstream offered no usable realm, until when that answer is kept:
         # an anonymous upstream would otherwise be asked (and logged about) per token request.
         self._absent: dict[str, float] = {}
@@ -116,24 +115,7 @@ class RealmCache:
             return known
         if self._absent.get(route.name, 0.0) > self._upstream.clock.seconds():
             return None
-        # One Deferred per waiter: a client that leaves cancels only its own wait, never
-        # the lookup the others share.
-        waiter: Deferred[Realm | None] = Deferred()
-        if route.name in self._learning:
-            self._learning[route.name].append(waiter)
-        else:
-            self._learning[route.name] = [waiter]
-            ensureDeferred(self._learn(route)).addBoth(self._deliver, route.name)
-        return await waiter
-
-    def _deliver(self, result: Realm | Failure | None, name: str) -> None:
-        for waiter in self._learning.pop(name, []):
-            if waiter.called:
-                continue
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
+        return await self._learning.run(route.name, lambda: self._learn(route))
 
     async def _learn(self, route: Route) -> Realm | None:
         try:

@@ -30,6 +30,7 @@ from regproxy.observe import Metrics
 from regproxy.service import build_root
 from regproxy.upstream.http import IdentityEncodingAgent, NoCookies
 from regproxy.web.health import Readiness
+from regproxy.web.root import Root
 
 PROXY = "http://proxy.example"
 UPSTREAM = "https://upstream.example"
@@ -134,12 +135,24 @@ class FailingAgent:
         return fail(self.error)
 
 
-def build_tree(config: Config, agent: IAgent, clock: Clock) -> Resource:
-    """What ``regproxy.service.build_service`` serves, with an in-memory upstream agent."""
-    client = HTTPClient(
+def in_memory_client(agent: IAgent) -> HTTPClient:
+    """The treq client the service makes, over an in-memory agent."""
+    return HTTPClient(
         IdentityEncodingAgent(agent), cookiejar=NoCookies(), data_to_body_producer=SyncProducer
     )
-    return build_root(config, client=client, clock=clock, metrics=Metrics(), readiness=Readiness())
+
+
+def build_tree(config: Config, agent: IAgent, clock: Clock, **parts: Any) -> Root:
+    """What ``regproxy.service.build_service`` serves, with an in-memory upstream agent
+    (``parts``: more of ``build_root``'s arguments, such as a cache or a follow client)."""
+    return build_root(
+        config,
+        client=in_memory_client(agent),
+        clock=clock,
+        metrics=Metrics(),
+        readiness=Readiness(),
+        **parts,
+    )
 
 
 @attrs.frozen

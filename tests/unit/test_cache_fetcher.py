@@ -13,11 +13,7 @@ from regproxy.cache.download import Downloads
 from regproxy.cache.fetcher import CachingFetcher
 from regproxy.cache.store import open_store
 from regproxy.config import Config, Credentials, Route, Upstream
-from regproxy.observe import Metrics
-from regproxy.service import build_root
-from regproxy.upstream.http import IdentityEncodingAgent, NoCookies
-from regproxy.web.health import Readiness
-from tests.support.inmemory import Answer, ProxyCase, SyncProducer
+from tests.support.inmemory import Answer, ProxyCase, build_tree
 
 BLOB = b"layer bytes " * 1000
 BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
@@ -41,26 +37,13 @@ class CacheCase(ProxyCase):
     route = Route(Upstream("https", "upstream.example"))
 
     def make_proxy(self, agent: Any, **config: Any) -> None:
-        from treq.client import HTTPClient
-
         self.config = Config(routes=(self.route,), **config)
         store = open_store(self.mktemp(), max_size=1 << 30, fsync=False, clock=self.clock.seconds)
         self.store = store
         self.fetcher = CachingFetcher(
             store, Downloads(store, clock=self.clock), clock=self.clock, stale_max_age=3600
         )
-        client = HTTPClient(
-            IdentityEncodingAgent(agent), cookiejar=NoCookies(), data_to_body_producer=SyncProducer
-        )
-        tree = build_root(
-            self.config,
-            client=client,
-            clock=self.clock,
-            metrics=Metrics(),
-            readiness=Readiness(),
-            cache=self.fetcher,
-        )
-        self.proxy = StubTreq(tree)
+        self.proxy = StubTreq(build_tree(self.config, agent, self.clock, cache=self.fetcher))
 
     def seen(self) -> list[tuple[bytes, str]]:
         return [(s.method, s.path) for s in self.registry.seen]

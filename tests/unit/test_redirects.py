@@ -11,7 +11,7 @@ import ipaddress
 from typing import Any
 
 import pytest
-from treq.client import HTTPClient
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
@@ -19,13 +19,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS
 
 from regproxy.config import BlobRedirects, Config, Route, Upstream
-from regproxy.observe import Metrics
-from regproxy.service import build_root
 from regproxy.upstream.client import RedirectRefused
-from regproxy.upstream.http import IdentityEncodingAgent, NoCookies
 from regproxy.upstream.redirects import GuardedEndpoints, address_kind, check_scheme
-from regproxy.web.health import Readiness
-from tests.support.inmemory import DIGEST, Answer, ProxyCase, SyncProducer
+from tests.support.inmemory import DIGEST, Answer, ProxyCase, build_tree, in_memory_client
 
 UPSTREAM = Upstream("https", "registry.example")
 
@@ -154,26 +150,9 @@ class FollowRefusalTests(ProxyCase):
             {"upstream.example": ["203.0.113.9"], "metadata.internal": ["169.254.169.254"]}
         )
         self.memory_reactor, endpoints = guarded(self.resolver, self.route.upstream)
-        follow = HTTPClient(
-            IdentityEncodingAgent(Agent.usingEndpointFactory(self.memory_reactor, endpoints)),
-            cookiejar=NoCookies(),
-            data_to_body_producer=SyncProducer,
-        )
+        follow = in_memory_client(Agent.usingEndpointFactory(self.memory_reactor, endpoints))
         self.config = Config(routes=(self.route,), **config)
-        client = HTTPClient(
-            IdentityEncodingAgent(agent), cookiejar=NoCookies(), data_to_body_producer=SyncProducer
-        )
-        tree = build_root(
-            self.config,
-            client=client,
-            clock=self.clock,
-            metrics=Metrics(),
-            readiness=Readiness(),
-            follow_client=follow,
-        )
-        from treq.testing import StubTreq
-
-        self.proxy = StubTreq(tree)
+        self.proxy = StubTreq(build_tree(self.config, agent, self.clock, follow_client=follow))
 
     def test_redirect_to_the_metadata_address_is_a_502(self) -> None:
         self.registry.on(
