@@ -69,6 +69,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cold = push_blob_image(
             registry.url, "cold", "v1", random_file(work / "cold", args.cold_size)
         )
+        alone = push_blob_image(
+            registry.url, "alone", "v1", random_file(work / "alone", args.cold_size)
+        )
+        streamed = push_blob_image(
+            registry.url, "streamed", "v1", random_file(work / "streamed", args.stream_size)
+        )
         proxy = RegproxyProcess(
             ["--upstream", registry.url, "--cache-dir", str(work / "cache")],
             directory=work / "proxy",
@@ -106,20 +112,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rates["regproxy"]["requests_per_s"] / rates["direct"]["requests_per_s"]
             )
             # 3. concurrent cache-hit streams: memory stays flat
+            curl_download(cached.url("streamed", "blobs", streamed.blob.digest), args.stream_size)
             result["streams"] = concurrent_streams(
                 cached,
                 proxy.pid,
-                "hot",
-                hot.blob.digest,
-                hot.blob.size,
+                "streamed",
+                streamed.blob.digest,
+                streamed.blob.size,
                 args.streams,
                 rate=args.stream_rate,
                 max_seconds=args.stream_seconds,
             )
-            # 4. a cold blob, many clients at once
+            # 4. a cold blob, many clients at once, against one client alone on another cold
+            # blob of the same size (both through the proxy, both downloaded and verified)
             cold_path = f"/v2/cold/blobs/{cold.blob.digest}"
-            alone, digest = timed_download(direct.base + cold_path, work / "alone")
-            assert digest == cold.blob.digest
+            one_client, digest = timed_download(
+                cached.url("alone", "blobs", alone.blob.digest), work / "one"
+            )
+            assert digest == alone.blob.digest
             before = upstream_blob_gets(registry, cold.blob.digest)
             started = time.monotonic()
             with ThreadPoolExecutor(max_workers=args.clients) as pool:
@@ -135,9 +145,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "blob_bytes": args.cold_size,
                 "upstream_gets": upstream_blob_gets(registry, cold.blob.digest) - before,
                 "all_verified": all(d == cold.blob.digest for _, d in outcomes),
-                "one_client_direct_s": alone,
+                "one_client_s": one_client,
                 "all_clients_s": together,
-                "ratio": together / alone,
+                "ratio": together / one_client,
+                "delivered_mb_s": args.clients * args.cold_size / MiB / together,
             }
         finally:
             proxy.stop()
@@ -161,7 +172,7 @@ def report(result: dict[str, Any]) -> str:
         (
             "cache-hit manifest by digest, req/s at 16 connections",
             f"{manifest['direct']['requests_per_s']:.0f} / "
-         f"{manifest['regproxy']['requests_per_s']:.0f}",
+            f"{manifest['regproxy']['requests_per_s']:.0f}",
             f"{result['manifest_hit_ratio']:.2f}x",
             ">= 1.0x",
         ),
@@ -199,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     args.repeats = 1 if args.smoke else 5
     args.duration = 1.0 if args.smoke else 5.0
     args.streams = 5 if args.smoke else 100
-    args.stream_rate = 4 * MiB if args.smoke else 2 * MiB
+    args.stream_size = 4 * MiB if args.smoke else 32 * MiB
+    args.stream_rate = 4 * MiB
     args.stream_seconds = 5.0 if args.smoke else 20.0
     args.clients = 4 if args.smoke else 20
     result = run(args)

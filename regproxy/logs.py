@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import enum
 import json
+import time
 from collections.abc import Callable, MutableMapping
-from datetime import datetime, timezone
 from typing import IO, Any
 
 from twisted.logger import (
@@ -51,8 +51,21 @@ _PLAIN = (str, int, float, bool, type(None))
 
 
 def rfc3339(timestamp: float | None) -> str:
-    when = datetime.fromtimestamp(timestamp or 0.0, tz=timezone.utc)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """``2026-11-29T14:33:21.867Z``. (time.strftime: a fifth of datetime's cost, and this
+    runs once per request.)"""
+    seconds = timestamp or 0.0
+    whole = int(seconds)
+    millis = int((seconds - whole) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
+def _message(event: LogEvent) -> str:
+    # Access events carry their rendered line (see web/site.py): no formatting per request.
+    if event.get("log_format") == "{line}" and isinstance(event.get("line"), str):
+        return str(event["line"])
+    return str(
+        eventAsText(event, includeTraceback=True, includeTimestamp=False, includeSystem=False)
+    )
 
 
 def json_line(event: LogEvent) -> str:
@@ -65,9 +78,7 @@ def json_line(event: LogEvent) -> str:
     record: dict[str, Any] = {
         "time": rfc3339(event.get("log_time")),
         "severity": SEVERITY.get(level, "DEFAULT"),
-        "message": eventAsText(
-            event, includeTraceback=True, includeTimestamp=False, includeSystem=False
-        ),
+        "message": _message(event),
         "logger": event.get("log_namespace", "-"),
     }
     for key, value in event.items():

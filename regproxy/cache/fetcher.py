@@ -198,6 +198,8 @@ class CachingFetcher:
         self._headers: dict[str, list[tuple[bytes, list[bytes]]]] = {}
         self._download_repo: dict[str, tuple[str, str]] = {}
         self._children_recorded: set[tuple[str, str, str]] = set()
+        # Manifest digest -> its Content-Type (from its bytes, which never change).
+        self._media_types: dict[str, bytes] = {}
         # (route, repository) the upstream served without credentials.
         self._open: set[tuple[str, str]] = set()
 
@@ -426,9 +428,17 @@ class CachingFetcher:
     ) -> None:
         request = asked.request
         if asked.is_manifest:
-            data = obj.data if obj.data is not None else obj.read(0, min(obj.size, 1 << 20))
-            request.setHeader(b"content-type", manifest_media_type(data))
-            self._children_known(asked, digest, data)
+            media_type = self._media_types.get(digest)
+            if media_type is None or (asked.route, asked.repository, digest) not in (
+                self._children_recorded
+            ):
+                data = obj.data if obj.data is not None else obj.read(0, min(obj.size, 1 << 20))
+                media_type = manifest_media_type(data)
+                if len(self._media_types) > 10_000:
+                    self._media_types.clear()
+                self._media_types[digest] = media_type
+                self._children_known(asked, digest, data)
+            request.setHeader(b"content-type", media_type)
         else:
             request.setHeader(b"content-type", BLOB_TYPE)
         request.setHeader(b"docker-content-digest", digest.encode())
