@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from typing import Any
 
 from treq.testing import StubTreq
@@ -38,7 +40,9 @@ class CacheCase(ProxyCase):
 
     def make_proxy(self, agent: Any, **config: Any) -> None:
         self.config = Config(routes=(self.route,), **config)
-        store = open_store(self.mktemp(), max_size=1 << 30, fsync=False, clock=self.clock.seconds)
+        directory = tempfile.mkdtemp(prefix="regproxy-cache-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        store = open_store(directory, max_size=1 << 30, fsync=False, clock=self.clock.seconds)
         self.store = store
         self.fetcher = CachingFetcher(
             store, Downloads(store, clock=self.clock), clock=self.clock, stale_max_age=3600

@@ -4,7 +4,9 @@ the routes in force kept."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,9 @@ class ThreadCalls:
 
 class ReloadTests(ProxyCase):
     def make_proxy(self, agent: Any, **config: Any) -> None:
-        self.file = Path(self.mktemp())
+        directory = tempfile.mkdtemp(prefix="regproxy-reload-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.file = Path(directory) / "routes.toml"
         self.file.write_text(FIRST)
         table = load_routes(self.file)
         self.config = Config(routes=table.routes, routes_file=str(self.file), **config)
