@@ -18,9 +18,7 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import (
     URI,
-    Agent,
     BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
@@ -34,7 +32,7 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from ..config import Upstream
-from .quiet_pool import quiet_connection_factory
+from .agent import UpstreamPool
 from .redirects import GuardedEndpoints
 
 
@@ -179,13 +177,9 @@ def tls_policy(ca_file: str | None) -> IPolicyForHTTPS:
     )
 
 
-def make_pool(reactor: IReactorTime, max_per_host: int = 64) -> HTTPConnectionPool:
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    quiet_connection_factory(pool)
-    pool.maxPersistentPerHost = max_per_host
-    pool.cachedConnectionTimeout = 120
-    pool.retryAutomatically = True
-    return pool
+def make_pool(reactor: IReactorTime, max_per_host: int = 64) -> UpstreamPool:
+    """Idle upstream connections: up to ``max_per_host`` per origin, closed after 120 s."""
+    return UpstreamPool(reactor, max_idle_per_origin=max_per_host, idle_timeout=120.0)
 
 
 @implementer(IAgentEndpointFactory)
@@ -226,7 +220,7 @@ class CachedEndpoints:
 def make_client(
     reactor: Any,
     *,
-    pool: HTTPConnectionPool,
+    pool: UpstreamPool,
     ca_file: str | None = None,
     connect_timeout: float = 10.0,
     guard_redirects_from: Upstream | None = None,
@@ -241,5 +235,5 @@ def make_client(
         )
     else:
         endpoints = CachedEndpoints(reactor, policy, connect_timeout)
-    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+    agent = pool.agent(endpoints)
     return ProxyHTTPClient(IdentityEncodingAgent(agent), cookiejar=NoCookies())  # type: ignore[arg-type]
