@@ -120,13 +120,29 @@ def manifest_cpu(server: Server, seconds: float) -> tuple[float, float]:
     return 1000 * cpu / result["requests"], result["rps"]
 
 
-def blob_cpu(server: Server, size: int) -> tuple[float, float]:
-    """(CPU seconds per GiB, MB/s) of one curl of the blob."""
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of *pid* and its children."""
+    import os
+
+    user = system = 0
+    for one in load.process_tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{one}/stat").read_text().rpartition(")")[2].split()
+            user += int(fields[11])
+            system += int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def blob_cpu(server: Server, size: int) -> tuple[float, float, float]:
+    """(CPU seconds per GiB, MB/s, user share of the CPU) of one curl of the blob."""
     url = server.endpoint.url("big", "blobs", server.blob_digest)  # type: ignore[attr-defined]
-    before = server.endpoint.cpu_seconds()
-    speed = load.curl_download(url, size)
-    cpu = server.endpoint.cpu_seconds() - before
-    return cpu * GiB / size, speed / 1e6
+    assert server.endpoint.pid is not None
+    user0, system0 = user_system_seconds(server.endpoint.pid)
+    speed = load.curl_download(url, size, server.endpoint.cafile)
+    user1, system1 = user_system_seconds(server.endpoint.pid)
+    cpu = (user1 - user0) + (system1 - system0)
+    return cpu * GiB / size, speed / 1e6, (user1 - user0) / cpu if cpu else 0.0
 
 
 def _profile(work: Path, registry: RegistryServer, tls: TLSFiles | None, out: Path) -> None:
@@ -344,7 +360,8 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     load.run_wrk(server.endpoint.url("small", "manifests", "latest"), 16, 1)
                 results: dict[str, dict[str, list[float]]] = {
-                    s.label: {"ms": [], "rps": [], "gib": [], "mbs": []} for s in servers
+                    s.label: {"ms": [], "rps": [], "gib": [], "mbs": [], "user": []}
+                    for s in servers
                 }
                 for _ in range(args.repeats):
                     for server in servers:
@@ -353,10 +370,14 @@ def main(argv: list[str] | None = None) -> None:
                             results[server.label]["ms"].append(ms)
                             results[server.label]["rps"].append(rps)
                         if not args.no_blob:
-                            gib, mbs = blob_cpu(server, size)
+                            gib, mbs, user = blob_cpu(server, size)
                             results[server.label]["gib"].append(gib)
                             results[server.label]["mbs"].append(mbs)
-        print(f"{'server':<28} {'CPU ms/req':>18} {'req/s':>7} {'CPU s/GiB':>18} {'MB/s':>6}")
+                            results[server.label]["user"].append(user)
+        print(
+            f"{'server':<28} {'CPU ms/req':>18} {'req/s':>7} {'CPU s/GiB':>18} {'MB/s':>6}"
+            f" {'user':>5}"
+        )
         for label, row in results.items():
 
             def cell(values: list[float], fmt: str) -> str:
@@ -369,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{label:<28} {cell(row['ms'], '%.3f'):>18} {cell(row['rps'], '%.0f'):>7} "
                 f"{cell(row['gib'], '%.2f'):>18} {cell(row['mbs'], '%.0f'):>6}"
+                f" {statistics.median(row['user']) if row['user'] else 0:5.0%}"
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
