@@ -79,6 +79,33 @@ class _Origin:
         self.factory = _ProtocolFactory(lambda connection: quiescent(connection, self))
 
 
+# Bytes read from an upstream socket at a time. Twisted reads 64 KiB (FileDescriptor's
+# bufferSize); every read then travels the whole relay path in Python (HTTP parser, body
+# protocol, client write), so a blob costs that per-chunk overhead 16384 times per GiB.
+# Reading more at once when more is there divides it; the client side still pauses the
+# upstream past its own 64 KiB write buffer, so a stream holds at most about one read more.
+READ_SIZE = 256 * 1024
+
+
+def read_larger(transport: Any, size: int = READ_SIZE) -> None:
+    """Raise the read size of the socket under ``transport`` (TLS wraps it: its
+    ``transport`` is the TCP one). ``bufferSize`` is the public attribute Twisted's
+    ``FileDescriptor`` reads with; a transport without one (a test's) is left alone."""
+    while transport is not None:
+        if isinstance(getattr(transport, "bufferSize", None), int) and hasattr(
+            transport, "doRead"
+        ):
+            transport.bufferSize = max(transport.bufferSize, size)
+            return
+        transport = getattr(transport, "transport", None)
+
+
+class _Connection(HTTP11ClientProtocol):
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        read_larger(self.transport)
+
+
 class _ProtocolFactory(Factory):
     noisy = False  # no "Starting factory" line per upstream connection
 
@@ -86,7 +113,7 @@ class _ProtocolFactory(Factory):
         self._quiescent = quiescent
 
     def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        return HTTP11ClientProtocol(self._quiescent)
+        return _Connection(self._quiescent)
 
 
 def host_value(uri: URI) -> bytes:

@@ -505,3 +505,41 @@ def test_close_cached_connections_closes_the_idle_ones(
     wire.lose()
     result(closed)
     assert agent.idle_count() == 0
+
+
+def test_upstream_sockets_are_read_in_larger_pieces() -> None:
+    """Plain TCP and TLS (whose transport wraps the TCP one) alike; never smaller."""
+    from twisted.internet import tcp
+
+    from regproxy.upstream.agent import READ_SIZE, read_larger
+
+    class Socket:
+        bufferSize = tcp.Connection.bufferSize
+
+        def doRead(self) -> None:
+            pass
+
+    class TLS:
+        def __init__(self, inner: Socket) -> None:
+            self.transport = inner
+
+    plain, under_tls = Socket(), Socket()
+    read_larger(plain)
+    read_larger(TLS(under_tls))
+    assert plain.bufferSize == under_tls.bufferSize == READ_SIZE > tcp.Connection.bufferSize
+    huge = Socket()
+    huge.bufferSize = 4 * READ_SIZE
+    read_larger(huge)
+    assert huge.bufferSize == 4 * READ_SIZE
+    read_larger(StringTransport())  # nothing to raise: left alone
+
+
+def test_a_real_tcp_connection_gets_the_larger_read_size() -> None:
+    """Twisted's own TCP transport class, so a Twisted change cannot hide."""
+    from twisted.internet import tcp
+
+    from regproxy.upstream.agent import READ_SIZE, read_larger
+
+    connection = tcp.Connection.__new__(tcp.Connection)
+    read_larger(connection)
+    assert connection.bufferSize == READ_SIZE
