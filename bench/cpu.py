@@ -69,8 +69,10 @@ def _servers(
     work: Path,
     registry: RegistryServer,
     tls: TLSFiles | None,
+    listener_tls: bool = False,
 ) -> Iterator[list[Server]]:
     ca = str(tls.ca_cert) if tls else None
+    client_ca = ca if listener_tls else None
     with contextlib.ExitStack() as stack:
         servers: list[Server] = []
         for name in names:
@@ -79,11 +81,21 @@ def _servers(
                     args = ["--upstream", registry.url, "--repo-prefix", PREFIX]
                     if ca:
                         args += ["--upstream-ca", ca]
+                    url = None
+                    if tls and listener_tls:
+                        tls_port = free_port()
+                        args += [
+                            "--port",
+                            f"ssl:{tls_port}:privateKey={tls.key}:certKey={tls.cert}"
+                            ":interface=127.0.0.1",
+                        ]
+                        url = f"https://127.0.0.1:{tls_port}"
                     proxy = stack.enter_context(
                         RegproxyProcess(args=args, directory=work / f"regproxy{index}", cwd=tree)
                     )
                     label = "regproxy" if len(trees) == 1 else f"regproxy@{tree.name}"
-                    servers.append(Server(label, Endpoint(label, proxy.url, pid=proxy.pid)))
+                    endpoint = Endpoint(label, url or proxy.url, cafile=client_ca, pid=proxy.pid)
+                    servers.append(Server(label, endpoint))
             elif name == "nginx":
                 nginx = stack.enter_context(
                     NginxProcess(
@@ -93,9 +105,11 @@ def _servers(
                         registry.scheme,
                         tls.ca_cert if tls else None,
                         workers=1,
+                        listener_tls=(tls.cert, tls.key) if tls and listener_tls else None,
                     )
                 )
-                servers.append(Server("nginx", Endpoint("nginx", nginx.url, pid=nginx.pid)))
+                endpoint = Endpoint("nginx", nginx.url, cafile=client_ca, pid=nginx.pid)
+                servers.append(Server("nginx", endpoint))
             else:
                 port = free_port()
                 args = ["--upstream", registry.url, "--prefix", PREFIX]
@@ -145,11 +159,27 @@ def blob_cpu(server: Server, size: int) -> tuple[float, float, float]:
     return cpu * GiB / size, speed / 1e6, (user1 - user0) / cpu if cpu else 0.0
 
 
-def _profile(work: Path, registry: RegistryServer, tls: TLSFiles | None, out: Path) -> None:
-    """One regproxy under cProfile, loaded by wrk for 5 s, then stopped with SIGTERM (exit 0)."""
+def _profile(
+    work: Path,
+    registry: RegistryServer,
+    tls: TLSFiles | None,
+    out: Path,
+    blob: tuple[str, int] | None = None,
+    listener_tls: bool = False,
+) -> None:
+    """One regproxy under cProfile, loaded by wrk for 5 s (or, with *blob* (digest, size),
+    fetching that blob twice with curl), then stopped with SIGTERM (exit 0)."""
     args = ["--upstream", registry.url, "--repo-prefix", PREFIX]
     if tls:
         args += ["--upstream-ca", str(tls.ca_cert)]
+    url = None
+    if tls and listener_tls:
+        tls_port = free_port()
+        args += [
+            "--port",
+            f"ssl:{tls_port}:privateKey={tls.key}:certKey={tls.cert}:interface=127.0.0.1",
+        ]
+        url = f"https://127.0.0.1:{tls_port}"
     out.mkdir(parents=True, exist_ok=True)
     proxy = RegproxyProcess(args=args, directory=work / "profiled")
     argv = proxy.argv
@@ -166,7 +196,7 @@ def _profile(work: Path, registry: RegistryServer, tls: TLSFiles | None, out: Pa
     )
     try:
         deadline = time.monotonic() + 20
-        ep = Endpoint("profiled", proxy.url, pid=process.pid)
+        ep = Endpoint("profiled", url or proxy.url, pid=process.pid)
         while True:
             try:
                 load.run_wrk(ep.url("small", "manifests", "latest"), 16, 1)
@@ -175,7 +205,12 @@ def _profile(work: Path, registry: RegistryServer, tls: TLSFiles | None, out: Pa
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise
                 time.sleep(0.2)
-        load.run_wrk(ep.url("small", "manifests", "latest"), 16, 5)
+        if blob is None:
+            load.run_wrk(ep.url("small", "manifests", "latest"), 16, 5)
+        else:
+            cafile = str(tls.ca_cert) if tls and listener_tls else None
+            for _ in range(2):
+                load.curl_download(ep.url("big", "blobs", blob[0]), blob[1], cafile)
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
     finally:
@@ -303,6 +338,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(prog="python -m bench.cpu")
     parser.add_argument("--tls", action="store_true", help="HTTPS upstream")
+    parser.add_argument(
+        "--tls-listeners", action="store_true", help="with --tls: clients speak HTTPS too"
+    )
     parser.add_argument("--servers", default="regproxy,agent,treq,nginx")
     parser.add_argument("--trees", default="", help="regproxy source trees, comma-separated")
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -311,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-manifest", action="store_true")
     parser.add_argument("--no-blob", action="store_true")
     parser.add_argument("--profile", type=Path, help="write a cProfile of regproxy here")
+    parser.add_argument(
+        "--profile-blob", action="store_true", help="profile two blob GETs instead of wrk"
+    )
     parser.add_argument(
         "--instructions",
         type=int,
@@ -344,10 +385,11 @@ def main(argv: list[str] | None = None) -> None:
                         )
                 return
             if args.profile:
-                _profile(work, registry, tls, args.profile)
+                blob = (seeded["blob"].digest, size) if args.profile_blob else None
+                _profile(work, registry, tls, args.profile, blob, args.tls_listeners)
                 print(f"profile written to {args.profile / 'regproxy.prof'}")
             names = [n for n in args.servers.split(",") if n]
-            with _servers(names, trees, work, registry, tls) as servers:
+            with _servers(names, trees, work, registry, tls, args.tls_listeners) as servers:
                 for server in servers:
                     server.blob_digest = seeded["blob"].digest  # type: ignore[attr-defined]
                     load.fetch_verified(
