@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import ssl
 from http.cookiejar import Cookie, CookieJar
-from typing import Any
+from typing import Any, cast
 
 from hyperlink import EncodedURL
 from OpenSSL import SSL
@@ -75,9 +76,16 @@ _WIRE_READY = re.compile(
 def wire_url(url: str | bytes) -> EncodedURL | str | bytes:
     """``url`` as treq needs it: parsed once, and not re-encoded when it needs none."""
     text = url.decode("ascii", "replace") if isinstance(url, bytes) else url
+    return _parsed(text) or url
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(text: str) -> SentAsIs | None:
+    """Parsed URLs are immutable, so the ones asked for again (a manifest by tag, the
+    token realm, ``/v2/``) are parsed once: hyperlink's parser costs about 20 us."""
     if _WIRE_READY.fullmatch(text) is None:
-        return url
-    return SentAsIs.from_text(text)
+        return None
+    return cast(SentAsIs, SentAsIs.from_text(text))  # from_text is a classmethod: cls(...)
 
 
 class ProxyHTTPClient(HTTPClient):

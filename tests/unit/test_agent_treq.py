@@ -91,3 +91,9 @@ def test_no_cookie_reaches_the_upstream_and_none_is_kept() -> None:
     for _, _, headers in agent.sent:
         assert headers is not None and not headers.hasHeader(b"cookie")
     assert list(ProxyHTTPClient._NO_COOKIES) == []
+
+
+def test_a_url_asked_for_again_is_not_parsed_again() -> None:
+    url = "http://127.0.0.1:5000/v2/app/manifests/latest"
+    assert wire_url(url) is wire_url(url)
+    assert wire_url(url.encode("ascii")) is wire_url(url)
