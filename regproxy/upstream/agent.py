@@ -22,6 +22,7 @@ matters and does the rest once per origin:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -116,6 +117,13 @@ class _ProtocolFactory(Factory):
         return _Connection(self._quiescent)
 
 
+@functools.lru_cache(maxsize=1024)
+def _parsed_uri(uri: bytes) -> URI:
+    """``URI.fromBytes``, once per URL asked for again (the agent only reads the result)."""
+    parsed: URI = URI.fromBytes(uri)
+    return parsed
+
+
 def host_value(uri: URI) -> bytes:
     """The Host header for ``uri``: the port only when it is not the scheme's default."""
     host: bytes = uri.host
@@ -159,7 +167,7 @@ class PooledAgent:
         bodyProducer: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
         try:
-            parsed = URI.fromBytes(uri)
+            parsed = _parsed_uri(uri)
             origin = self._origin(parsed)
             headers = Headers() if headers is None else headers.copy()
             if not headers.hasHeader(b"host"):

@@ -56,12 +56,20 @@ class SentAsIs(EncodedURL):
     treq turns every URL it is given into its URI form (``to_uri``), which re-encodes each
     part and runs the host through IDNA: about 50 us per request here, for URLs that
     regproxy built from ASCII parts in the first place. treq accepts an ``EncodedURL``;
-    this one is its own URI form. ``tests/unit/test_agent_treq.py`` checks that treq
-    still sends such a URL byte for byte, so a treq change cannot go unnoticed.
+    this one is its own URI form, and renders its text once (it is immutable, and has no
+    user info for ``with_password`` to hide). ``tests/unit/test_agent_treq.py`` checks that
+    treq still sends such a URL byte for byte, so a treq change cannot go unnoticed.
     """
+
+    _text: str | None = None
 
     def to_uri(self) -> SentAsIs:
         return self
+
+    def to_text(self, with_password: bool = False) -> str:
+        if self._text is None:
+            self._text = str(super().to_text(with_password))
+        return self._text
 
 
 # URLs whose URI form is themselves: lower-case host names or IP literals, and a path and
