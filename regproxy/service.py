@@ -13,7 +13,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -30,6 +29,7 @@ from .observe import ClientAddress, Metrics, PrometheusCacheMetrics
 from .reload import RoutesReloader
 from .signals import StopCleanlyOnSigterm
 from .startup import StartupReport, holds_credentials
+from .upstream.agent import UpstreamPool
 from .upstream.client import HealthObserver, UpstreamClient, UpstreamFailure, user_agent
 from .upstream.credentials import RunInThread
 from .upstream.http import make_client, make_pool
@@ -61,7 +61,7 @@ class Drain(Service):
         *,
         site: ProxySite,
         readiness: Readiness,
-        pool: HTTPConnectionPool,
+        pool: UpstreamPool,
         grace: float,
         reactor: Any,
         delay: float = 0.0,
@@ -225,7 +225,7 @@ def build_root(
 
 
 def client_factories(
-    reactor: Any, pool: HTTPConnectionPool, follow_pool: HTTPConnectionPool
+    reactor: Any, pool: UpstreamPool, follow_pool: UpstreamPool
 ) -> tuple[Callable[[Route], HTTPClient], Callable[[Route], HTTPClient]]:
     """One HTTP client per TLS trust, and one follow-mode client per upstream; made once.
 

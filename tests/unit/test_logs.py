@@ -148,3 +148,14 @@ def test_other_runners_are_left_alone() -> None:
     foreign: dict[str, Any] = {"logfile": "x"}
     choose_twist_log_observer(foreign, LogFormat.JSON)
     assert foreign == {"logfile": "x"}
+
+
+@pytest.mark.parametrize("line", ["1.2.3.4 GET /v2/{x} 200 5 0.001s", "ünïcode %s {0} {line}", ""])
+def test_an_access_line_is_the_message_eventAsText_would_make(line: str) -> None:
+    from twisted.logger import eventAsText
+
+    event = {**ACCESS, "log_format": "{line}", "line": line}
+    expected = eventAsText(
+        event, includeTraceback=True, includeTimestamp=False, includeSystem=False
+    )
+    assert json.loads(json_line(event))["message"] == expected == line
