@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -289,10 +290,11 @@ def write_docs(result: dict[str, Any], page: Path) -> None:
         END,
     ]
     text_ = page.read_text() if page.exists() else ""
-    if BEGIN in text_ and END in text_:
-        before, _, rest = text_.partition(BEGIN)
-        _, _, after = rest.partition(END)
-        text_ = before + "\n".join(block) + after
+    # The markers are whole lines: the page's prose may name them too.
+    begin = re.search(rf"^{re.escape(BEGIN)}$", text_, re.MULTILINE)
+    end = re.search(rf"^{re.escape(END)}$", text_, re.MULTILINE)
+    if begin is not None and end is not None and begin.start() < end.start():
+        text_ = text_[: begin.start()] + "\n".join(block) + text_[end.end() :]
     elif "\nAnalysis\n========" in text_:
         before, _, after = text_.partition("\nAnalysis\n========")
         text_ = before + "\n" + "\n".join(block) + "\n\n\nAnalysis\n========" + after
