@@ -9,6 +9,7 @@ regproxy's workers. Skipped when a tool is missing, unless REGPROXY_REQUIRE_INTE
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -136,12 +137,17 @@ def test_no_errors_in_pulls_and_streams(smoke: dict[str, Any]) -> None:
 
 def test_tables_are_written_into_the_page_once(smoke: dict[str, Any], tmp_path: Path) -> None:
     page = smoke["page"]
-    assert page.count(BEGIN) == page.count(END) == 1
-    block = page[page.index(BEGIN) : page.index(END)]
+
+    def lines(text: str, marker: str) -> list[int]:
+        """Where ``marker`` stands as a line of its own (the page's prose names it too)."""
+        return [m.start() for m in re.finditer(rf"^{re.escape(marker)}$", text, re.MULTILINE)]
+
+    [begin], [end] = lines(page, BEGIN), lines(page, END)
+    block = page[begin:end]
     assert "5. Calibration" in block and "regproxy --workers 2" in block
-    assert page.index(END) < page.index("\nAnalysis\n========")
+    assert end < page.index("\nAnalysis\n========")
     copy = tmp_path / "page.rst"
     copy.write_text(page)
     write_docs({k: v for k, v in smoke.items() if k != "page"}, copy)
     assert copy.read_text() == page  # the same run again: replaced in place, not added
-    assert copy.read_text().count(BEGIN) == 1
+    assert len(lines(copy.read_text(), BEGIN)) == 1
