@@ -15,11 +15,14 @@ affects both sides alike:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +48,54 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 def upstream_blob_gets(registry: RegistryServer, digest: str) -> int:
     return len(re.findall(rf'"GET /v2/[^ ]*/blobs/{digest} ', registry.log_text()))
+
+
+class SlowRelay:
+    """A TCP relay on loopback that passes the upstream's answers at ``rate`` bytes/s per
+    connection: an upstream slower than the clients (Docker Hub, a far region), which is
+    what the cache's cold-blob target is about."""
+
+    def __init__(self, target_port: int, rate: float) -> None:
+        self.target_port = target_port
+        self.rate = rate
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(upstream, client, self.rate), daemon=True
+            ).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, rate: float | None) -> None:
+        started, sent = time.monotonic(), 0
+        try:
+            while chunk := source.recv(64 * 1024):
+                sink.sendall(chunk)
+                sent += len(chunk)
+                if rate is not None:
+                    ahead = sent / rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+        except OSError:
+            pass
+        finally:
+            for one in (source, sink):
+                with contextlib.suppress(OSError):
+                    one.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
 
 
 def timed_download(endpoint: Endpoint, name: str, digest: str) -> tuple[float, bool]:
@@ -150,6 +201,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         finally:
             proxy.stop()
+        # 5. the same through an upstream slower than the clients
+        relay = SlowRelay(registry.port, args.slow_rate)
+        slow_proxy = RegproxyProcess(
+            ["--upstream", f"http://127.0.0.1:{relay.port}", "--cache-dir", str(work / "cache2")],
+            directory=work / "proxy2",
+        ).start()
+        try:
+            through = Endpoint("regproxy", slow_proxy.url, pid=slow_proxy.pid)
+            one_client, ok = timed_download(through, "alone", alone.blob.digest)
+            assert ok
+            before = upstream_blob_gets(registry, cold.blob.digest)
+            started = time.monotonic()
+            with ThreadPoolExecutor(max_workers=args.clients) as pool:
+                outcomes = list(
+                    pool.map(
+                        lambda _: timed_download(through, "cold", cold.blob.digest),
+                        range(args.clients),
+                    )
+                )
+            together = time.monotonic() - started
+            result["cold_slow_upstream"] = {
+                "upstream_mb_s": args.slow_rate / MiB,
+                "clients": args.clients,
+                "blob_bytes": args.cold_size,
+                "upstream_gets": upstream_blob_gets(registry, cold.blob.digest) - before,
+                "all_verified": all(ok for _, ok in outcomes),
+                "one_client_s": one_client,
+                "all_clients_s": together,
+                "ratio": together / one_client,
+            }
+        finally:
+            slow_proxy.stop()
+            relay.close()
     return result
 
 
@@ -160,6 +244,7 @@ def report(result: dict[str, Any]) -> str:
         result["streams"],
         result["cold"],
     )
+    slow = result["cold_slow_upstream"]
     rows = [
         (
             "cache-hit blob GET, MB/s (registry from its disk / regproxy from cache)",
@@ -193,6 +278,12 @@ def report(result: dict[str, Any]) -> str:
             f"{cold['ratio']:.2f}x one client",
             "1 GET, <= 1.5x",
         ),
+        (
+            f"same, upstream at {slow['upstream_mb_s']:.0f} MB/s, {slow['clients']} clients",
+            f"{slow['upstream_gets']} upstream GET(s), verified: {slow['all_verified']}",
+            f"{slow['ratio']:.2f}x one client",
+            "1 GET, <= 1.5x",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{width}}  {b:<40} {c:<18} target {d}" for a, b, c, d in rows)
@@ -212,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args.stream_rate = 4 * MiB
     args.stream_seconds = 5.0 if args.smoke else 20.0
     args.clients = 4 if args.smoke else 20
+    args.slow_rate = (8 if args.smoke else 48) * MiB
     result = run(args)
     print(report(result))
     if args.json:
