@@ -242,10 +242,12 @@ class CachingFetcher:
             if not await self._admitted(asked, ops):
                 exchange.cache = "bypass"
                 return PASS
+            if self.downloads.get(digest) is not download:
+                # It finished (or failed) while the upstream was asked about this client:
+                # start over, from what the store now holds.
+                return await self._by_digest(asked, ops, exchange, digest, url)
             self._count(asked, exchange, "coalesced")
-            await self._read_download(
-                asked, exchange, download, digest, self._headers.get(digest, [])
-            )
+            await self._read_download(asked, exchange, download, digest)
             return HANDLED
         if asked.request.method == b"HEAD":
             exchange.cache = "bypass"
@@ -287,10 +289,12 @@ class CachingFetcher:
             return Relay(response, url)
         self._count(asked, exchange, "miss")
         length = None if response.length is UNKNOWN_LENGTH else int(response.length)
-        download.announce(length)
         ops.copy_headers(response)
         request = asked.request
+        # Before announcing: readers that joined while the upstream had not answered yet
+        # resume on the announcement and take these headers (Content-Type above all).
         self._headers[digest] = list(request.responseHeaders.getAllRawHeaders())  # type: ignore[arg-type]
+        download.announce(length)
         download.done.addCallback(self._committed, asked, digest)
         # This client reads before the body flows: a body that arrived with the headers is
         # delivered at once, and the download must not be over before anyone reads it.
@@ -357,9 +361,12 @@ class CachingFetcher:
         exchange: Any,
         download: Download,
         digest: str,
-        headers: list[tuple[bytes, list[bytes]]] | None,
     ) -> None:
+        """A client joining a download another request of this process started."""
         size = await _guarded(download.when_announced(), lambda: None)
+        # Read only now: the headers are those of the upstream's answer, which may have
+        # arrived after this client joined.
+        headers = self._headers.get(digest, [])
         reader = self._attach(asked, download, digest, headers, size)
         if reader is not None:
             await self._finish_reading(asked, exchange, reader, digest)

@@ -9,7 +9,9 @@ import shutil
 import tempfile
 from typing import Any
 
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
 from regproxy.cache.download import Downloads
 from regproxy.cache.fetcher import CachingFetcher
@@ -148,3 +150,51 @@ class ProxyHeldCredentialsTests(CacheCase):
         self.get(f"/v2/app/blobs/{BLOB_DIGEST}")
         self.assertEqual(self.get(f"/v2/app/blobs/{BLOB_DIGEST}").body, BLOB)
         self.assertEqual(len(self.seen()), 1)
+
+
+class HeldUpstream(Resource):
+    """Answers only when the test releases it, as a slow upstream would."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Request] = []
+
+    def render(self, request: Request) -> object:
+        self.held.append(request)
+        return NOT_DONE_YET
+
+    def release(self, content_type: bytes, body: bytes) -> None:
+        held, self.held = self.held, []
+        for request in held:
+            request.setHeader(b"content-type", content_type)
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+
+
+class JoiningTests(CacheCase):
+    def test_a_client_that_joins_before_the_upstream_answers_gets_its_headers(self) -> None:
+        upstream = HeldUpstream()
+        self.upstream_agent = RequestTraversalAgent(upstream)
+        self.make_proxy(self.upstream_agent)
+        url = f"http://proxy.example/v2/app/manifests/{MANIFEST_DIGEST}"
+        first = self.proxy.get(url, headers={b"accept": [OCI]})
+        second = self.proxy.get(url, headers={b"accept": [OCI]})
+        for _ in range(5):
+            self.upstream_agent.flush()
+            self.proxy.flush()
+        # One GET for both clients (the second asks with a HEAD whether it may read it).
+        self.assertEqual([r.method for r in upstream.held].count(b"GET"), 1)
+        upstream.release(OCI, MANIFEST)
+        for _ in range(10):
+            self.upstream_agent.flush()
+            self.proxy.flush()
+        for d in (first, second):
+            response = self.successResultOf(d)
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [OCI])
+            body = self.proxy.content(response)
+            for _ in range(5):
+                self.proxy.flush()
+            self.assertEqual(self.successResultOf(body), MANIFEST)
