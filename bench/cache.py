@@ -40,7 +40,7 @@ from .load import (
     process_cpu_seconds,
     run_wrk,
 )
-from .seed import push_blob_image, random_file
+from .seed import BlobImage, push_blob_image, random_file
 from .suite import MiB
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -110,6 +110,38 @@ def timed_download(endpoint: Endpoint, name: str, digest: str) -> tuple[float, b
     return time.monotonic() - started, ok
 
 
+def cold_run(
+    endpoint: Endpoint,
+    registry: RegistryServer,
+    cold: BlobImage,
+    alone: BlobImage,
+    clients: int,
+) -> dict[str, Any]:
+    """``clients`` clients at once on the cold blob ``cold``, against one client on the
+    cold blob ``alone`` of the same size; the upstream GETs from the registry's log."""
+    one_client, ok = timed_download(endpoint, alone.name, alone.blob.digest)
+    assert ok
+    before = upstream_blob_gets(registry, cold.blob.digest)
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        outcomes = list(
+            pool.map(
+                lambda _: timed_download(endpoint, cold.name, cold.blob.digest), range(clients)
+            )
+        )
+    together = time.monotonic() - started
+    return {
+        "clients": clients,
+        "blob_bytes": cold.blob.size,
+        "upstream_gets": upstream_blob_gets(registry, cold.blob.digest) - before,
+        "all_verified": all(ok for _, ok in outcomes),
+        "one_client_s": one_client,
+        "all_clients_s": together,
+        "ratio": together / one_client,
+        "delivered_mb_s": clients * cold.blob.size / MiB / together,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="regproxy-bench-cache-"))
     result: dict[str, Any] = {"settings": vars(args).copy()}
@@ -148,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # 2. manifest by digest, hits
             manifest_path = f"/v2/hot/manifests/{hot.manifest_digest}"
             run_wrk(cached.base + manifest_path, 1, 1, OCI_MANIFEST)  # warm
-            rates = {}
+            rates: dict[str, dict[str, Any]] = {}
             for endpoint in (direct, cached):
                 cpu = process_cpu_seconds(endpoint.pid) if endpoint.pid else 0.0
                 wrk = run_wrk(endpoint.base + manifest_path, 16, args.duration, OCI_MANIFEST)
@@ -177,28 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             # 4. a cold blob, many clients at once, against one client alone on another cold
             # blob of the same size (both through the proxy, both downloaded and verified)
-            one_client, ok = timed_download(cached, "alone", alone.blob.digest)
-            assert ok
-            before = upstream_blob_gets(registry, cold.blob.digest)
-            started = time.monotonic()
-            with ThreadPoolExecutor(max_workers=args.clients) as pool:
-                outcomes = list(
-                    pool.map(
-                        lambda _: timed_download(cached, "cold", cold.blob.digest),
-                        range(args.clients),
-                    )
-                )
-            together = time.monotonic() - started
-            result["cold"] = {
-                "clients": args.clients,
-                "blob_bytes": args.cold_size,
-                "upstream_gets": upstream_blob_gets(registry, cold.blob.digest) - before,
-                "all_verified": all(ok for _, ok in outcomes),
-                "one_client_s": one_client,
-                "all_clients_s": together,
-                "ratio": together / one_client,
-                "delivered_mb_s": args.clients * args.cold_size / MiB / together,
-            }
+            result["cold"] = cold_run(cached, registry, cold, alone, args.clients)
         finally:
             proxy.stop()
         # 5. the same through an upstream slower than the clients
@@ -209,27 +220,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ).start()
         try:
             through = Endpoint("regproxy", slow_proxy.url, pid=slow_proxy.pid)
-            one_client, ok = timed_download(through, "alone", alone.blob.digest)
-            assert ok
-            before = upstream_blob_gets(registry, cold.blob.digest)
-            started = time.monotonic()
-            with ThreadPoolExecutor(max_workers=args.clients) as pool:
-                outcomes = list(
-                    pool.map(
-                        lambda _: timed_download(through, "cold", cold.blob.digest),
-                        range(args.clients),
-                    )
-                )
-            together = time.monotonic() - started
             result["cold_slow_upstream"] = {
                 "upstream_mb_s": args.slow_rate / MiB,
-                "clients": args.clients,
-                "blob_bytes": args.cold_size,
-                "upstream_gets": upstream_blob_gets(registry, cold.blob.digest) - before,
-                "all_verified": all(ok for _, ok in outcomes),
-                "one_client_s": one_client,
-                "all_clients_s": together,
-                "ratio": together / one_client,
+                **cold_run(through, registry, cold, alone, args.clients),
             }
         finally:
             slow_proxy.stop()
