@@ -7,7 +7,12 @@
   (what serving costs with no client at all);
 - ``agent``: a bare relay through Twisted's ``Agent`` with a persistent pool: the path gets
   the prefix, ``Accept`` goes upstream, status, content headers and body come back;
-- ``treq``: the same relay through ``treq.HTTPClient`` over that Agent (unbuffered).
+- ``treq``: the same relay through ``treq.HTTPClient`` over that Agent (unbuffered);
+- ``wire``: the relay through regproxy's own agent and connection protocol
+  (``regproxy.upstream.agent`` over ``regproxy.upstream.wire``);
+- ``treq-wire``: the relay through regproxy's treq client over that agent, exactly as
+  regproxy builds it (``regproxy.upstream.http.make_client``): the floor under regproxy
+  while treq stays its forwarding API and twisted.web its server.
 
 None logs, validates, rewrites or counts anything: regproxy's figure minus these is what
 regproxy's own code costs. Each listens on a Twisted endpoint (``ssl:`` for TLS listeners).
@@ -112,7 +117,7 @@ class Relay(Resource):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.calibrate")
-    parser.add_argument("kind", choices=("site", "agent", "treq"))
+    parser.add_argument("kind", choices=("site", "agent", "treq", "wire", "treq-wire"))
     parser.add_argument("--listen", required=True, help="a Twisted endpoint, e.g. tcp:8080")
     parser.add_argument("--upstream", help="registry URL (agent, treq)")
     parser.add_argument("--prefix", default="", help="repository prefix added upstream")
@@ -124,6 +129,15 @@ def main(argv: list[str] | None = None) -> None:
     resource: Resource
     if args.kind == "site":
         resource = Fixed(args.body.read_bytes(), args.content_type.encode())
+    elif args.kind in ("wire", "treq-wire"):
+        from regproxy.upstream.http import CachedEndpoints, make_client, make_pool, tls_policy
+
+        ca = str(args.upstream_ca) if args.upstream_ca else None
+        pool = make_pool(reactor)
+        client = make_client(reactor, pool=pool, ca_file=ca)
+        agent = pool.agent(CachedEndpoints(reactor, tls_policy(ca), 10.0))
+        resource = Relay(agent, args.upstream, args.prefix, use_treq=args.kind == "treq-wire")
+        resource.client = client
     else:
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 64

@@ -451,6 +451,8 @@ CALIBRATIONS = (
     ("site", "twisted.web Site"),
     ("agent", "Agent relay"),
     ("treq", "treq relay"),
+    ("wire", "regproxy agent relay"),
+    ("treq-wire", "treq over regproxy agent"),
 )
 
 
@@ -462,7 +464,7 @@ def calibrate(
     images: Images,
     log: Log,
 ) -> dict[str, Any]:
-    """Manifest GETs through three bare single-process servers (bench/calibrate.py)."""
+    """Manifest GETs through the bare single-process servers of bench/calibrate.py."""
     listener_tls = tls is not None and settings.tls_listeners
     ca = str(tls.ca_cert) if tls else None
     manifest = directory / "manifest.json"

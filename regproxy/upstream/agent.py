@@ -1,4 +1,4 @@
-"""regproxy's own ``IAgent``: Twisted's HTTP/1.1 client protocol, with a lean pool beneath.
+"""regproxy's own ``IAgent``: a lean pool of upstream connections.
 
 Twisted's ``Agent`` + ``HTTPConnectionPool`` pay, on every request over a pooled connection,
 for work a proxy talking to a handful of origins does not need: a Deferred for the pooled
@@ -7,14 +7,14 @@ put back and its ``cancel`` when it is taken again (two heap operations in the r
 Host value recomputed, the endpoint looked up through the factory. This agent keeps what
 matters and does the rest once per origin:
 
-- the wire protocol is Twisted's ``HTTP11ClientProtocol`` unchanged (parsing, chunked and
-  fixed-length bodies, HEAD, 1xx, ``Connection: close``, body transports with backpressure,
-  cancellation): this module only decides which connection a request goes on;
+- the wire protocol is :class:`regproxy.upstream.wire.ClientConnection` (llhttp parsing,
+  chunked and fixed-length bodies, HEAD, 1xx, ``Connection: close``, body transports with
+  backpressure, cancellation): this module only decides which connection a request goes on;
 - idle connections wait in a list per origin (most recently used first, so the rest age
   out); no timer per connection: one sweep closes those idle too long, and a connection
   found dead or stale when taken is dropped;
 - one request per connection at a time (no pipelining): a connection is idle only after
-  the protocol called back that it is quiescent;
+  it called back that its exchange is over and it may be reused;
 - a request that fails on a *reused* connection before any response came (the upstream
   closed it while idle: the stale-connection race) is sent once more on a new connection
   when it is idempotent and has no body, as Twisted's pool does.
@@ -32,16 +32,12 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-
-# HTTP11ClientProtocol, Request and RequestNotSent are what Twisted's own Agent is built
-# on; twisted.web.client imports them but leaves them out of its __all__, so they are
-# imported from where they live. This module is the only user; the in-memory protocol
-# battery (tests/unit/test_agent.py) runs the real protocol and fails if they change.
-from twisted.web._newclient import HTTP11ClientProtocol, Request, RequestNotSent
 from twisted.web.client import URI, RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
+
+from .wire import ClientConnection, OutgoingRequest, RequestNotSent
 
 Key = tuple[bytes, bytes, int]  # scheme, host, port
 
@@ -70,51 +66,24 @@ class _Origin:
         key: Key,
         endpoint: IStreamClientEndpoint,
         host: bytes,
-        quiescent: Callable[[HTTP11ClientProtocol, _Origin], None],
+        quiescent: Callable[[ClientConnection, _Origin], None],
     ) -> None:
         self.key = key
         self.endpoint = endpoint
         self.host = host
         # (protocol, time it became idle); the most recently used at the end.
-        self.idle: list[tuple[HTTP11ClientProtocol, float]] = []
+        self.idle: list[tuple[ClientConnection, float]] = []
         self.factory = _ProtocolFactory(lambda connection: quiescent(connection, self))
-
-
-# Bytes read from an upstream socket at a time. Twisted reads 64 KiB (FileDescriptor's
-# bufferSize); every read then travels the whole relay path in Python (HTTP parser, body
-# protocol, client write), so a blob costs that per-chunk overhead 16384 times per GiB.
-# Reading more at once when more is there divides it; the client side still pauses the
-# upstream past its own 64 KiB write buffer, so a stream holds at most about one read more.
-READ_SIZE = 256 * 1024
-
-
-def read_larger(transport: Any, size: int = READ_SIZE) -> None:
-    """Raise the read size of the socket under ``transport`` (TLS wraps it: its
-    ``transport`` is the TCP one). ``bufferSize`` is the public attribute Twisted's
-    ``FileDescriptor`` reads with; a transport without one (a test's) is left alone."""
-    while transport is not None:
-        if isinstance(getattr(transport, "bufferSize", None), int) and hasattr(
-            transport, "doRead"
-        ):
-            transport.bufferSize = max(transport.bufferSize, size)
-            return
-        transport = getattr(transport, "transport", None)
-
-
-class _Connection(HTTP11ClientProtocol):
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        read_larger(self.transport)
 
 
 class _ProtocolFactory(Factory):
     noisy = False  # no "Starting factory" line per upstream connection
 
-    def __init__(self, quiescent: Callable[[HTTP11ClientProtocol], None]) -> None:
+    def __init__(self, quiescent: Callable[[ClientConnection], None]) -> None:
         self._quiescent = quiescent
 
-    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        return _Connection(self._quiescent)
+    def buildProtocol(self, addr: Any) -> ClientConnection:
+        return ClientConnection(self._quiescent)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -136,7 +105,7 @@ def host_value(uri: URI) -> bytes:
 
 @implementer(IAgent)
 class PooledAgent:
-    """An ``IAgent`` over ``HTTP11ClientProtocol`` with a pool of its own; see the module."""
+    """An ``IAgent`` over :class:`ClientConnection` with a pool of its own; see the module."""
 
     log = Logger()
 
@@ -172,7 +141,7 @@ class PooledAgent:
             headers = Headers() if headers is None else headers.copy()
             if not headers.hasHeader(b"host"):
                 headers.setRawHeaders(b"host", [origin.host])
-            request = Request(method, parsed.originForm, headers, bodyProducer, persistent=True)
+            request = OutgoingRequest(method, parsed.originForm, headers, bodyProducer, uri)
         except Exception:
             return fail()
         connection = self._take_idle(origin)
@@ -193,7 +162,7 @@ class PooledAgent:
             self._origins[key] = origin
         return origin
 
-    def _take_idle(self, origin: _Origin) -> HTTP11ClientProtocol | None:
+    def _take_idle(self, origin: _Origin) -> ClientConnection | None:
         idle = origin.idle
         oldest_usable = self._clock.seconds() - self.idle_timeout
         while idle:
@@ -203,14 +172,14 @@ class PooledAgent:
             self._close(connection)
         return None
 
-    def _connect(self, origin: _Origin) -> Deferred[HTTP11ClientProtocol]:
+    def _connect(self, origin: _Origin) -> Deferred[ClientConnection]:
         connecting: Deferred[Any] = origin.endpoint.connect(origin.factory)
         return connecting
 
     def _send(
         self,
-        connection: HTTP11ClientProtocol,
-        request: Request,
+        connection: ClientConnection,
+        request: OutgoingRequest,
         reused_from: _Origin | None = None,
     ) -> Deferred[IResponse]:
         sending: Deferred[IResponse] = connection.request(request)
@@ -226,7 +195,7 @@ class PooledAgent:
 
         return sending.addErrback(retry_on_a_new_connection)
 
-    def _quiescent(self, connection: HTTP11ClientProtocol, origin: _Origin) -> None:
+    def _quiescent(self, connection: ClientConnection, origin: _Origin) -> None:
         """The protocol finished a response and may take another request: idle it."""
         if self._origins.get(origin.key) is not origin or (
             len(origin.idle) >= self.max_idle_per_origin
@@ -260,7 +229,7 @@ class PooledAgent:
             origin.idle.clear()
             del self._origins[key]
 
-    def _close(self, connection: HTTP11ClientProtocol) -> None:
+    def _close(self, connection: ClientConnection) -> None:
         if connection.state not in ("CONNECTION_LOST", "ABORTED"):
             connection.transport.loseConnection()  # type: ignore[union-attr]
 

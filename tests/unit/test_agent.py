@@ -1,8 +1,8 @@
 """The protocol battery of regproxy's own agent (regproxy.upstream.agent), in memory.
 
-Every test runs the real ``HTTP11ClientProtocol`` over a ``StringTransport``: the upstream's
-bytes are fed to it as a socket would, so what is tested is framing, reuse and loss as they
-happen on the wire, not a fake's idea of them.
+Every test runs the real connection protocol (``regproxy.upstream.wire``) over a
+``StringTransport``: the upstream's bytes are fed to it as a socket would, so what is tested
+is framing, reuse and loss as they happen on the wire, not a fake's idea of them.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from twisted.python.failure import Failure
 from twisted.web.client import URI, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from regproxy.upstream.agent import PooledAgent, UpstreamPool, host_value, should_retry
+from tests.support.inmemory import SyncProducer
 
 
 class Wire:
@@ -79,26 +80,6 @@ class Body(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
         self.reason = reason
-
-
-@implementer(IBodyProducer)
-class Form:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 URL = b"http://registry.example:5000/v2/app/manifests/latest"
@@ -241,22 +222,24 @@ def test_interim_1xx_answers_are_skipped(agent: PooledAgent, endpoints: MemoryEn
 # -- smuggling shapes and oversized answers ----------------------------------------------------
 
 
-def test_transfer_encoding_overrides_content_length_and_the_length_is_not_trusted(
+def test_content_length_with_transfer_encoding_is_refused_and_the_connection_dropped(
     agent: PooledAgent, endpoints: MemoryEndpoints
 ) -> None:
-    """RFC 9112 6.3: with both, chunked framing wins; the Content-Length is not forwarded
-    (the response has no length and no Content-Length header), and the bytes after the
-    last chunk are the next answer, not part of this body."""
+    """RFC 9112 6.3: a message with both "ought to be handled as an error" (it is the shape
+    of response splitting). The request fails, nothing of the body is passed on, and the
+    connection, whose framing is now in doubt, is never used again."""
     d = get(agent)
     wire = endpoints.endpoint.wires[0]
     wire.answer(
         b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5\r\nhello\r\n0\r\n\r\n"
     )
-    response = result(d)
-    assert response.length is UNKNOWN_LENGTH
-    assert not response.headers.hasHeader(b"content-length")
-    assert read(response).data == b"hello"
+    with pytest.raises(ResponseFailed):
+        result(d)
+    assert wire.transport.disconnecting
+    assert agent.idle_count() == 0
+    get(agent)
+    assert len(endpoints.endpoint.wires) == 2
 
 
 def test_an_unknown_transfer_coding_fails_the_request(
@@ -387,7 +370,7 @@ def test_a_request_with_a_body_is_not_sent_twice(
     stale = endpoints.endpoint.wires[0]
     stale.answer(OK)
     read(result(warm))
-    d = agent.request(b"POST", URL, Headers(), Form(b"grant_type=x"))
+    d = agent.request(b"POST", URL, Headers(), SyncProducer(b"grant_type=x"))
     stale.lose()
     with pytest.raises(Exception):  # noqa: B017 - whatever failure, it is not retried
         result(d)
@@ -511,7 +494,7 @@ def test_upstream_sockets_are_read_in_larger_pieces() -> None:
     """Plain TCP and TLS (whose transport wraps the TCP one) alike; never smaller."""
     from twisted.internet import tcp
 
-    from regproxy.upstream.agent import READ_SIZE, read_larger
+    from regproxy.upstream.wire import READ_SIZE, read_larger
 
     class Socket:
         bufferSize = tcp.Connection.bufferSize
@@ -538,7 +521,7 @@ def test_a_real_tcp_connection_gets_the_larger_read_size() -> None:
     """Twisted's own TCP transport class, so a Twisted change cannot hide."""
     from twisted.internet import tcp
 
-    from regproxy.upstream.agent import READ_SIZE, read_larger
+    from regproxy.upstream.wire import READ_SIZE, read_larger
 
     connection = tcp.Connection.__new__(tcp.Connection)
     read_larger(connection)
