@@ -130,12 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.kind == "site":
         resource = Fixed(args.body.read_bytes(), args.content_type.encode())
     elif args.kind in ("wire", "treq-wire"):
-        from regproxy.upstream.http import CachedEndpoints, make_client, make_pool, tls_policy
+        from regproxy.upstream.http import CachedEndpoints, make_client, make_pool
+        from regproxy.upstream.tls import tls_context
 
         ca = str(args.upstream_ca) if args.upstream_ca else None
         pool = make_pool(reactor)
         client = make_client(reactor, pool=pool, ca_file=ca)
-        agent = pool.agent(CachedEndpoints(reactor, tls_policy(ca), 10.0))
+        agent = pool.agent(CachedEndpoints(reactor, tls_context(ca), 10.0))
         resource = Relay(agent, args.upstream, args.prefix, use_treq=args.kind == "treq-wire")
         resource.client = client
     else:

@@ -11,6 +11,7 @@ a timeout) and tells a client that left apart from an upstream that failed.
 from __future__ import annotations
 
 import enum
+import ssl
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
@@ -83,7 +84,9 @@ def _reasons(error: BaseException) -> Iterable[BaseException]:
 
 
 def _tls_errors() -> tuple[type[BaseException], ...]:
-    kinds: list[type[BaseException]] = [SSL.Error]
+    # ssl.SSLError: regproxy's own TLS to upstreams (regproxy.upstream.tls); SSL.Error:
+    # pyOpenSSL's, should a Twisted TLS layer sit under a connection.
+    kinds: list[type[BaseException]] = [ssl.SSLError, SSL.Error]
     try:
         from service_identity.exceptions import VerificationError as ServiceIdentityError
 

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 import re
 import ssl
 from http.cookiejar import Cookie, CookieJar
 from typing import Any, cast
 
 from hyperlink import EncodedURL
-from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import (
     URI,
-    BrowserLikePolicyForHTTPS,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
@@ -27,7 +22,6 @@ from twisted.web.iweb import (
     IAgent,
     IAgentEndpointFactory,
     IBodyProducer,
-    IPolicyForHTTPS,
     IResponse,
 )
 from zope.interface import implementer
@@ -35,6 +29,7 @@ from zope.interface import implementer
 from ..config import Upstream
 from .agent import UpstreamPool
 from .redirects import GuardedEndpoints
+from .tls import TLSEndpoint, tls_context
 
 
 class NoCookies(CookieJar):
@@ -152,47 +147,6 @@ def _hide_content_encoding(response: IResponse) -> IResponse:
     return response
 
 
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
-)
-
-
-def _pem_certificates(path: str) -> list[Certificate]:
-    with open(path, "rb") as handle:
-        data = handle.read()
-    return [Certificate.loadPEM(block) for block in _PEM_CERTIFICATE.findall(data)]
-
-
-def system_certificates() -> list[Certificate]:
-    """The platform's CA certificates, read from OpenSSL's default locations."""
-    paths = ssl.get_default_verify_paths()
-    if paths.cafile:
-        return _pem_certificates(paths.cafile)
-    found: list[Certificate] = []
-    if paths.capath and os.path.isdir(paths.capath):
-        for entry in sorted(os.scandir(paths.capath), key=lambda e: e.name):
-            if entry.is_file():
-                with contextlib.suppress(OSError, ValueError, SSL.Error):
-                    found.extend(_pem_certificates(entry.path))
-    return found
-
-
-def tls_policy(ca_file: str | None) -> IPolicyForHTTPS:
-    """The platform's trust, plus an operator-given PEM bundle in addition to it.
-
-    Built from public APIs only: the system store and the bundle are read as certificates
-    and handed to ``trustRootFromCertificates``, so a bad file fails at start-up.
-    """
-    if not ca_file:
-        return BrowserLikePolicyForHTTPS()
-    extra = _pem_certificates(ca_file)
-    if not extra:
-        raise ValueError(f"{ca_file!r} holds no PEM certificate")
-    return BrowserLikePolicyForHTTPS(
-        trustRoot=trustRootFromCertificates(system_certificates() + extra)
-    )
-
-
 def make_pool(reactor: IReactorTime, max_per_host: int = 64) -> UpstreamPool:
     """Idle upstream connections: up to ``max_per_host`` per origin, closed after 120 s."""
     return UpstreamPool(reactor, max_idle_per_origin=max_per_host, idle_timeout=120.0)
@@ -209,9 +163,9 @@ class CachedEndpoints:
 
     MAX_ENTRIES = 256  # upstreams plus blob storage hosts seen in follow mode
 
-    def __init__(self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+    def __init__(self, reactor: Any, tls: ssl.SSLContext, connect_timeout: float) -> None:
         self._reactor = reactor
-        self._policy = policy
+        self._tls = tls
         self._connect_timeout = connect_timeout
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
@@ -225,8 +179,7 @@ class CachedEndpoints:
                 self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._connect_timeout
             )
             if uri.scheme == b"https":
-                creator = self._policy.creatorForNetloc(uri.host, uri.port)
-                endpoint = wrapClientTLS(creator, endpoint)
+                endpoint = TLSEndpoint(self._tls, uri.host.decode("ascii"), endpoint)
             if len(self._endpoints) >= self.MAX_ENTRIES:
                 self._endpoints.clear()
             self._endpoints[key] = endpoint
@@ -243,13 +196,13 @@ def make_client(
 ) -> HTTPClient:
     """The treq client; with ``guard_redirects_from``, one for blob redirect targets of that
     upstream, whose endpoints refuse non-public addresses before connecting."""
-    policy = tls_policy(ca_file)
+    tls = tls_context(ca_file)
     endpoints: IAgentEndpointFactory
     if guard_redirects_from is not None:
         endpoints = GuardedEndpoints(
-            reactor, upstream=guard_redirects_from, policy=policy, connect_timeout=connect_timeout
+            reactor, upstream=guard_redirects_from, tls=tls, connect_timeout=connect_timeout
         )
     else:
-        endpoints = CachedEndpoints(reactor, policy, connect_timeout)
+        endpoints = CachedEndpoints(reactor, tls, connect_timeout)
     agent = pool.agent(endpoints)
     return ProxyHTTPClient(IdentityEncodingAgent(agent), cookiejar=NoCookies())  # type: ignore[arg-type]

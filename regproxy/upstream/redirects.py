@@ -16,23 +16,25 @@ a public address and then to a private one cannot slip through.
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IProtocolFactory,
     IResolutionReceiver,
     IStreamClientEndpoint,
 )
 from twisted.web.client import URI
-from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from ..config import Upstream
 from .client import RedirectRefused
+from .tls import TLSEndpoint
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # (host, port) -> the addresses it resolves to.
@@ -127,8 +129,7 @@ class _CheckedEndpoint:
         )
         if self._uri.scheme == b"https":
             # Verified against the name in the URL, while connecting to the checked address.
-            creator = owner.policy.creatorForNetloc(self._uri.host, self._uri.port)
-            endpoint = wrapClientTLS(creator, endpoint)
+            endpoint = TLSEndpoint(owner.tls, host, endpoint)
         return await endpoint.connect(protocol_factory)
 
 
@@ -141,13 +142,13 @@ class GuardedEndpoints:
         reactor: Any,
         *,
         upstream: Upstream,
-        policy: IPolicyForHTTPS,
+        tls: ssl.SSLContext,
         resolve: Resolve | None = None,
         connect_timeout: float = 10.0,
     ) -> None:
         self.reactor = reactor
         self.upstream = upstream
-        self.policy = policy
+        self.tls = tls
         self.resolve = resolve or reactor_resolver(reactor)
         self.connect_timeout = connect_timeout
 

@@ -24,7 +24,8 @@ from zope.interface import implementer
 
 from bench.seed import upload_blob
 from regproxy.upstream.agent import PooledAgent
-from regproxy.upstream.http import CachedEndpoints, tls_policy
+from regproxy.upstream.http import CachedEndpoints
+from regproxy.upstream.tls import tls_context
 from tests.support.registry import RegistryServer, registry_binary
 from tests.support.tls import make_ca_and_cert
 from tests.support.tools import require_tools
@@ -94,7 +95,7 @@ class AgentAgainstARegistry(TestCase):
             cafile=self.files.ca_cert if self.files else None,
         )
         ca = str(self.files.ca_cert) if self.files else None
-        self.endpoints = CountingEndpoints(CachedEndpoints(reactor, tls_policy(ca), 5.0))
+        self.endpoints = CountingEndpoints(CachedEndpoints(reactor, tls_context(ca), 5.0))
         self.agent = PooledAgent(reactor, self.endpoints, idle_timeout=60)
         self.addCleanup(self.agent.closeCachedConnections)
 

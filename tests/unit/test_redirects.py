@@ -16,11 +16,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS
+from twisted.web.client import URI, Agent
 
 from regproxy.config import BlobRedirects, Config, Route, Upstream
 from regproxy.upstream.client import RedirectRefused
 from regproxy.upstream.redirects import GuardedEndpoints, address_kind, check_scheme
+from regproxy.upstream.tls import tls_context
 from tests.support.inmemory import DIGEST, Answer, ProxyCase, build_tree, in_memory_client
 
 UPSTREAM = Upstream("https", "registry.example")
@@ -41,7 +42,7 @@ class Resolver:
 def guarded(resolver: Resolver, upstream: Upstream = UPSTREAM) -> tuple[Any, GuardedEndpoints]:
     reactor = MemoryReactorClock()
     endpoints = GuardedEndpoints(
-        reactor, upstream=upstream, policy=BrowserLikePolicyForHTTPS(), resolve=resolver
+        reactor, upstream=upstream, tls=tls_context(), resolve=resolver
     )
     return reactor, endpoints
 
