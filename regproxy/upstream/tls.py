@@ -106,8 +106,6 @@ class TLSClient(Protocol):
         waiting, self._waiting = self._waiting, []
         for data in waiting:
             self.write(data)
-        if self.disconnecting:
-            self._close_tls()
 
     def dataReceived(self, data: bytes) -> None:
         if self._tls is None or self._error is not None:
@@ -196,9 +194,10 @@ class TLSClient(Protocol):
         self.disconnecting = True
         if self._handshaken:
             self._close_tls()
-        elif self.transport is not None and self._tls is None:
+        elif self.transport is not None:
+            # Mid-handshake: nothing was sent that a close_notify would end.
+            self._waiting = []
             self.transport.loseConnection()
-        # Mid-handshake: the handshake's end sends what waits, then closes.
 
     def _close_tls(self) -> None:
         if self._tls is not None and self._error is None:

@@ -41,9 +41,7 @@ class Resolver:
 
 def guarded(resolver: Resolver, upstream: Upstream = UPSTREAM) -> tuple[Any, GuardedEndpoints]:
     reactor = MemoryReactorClock()
-    endpoints = GuardedEndpoints(
-        reactor, upstream=upstream, tls=tls_context(), resolve=resolver
-    )
+    endpoints = GuardedEndpoints(reactor, upstream=upstream, tls=tls_context(), resolve=resolver)
     return reactor, endpoints
 
 

@@ -83,7 +83,8 @@ class TLSUpstreamTests(TestCase):
     async def read_all(self, port: int, context: ssl.SSLContext, name: str) -> Reader:
         reader = Reader()
         tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
-        protocol = await TLSEndpoint(context, name, tcp).connect(Factory.forProtocol(lambda: reader))
+        factory = Factory.forProtocol(lambda: reader)
+        protocol = await TLSEndpoint(context, name, tcp).connect(factory)
         self.assertIs(protocol, reader)
         await reader.ended
         return reader
@@ -144,9 +145,7 @@ class TLSUpstreamTests(TestCase):
         )
         with self.assertRaises(UpstreamFailure) as raised:
             await ensureDeferred(
-                upstream.send(
-                    "GET", f"https://127.0.0.1:{port}/v2/", headers=Headers(), route="r"
-                )
+                upstream.send("GET", f"https://127.0.0.1:{port}/v2/", headers=Headers(), route="r")
             )
         self.assertIs(raised.exception.kind, FailureKind.TLS)
 
