@@ -31,7 +31,13 @@ TOOLS = {
 }
 PATHS = ("direct", "nginx", "regproxy")
 RUNS = {"plain-w2", "plain-w1", "tls-w2", "tls-w1"}
-CALIBRATIONS = {"twisted.web Site", "Agent relay", "treq relay"}
+CALIBRATIONS = {
+    "twisted.web Site",
+    "Agent relay",
+    "treq relay",
+    "regproxy agent relay",
+    "treq over regproxy agent",
+}
 
 
 def _missing() -> list[str]:
