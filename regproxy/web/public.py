@@ -25,10 +25,24 @@ def request_host(request: Request) -> str:
 def public_base(request: Request, config: Config) -> str:
     """``--public-url`` when given; else scheme (``X-Forwarded-Proto`` or listener) + Host.
 
-    Derived per request, never stored: behind a load balancer every replica answers alike.
+    Derived per request, never stored across requests: behind a load balancer every
+    replica answers alike. Within one request it is asked for more than once (mapping,
+    then rewriting the answer), so the first answer is kept on the request.
     """
     if config.public_url:
         return config.public_url
+    known: str | None = getattr(request, _KEPT, None)
+    if known is not None:
+        return known
+    known = _derive(request)
+    setattr(request, _KEPT, known)
+    return known
+
+
+_KEPT = "_regproxy_public_base"
+
+
+def _derive(request: Request) -> str:
     proto = request.requestHeaders.getRawHeaders(b"x-forwarded-proto", [b""])[0]
     scheme = proto.split(b",")[0].strip().lower().decode("ascii", "replace")
     if scheme not in ("http", "https"):

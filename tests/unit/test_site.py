@@ -219,3 +219,19 @@ def test_answers_after_the_client_left_are_dropped() -> None:
     request.connectionLost(Exception("gone"))
     write_error(request, OCIError("NOT_FOUND", "not found"))
     assert not request.finished and request.code == 200
+
+
+def test_the_public_base_is_derived_once_per_request() -> None:
+    """It is asked for while mapping and again while rewriting the answer; the second time
+    costs nothing (the TLS check behind ``isSecure`` is an interface adaptation)."""
+    request = DummyRequest([b""])
+    request.requestHeaders.setRawHeaders(b"host", [b"r.example.com"])
+    checks: list[bool] = []
+    request.isSecure = lambda: checks.append(True) or False  # type: ignore[method-assign]
+    assert public_base(request, CONFIG) == "http://r.example.com"  # type: ignore[arg-type]
+    assert public_base(request, CONFIG) == "http://r.example.com"  # type: ignore[arg-type]
+    assert len(checks) == 1
+    other = DummyRequest([b""])
+    other.requestHeaders.setRawHeaders(b"host", [b"s.example.com"])
+    other.isSecure = lambda: True  # type: ignore[method-assign]
+    assert public_base(other, CONFIG) == "https://s.example.com"  # type: ignore[arg-type]
