@@ -333,11 +333,12 @@ class ClientConnection(Protocol):
                 stopped_at_headers = True
             elif isinstance(error.__context__, _AfterTheAnswer):
                 self._reusable = False  # the answer is whole; what follows is not ours
-            elif isinstance(error.__context__, ResponseFraming):
-                self._fail_exchange(ResponseFailed([Failure(error.__context__)]), abort=True)
-                return
             else:
-                raise
+                # A framing refusal of ours, or anything else a callback raised: the
+                # exchange fails, the connection closes, nothing escapes to the reactor.
+                reason = error.__context__ if error.__context__ is not None else error
+                self._fail_exchange(ResponseFailed([Failure(reason)]), abort=True)
+                return
         except HttpParserError as error:
             if self._complete:
                 self._reusable = False
