@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +33,11 @@ from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    TCP4ServerEndpoint,
+    serverFromString,
+)
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -41,7 +46,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .listen import parse_endpoint
+from .listen_tls import CertificateFiles, TLSOver, served_files, server_context
 from .signals import StopCleanlyOnSigterm
+from .startup import StartupError
 
 # The environment variable prometheus-client reads (at import) to switch to multiprocess mode.
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -283,7 +290,16 @@ class ListenerEndpoints:
 
     def endpoint(self, option: str, description: str) -> IStreamServerEndpoint:
         if self.worker is None:
-            return parse_endpoint(self.reactor, option, description, self.environ)
+            parsed = parse_endpoint(self.reactor, option, description, self.environ)
+            files = served_files(description)
+            if files is None:
+                return parsed
+            # The standard library's TLS over the TCP port Twisted's parser read.
+            request = listen_request(description)
+            tcp = TCP4ServerEndpoint(
+                self.reactor, request.port, request.backlog, request.interface
+            )
+            return TLSOver(tcp, _server_context(option, description, files))
         inherited = self.worker.listeners[self._taken]
         self._taken += 1
         with socket.socket(fileno=os.dup(inherited.fd)) as probe:
@@ -292,8 +308,19 @@ class ListenerEndpoints:
             self.reactor, inherited.fd, family
         )
         if inherited.kind == "ssl":
-            adopted = _TLSOver(adopted, listen_request(description).context_factory)
+            files = served_files(description)
+            if files is None:
+                adopted = _TLSOver(adopted, listen_request(description).context_factory)
+            else:
+                adopted = TLSOver(adopted, _server_context(option, description, files))
         return adopted
+
+
+def _server_context(option: str, description: str, files: CertificateFiles) -> ssl.SSLContext:
+    try:
+        return server_context(files)
+    except (OSError, ssl.SSLError) as error:
+        raise StartupError(f"{option} {description}: {error}") from None
 
 
 class WorkerRole(Service):

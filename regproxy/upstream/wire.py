@@ -237,6 +237,7 @@ class ClientConnection(Protocol):
         self._answer: Deferred[IResponse] | None = None
         self._parser: HttpResponseParser | None = None
         self._aborted: Deferred[None] | None = None
+        self._gone = False  # the transport reported the connection lost
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -561,8 +562,8 @@ class ClientConnection(Protocol):
         answer.errback(Failure(ResponseNeverReceived([Failure(CancelledError())])))
 
     def abort(self) -> Deferred[None]:
-        """Close the connection now; fires once it is closed."""
-        if self.state in (CONNECTION_LOST,) and self._aborted is None:
+        """Close the connection now; fires once it is closed (at once if it already is)."""
+        if self._gone:
             return succeed(None)
         self.state = ABORTED
         if self._aborted is None:
@@ -571,6 +572,7 @@ class ClientConnection(Protocol):
         return self._aborted
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        self._gone = True
         previous = self.state
         self.state = CONNECTION_LOST if previous != ABORTED else ABORTED
         self._parser = None

@@ -345,3 +345,13 @@ def test_garbage_never_escapes_the_protocol(garbage: bytes, prefix: bytes) -> No
     assert answers, "the request neither got an answer nor failed"
     if conn.idle:
         assert body.reason is not None and body.reason.check(ResponseDone)
+
+
+def test_abort_fires_once_closed_and_at_once_when_already_closed() -> None:
+    conn = Conn()
+    closing = conn.protocol.abort()
+    assert not fired(closing)
+    conn.protocol.connectionLost(Failure(ConnectionDone()))
+    assert fired(closing)
+    # Stopped by its reader earlier, lost since: aborting again does not wait for ever.
+    assert fired(conn.protocol.abort())

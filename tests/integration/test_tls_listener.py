@@ -1,0 +1,107 @@
+"""``ssl:`` listeners on the standard library's TLS (regproxy.listen_tls), one process.
+
+Real clients over HTTPS to regproxy in front of a real registry: skopeo pulls with
+digest checks, a reader that pauses in the middle of a blob, the scheme the proxy
+derives for its own URLs, plain HTTP sent to the TLS port, and a key that does not
+match its certificate refused at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.curl import curl
+from tests.support.images import skopeo_copy
+from tests.support.ports import free_port, wait_for_port
+from tests.support.proxy import ProxyStartError
+from tests.support.seed import SeededRegistry
+from tests.support.tls import TLSFiles, make_ca_and_cert
+
+
+def _listener(port: int, files: TLSFiles) -> str:
+    return f"ssl:{port}:privateKey={files.key}:certKey={files.cert}:interface=127.0.0.1"
+
+
+def _serve(start_proxy, registry: SeededRegistry, files: TLSFiles, *extra: str) -> int:  # type: ignore[no-untyped-def]
+    port = free_port()
+    args = ["--upstream", registry.url, "--repo-prefix", "proj", "--port", _listener(port, files)]
+    start_proxy([*args, *extra])
+    wait_for_port("127.0.0.1", port)
+    return port
+
+
+def test_skopeo_pulls_through_the_tls_listener(
+    start_proxy, prefixed_registry: SeededRegistry, tls_files: TLSFiles, tmp: Path
+) -> None:
+    port = _serve(start_proxy, prefixed_registry, tls_files)
+    for ref in ("app:v1", "big:v1", "team/app:v1"):
+        result = skopeo_copy(
+            f"docker://127.0.0.1:{port}/{ref}",
+            tmp / ref.replace(":", "-").replace("/", "-"),
+            tls_verify=True,
+            cert_dir=tls_files.cert_dir,
+        )
+        assert result.digest == prefixed_registry[ref]
+
+
+def test_a_reader_that_pauses_mid_blob_gets_every_byte_on_a_kept_connection(
+    start_proxy, prefixed_registry: SeededRegistry, tls_files: TLSFiles
+) -> None:
+    port = _serve(start_proxy, prefixed_registry, tls_files)
+    digest = prefixed_registry["big:v1@layer"]
+    context = ssl.create_default_context(cafile=str(tls_files.ca_cert))
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+    try:
+        for _ in range(2):  # the second request goes on the same TLS connection
+            connection.request("GET", f"/v2/big/blobs/{digest}")
+            response = connection.getresponse()
+            assert response.status == 200
+            hashed = hashlib.sha256(response.read(64 * 1024))
+            time.sleep(0.5)  # the proxy's writes back up behind a reader that stopped
+            while chunk := response.read(256 * 1024):
+                hashed.update(chunk)
+            assert "sha256:" + hashed.hexdigest() == digest
+    finally:
+        connection.close()
+
+
+def test_the_proxy_knows_it_is_served_over_https(
+    start_proxy, prefixed_token_registry: SeededRegistry, tls_files: TLSFiles
+) -> None:
+    port = _serve(start_proxy, prefixed_token_registry, tls_files)
+    answer = curl(f"https://127.0.0.1:{port}/v2/", "--cacert", str(tls_files.ca_cert))
+    assert answer.status == 401
+    challenge = answer.header("www-authenticate") or ""
+    assert f'realm="https://127.0.0.1:{port}/_token"' in challenge
+
+
+def test_plain_http_on_the_tls_port_is_dropped_and_the_listener_serves_on(
+    start_proxy, prefixed_registry: SeededRegistry, tls_files: TLSFiles
+) -> None:
+    port = _serve(start_proxy, prefixed_registry, tls_files)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while chunk := raw.recv(4096):
+            received += chunk
+    assert b"HTTP/1.1" not in received  # at most a TLS alert, never an HTTP answer
+    answer = curl(f"https://127.0.0.1:{port}/healthz", "--cacert", str(tls_files.ca_cert))
+    assert answer.status == 200
+
+
+def test_a_key_that_is_not_the_certificates_fails_at_start(
+    start_proxy, prefixed_registry: SeededRegistry, tls_files: TLSFiles, tmp: Path
+) -> None:
+    other = make_ca_and_cert(tmp / "other")
+    port = free_port()
+    listener = f"ssl:{port}:privateKey={other.key}:certKey={tls_files.cert}:interface=127.0.0.1"
+    with pytest.raises(ProxyStartError) as raised:
+        start_proxy(["--upstream", prefixed_registry.url, "--port", listener])
+    assert "--port" in str(raised.value)

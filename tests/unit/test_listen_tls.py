@@ -1,0 +1,75 @@
+"""Which ``ssl:`` descriptions the standard library's TLS serves, and with which files."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.endpoints import quoteStringArgument
+
+from regproxy.listen_tls import (
+    CertificateFiles,
+    served_files,
+    server_context,
+    split_description,
+)
+from tests.support.tls import make_ca_and_cert
+
+
+@pytest.mark.parametrize(
+    ("description", "expected"),
+    [
+        ("ssl:8443:privateKey=k.pem", CertificateFiles("k.pem", "k.pem")),
+        ("ssl:8443:privateKey=k.pem:certKey=c.pem", CertificateFiles("k.pem", "c.pem")),
+        ("ssl:8443:k.pem:c.pem", CertificateFiles("k.pem", "c.pem")),
+        (r"ssl:port=8443:privateKey=k.pem:interface=\:\:1", CertificateFiles("k.pem", "k.pem")),
+        ("ssl:443", CertificateFiles("server.pem", "server.pem")),
+        (
+            r"ssl:8443:privateKey=/tls/k.pem:certKey=/tls/c\:rt.pem",
+            CertificateFiles("/tls/k.pem", "/tls/c:rt.pem"),
+        ),
+        ("ssl:8443:privateKey=k.pem:backlog=100", CertificateFiles("k.pem", "k.pem")),
+    ],
+)
+def test_served_descriptions(description: str, expected: CertificateFiles) -> None:
+    assert served_files(description) == expected
+
+
+@pytest.mark.parametrize(
+    "description",
+    [
+        "tcp:8080",
+        "systemd:domain=INET:index=0",
+        "ssl:8443:privateKey=k.pem:extraCertChain=chain.pem",
+        "ssl:8443:privateKey=k.pem:dhParameters=dh.pem",
+        "ssl:8443:privateKey=k.pem:sslmethod=TLSv1_2_METHOD",
+        "ssl:8443:privateKey=k.pem:somethingNew=1",
+        "ssl:8443:k.pem:privateKey=other.pem",  # given twice: Twisted's parser decides
+    ],
+)
+def test_descriptions_left_to_twisted(description: str) -> None:
+    assert served_files(description) is None
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40))
+def test_a_quoted_path_reads_back_as_itself(path: str) -> None:
+    """``quoteStringArgument`` is Twisted's public way to put any text in a description."""
+    args, kwargs = split_description(f"ssl:8443:privateKey={quoteStringArgument(path)}")
+    assert args == ["ssl", "8443"]
+    assert kwargs == {"privateKey": path}
+
+
+def test_a_matching_key_and_certificate_make_a_server_context(tmp_path: Path) -> None:
+    files = make_ca_and_cert(tmp_path / "tls")
+    context = server_context(CertificateFiles(str(files.key), str(files.cert)))
+    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert context.verify_mode == ssl.CERT_NONE  # no client certificates asked for
+
+
+def test_a_key_of_another_certificate_is_refused(tmp_path: Path) -> None:
+    one, other = make_ca_and_cert(tmp_path / "one"), make_ca_and_cert(tmp_path / "other")
+    with pytest.raises(ssl.SSLError):
+        server_context(CertificateFiles(str(other.key), str(one.cert)))
