@@ -52,7 +52,7 @@ CHECK_BODY_LIMIT = 64 * 1024
 class Drain(Service):
     """On stop: turn /readyz to 503 at once, let the listeners accept for ``delay`` seconds
     (they close themselves, see ``listen.Listener``), then wait for in-flight requests up to
-    ``grace`` seconds, then close the upstream pool."""
+    ``grace`` seconds, then close the upstream pools (forwarding, and follow mode's)."""
 
     log = Logger()
 
@@ -61,14 +61,14 @@ class Drain(Service):
         *,
         site: ProxySite,
         readiness: Readiness,
-        pool: UpstreamPool,
+        pools: Sequence[UpstreamPool],
         grace: float,
         reactor: Any,
         delay: float = 0.0,
     ) -> None:
         self.site = site
         self.readiness = readiness
-        self.pool = pool
+        self.pools = tuple(pools)
         self.grace = grace
         self.reactor = reactor
         self.delay = delay
@@ -109,7 +109,7 @@ class Drain(Service):
                 channel.transport.loseConnection()
         while self.site.open_channels and self.reactor.seconds() < deadline:
             await deferLater(self.reactor, 0.05, lambda: None)
-        await self.pool.closeCachedConnections()
+        await gatherResults([pool.closeCachedConnections() for pool in self.pools])
 
 
 class PeriodicCheck(TimerService):
@@ -382,7 +382,7 @@ def build_service(
     drain = Drain(
         site=site,
         readiness=readiness,
-        pool=pool,
+        pools=(pool, follow_pool),
         grace=config.shutdown_grace,
         reactor=reactor,
         delay=config.drain_delay,

@@ -27,7 +27,7 @@ def drain(delay: float, grace: float = 30.0) -> tuple[Drain, Clock, Readiness, P
     clock, readiness, pool = Clock(), Readiness(), Pool()
     site = ProxySite(Resource(), metrics=Metrics(), client_address=ClientAddress(()))
     service = Drain(
-        site=site, readiness=readiness, pool=pool, grace=grace, reactor=clock, delay=delay
+        site=site, readiness=readiness, pools=[pool], grace=grace, reactor=clock, delay=delay
     )
     service.startService()
     return service, clock, readiness, pool, site
@@ -138,3 +138,14 @@ def test_connections_are_closed_gracefully_so_their_buffers_flush() -> None:
     site.open_channels.discard(channel)  # type: ignore[arg-type]  # flushed, closed
     clock.advance(0.05)
     assert done == [None] and pool.closed
+
+
+def test_every_upstream_pool_is_closed_follow_mode_s_too() -> None:
+    clock, readiness, pools = Clock(), Readiness(), [Pool(), Pool()]
+    site = ProxySite(Resource(), metrics=Metrics(), client_address=ClientAddress(()))
+    service = Drain(site=site, readiness=readiness, pools=pools, grace=1, reactor=clock)
+    service.startService()
+    done: list[object] = []
+    service.stopService().addBoth(done.append)
+    assert done == [None]
+    assert all(pool.closed for pool in pools)
