@@ -13,13 +13,16 @@ same files are loaded into an ``ssl.SSLContext``:
 - TLS 1.2 at least, the standard library's server ciphers, no ALPN (clients speak
   HTTP/1.1, as with Twisted's listener), no client certificates asked for.
 
-A description with ``extraCertChain``, ``dhParameters`` or ``sslmethod`` stays on
-Twisted's TLS: those options have no exact equivalent here.
+``extraCertChain`` is sent after the certificate and ``dhParameters`` enables DHE, as
+with Twisted; a description with ``sslmethod`` stays on Twisted's TLS, whose method
+names have no exact equivalent here.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
+import tempfile
 from typing import Any
 
 import attrs
@@ -33,8 +36,8 @@ from .tls_layer import TLSLayer
 # Options of Twisted's ``ssl:`` parser, in its positional order after the port.
 _POSITIONAL = ("privateKey", "certKey", "sslmethod", "interface", "backlog")
 _KNOWN = frozenset({"port", *_POSITIONAL, "extraCertChain", "dhParameters"})
-# Options this module serves itself; any other known one keeps Twisted's TLS.
-_SERVED = frozenset({"port", "privateKey", "certKey", "interface", "backlog"})
+# Options this module serves itself; any other known one (sslmethod) keeps Twisted's TLS.
+_SERVED = _KNOWN - {"sslmethod"}
 
 
 @attrs.frozen
@@ -43,6 +46,8 @@ class CertificateFiles:
 
     private_key: str
     certificate: str
+    chain: str | None = None  # extraCertChain: sent after the certificate
+    dh_parameters: str | None = None
 
 
 def split_description(description: str) -> tuple[list[str], dict[str, str]]:
@@ -77,7 +82,12 @@ def served_files(description: str) -> CertificateFiles | None:
     if not set(named) <= _KNOWN or not set(named) <= _SERVED:
         return None
     private_key = named.get("privateKey", "server.pem")
-    return CertificateFiles(private_key, named.get("certKey", private_key))
+    return CertificateFiles(
+        private_key,
+        named.get("certKey", private_key),
+        named.get("extraCertChain"),
+        named.get("dhParameters"),
+    )
 
 
 def server_context(files: CertificateFiles) -> ssl.SSLContext:
@@ -85,8 +95,41 @@ def server_context(files: CertificateFiles) -> ssl.SSLContext:
     file that holds neither, fails here (``ssl.SSLError``), at start-up."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile=files.certificate, keyfile=files.private_key)
+    if files.chain is None:
+        context.load_cert_chain(certfile=files.certificate, keyfile=files.private_key)
+    else:
+        _load_with_chain(context, files)
+    if files.dh_parameters is not None:
+        context.load_dh_params(files.dh_parameters)
     return context
+
+
+def _load_with_chain(context: ssl.SSLContext, files: CertificateFiles) -> None:
+    """``load_cert_chain`` reads the chain from the certificate's own file only, so the
+    certificate and ``extraCertChain`` go into one file for it: certificates only, all
+    public (the key is read from its own file). On Linux the file is an anonymous one in
+    memory (``memfd_create``), so a read-only root file system is no obstacle."""
+    assert files.chain is not None
+    with open(files.certificate, "rb") as certificate, open(files.chain, "rb") as chain:
+        pem = certificate.read().rstrip(b"\n") + b"\n" + chain.read()
+    if b"-----BEGIN CERTIFICATE-----" not in pem.partition(b"-----END CERTIFICATE-----")[2]:
+        raise ssl.SSLError(f"{files.chain!r} holds no PEM certificate")
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is not None:
+        descriptor = memfd_create("regproxy-chain")
+        try:
+            unwritten = memoryview(pem)
+            while unwritten:
+                unwritten = unwritten[os.write(descriptor, unwritten) :]
+            context.load_cert_chain(f"/proc/self/fd/{descriptor}", files.private_key)
+        finally:
+            os.close(descriptor)
+        return
+    with tempfile.TemporaryDirectory(prefix="regproxy-chain-") as directory:
+        combined = os.path.join(directory, "chain.pem")
+        with open(combined, "wb") as handle:
+            handle.write(pem)
+        context.load_cert_chain(certfile=combined, keyfile=files.private_key)
 
 
 class TLSServerFactory(Factory):

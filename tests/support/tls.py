@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -144,4 +145,68 @@ def make_ca_and_cert(
     )
     files.key.chmod(0o600)
     files.ca_key.chmod(0o600)
+    return files
+
+
+@dataclass(frozen=True)
+class ChainFiles:
+    """A root, an intermediate it signed, and a leaf for 127.0.0.1 the intermediate signed:
+    a client trusting only the root needs the server to send the intermediate."""
+
+    root: Path
+    intermediate: Path
+    leaf: Path
+    leaf_key: Path
+    fullchain: Path  # the leaf, then the intermediate
+
+
+def make_chain(directory: Path | str, host: str = "127.0.0.1") -> ChainFiles:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(
+        subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, signer: Any, ca: bool
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(subject))
+            .issuer_name(_name(issuer))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
+                critical=False,
+            ).add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    root_key, middle_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root = issue("chain root", root_key, "chain root", root_key, ca=True)
+    middle = issue("chain intermediate", middle_key, "chain root", root_key, ca=True)
+    leaf = issue(host, leaf_key, "chain intermediate", middle_key, ca=False)
+    pem = serialization.Encoding.PEM
+    files = ChainFiles(
+        root=directory / "root.crt",
+        intermediate=directory / "intermediate.crt",
+        leaf=directory / "leaf.crt",
+        leaf_key=directory / "leaf.key",
+        fullchain=directory / "fullchain.crt",
+    )
+    files.root.write_bytes(root.public_bytes(pem))
+    files.intermediate.write_bytes(middle.public_bytes(pem))
+    files.leaf.write_bytes(leaf.public_bytes(pem))
+    files.fullchain.write_bytes(leaf.public_bytes(pem) + middle.public_bytes(pem))
+    files.leaf_key.write_bytes(
+        leaf_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    files.leaf_key.chmod(0o600)
     return files

@@ -16,7 +16,7 @@ from regproxy.listen_tls import (
     server_context,
     split_description,
 )
-from tests.support.tls import make_ca_and_cert
+from tests.support.tls import make_ca_and_cert, make_chain
 
 
 @pytest.mark.parametrize(
@@ -32,6 +32,10 @@ from tests.support.tls import make_ca_and_cert
             CertificateFiles("/tls/k.pem", "/tls/c:rt.pem"),
         ),
         ("ssl:8443:privateKey=k.pem:backlog=100", CertificateFiles("k.pem", "k.pem")),
+        (
+            "ssl:8443:privateKey=k.pem:extraCertChain=chain.pem:dhParameters=dh.pem",
+            CertificateFiles("k.pem", "k.pem", "chain.pem", "dh.pem"),
+        ),
     ],
 )
 def test_served_descriptions(description: str, expected: CertificateFiles) -> None:
@@ -43,8 +47,6 @@ def test_served_descriptions(description: str, expected: CertificateFiles) -> No
     [
         "tcp:8080",
         "systemd:domain=INET:index=0",
-        "ssl:8443:privateKey=k.pem:extraCertChain=chain.pem",
-        "ssl:8443:privateKey=k.pem:dhParameters=dh.pem",
         "ssl:8443:privateKey=k.pem:sslmethod=TLSv1_2_METHOD",
         "ssl:8443:privateKey=k.pem:somethingNew=1",
         "ssl:8443:k.pem:privateKey=other.pem",  # given twice: Twisted's parser decides
@@ -73,3 +75,51 @@ def test_a_key_of_another_certificate_is_refused(tmp_path: Path) -> None:
     one, other = make_ca_and_cert(tmp_path / "one"), make_ca_and_cert(tmp_path / "other")
     with pytest.raises(ssl.SSLError):
         server_context(CertificateFiles(str(other.key), str(one.cert)))
+
+
+def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> None:
+    """A TLS handshake between the two contexts in memory; raises what the client raises."""
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server_side = server.wrap_bio(to_server, to_client, server_side=True)
+    client_side = client.wrap_bio(to_client, to_server, server_hostname="127.0.0.1")
+    done = {"client": False, "server": False}
+    for _ in range(10):
+        for name, side in (("client", client_side), ("server", server_side)):
+            if not done[name]:
+                try:
+                    side.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        if all(done.values()):
+            return
+    raise AssertionError("the handshake did not finish")
+
+
+@pytest.mark.parametrize("how", ["fullchain as certKey", "leaf and extraCertChain"])
+def test_the_intermediate_reaches_a_client_that_trusts_only_the_root(
+    tmp_path: Path, how: str
+) -> None:
+    chain = make_chain(tmp_path)
+    files = (
+        CertificateFiles(str(chain.leaf_key), str(chain.fullchain))
+        if how == "fullchain as certKey"
+        else CertificateFiles(str(chain.leaf_key), str(chain.leaf), str(chain.intermediate))
+    )
+    handshake(server_context(files), ssl.create_default_context(cafile=str(chain.root)))
+
+
+def test_without_the_intermediate_such_a_client_refuses(tmp_path: Path) -> None:
+    """What the two cases above prove: the chain is what makes them verify."""
+    chain = make_chain(tmp_path)
+    server = server_context(CertificateFiles(str(chain.leaf_key), str(chain.leaf)))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(server, ssl.create_default_context(cafile=str(chain.root)))
+
+
+def test_a_chain_file_without_a_certificate_is_refused(tmp_path: Path) -> None:
+    chain = make_chain(tmp_path)
+    empty = tmp_path / "empty.pem"
+    empty.write_text("nothing here\n")
+    with pytest.raises(ssl.SSLError):
+        server_context(CertificateFiles(str(chain.leaf_key), str(chain.leaf), str(empty)))
