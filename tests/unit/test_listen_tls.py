@@ -123,3 +123,22 @@ def test_a_chain_file_without_a_certificate_is_refused(tmp_path: Path) -> None:
     empty.write_text("nothing here\n")
     with pytest.raises(ssl.SSLError):
         server_context(CertificateFiles(str(chain.leaf_key), str(chain.leaf), str(empty)))
+
+
+def test_cache_hits_never_go_out_by_sendfile_under_the_tls_layer(tmp_path: Path) -> None:
+    """sendfile writes plaintext straight to the socket: under TLS it must never run."""
+    from types import SimpleNamespace
+
+    from twisted.internet.interfaces import ISSLTransport
+    from twisted.internet.protocol import Protocol
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from regproxy.cache.serve import sendfile_transport
+    from regproxy.tls_layer import TLSLayer
+
+    files = make_ca_and_cert(tmp_path / "tls")
+    layer = TLSLayer(server_context(CertificateFiles(str(files.key), str(files.cert))), Protocol())
+    assert ISSLTransport.providedBy(layer)
+    request = DummyRequest([b""])
+    request.channel = SimpleNamespace(transport=layer)  # type: ignore[assignment]
+    assert sendfile_transport(request) is None  # type: ignore[arg-type]
