@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -44,14 +44,25 @@ class TLSLayer(Protocol):
     """TLS over a TCP connection, for the protocol it wraps: the transport that one sees.
 
     ``hostname`` makes it the client side (SNI, and the name the certificate must hold);
-    without one it is the server side of a listener.
+    without one it is the server side of a listener. On the client side, ``session`` is a
+    session of an earlier connection to resume (the server may decline: then the
+    handshake is a full one), and ``on_session`` is told of this connection's session
+    once the server has sent what resuming it needs.
     """
 
     def __init__(
-        self, context: ssl.SSLContext, wrapped: IProtocol, hostname: str | None = None
+        self,
+        context: ssl.SSLContext,
+        wrapped: IProtocol,
+        hostname: str | None = None,
+        *,
+        session: ssl.SSLSession | None = None,
+        on_session: Callable[[ssl.SSLSession], None] | None = None,
     ) -> None:
         self._context = context
         self._hostname = hostname
+        self._session = session
+        self._on_session = on_session
         self.wrapped = wrapped
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
@@ -73,6 +84,7 @@ class TLSLayer(Protocol):
                 self._outgoing,
                 server_side=self._hostname is None,
                 server_hostname=self._hostname,
+                session=self._session,
             )
         except (ssl.SSLError, ValueError) as error:
             self._fail(error)
@@ -123,9 +135,26 @@ class TLSLayer(Protocol):
                 break
             pieces.append(piece)
         self._flush()  # reading may answer (key updates, alerts)
+        if self._on_session is not None:
+            self._offer_session(tls)
         self._deliver(pieces)
         if self._closed_cleanly and self.transport is not None:
             self.transport.loseConnection()
+
+    def _offer_session(self, tls: ssl.SSLObject) -> None:
+        """Hand this connection's session over once it can be resumed: at once under TLS
+        1.2, after the server's ticket (which follows the handshake) under TLS 1.3."""
+        session = tls.session
+        if session is None or not (session.has_ticket or tls.version() == "TLSv1.2"):
+            return
+        offer, self._on_session = self._on_session, None
+        if offer is not None:
+            offer(session)
+
+    @property
+    def session_reused(self) -> bool:
+        """Whether this connection resumed an earlier session (no full handshake)."""
+        return self._tls is not None and self._handshaken and self._tls.session_reused
 
     def _deliver(self, pieces: list[bytes]) -> None:
         if not pieces or self._lost:

@@ -47,16 +47,22 @@ def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
 class _TLSFactory(Factory):
     noisy = False
 
-    def __init__(self, context: ssl.SSLContext, hostname: str, wrapped: IProtocolFactory) -> None:
-        self._context = context
-        self._hostname = hostname
+    def __init__(self, endpoint: TLSEndpoint, wrapped: IProtocolFactory) -> None:
+        self._endpoint = endpoint
         self._wrapped = wrapped
 
     def buildProtocol(self, addr: Any) -> TLSLayer | None:
         inner = self._wrapped.buildProtocol(addr)
         if inner is None:
             return None
-        return TLSLayer(self._context, inner, hostname=self._hostname)
+        endpoint = self._endpoint
+        return TLSLayer(
+            endpoint.context,
+            inner,
+            hostname=endpoint.hostname,
+            session=endpoint.session,
+            on_session=endpoint.remember_session,
+        )
 
 
 @implementer(IStreamClientEndpoint)
@@ -66,12 +72,17 @@ class TLSEndpoint:
     ``wrapClientTLS`` does."""
 
     def __init__(self, context: ssl.SSLContext, hostname: str, tcp: IStreamClientEndpoint) -> None:
-        self._context = context
-        self._hostname = hostname
+        self.context = context
+        self.hostname = hostname
         self._tcp = tcp
+        # The newest resumable session with this origin: a new connection (the pool grew,
+        # or its connections aged out) resumes it instead of a full handshake, sparing the
+        # certificate chain and its verification on both sides.
+        self.session: ssl.SSLSession | None = None
+
+    def remember_session(self, session: ssl.SSLSession) -> None:
+        self.session = session
 
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
-        connecting: Deferred[Any] = self._tcp.connect(
-            _TLSFactory(self._context, self._hostname, factory)
-        )
+        connecting: Deferred[Any] = self._tcp.connect(_TLSFactory(self, factory))
         return connecting.addCallback(lambda tls: tls.wrapped)

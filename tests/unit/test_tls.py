@@ -166,3 +166,43 @@ def deferLater(seconds: float) -> Deferred[None]:
     from twisted.internet.task import deferLater as later
 
     return later(reactor, seconds)
+
+
+class Hello(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"hello")  # type: ignore[union-attr]
+
+
+class Greeted(Protocol):
+    def __init__(self) -> None:
+        self.greeted: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"hi")  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.greeted.called:
+            self.greeted.callback(None)
+
+
+class ResumptionTests(TestCase):
+    async def test_a_second_connection_resumes_the_first_ones_session(self) -> None:
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        from regproxy.listen_tls import CertificateFiles, TLSOver, server_context
+
+        files = make_ca_and_cert(Path(self.mktemp()))
+        context = server_context(CertificateFiles(str(files.key), str(files.cert)))
+        listening = TLSOver(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), context)
+        port = await listening.listen(Factory.forProtocol(Hello))
+        self.addCleanup(port.stopListening)
+        tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port, timeout=5)
+        endpoint = TLSEndpoint(tls_context(str(files.ca_cert)), "127.0.0.1", tcp)
+        reused = []
+        for _ in range(2):
+            client = await endpoint.connect(Factory.forProtocol(Greeted))
+            await client.greeted
+            reused.append(client.transport.session_reused)
+            client.transport.loseConnection()
+        self.assertEqual(reused, [False, True])
+        self.assertIsNotNone(endpoint.session)
