@@ -95,6 +95,9 @@ def server_context(files: CertificateFiles) -> ssl.SSLContext:
     file that holds neither, fails here (``ssl.SSLError``), at start-up."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # A client asking for handshake after handshake (TLS 1.2 renegotiation) costs the
+    # server a handshake's CPU each time, for nothing a registry client needs.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     if files.chain is None:
         context.load_cert_chain(certfile=files.certificate, keyfile=files.private_key)
     else:

@@ -374,7 +374,12 @@ def build_service(
         run_in_thread=thread_pool,
     )
     routing.append(root.routing)
-    site = ProxySite(root, metrics=metrics, client_address=ClientAddress(config.trusted_proxies))
+    site = ProxySite(
+        root,
+        metrics=metrics,
+        client_address=ClientAddress(config.trusted_proxies),
+        idle_timeout=config.idle_timeout,
+    )
 
     top = MultiService()
     # First, so that its lines come before the listeners'.
@@ -410,7 +415,12 @@ def build_service(
     if metrics_endpoint is not None:
         metrics_root = Resource()
         metrics_root.putChild(b"metrics", MetricsPage(metrics))
-        metrics_site = ProxySite(metrics_root, metrics=metrics, client_address=ClientAddress(()))
+        metrics_site = ProxySite(
+            metrics_root,
+            metrics=metrics,
+            client_address=ClientAddress(()),
+            idle_timeout=config.idle_timeout,
+        )
         Listener(
             option="--metrics-port",
             description=str(config.metrics_listen),

@@ -22,6 +22,9 @@ SERVER = b"regproxy"
 # Error kinds that are the client's doing (see regproxy.relay and run_async).
 CLIENT_KINDS = frozenset({"client_gone", "client_stalled"})
 CONNECTION_DONE = Failure(ConnectionDone())
+# Seconds a client connection may stay silent between requests (nginx's keepalive_timeout
+# is 75, its client_header_timeout 60); --idle-timeout sets it.
+IDLE_TIMEOUT = 60.0
 # The only request bodies the proxy reads are OAuth2 token forms.
 MAX_REQUEST_BODY = 64 * 1024
 
@@ -246,9 +249,19 @@ class ProxySite(Site):
     noisy = False
 
     def __init__(
-        self, resource: Resource, *, metrics: Metrics, client_address: ClientAddress
+        self,
+        resource: Resource,
+        *,
+        metrics: Metrics,
+        client_address: ClientAddress,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
-        super().__init__(resource)
+        # A client connection with no request under way (idle keep-alive, a request still
+        # coming in, a TLS handshake that never completes) is closed after ``idle_timeout``
+        # seconds without a byte from the client. Twisted's default is 12 hours: that many
+        # sockets an idle scanner could hold. The timer stops while a request is answered,
+        # so long downloads are not cut (their own stall timer is the relay's).
+        super().__init__(resource, timeout=idle_timeout)
         self.metrics = metrics
         self.client_address = client_address
         self.displayTracebacks = False

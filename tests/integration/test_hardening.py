@@ -165,3 +165,55 @@ def test_refusals_leave_a_trace_in_the_access_log(proxy) -> None:
     )
     [event] = [e for e in proxy.log_events() if e.get("error_kind") == "refused"]
     assert (event["status"], event["method"]) == (400, "GET")
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"GET /v2/ HTTP/1.1\r\nHo"],
+    ids=["nothing", "one request then idle", "a request that never ends"],
+)
+def test_a_silent_client_connection_is_closed_after_the_idle_timeout(
+    start_proxy, prefixed_registry: SeededRegistry, sent: bytes
+) -> None:
+    """Twisted keeps a silent connection 12 hours by default: a scanner's free sockets."""
+    import time
+
+    proxy = start_proxy(
+        ["--upstream", prefixed_registry.url, "--repo-prefix", "proj", "--idle-timeout", "1"]
+    )
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as conn:
+        started = time.monotonic()
+        conn.sendall(sent)
+        received = b""
+        while chunk := conn.recv(65536):  # until the proxy closes: a timeout raises
+            received += chunk
+        waited = time.monotonic() - started
+    assert 0.8 <= waited < 8
+    assert received.count(b"HTTP/1.1 200") == (1 if sent.endswith(b"\r\n\r\n") else 0)
+
+
+def test_a_download_longer_than_the_idle_timeout_is_not_cut(
+    start_proxy, prefixed_registry: SeededRegistry
+) -> None:
+    """The idle timer stops while a request is answered: a client reading a blob slowly
+    for longer than it, but never stalling, gets every byte."""
+    import hashlib
+    import time
+
+    proxy = start_proxy(
+        ["--upstream", prefixed_registry.url, "--repo-prefix", "proj", "--idle-timeout", "1"]
+    )
+    digest = prefixed_registry["big:v1@layer"]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as conn:
+        conn.sendall(f"GET /v2/big/blobs/{digest} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += conn.recv(65536)
+        head, _, body = received.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        started = time.monotonic()
+        while len(body) < length:
+            body += conn.recv(512 * 1024)
+            time.sleep(0.1)  # about 5 MB/s: the 8 MiB blob takes longer than 1 s
+        assert time.monotonic() - started > 1
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == digest

@@ -105,3 +105,43 @@ def test_a_key_that_is_not_the_certificates_fails_at_start(
     with pytest.raises(ProxyStartError) as raised:
         start_proxy(["--upstream", prefixed_registry.url, "--port", listener])
     assert "--port" in str(raised.value)
+
+
+def test_random_bytes_and_cut_handshakes_leave_the_listener_serving(
+    start_proxy, prefixed_registry: SeededRegistry, tls_files: TLSFiles
+) -> None:
+    """What scanners send to a TLS port: noise, a ClientHello cut short, a record header
+    announcing more than follows, plain HTTP. Each connection is closed by the proxy, at
+    once or when its idle timeout ends the handshake that never completes; none takes it
+    down, and real clients are served all along."""
+    import random
+
+    port = _serve(start_proxy, prefixed_registry, tls_files, "--idle-timeout", "2")
+    generator = random.Random(11)
+    shapes = [
+        lambda: bytes(generator.getrandbits(8) for _ in range(generator.randint(1, 2048))),
+        lambda: b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40),  # cut ClientHello
+        lambda: b"\x16\x03\x03\xff\xff" + bytes(100),  # a record longer than what follows
+        lambda: b"\x15\x03\x03\x00\x02\x02\x28",  # an alert before any handshake
+        lambda: b"GET / HTTP/1.0\r\n\r\n",
+    ]
+    sockets = []
+    for index in range(60):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        raw.sendall(shapes[index % len(shapes)]())
+        sockets.append(raw)
+    for raw in sockets[::2]:
+        raw.close()  # half of them leave without a word
+    context = ssl.create_default_context(cafile=str(tls_files.ca_cert))
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+    connection.request("GET", "/v2/")
+    assert connection.getresponse().status == 200
+    connection.close()
+    for raw in sockets[1::2]:
+        raw.settimeout(10)
+        try:
+            while raw.recv(4096):  # an alert at most, then the end
+                pass
+        except ConnectionResetError:
+            pass
+        raw.close()

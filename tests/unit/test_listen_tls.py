@@ -69,6 +69,7 @@ def test_a_matching_key_and_certificate_make_a_server_context(tmp_path: Path) ->
     context = server_context(CertificateFiles(str(files.key), str(files.cert)))
     assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
     assert context.verify_mode == ssl.CERT_NONE  # no client certificates asked for
+    assert context.options & ssl.OP_NO_RENEGOTIATION
 
 
 def test_a_key_of_another_certificate_is_refused(tmp_path: Path) -> None:
