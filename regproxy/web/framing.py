@@ -18,7 +18,7 @@ from ..errors import OCIError
 from .public import HOST
 
 BODYLESS_METHODS = (b"GET", b"HEAD")
-REASONS = {400: b"Bad Request", 413: b"Payload Too Large"}
+REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Payload Too Large"}
 
 
 def framing_error(

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, ISSLTransport
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -112,7 +112,15 @@ class ProxyRequest(Request):
             complete=True,
         )
 
+    # The channel told that this request is being answered (it is gone from the request
+    # by the time the request's watchers run, so it is kept here to tell it the end).
+    _answered_on: ProxyChannel | None = None
+
     def process(self) -> None:
+        channel = self.channel
+        if isinstance(channel, ProxyChannel):
+            channel.request_answering()
+            self._answered_on = channel
         self.site = self.channel.site  # type: ignore[attr-defined]
         self.site.active += 1
         metrics = self.site.metrics
@@ -123,6 +131,9 @@ class ProxyRequest(Request):
         super().process()
 
     def _done(self, result: Failure | None) -> None:
+        if self._answered_on is not None:
+            self._answered_on.request_answered()
+            self._answered_on = None
         site = self.site
         site.active -= 1
         metrics = site.metrics
@@ -199,6 +210,15 @@ class ProxyChannel(HTTPChannel):
     """
 
     _first = True
+    # Requests being answered (between ProxyRequest.process and their end). A count, not a
+    # flag: Twisted starts a pipelined request (requestDone) before it tells the finished
+    # one's watchers (notifyFinish), so the two overlap for a moment.
+    _answering = 0
+    # The deadline of the request now arriving: it must be whole (head and body) within
+    # the idle timeout of its first byte. Twisted's idle timer restarts with every byte,
+    # so one byte every minute would hold a connection for ever (slowloris); this is
+    # nginx's client_header_timeout and client_body_timeout.
+    _arrival_deadline: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -206,6 +226,7 @@ class ProxyChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
         self.site.open_channels.discard(self)  # type: ignore[attr-defined]
+        self._cancel_arrival_deadline()
         super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
@@ -217,7 +238,33 @@ class ProxyChannel(HTTPChannel):
                 )
                 self.transport.loseConnection()  # type: ignore[union-attr]
                 return
+        if not self._answering and self._arrival_deadline is None and self.timeOut:
+            self._arrival_deadline = self.callLater(self.timeOut, self._arrived_too_slowly)
         super().dataReceived(data)
+
+    def request_answering(self) -> None:
+        """The request arrived whole and is being answered: no deadline while it is."""
+        self._answering += 1
+        self._cancel_arrival_deadline()
+
+    def request_answered(self) -> None:
+        self._answering -= 1
+
+    def _cancel_arrival_deadline(self) -> None:
+        if self._arrival_deadline is not None and self._arrival_deadline.active():
+            self._arrival_deadline.cancel()
+        self._arrival_deadline = None
+
+    def _arrived_too_slowly(self) -> None:
+        self._arrival_deadline = None
+        if self._answering:
+            return
+        error = OCIError(
+            "REQUEST_INVALID",
+            f"the request did not arrive whole within {self.timeOut:g} seconds",
+            status=408,
+        )
+        refuse_and_close(self.transport, error, head=False)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """A request line or header past the limit: say so instead of hanging up silently."""

@@ -3,6 +3,7 @@ names too long once prefixed, HEAD lengths that match the GET body, well-formed 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -217,3 +218,40 @@ def test_a_download_longer_than_the_idle_timeout_is_not_cut(
             time.sleep(0.1)  # about 5 MB/s: the 8 MiB blob takes longer than 1 s
         assert time.monotonic() - started > 1
     assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+
+
+def test_a_request_trickling_in_is_refused_with_408_at_its_deadline(
+    start_proxy, prefixed_registry: SeededRegistry
+) -> None:
+    """One byte every 0.3 s never leaves the connection silent for the 1 s idle timeout;
+    the request as a whole must still arrive within it."""
+    import time
+
+    proxy = start_proxy(
+        ["--upstream", prefixed_registry.url, "--repo-prefix", "proj", "--idle-timeout", "1"]
+    )
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as conn:
+        started = time.monotonic()
+        received = b""
+        try:
+            for byte in b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"y" * 30:
+                conn.sendall(bytes([byte]))
+                time.sleep(0.3)
+                conn.setblocking(False)
+                try:
+                    received += conn.recv(65536)
+                except BlockingIOError:
+                    pass
+                finally:
+                    conn.setblocking(True)
+                if received:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        conn.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := conn.recv(65536):
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert b'"REQUEST_INVALID"' in received
+    assert time.monotonic() - started < 6

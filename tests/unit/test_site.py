@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from regproxy.config import Config, Route, Upstream
@@ -235,3 +238,64 @@ def test_the_public_base_is_derived_once_per_request() -> None:
     other.requestHeaders.setRawHeaders(b"host", [b"s.example.com"])
     other.isSecure = lambda: True  # type: ignore[method-assign]
     assert public_base(other, CONFIG) == "https://s.example.com"  # type: ignore[arg-type]
+
+
+class Held(Resource):
+    """Answers when the test says so: a request that takes long to answer."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Any] = []
+
+    def render(self, request):  # type: ignore[no-untyped-def]
+        self.waiting.append(request)
+        return NOT_DONE_YET
+
+
+def _channel(resource: Resource, timeout: float = 5) -> tuple[Any, StringTransport, Clock]:
+    clock = Clock()
+    site = ProxySite(
+        resource, metrics=Metrics(), client_address=ClientAddress(()), idle_timeout=timeout
+    )
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    channel.callLater = clock.callLater  # TimeoutMixin's public hook for its timers
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    channel.makeConnection(transport)
+    return channel, transport, clock
+
+
+def test_a_request_trickling_in_byte_by_byte_is_answered_408_and_closed() -> None:
+    """Each byte restarts Twisted's idle timer; the whole request still has a deadline."""
+    channel, transport, clock = _channel(Echo())
+    for byte in b"GET /x HTTP/1.1\r\nHost: a\r\nX-Slow: " + b"y" * 20:
+        channel.dataReceived(bytes([byte]))
+        clock.advance(0.5)  # 10 s in all, never 5 s of silence
+    output = transport.value()
+    assert output.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert b'"REQUEST_INVALID"' in output
+    assert transport.disconnecting
+
+
+def test_no_deadline_runs_while_a_request_is_answered_even_with_the_next_arriving() -> None:
+    """A slow answer (a big blob) with the client's next request already on its way, and
+    Twisted's overlap of a finished request and the pipelined next one: no 408 lands in
+    the middle of an answer."""
+    held = Held()
+    channel, transport, clock = _channel(held)
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert len(held.waiting) == 1
+    channel.dataReceived(b"GET /c HTTP/1.1\r\n")  # more arrives while /a is answered
+    clock.advance(30)
+    assert b"408" not in transport.value()
+    held.waiting[0].write(b"a")
+    held.waiting[0].finish()  # /b starts at once, before /a's watchers are told
+    assert len(held.waiting) == 2
+    clock.advance(30)
+    assert b"408" not in transport.value() and not transport.disconnecting
+    held.waiting[1].finish()
+    for byte in b"Host: a\r\nX-Slow: yyyy":  # /c goes on trickling: its deadline runs now
+        channel.dataReceived(bytes([byte]))
+        clock.advance(0.5)
+    assert b"HTTP/1.1 408 " in transport.value()
