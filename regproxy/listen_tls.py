@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -159,11 +160,22 @@ class TLSServerFactory(Factory):
 
 @implementer(IStreamServerEndpoint)
 class TLSOver:
-    """Listens on ``inner`` (plain TCP, or a socket a worker inherited) with TLS."""
+    """Listens on ``inner`` (plain TCP, or a socket a worker inherited) with TLS: each
+    connection's factory is wrapped by ``wrap`` (the standard library's layer, see
+    :func:`stdlib_tls`, or Twisted's ``TLSMemoryBIOFactory`` for what only it serves)."""
 
-    def __init__(self, inner: IStreamServerEndpoint, context: ssl.SSLContext) -> None:
+    def __init__(
+        self,
+        inner: IStreamServerEndpoint,
+        wrap: Callable[[IProtocolFactory], IProtocolFactory],
+    ) -> None:
         self.inner = inner
-        self.context = context
+        self.wrap = wrap
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self.inner.listen(TLSServerFactory(self.context, protocolFactory))
+        return self.inner.listen(self.wrap(protocolFactory))
+
+
+def stdlib_tls(context: ssl.SSLContext) -> Callable[[IProtocolFactory], IProtocolFactory]:
+    """``TLSOver``'s wrapping with the standard library's TLS and ``context``."""
+    return lambda factory: TLSServerFactory(context, factory)

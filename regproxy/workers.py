@@ -15,6 +15,7 @@ private directory where prometheus-client's multiprocess mode keeps every worker
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -39,14 +40,14 @@ from twisted.internet.endpoints import (
     serverFromString,
 )
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .listen import parse_endpoint
-from .listen_tls import CertificateFiles, TLSOver, served_files, server_context
+from .listen_tls import CertificateFiles, TLSOver, served_files, server_context, stdlib_tls
 from .signals import StopCleanlyOnSigterm
 from .startup import StartupError
 
@@ -260,19 +261,6 @@ class WorkerSpec:
             raise ValueError("set only by the --workers supervisor") from None
 
 
-@implementer(IStreamServerEndpoint)
-class _TLSOver:
-    """Listens on *inner* with TLS, as ``reactor.listenSSL`` does (TLSMemoryBIOFactory)."""
-
-    def __init__(self, inner: IStreamServerEndpoint, context_factory: Any) -> None:
-        self.inner = inner
-        self.context_factory = context_factory
-
-    def listen(self, protocolFactory: Any) -> Deferred[IListeningPort]:
-        wrapped = TLSMemoryBIOFactory(self.context_factory, False, protocolFactory)
-        return self.inner.listen(wrapped)
-
-
 class ListenerEndpoints:
     """Listening endpoints: parsed from the description in a single process; in a worker,
     the supervisor's sockets, taken in the order the daemon asks for them."""
@@ -299,7 +287,7 @@ class ListenerEndpoints:
             tcp = TCP4ServerEndpoint(
                 self.reactor, request.port, request.backlog, request.interface
             )
-            return TLSOver(tcp, _server_context(option, description, files))
+            return TLSOver(tcp, stdlib_tls(_server_context(option, description, files)))
         inherited = self.worker.listeners[self._taken]
         self._taken += 1
         with socket.socket(fileno=os.dup(inherited.fd)) as probe:
@@ -309,10 +297,13 @@ class ListenerEndpoints:
         )
         if inherited.kind == "ssl":
             files = served_files(description)
-            if files is None:
-                adopted = _TLSOver(adopted, listen_request(description).context_factory)
+            wrap: Callable[[IProtocolFactory], IProtocolFactory]
+            if files is None:  # options only Twisted's TLS has: as reactor.listenSSL does
+                context_factory = listen_request(description).context_factory
+                wrap = functools.partial(TLSMemoryBIOFactory, context_factory, False)
             else:
-                adopted = TLSOver(adopted, _server_context(option, description, files))
+                wrap = stdlib_tls(_server_context(option, description, files))
+            adopted = TLSOver(adopted, wrap)
         return adopted
 
 

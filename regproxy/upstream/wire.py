@@ -178,9 +178,8 @@ class _BodyTransport:
         self._connection.stop_body()
 
 
-@implementer(IConsumer)
-class _ChunkedWriter:
-    """Writes a request body of unknown length with chunked framing."""
+class _BodyWriter:
+    """Writes a request body to the transport; the producer registers with the transport."""
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
@@ -191,24 +190,23 @@ class _ChunkedWriter:
     def unregisterProducer(self) -> None:
         self._transport.unregisterProducer()
 
+
+@implementer(IConsumer)
+class _ChunkedWriter(_BodyWriter):
+    """Writes a request body of unknown length with chunked framing."""
+
     def write(self, data: bytes) -> None:
         if data:
             self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
 
 @implementer(IConsumer)
-class _LengthWriter:
+class _LengthWriter(_BodyWriter):
     """Writes a request body of announced length, refusing more bytes than announced."""
 
     def __init__(self, transport: Any, length: int) -> None:
-        self._transport = transport
+        super().__init__(transport)
         self.remaining = length
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self._transport.registerProducer(producer, streaming)
-
-    def unregisterProducer(self) -> None:
-        self._transport.unregisterProducer()
 
     def write(self, data: bytes) -> None:
         self.remaining -= len(data)

@@ -189,11 +189,13 @@ class ResumptionTests(TestCase):
     async def test_a_second_connection_resumes_the_first_ones_session(self) -> None:
         from twisted.internet.endpoints import TCP4ServerEndpoint
 
-        from regproxy.listen_tls import CertificateFiles, TLSOver, server_context
+        from regproxy.listen_tls import CertificateFiles, TLSOver, server_context, stdlib_tls
 
         files = make_ca_and_cert(Path(self.mktemp()))
         context = server_context(CertificateFiles(str(files.key), str(files.cert)))
-        listening = TLSOver(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), context)
+        listening = TLSOver(
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), stdlib_tls(context)
+        )
         port = await listening.listen(Factory.forProtocol(Hello))
         self.addCleanup(port.stopListening)
         tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port, timeout=5)
