@@ -44,6 +44,8 @@ class OCIError(Exception):
     status: int = attrs.field()
     # Headers that belong to the error (a 416's Content-Range).
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    # What went wrong, for the request record (connect, tls, timeout, ...), never shown.
+    kind: str | None = attrs.field(default=None, eq=False)
 
     @status.default
     def _status_from_code(self) -> int:

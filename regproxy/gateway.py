@@ -2,7 +2,8 @@
 
 A :class:`Routing` is built from one :class:`~regproxy.matching.RouteTable`: the upstream
 client (with a TLS trust per route), the proxy's credentials per route, the realms learnt
-per route, the forwarder. Requests take the snapshot in force when they arrive and keep it
+per route, and the fetcher that answers registry requests (the upstream, behind the cache
+when there is one). Requests take the snapshot in force when they arrive and keep it
 to the end, so a reload (SIGHUP) never changes a transfer in flight; a reload that fails
 leaves the snapshot in force untouched.
 """
@@ -17,13 +18,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from .cache.fetcher import CachingFetcher
+from .cache.fetcher import Cache
 from .config import Route
-from .forward import Forwarder
 from .matching import RouteTable
+from .protocol.fetch import Fetcher
 from .upstream.auth import UpstreamAuth
 from .upstream.client import HealthObserver, UpstreamClient
 from .upstream.credentials import RunInThread, credential_source
+from .upstream.fetcher import UpstreamFetcher
 from .upstream.realm import RealmCache
 
 
@@ -33,7 +35,7 @@ class Routing:
     upstream: UpstreamClient
     auth: UpstreamAuth
     realms: RealmCache
-    forwarder: Forwarder
+    fetcher: Fetcher
 
 
 @attrs.frozen
@@ -50,7 +52,7 @@ class RoutingFactory:
     run_in_thread: RunInThread
     on_token_fetch: Callable[[str, str], None]
     health: HealthObserver | None = None
-    cache: CachingFetcher | None = None
+    cache: Cache | None = None
 
     def build(self, table: RouteTable) -> Routing:
         clients = {route.name: self.http_for(route) for route in table.routes}
@@ -70,19 +72,15 @@ class RoutingFactory:
         }
         auth = UpstreamAuth(upstream=upstream, sources=sources, on_fetch=self.on_token_fetch)
         follow = {route.name: self.follow_for(route) for route in table.routes}
-        forwarder = Forwarder(
-            upstream=upstream,
-            auth=auth,
-            public_base=self.public_base,
-            follow_http=follow,
-            cache=self.cache,
-        )
+        fetcher: Fetcher = UpstreamFetcher(upstream=upstream, auth=auth, follow_http=follow)
+        if self.cache is not None:
+            fetcher = self.cache.around(fetcher, holds_credentials=auth.configured)
         return Routing(
             table=table,
             upstream=upstream,
             auth=auth,
             realms=RealmCache(upstream),
-            forwarder=forwarder,
+            fetcher=fetcher,
         )
 
 

@@ -18,7 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from .cache.download import Downloads
-from .cache.fetcher import CachingFetcher
+from .cache.fetcher import Cache
 from .cache.store import open_store, verify_in_background
 from .config import Config, Route, Upstream
 from .errors import OCIError
@@ -176,7 +176,7 @@ def build_root(
     run_in_thread: RunInThread = deferToThread,
     http_for: Callable[[Route], HTTPClient] | None = None,
     follow_for: Callable[[Route], HTTPClient] | None = None,
-    cache: CachingFetcher | None = None,
+    cache: Cache | None = None,
 ) -> Root:
     """The whole resource tree, wired to ``client`` (tests hand in an in-memory one).
 
@@ -257,7 +257,7 @@ def client_factories(
 
 def build_cache(
     config: Config, metrics: Metrics, reactor: Any, thread_pool: RunInThread
-) -> CachingFetcher | None:
+) -> Cache | None:
     """The pull-through cache of --cache-dir, its store opened (and cleaned up) now."""
     if config.cache is None:
         return None
@@ -270,7 +270,7 @@ def build_cache(
         clock=reactor.seconds,
     )
     downloads = Downloads(store, clock=reactor, run_blocking=thread_pool)
-    return CachingFetcher(
+    return Cache(
         store,
         downloads,
         clock=reactor,
@@ -288,7 +288,7 @@ class CacheUpkeep(Service):
     log = Logger()
 
     def __init__(
-        self, cache: CachingFetcher, reactor: Any, thread_pool: RunInThread, *, verify: bool
+        self, cache: Cache, reactor: Any, thread_pool: RunInThread, *, verify: bool
     ) -> None:
         self.cache = cache
         self.reactor = reactor

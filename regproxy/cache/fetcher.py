@@ -1,28 +1,21 @@
-"""The pull-through cache in the request path: hits from disk, misses coalesced and verified,
-tags revalidated with a HEAD (once for all who ask at the same moment), stale tags served
-through upstream outages.
+"""The pull-through cache as a decorator around any fetcher: hits from the store, misses
+through the inner fetcher once for everyone asking (coalesced) and verified, tags
+revalidated with a HEAD, stale tags served through upstream outages.
 
-The forwarder hands each blob or manifest request here first (:meth:`CachingFetcher.handle`)
-with an :class:`UpstreamOps` for talking to the upstream the way it would itself (the route's
-credentials or the client's, redirects followed without credentials, headers rewritten for
-the client). The answer is :data:`HANDLED` (the client has its answer), :data:`PASS` (the
-forwarder goes on as without a cache), or an upstream response for the forwarder to relay.
+It implements the same :class:`~regproxy.protocol.fetch.Fetcher` interface as what it
+wraps, as distribution's ``proxyBlobStore`` wraps a local and a remote store: the web layer
+cannot tell a cached route from a plain one, and the cache never calls back into its
+caller. Who may read what is :mod:`regproxy.cache.access`'s business.
 
-Access: a cache must not become a way around the upstream's authorization.
-
-* Content is served from disk for repository R only when R is known to hold it (a manifest of
-  R listed it, or the upstream served it for R): no repository reads another's by guessing.
-* With clients' own credentials passed through, a hit for R is served only to a client the
-  upstream accepted for R: a HEAD with the client's credential, remembered for
-  ``ACCESS_MEMORY`` seconds per (hash of the credential, R).
+Long-lived state (the store, the downloads in progress, what the upstream said of access)
+is a :class:`Cache`; a :class:`CachingFetcher` puts it around one routing snapshot's
+upstream fetcher, so a reload (SIGHUP) keeps the cache and its downloads.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -30,136 +23,67 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
-from twisted.web.server import Request
+from twisted.web.http_headers import Headers
 
-from ..bodies import Discard
-from ..errors import OCIError
-from ..relay import abort_client
+from ..config import Route
+from ..errors import OCIError, error_body
+from ..mapping import upstream_name_of
+from ..protocol.fetch import Answer, BytesBody, Fetcher, RegistryRequest
+from ..reference import Kind
 from ..singleflight import SingleFlight
-from .download import (
-    Download,
-    DownloadProtocol,
-    DownloadReader,
-    Downloads,
-    ReaderStopped,
-    wait_for_commit,
-)
+from .access import ANONYMOUS, AccessMemory, Repository, accept_key, credential_key
+from .bodies import DownloadBody, DownloadFeed, StoredBody, VerifyingBody
+from .download import Download, Downloads, wait_for_commit
+from .manifests import MANIFEST_LIMIT, manifest_media_type, referenced_digests
 from .objects import is_cacheable
-from .serve import ByteRange, Unsatisfiable, choose_range, parse_range, serve_object
-from .store import CacheStore, DigestMismatch, StoredObject
+from .serve import ByteRange, Unsatisfiable, parse_range
+from .store import CacheStore, StoredObject
 
-ACCESS_MEMORY = 60.0
 # How long a request waits for another process's download of the same object to commit
-# before it fetches the object itself (unverified, passed through).
+# before it fetches the object itself.
 CROSS_PROCESS_WAIT = 30.0
 STALE_WARNING = b'110 - "Response is Stale"'
 BLOB_TYPE = b"application/octet-stream"
-MANIFEST_LIMIT = 4 * 1024 * 1024
 # Upstream answers that mean "the upstream is failing", for stale-if-error.
 FAILING = frozenset({429, 500, 502, 503, 504})
-
-
-class Outcome:
-    """What became of a request the cache was offered."""
-
-
-HANDLED = Outcome()
-PASS = Outcome()
-
-
-@attrs.frozen
-class Relay(Outcome):
-    """An upstream answer the cache will not serve itself: the forwarder relays it."""
-
-    response: IResponse
-    url: str
-
-
-class UpstreamOps(Protocol):
-    """How the cache talks upstream for one request, as the forwarder would."""
-
-    async def send(self, method: str, url: str) -> IResponse:
-        """Send with the request's credentials (and no Range); redirects followed."""
-
-    def copy_headers(self, response: IResponse) -> None:
-        """Copy the upstream answer's headers, rewritten for the client."""
+CACHED_KINDS = frozenset({Kind.BLOB, Kind.MANIFEST})
+_DIGEST_HEADER = b"docker-content-digest"
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 class RouteCounts(Protocol):
+    """Where cache outcomes are counted (the metrics)."""
+
     def cache_outcome(self, route: str, outcome: str) -> None: ...
 
 
+class _NoCounts:
+    def cache_outcome(self, route: str, outcome: str) -> None:
+        pass
+
+
 @attrs.frozen
-class CacheRequest:
-    request: Request
-    route: str
-    repository: str  # the upstream's name
-    is_manifest: bool
-    reference: str  # a digest, or a tag (manifests only)
-    url: str  # the upstream URL of this request
-    digest_url: Callable[[str], str]  # the upstream URL of a manifest of R by digest
-    accept_key: str
-    # Hash of the client's own Authorization when clients' credentials are passed through
-    # (""" for none); None when the route holds credentials (or needs none): then the
-    # route's admission is the access check.
+class _Asked:
+    """One request as the cache sees it."""
+
+    request: RegistryRequest
+    repository: Repository
+    # Hash of the client's own Authorization when clients' credentials are passed through;
+    # None when the route holds credentials (or needs none): then the route's admission is
+    # the access check.
     credential: str | None
 
+    @property
+    def route(self) -> str:
+        return self.repository[0]
 
-def credential_key(authorization: bytes | None) -> str:
-    return hashlib.sha256(authorization or b"").hexdigest()
+    @property
+    def name(self) -> str:
+        return self.repository[1]
 
-
-ANONYMOUS = credential_key(None)
-
-
-def accept_key(accepts: Sequence[bytes]) -> str:
-    """Which manifest a tag resolves to depends on Accept: one record per set of types."""
-    types = sorted(
-        {part.split(b";")[0].strip().lower() for v in accepts for part in v.split(b",")}
-    )
-    return hashlib.sha256(b",".join(types)).hexdigest()[:16]
-
-
-def manifest_media_type(data: bytes) -> bytes:
-    """The Content-Type of manifest bytes from disk: their ``mediaType``, else by shape."""
-    try:
-        document = json.loads(data)
-    except ValueError:
-        return b"application/json"
-    if not isinstance(document, dict):
-        return b"application/json"
-    media_type = document.get("mediaType")
-    if isinstance(media_type, str) and media_type:
-        return media_type.encode()
-    if document.get("schemaVersion") == 1:
-        return b"application/vnd.docker.distribution.manifest.v1+prettyjws"
-    if "manifests" in document:
-        return b"application/vnd.oci.image.index.v1+json"
-    return b"application/vnd.oci.image.manifest.v1+json"
-
-
-def referenced_digests(data: bytes) -> list[str]:
-    """What a manifest or index names: its config, layers, child manifests, subject."""
-    try:
-        document = json.loads(data)
-    except ValueError:
-        return []
-    if not isinstance(document, dict):
-        return []
-    found: list[str] = []
-    for key in ("config", "subject"):
-        item = document.get(key)
-        if isinstance(item, dict) and isinstance(item.get("digest"), str):
-            found.append(item["digest"])
-    for key in ("layers", "manifests", "blobs"):
-        for item in document.get(key) or ():
-            if isinstance(item, dict) and isinstance(item.get("digest"), str):
-                found.append(item["digest"])
-    for item in document.get("fsLayers") or ():  # schema 1
-        if isinstance(item, dict) and isinstance(item.get("blobSum"), str):
-            found.append(item["blobSum"])
-    return [digest for digest in found if is_cacheable(digest)]
+    @property
+    def is_manifest(self) -> bool:
+        return self.request.target.kind is Kind.MANIFEST
 
 
 @attrs.frozen
@@ -168,7 +92,9 @@ class _Revalidated:
     digest: str | None
 
 
-class CachingFetcher:
+class Cache:
+    """The cache's long-lived state, shared by the fetchers of every routing snapshot."""
+
     log = Logger()
 
     def __init__(
@@ -181,130 +107,261 @@ class CachingFetcher:
         stale_max_age: float = 7 * 86400.0,
         idle_timeout: float = 60.0,
         cross_process_wait: float = CROSS_PROCESS_WAIT,
+        public_ttl: float = 600.0,
         counts: RouteCounts | None = None,
     ) -> None:
-        self.idle_timeout = idle_timeout
-        self.cross_process_wait = cross_process_wait
         self.store = store
         self.index = store.index
         self.downloads = downloads
         self.clock = clock
         self.tag_ttl = tag_ttl
         self.stale_max_age = stale_max_age
-        self.counts = counts
-        self._access: dict[tuple[str, str, str], float] = {}
-        self._revalidating: SingleFlight[tuple[str, ...], _Revalidated] = SingleFlight()
-        # Per digest in download: the answer headers its first reader got, for the others.
-        self._headers: dict[str, list[tuple[bytes, list[bytes]]]] = {}
-        self._download_repo: dict[str, tuple[str, str]] = {}
-        self._children_recorded: set[tuple[str, str, str]] = set()
-        # Manifest digest -> its Content-Type (from its bytes, which never change).
-        self._media_types: dict[str, bytes] = {}
-        # (route, repository) the upstream served without credentials.
-        self._open: set[tuple[str, str]] = set()
+        self.idle_timeout = idle_timeout
+        self.cross_process_wait = cross_process_wait
+        self.counts: RouteCounts = counts if counts is not None else _NoCounts()
+        self.access = AccessMemory(clock, public_ttl=public_ttl)
+        self.revalidating: SingleFlight[tuple[str, ...], _Revalidated] = SingleFlight()
+        # Per download: the client headers of the upstream's answer, for joiners.
+        self.download_headers: dict[Download, Headers] = {}
+        self.download_repository: dict[Download, Repository] = {}
+        self.children_recorded: set[tuple[str, str, str]] = set()
+        # Manifest digest -> its Content-Type (the upstream's, else from its bytes).
+        self.media_types: dict[str, bytes] = {}
 
-    # -- entry point ------------------------------------------------------------------------
+    def around(
+        self, inner: Fetcher, *, holds_credentials: Callable[[Route], bool]
+    ) -> CachingFetcher:
+        """This cache in front of ``inner``."""
+        return CachingFetcher(self, inner, holds_credentials=holds_credentials)
 
-    async def handle(self, asked: CacheRequest, ops: UpstreamOps, exchange: Any) -> Outcome:
-        if asked.is_manifest and not is_cacheable(asked.reference):
-            return await self._by_tag(asked, ops, exchange)
-        if not is_cacheable(asked.reference):
-            exchange.cache = "bypass"
-            return PASS
-        return await self._by_digest(asked, ops, exchange, asked.reference, asked.url)
+
+class CachingFetcher:
+    """A :class:`Fetcher` that answers blobs and manifests from a :class:`Cache` and
+    everything else (and what it will not serve) through ``inner``."""
+
+    def __init__(
+        self, cache: Cache, inner: Fetcher, *, holds_credentials: Callable[[Route], bool]
+    ) -> None:
+        self.cache = cache
+        self.inner = inner
+        self.holds_credentials = holds_credentials
+        self.store = cache.store
+        self.index = cache.index
+        self.log = cache.log
+
+    async def fetch(self, request: RegistryRequest) -> Answer:
+        kind = request.target.kind
+        if kind is Kind.BASE:
+            return await self._ping(request)
+        if not request.route.cache or kind not in CACHED_KINDS:
+            return await self.inner.fetch(request)
+        name = upstream_name_of(request.target, request.route)
+        assert name is not None
+        asked = _Asked(
+            request=request,
+            repository=(request.route.name, name),
+            credential=None
+            if self.holds_credentials(request.route)
+            else credential_key(request.authorization),
+        )
+        reference = request.target.reference
+        if is_cacheable(reference):
+            return await self._by_digest(asked, reference)
+        if asked.is_manifest:
+            return await self._by_tag(asked)
+        return await self._bypass(request)
+
+    async def _ping(self, request: RegistryRequest) -> Answer:
+        try:
+            return await self.inner.fetch(request)
+        except OCIError as error:
+            if error.status not in (502, 504):
+                raise
+        # The upstream is down, and clients ping /v2/ before every pull: with a cache,
+        # what it holds can still be served, so the ping says so.
+        headers = Headers({b"content-type": [b"application/json"]})
+        return Answer(200, headers, BytesBody(b"{}"), cache="stale")
+
+    async def _bypass(self, request: RegistryRequest) -> Answer:
+        return attrs.evolve(await self.inner.fetch(request), cache="bypass")
 
     # -- content by digest ------------------------------------------------------------------
 
-    async def _by_digest(
-        self, asked: CacheRequest, ops: UpstreamOps, exchange: Any, digest: str, url: str
-    ) -> Outcome:
-        holds = self.index.repository_holds(asked.route, asked.repository, digest)
+    async def _by_digest(self, asked: _Asked, digest: str, *, retried: bool = False) -> Answer:
+        cache = self.cache
+        request = asked.request
+        holds = self.index.repository_holds(asked.route, asked.name, digest)
         if self.store.contains(digest):
             if holds:
-                admitted = await self._admitted(asked, ops)
+                admitted = await self._admitted(asked, digest)
             else:
                 # Stored for another repository: R may read it only if the upstream says R
                 # holds it (a HEAD, which is also this client's access check).
-                admitted = holds = await self._upstream_confirms(asked, ops, url, digest)
+                admitted = holds = await self._upstream_confirms(asked, digest)
             if not admitted:
-                exchange.cache = "bypass"
-                return PASS
+                return await self._bypass(request)
             obj = self.store.open_object(digest)
             if obj is not None:
-                self._count(asked, exchange, "hit")
-                await self._serve(asked, obj, digest)
-                return HANDLED
-        download = self.downloads.get(digest)
+                return self._serve(asked, obj, digest, "hit")
+        download = cache.downloads.get(digest)
         if download is not None:
-            if not (holds or self._download_repo.get(digest) == (asked.route, asked.repository)):
-                exchange.cache = "bypass"
-                return PASS
-            if not await self._admitted(asked, ops):
-                exchange.cache = "bypass"
-                return PASS
-            if self.downloads.get(digest) is not download:
+            if not (holds or cache.download_repository.get(download) == asked.repository):
+                return await self._bypass(request)
+            if not await self._admitted(asked, digest):
+                return await self._bypass(request)
+            if cache.downloads.get(digest) is not download:
                 # It finished (or failed) while the upstream was asked about this client:
                 # start over, from what the store now holds.
-                return await self._by_digest(asked, ops, exchange, digest, url)
-            self._count(asked, exchange, "coalesced")
-            await self._read_download(asked, exchange, download, digest)
-            return HANDLED
-        if asked.request.method == b"HEAD":
-            exchange.cache = "bypass"
-            return PASS
-        download = self.downloads.start(digest)
-        if download is None:
-            if self.store.writer_active(digest):
-                # Another process on this directory downloads it: wait for its commit (the
-                # file lock says when) rather than fetch it a second time.
-                committed = await _guarded(
-                    wait_for_commit(
-                        self.store, digest, self.clock, timeout=self.cross_process_wait
-                    ),
-                    lambda: None,
-                )
-                if committed is not None:
-                    if self.index.repository_holds(asked.route, asked.repository, digest):
-                        admitted = await self._admitted(asked, ops)
-                    else:
-                        admitted = await self._upstream_confirms(asked, ops, url, digest)
-                    if admitted:
-                        self._count(asked, exchange, "coalesced")
-                        await self._serve(asked, committed, digest)
-                        return HANDLED
-                    committed.close()
-            # Too large for the cache, or the other process took too long: pass through.
-            exchange.cache = "bypass"
-            return PASS
-        self._download_repo[digest] = (asked.route, asked.repository)
-        download.done.addBoth(self._download_over, digest)
+                return await self._by_digest(asked, digest, retried=retried)
+            joined = await self._join(asked, download, digest)
+            if joined is not None:
+                return joined
+            # The download's own request was refused or failed: this client's is its own.
+            if retried:
+                return await self._bypass(request)
+            return await self._by_digest(asked, digest, retried=True)
+        if request.method == b"HEAD":
+            return await self._bypass(request)
         try:
-            response = await ops.send("GET", url)
+            download = cache.downloads.start(digest)
+        except OSError as error:
+            # The store cannot write (a full or read-only volume): the upstream serves the
+            # client, its bytes still verified on the fly.
+            self._store_failed(error)
+            return await self._verified_pass_through(asked, digest)
+        if download is None:
+            return await self._elsewhere(asked, digest)
+        return await self._download(asked, download, digest)
+
+    async def _elsewhere(self, asked: _Asked, digest: str) -> Answer:
+        """Another process on this directory downloads ``digest``, or it is too large."""
+        if self.store.writer_active(digest):
+            # Wait for its commit (the file lock says when) rather than fetch it again.
+            committed = await _guarded(
+                wait_for_commit(
+                    self.store, digest, self.cache.clock, timeout=self.cache.cross_process_wait
+                ),
+                lambda: None,
+            )
+            if committed is not None:
+                if self.index.repository_holds(asked.route, asked.name, digest):
+                    admitted = await self._admitted(asked, digest)
+                else:
+                    admitted = await self._upstream_confirms(asked, digest)
+                if admitted:
+                    return self._serve(asked, committed, digest, "coalesced")
+                committed.close()
+        return await self._verified_pass_through(asked, digest)
+
+    async def _verified_pass_through(self, asked: _Asked, digest: str) -> Answer:
+        request = asked.request
+        if request.target.reference != digest:
+            request = attrs.evolve(
+                request,
+                target=attrs.evolve(request.target, reference=digest),
+                client_target=attrs.evolve(request.client_target, reference=digest),
+            )
+        answer = await self.inner.fetch(request)
+        self._learn(asked, answer.status)
+        if answer.status not in (200, 206) or answer.body is None or answer.status == 206:
+            # A ranged part cannot be checked against the whole object's digest.
+            return attrs.evolve(answer, cache="bypass")
+        return attrs.evolve(answer, body=VerifyingBody(answer.body, digest), cache="bypass")
+
+    async def _download(self, asked: _Asked, download: Download, digest: str) -> Answer:
+        cache = self.cache
+        cache.download_repository[download] = asked.repository
+        download.done.addBoth(self._download_over, download)
+        try:
+            answer = await self.inner.fetch(self._whole(asked, "GET", digest))
         except BaseException as error:
             download.fail(Failure(error))
             raise
-        self._learn_public(asked, response.code)
-        if response.code != 200:
+        self._learn(asked, answer.status)
+        body = answer.body
+        if answer.status != 200 or body is None:
+            # Not an object for the cache: joiners send their own requests; this client
+            # gets the upstream's answer.
             download.fail(Failure(OCIError("UPSTREAM_UNAVAILABLE", "no content upstream")))
-            return Relay(response, url)
-        self._count(asked, exchange, "miss")
-        length = None if response.length is UNKNOWN_LENGTH else int(response.length)
-        ops.copy_headers(response)
-        request = asked.request
+            return answer
+        headers = answer.headers.copy()
+        if asked.is_manifest:
+            content_type = answer.header(b"content-type")
+            if content_type is not None and _TOKEN.match(content_type):
+                self._remember_media_type(digest, content_type)
         # Before announcing: readers that joined while the upstream had not answered yet
         # resume on the announcement and take these headers (Content-Type above all).
-        self._headers[digest] = list(request.responseHeaders.getAllRawHeaders())  # type: ignore[arg-type]
-        download.announce(length)
+        cache.download_headers[download] = headers
+        download.announce(body.length)
         download.done.addCallback(self._committed, asked, digest)
-        # This client reads before the body flows: a body that arrived with the headers is
-        # delivered at once, and the download must not be over before anyone reads it.
-        reader = self._attach(asked, download, digest, None, length)
-        response.deliverBody(DownloadProtocol(download))
-        if reader is None:
-            return HANDLED
-        self._watch(download, download.received)
-        await self._finish_reading(asked, exchange, reader, digest)
-        return HANDLED
+        self._count(asked, "miss")
+
+        def flow() -> None:
+            feed = DownloadFeed(download)
+            body.deliver(feed).addCallbacks(
+                lambda _: download.finish(), lambda failure: download.fail(failure)
+            )
+            self._watch(download, download.received)
+
+        reading = self._reading(asked, download, digest, headers, body.length, on_use=flow)
+        return attrs.evolve(
+            reading,
+            upstream_status=answer.upstream_status,
+            upstream_seconds=answer.upstream_seconds,
+            cache="miss",
+        )
+
+    async def _join(self, asked: _Asked, download: Download, digest: str) -> Answer | None:
+        """A client joining a download another request of this process started, once the
+        upstream answered that request with the object (None: it did not)."""
+        try:
+            size = await _guarded(download.when_announced(), lambda: None)
+        except Exception:
+            return None
+        # Read only now: the headers of the upstream's answer, which may have arrived
+        # after this client joined.
+        headers = self.cache.download_headers.get(download)
+        if headers is None or download.failed:
+            return None
+        self._count(asked, "coalesced")
+        return self._reading(asked, download, digest, headers, size)
+
+    def _reading(
+        self,
+        asked: _Asked,
+        download: Download,
+        digest: str,
+        headers: Headers,
+        size: int | None,
+        on_use: Callable[[], None] | None = None,
+    ) -> Answer:
+        """The answer of a reader of a download: whole, a range, or 416."""
+        answered = Headers()
+        for name, values in headers.getAllRawHeaders():
+            if name.lower() not in (b"content-length", b"content-range"):
+                answered.setRawHeaders(name, values)
+        answered.setRawHeaders(_DIGEST_HEADER, [digest.encode()])
+        first, last, status = 0, None, 200
+        length = size
+        if size is not None:
+            chosen = parse_range(asked.request.header(b"range"), size)
+            if isinstance(chosen, Unsatisfiable):
+                if on_use is not None:
+                    on_use()
+                return self._unsatisfiable(answered, size)
+            if isinstance(chosen, ByteRange):
+                first, last, status = chosen.first, chosen.last, 206
+                answered.setRawHeaders(b"content-range", [b"bytes %d-%d/%d" % (first, last, size)])
+                length = chosen.length
+        body = DownloadBody(download, first, last, length, on_use=on_use)
+        return Answer(status, answered, body, cache="coalesced")
+
+    @staticmethod
+    def _unsatisfiable(headers: Headers, size: int) -> Answer:
+        body = error_body("RANGE_INVALID", "the range is not satisfiable", {"size": size})
+        headers.setRawHeaders(b"content-range", [b"bytes */%d" % size])
+        headers.setRawHeaders(b"content-type", [b"application/json"])
+        return Answer(416, headers, BytesBody(body))
 
     def _watch(self, download: Download, received: int) -> None:
         """Abandon a download whose upstream body sends nothing for the idle timeout."""
@@ -319,32 +376,21 @@ class CachingFetcher:
                 return
             self._watch(download, download.received)
 
-        self.clock.callLater(self.idle_timeout, check)
+        self.cache.clock.callLater(self.cache.idle_timeout, check)
 
-    def _download_over(self, result: object, digest: str) -> object:
-        self._headers.pop(digest, None)
-        self._download_repo.pop(digest, None)
+    def _download_over(self, result: object, download: Download) -> object:
+        self.cache.download_headers.pop(download, None)
+        self.cache.download_repository.pop(download, None)
         return result
 
-    def _committed(self, committed: bool, asked: CacheRequest, digest: str) -> bool:
+    def _committed(self, committed: bool, asked: _Asked, digest: str) -> bool:
         if committed:
-            self.index.record_repository_digest(asked.route, asked.repository, digest)
+            self.index.record_repository_digest(asked.route, asked.name, digest)
             if asked.is_manifest:
                 self._record_children(asked, digest)
         return committed
 
-    def _children_known(self, asked: CacheRequest, digest: str, data: bytes) -> None:
-        """A manifest of R served from the cache lists what R holds: record it once."""
-        key = (asked.route, asked.repository, digest)
-        if key in self._children_recorded:
-            return
-        if len(self._children_recorded) > 100_000:
-            self._children_recorded.clear()
-        self._children_recorded.add(key)
-        for child in referenced_digests(data):
-            self.index.record_repository_digest(asked.route, asked.repository, child)
-
-    def _record_children(self, asked: CacheRequest, digest: str) -> None:
+    def _record_children(self, asked: _Asked, digest: str) -> None:
         obj = self.store.open_object(digest)
         if obj is None:
             return
@@ -352,252 +398,226 @@ class CachingFetcher:
             if obj.size > MANIFEST_LIMIT:
                 return
             data = obj.data if obj.data is not None else obj.read(0, obj.size)
+        self._children_known(asked, digest, data)
+
+    def _children_known(self, asked: _Asked, digest: str, data: bytes) -> None:
+        """A manifest of R lists what R holds: record it once."""
+        recorded = self.cache.children_recorded
+        key = (asked.route, asked.name, digest)
+        if key in recorded:
+            return
+        if len(recorded) > 100_000:
+            recorded.clear()
+        recorded.add(key)
         for child in referenced_digests(data):
-            self.index.record_repository_digest(asked.route, asked.repository, child)
+            self.index.record_repository_digest(asked.route, asked.name, child)
 
-    async def _read_download(
-        self,
-        asked: CacheRequest,
-        exchange: Any,
-        download: Download,
-        digest: str,
-    ) -> None:
-        """A client joining a download another request of this process started."""
-        size = await _guarded(download.when_announced(), lambda: None)
-        # Read only now: the headers are those of the upstream's answer, which may have
-        # arrived after this client joined.
-        headers = self._headers.get(digest, [])
-        reader = self._attach(asked, download, digest, headers, size)
-        if reader is not None:
-            await self._finish_reading(asked, exchange, reader, digest)
+    def _remember_media_type(self, digest: str, media_type: bytes) -> None:
+        media_types = self.cache.media_types
+        if len(media_types) > 10_000:
+            media_types.clear()
+        media_types[digest] = media_type
 
-    def _attach(
-        self,
-        asked: CacheRequest,
-        download: Download,
-        digest: str,
-        headers: list[tuple[bytes, list[bytes]]] | None,
-        size: int | None,
-    ) -> DownloadReader | None:
-        """Answer the headers and attach this client as a reader (None: a 416 was answered)."""
-        request = asked.request
-        if headers is not None:
-            for name, values in headers:
-                if name.lower() not in (b"content-length", b"content-range"):
-                    request.responseHeaders.setRawHeaders(name, values)
-        request.setResponseCode(200)
-        first, last = 0, None
-        if size is not None:
-            chosen = parse_range(request.getHeader(b"range"), size)
-            if isinstance(chosen, Unsatisfiable):
-                request.setResponseCode(416)
-                request.setHeader(b"content-range", b"bytes */%d" % size)
-                request.setHeader(b"content-length", b"0")
-                request.finish()
-                return None
-            if isinstance(chosen, ByteRange):
-                first, last = chosen.first, chosen.last
-                request.setResponseCode(206)
-                request.setHeader(b"content-range", b"bytes %d-%d/%d" % (first, last, size))
-            end = size if last is None else last + 1
-            request.setHeader(b"content-length", b"%d" % (end - first))
-        request.setHeader(b"docker-content-digest", digest.encode())
-        return download.attach(request, first, last)
+    # -- hits -------------------------------------------------------------------------------
 
-    async def _finish_reading(
-        self, asked: CacheRequest, exchange: Any, reader: DownloadReader, digest: str
-    ) -> None:
-        request = asked.request
-        try:
-            await _guarded(reader.done, reader.stopProducing)
-        except ReaderStopped:
-            exchange.error_kind = exchange.error_kind or "client_gone"
-            return
-        except Exception as error:
-            # A wrong digest or an upstream that broke off: the client must never take what
-            # it got for a whole body, so the connection is cut before the last byte.
-            if isinstance(error, DigestMismatch):
-                exchange.error_kind = "digest_mismatch"
-                self.log.error(
-                    "route {route}: {digest} from the upstream does not match its digest;"
-                    " not kept, every reader cut off",
-                    route=asked.route,
-                    digest=digest,
-                )
-            else:
-                exchange.error_kind = exchange.error_kind or "body"
-            abort_client(request)
-            return
-        request.finish()
-
-    async def _serve(
-        self, asked: CacheRequest, obj: StoredObject, digest: str, *, stale: bool = False
-    ) -> None:
-        request = asked.request
+    def _serve(
+        self, asked: _Asked, obj: StoredObject, digest: str, outcome: str, *, stale: bool = False
+    ) -> Answer:
+        headers = Headers()
         if asked.is_manifest:
-            media_type = self._media_types.get(digest)
-            if media_type is None or (asked.route, asked.repository, digest) not in (
-                self._children_recorded
-            ):
-                data = obj.data if obj.data is not None else obj.read(0, min(obj.size, 1 << 20))
-                media_type = manifest_media_type(data)
-                if len(self._media_types) > 10_000:
-                    self._media_types.clear()
-                self._media_types[digest] = media_type
+            media_type = self.cache.media_types.get(digest)
+            key = (asked.route, asked.name, digest)
+            if media_type is None or key not in self.cache.children_recorded:
+                data = obj.data
+                if data is None:
+                    data = obj.read(0, min(obj.size, MANIFEST_LIMIT))
+                if media_type is None:
+                    media_type = manifest_media_type(data)
+                    self._remember_media_type(digest, media_type)
                 self._children_known(asked, digest, data)
-            request.setHeader(b"content-type", media_type)
+            headers.setRawHeaders(b"content-type", [media_type])
         else:
-            request.setHeader(b"content-type", BLOB_TYPE)
-        request.setHeader(b"docker-content-digest", digest.encode())
+            headers.setRawHeaders(b"content-type", [BLOB_TYPE])
         etag = b'"' + digest.encode() + b'"'
-        request.setHeader(b"etag", etag)
+        headers.setRawHeaders(_DIGEST_HEADER, [digest.encode()])
+        headers.setRawHeaders(b"etag", [etag])
+        headers.setRawHeaders(b"accept-ranges", [b"bytes"])
         if stale:
-            request.setHeader(b"warning", STALE_WARNING)
-        serving = serve_object(request, obj, byte_range=choose_range(request, obj.size, etag))
-        with contextlib.suppress(Exception):  # the client left: the connection was dropped
-            await _guarded(serving, lambda: None)
+            headers.setRawHeaders(b"warning", [STALE_WARNING])
+        self._count(asked, outcome)
+        request = asked.request
+        if_range = request.header(b"if-range")
+        chosen = (
+            None
+            if if_range is not None and if_range.strip() != etag
+            else parse_range(request.header(b"range"), obj.size)
+        )
+        if isinstance(chosen, Unsatisfiable):
+            obj.close()
+            return attrs.evolve(self._unsatisfiable(headers, obj.size), cache=outcome)
+        first, end, status = 0, obj.size, 200
+        if chosen is not None:
+            first, end, status = chosen.first, chosen.last + 1, 206
+            headers.setRawHeaders(
+                b"content-range", [b"bytes %d-%d/%d" % (chosen.first, chosen.last, obj.size)]
+            )
+        if obj.data is not None:
+            data = obj.data[first:end]
+            obj.close()
+            self.store.metrics.count("bytes_from_cache", len(data))
+            return Answer(status, headers, BytesBody(data), cache=outcome)
+        return Answer(
+            status, headers, StoredBody(obj, first, end, self.store.metrics), cache=outcome
+        )
 
     # -- access -----------------------------------------------------------------------------
 
-    async def _upstream_confirms(
-        self, asked: CacheRequest, ops: UpstreamOps, url: str, digest: str
-    ) -> bool:
+    def _whole(self, asked: _Asked, method: str, digest: str | None = None) -> RegistryRequest:
+        """The request the cache sends upstream for ``asked``: the whole object (or a HEAD),
+        by ``digest`` when given, with the client's credentials as the route sends them."""
+        request = asked.request
+        target, client_target = request.target, request.client_target
+        if digest is not None and target.reference != digest:
+            target = attrs.evolve(target, reference=digest)
+            client_target = attrs.evolve(client_target, reference=digest)
+        return attrs.evolve(
+            request,
+            method=method.encode(),
+            target=target,
+            client_target=client_target,
+            whole_object=True,
+        )
+
+    async def _head(self, asked: _Asked, digest: str | None = None) -> int | None:
+        """The status of a HEAD upstream for ``asked`` (None: the upstream failed)."""
         try:
-            response = await ops.send("HEAD", url)
+            answer = await self.inner.fetch(self._whole(asked, "HEAD", digest))
         except OCIError:
+            return None
+        if answer.body is not None:
+            answer.body.discard()
+        self._learn(asked, answer.status)
+        return answer.status
+
+    async def _upstream_confirms(self, asked: _Asked, digest: str) -> bool:
+        """Whether the upstream says R holds ``digest`` (to this client)."""
+        if await self._head(asked, digest) != 200:
             return False
-        response.deliverBody(Discard())
-        self._learn_public(asked, response.code)
-        if response.code != 200:
-            return False
-        self.index.record_repository_digest(asked.route, asked.repository, digest)
+        self.index.record_repository_digest(asked.route, asked.name, digest)
         if asked.credential is not None:
-            key = (asked.route, asked.repository, asked.credential)
-            self._access[key] = self.clock.seconds() + ACCESS_MEMORY
+            self.cache.access.admit(asked.repository, asked.credential)
         return True
 
-    async def _admitted(self, asked: CacheRequest, ops: UpstreamOps) -> bool:
+    async def _admitted(self, asked: _Asked, digest: str) -> bool:
         """Whether this client may read R: always with the route's own credentials;
         otherwise once the upstream accepted the client's credential for R."""
-        if asked.credential is None or self._public(asked):
+        credential = asked.credential
+        if credential is None:
             return True
-        key = (asked.route, asked.repository, asked.credential)
-        now = self.clock.seconds()
-        if self._access.get(key, 0.0) > now:
+
+        async def ask() -> bool:
+            if await self._head(asked, digest) != 200:
+                return False
+            self.cache.access.admit(asked.repository, credential)
             return True
-        try:
-            response = await ops.send("HEAD", asked.url)
-        except OCIError:
-            return False
-        response.deliverBody(Discard())
-        self._learn_public(asked, response.code)
-        if response.code != 200:
-            return False
-        if len(self._access) > 10_000:
-            self._access = {k: t for k, t in self._access.items() if t > now}
-        self._access[key] = now + ACCESS_MEMORY
-        return True
+
+        return await self.cache.access.check(asked.repository, credential, ask)
+
+    def _learn(self, asked: _Asked, status: int) -> None:
+        if asked.credential is not None:
+            self.cache.access.learn(asked.repository, asked.credential, status)
 
     # -- tags -------------------------------------------------------------------------------
 
-    async def _by_tag(self, asked: CacheRequest, ops: UpstreamOps, exchange: Any) -> Outcome:
-        tag = asked.reference
-        record = self.index.tag(asked.route, asked.repository, tag, asked.accept_key)
-        now = self.clock.seconds()
+    async def _by_tag(self, asked: _Asked) -> Answer:
+        cache = self.cache
+        request = asked.request
+        tag = request.target.reference
+        accepts = accept_key(request.headers.getRawHeaders(b"accept", []))
+        record = self.index.tag(asked.route, asked.name, tag, accepts)
+        now = cache.clock.seconds()
         if (
             record is not None
-            and self.tag_ttl > 0
-            and now - record.confirmed_at < self.tag_ttl
+            and cache.tag_ttl > 0
+            and now - record.confirmed_at < cache.tag_ttl
             and self.store.contains(record.digest)
-            and asked.request.method == b"GET"
+            and request.method == b"GET"
         ):
-            return await self._by_digest(
-                asked, ops, exchange, record.digest, asked.digest_url(record.digest)
-            )
+            return await self._by_digest(asked, record.digest)
         try:
-            revalidated = await self._revalidate(asked, ops)
+            revalidated = await self._revalidate(asked, accepts)
         except OCIError as error:
-            if error.status in (502, 504) and await self._stale(asked, exchange, record):
-                return HANDLED
+            if error.status in (502, 504):
+                stale = self._stale(asked, record)
+                if stale is not None:
+                    return stale
             raise
-        if revalidated.status in FAILING and await self._stale(asked, exchange, record):
-            return HANDLED
-        self._learn_public(asked, revalidated.status)
+        if revalidated.status in FAILING:
+            stale = self._stale(asked, record)
+            if stale is not None:
+                return stale
+        self._learn(asked, revalidated.status)
         if revalidated.status != 200 or revalidated.digest is None:
-            exchange.cache = "bypass"
-            return PASS
+            return await self._bypass(request)
         digest = revalidated.digest
-        self.index.record_tag(asked.route, asked.repository, tag, asked.accept_key, digest)
-        self.index.record_repository_digest(asked.route, asked.repository, digest)
-        if asked.request.method == b"HEAD" and not self.store.contains(digest):
-            exchange.cache = "bypass"
-            return PASS
-        return await self._by_digest(asked, ops, exchange, digest, asked.digest_url(digest))
+        self.index.record_tag(asked.route, asked.name, tag, accepts, digest)
+        self.index.record_repository_digest(asked.route, asked.name, digest)
+        if request.method == b"HEAD" and not self.store.contains(digest):
+            return await self._bypass(request)
+        return await self._by_digest(asked, digest)
 
-    async def _revalidate(self, asked: CacheRequest, ops: UpstreamOps) -> _Revalidated:
-        """One manifest HEAD upstream for everyone asking for this tag right now."""
+    async def _revalidate(self, asked: _Asked, accepts: str) -> _Revalidated:
+        """One manifest HEAD upstream for everyone asking for this tag with the same
+        credential right now (never another credential's answer)."""
         key = (
             asked.route,
-            asked.repository,
-            asked.reference,
-            asked.accept_key,
+            asked.name,
+            asked.request.target.reference,
+            accepts,
             asked.credential or "",
         )
-        return await self._revalidating.run(key, lambda: self._head(asked, ops))
 
-    async def _head(self, asked: CacheRequest, ops: UpstreamOps) -> _Revalidated:
-        response = await ops.send("HEAD", asked.url)
-        response.deliverBody(Discard())
-        digest = (response.headers.getRawHeaders(b"docker-content-digest") or [b""])[0]
-        text = digest.decode("latin-1").strip()
-        return _Revalidated(response.code, text if is_cacheable(text) else None)
+        async def head() -> _Revalidated:
+            answer = await self.inner.fetch(self._whole(asked, "HEAD"))
+            if answer.body is not None:
+                answer.body.discard()
+            text = (answer.header(_DIGEST_HEADER) or b"").decode("latin-1").strip()
+            return _Revalidated(answer.status, text if is_cacheable(text) else None)
 
-    async def _stale(self, asked: CacheRequest, exchange: Any, record: Any) -> bool:
-        """Serve the last known digest of the tag, if recent enough and still on disk."""
-        if record is None or self.clock.seconds() - record.confirmed_at > self.stale_max_age:
-            return False
-        if asked.credential is not None and not (self._public(asked) or self._remembered(asked)):
-            return False  # the upstream cannot confirm this client now: no cached answer
+        return await self.cache.revalidating.run(key, head)
+
+    def _stale(self, asked: _Asked, record: Any) -> Answer | None:
+        """The last known digest of the tag, if recent enough and still stored."""
+        cache = self.cache
+        if record is None or cache.clock.seconds() - record.confirmed_at > cache.stale_max_age:
+            return None
+        credential = asked.credential
+        if credential is not None and not (
+            cache.access.is_public(asked.repository, credential)
+            or cache.access.remembered(asked.repository, credential)
+        ):
+            return None  # the upstream cannot confirm this client now: no cached answer
         obj = self.store.open_object(record.digest)
         if obj is None:
-            return False
-        self._count(asked, exchange, "stale")
+            return None
         self.log.warn(
             "route {route}: upstream failing, serving {repository}:{tag} from the cache"
             " (confirmed {age:.0f} s ago)",
             route=asked.route,
-            repository=asked.repository,
-            tag=asked.reference,
-            age=self.clock.seconds() - record.confirmed_at,
+            repository=asked.name,
+            tag=asked.request.target.reference,
+            age=cache.clock.seconds() - record.confirmed_at,
         )
-        await self._serve(asked, obj, record.digest, stale=True)
-        return True
+        return self._serve(asked, obj, record.digest, "stale", stale=True)
 
-    def _public(self, asked: CacheRequest) -> bool:
-        """Whether R is known to be readable without credentials, and this client has none.
+    # -- bookkeeping ------------------------------------------------------------------------
 
-        Learnt from the upstream itself (it answered an anonymous request for R) and
-        forgotten when it refuses one: unlike one client's credential, this does not
-        expire, so anonymous pulls of public repositories keep working through outages.
-        """
-        return asked.credential == ANONYMOUS and (asked.route, asked.repository) in self._open
+    def _count(self, asked: _Asked, outcome: str) -> None:
+        self.cache.counts.cache_outcome(asked.route, outcome)
 
-    def _learn_public(self, asked: CacheRequest, status: int) -> None:
-        if asked.credential != ANONYMOUS:
-            return
-        if status == 200:
-            self._open.add((asked.route, asked.repository))
-        elif status in (401, 403):
-            self._open.discard((asked.route, asked.repository))
-
-    def _remembered(self, asked: CacheRequest) -> bool:
-        key = (asked.route, asked.repository, asked.credential or "")
-        return self._access.get(key, 0.0) > self.clock.seconds()
-
-    def _count(self, asked: CacheRequest, exchange: Any, outcome: str) -> None:
-        exchange.cache = outcome
-        if self.counts is not None:
-            self.counts.cache_outcome(asked.route, outcome)
+    def _store_failed(self, error: OSError) -> None:
+        self.store.metrics.count("store_write_errors")
+        self.log.warn("the cache cannot write ({error}): serving from the upstream", error=error)
 
 
 def _guarded(source: Deferred[Any], on_cancel: Callable[[], None]) -> Deferred[Any]:
@@ -612,3 +632,6 @@ def _guarded(source: Deferred[Any], on_cancel: Callable[[], None]) -> Deferred[A
 
     source.addBoth(forward)
     return waiter
+
+
+__all__ = ["ANONYMOUS", "Cache", "CachingFetcher", "accept_key", "credential_key"]

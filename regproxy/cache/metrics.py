@@ -20,6 +20,7 @@ CounterName = Literal[
     "corrupt_objects",
     "evictions",
     "evicted_bytes",
+    "store_write_errors",
 ]
 GaugeName = Literal["size_bytes", "objects"]
 

@@ -60,17 +60,23 @@ class UpstreamFailure(Exception):
 
     def oci(self) -> OCIError:
         if self.kind is FailureKind.TIMEOUT or self.kind is FailureKind.IDLE:
-            return OCIError("UPSTREAM_TIMEOUT", "the upstream registry did not answer in time")
+            return OCIError(
+                "UPSTREAM_TIMEOUT",
+                "the upstream registry did not answer in time",
+                kind=str(self.kind),
+            )
         if self.kind is FailureKind.REDIRECT_REFUSED:
             return OCIError(
                 "UPSTREAM_UNAVAILABLE",
                 "the upstream redirected to a target the proxy does not fetch",
                 {"reason": self.cause},
+                kind=str(self.kind),
             )
         return OCIError(
             "UPSTREAM_UNAVAILABLE",
             "the upstream registry cannot be reached",
             {"reason": str(self.kind)},
+            kind=str(self.kind),
         )
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+import attrs
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -15,9 +16,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ..errors import OCIError
 from ..matching import MatchedBy, RouteMatch, RouteTable, unknown_name
-from ..observe import Exchange
+from ..protocol.fetch import RegistryRequest
 from ..reference import Kind, parse_v2_path
-from ..relay import abort_client
+from .answer import abort_client, write_answer
+from .record import record_of
 from .respond import API_VERSION, API_VERSION_HEADER, write_body, write_error
 
 if TYPE_CHECKING:
@@ -39,36 +41,29 @@ ENDPOINTS = {
 }
 
 
-def exchange_of(request: Request) -> Exchange:
-    """The per-request record the access log reads; created on first use."""
-    exchange: Exchange | None = getattr(request, "regproxy_exchange", None)
-    if exchange is None:
-        exchange = Exchange()
-        request.regproxy_exchange = exchange  # type: ignore[attr-defined]
-    return exchange
-
-
 def run_async(request: Request, work: Callable[[], Coroutine[Any, Any, None]], log: Logger) -> int:
     """Run ``work`` for ``request``; cancel it when the client leaves; answer errors as OCI.
 
     Returns NOT_DONE_YET for ``render``.
     """
-    exchange = exchange_of(request)
+    record = record_of(request)
     deferred: Deferred[None] = ensureDeferred(work())
 
     def client_gone(_: Failure) -> None:
         # Also fires when the proxy itself cut the client off after an upstream failure:
         # that failure's kind is what the access event must say.
-        if exchange.error_kind is None:
-            exchange.error_kind = "client_gone"
+        if record.error_kind is None:
+            record.error_kind = "client_gone"
         deferred.cancel()
 
     request.notifyFinish().addErrback(client_gone)
 
     def failed(failure: Failure) -> None:
-        if failure.check(CancelledError) and exchange.error_kind == "client_gone":
+        if failure.check(CancelledError) and record.error_kind == "client_gone":
             return
         error = failure.value
+        if isinstance(error, OCIError) and error.kind is not None and record.error_kind is None:
+            record.error_kind = error.kind
         if not isinstance(error, OCIError):
             log.failure("unexpected error for {path}", failure, path=request.path[:200])
             error = OCIError("UNKNOWN", "internal proxy error", status=500)
@@ -115,7 +110,7 @@ class RegistryAPI(Resource):
     def render(self, request: Request) -> int | bytes:
         request.defaultContentType = None
         request.setHeader(API_VERSION_HEADER, API_VERSION)
-        exchange = exchange_of(request)
+        record = record_of(request)
         routing = self.routing()
         try:
             if request.method not in READ_METHODS:
@@ -124,7 +119,7 @@ class RegistryAPI(Resource):
                     "UNSUPPORTED", "this registry is read-only", {"method": "not allowed"}
                 )
             target = parse_v2_path(request.path.decode("latin-1"))
-            exchange.endpoint = ENDPOINTS[target.kind]
+            record.endpoint = ENDPOINTS[target.kind]
             host = request.requestHeaders.getRawHeaders(b"host", [b""])[0].decode("latin-1")
             match = routing.table.match(host, namespace_of(request), target.name or None)
             if target.kind is Kind.BASE and self._answers_ping(routing, match):
@@ -136,13 +131,24 @@ class RegistryAPI(Resource):
         except OCIError as error:
             write_error(request, error)
             return NOT_DONE_YET
-        exchange.route = match.route.name
-        forwarder = routing.forwarder
-        return run_async(
-            request,
-            lambda: forwarder.forward(request, match, target, exchange_of(request)),
-            self.log,
+        record.route = match.route.name
+        asked = RegistryRequest(
+            method=request.method,
+            route=match.route,
+            mount=match.mount,
+            target=attrs.evolve(target, name=match.name),
+            client_target=target,
+            headers=request.requestHeaders,
+            raw_query=request.uri.partition(b"?")[2],
+            client_host=request.getRequestHostname(),
+            public_base=self.public_base(request),
         )
+        fetcher = routing.fetcher
+
+        async def answer() -> None:
+            await write_answer(request, await fetcher.fetch(asked))
+
+        return run_async(request, answer, self.log)
 
     @staticmethod
     def _answers_ping(routing: Routing, match: RouteMatch | None) -> bool:

@@ -16,7 +16,7 @@ from twisted.web.server import Request, Site
 from ..errors import OCIError
 from ..observe import ClientAddress, Metrics, access_log
 from .framing import framing_error, refuse_and_close
-from .registry import exchange_of
+from .record import RequestRecord
 
 SERVER = b"regproxy"
 # Error kinds that are the client's doing (see regproxy.relay and run_async).
@@ -35,6 +35,7 @@ class ProxyRequest(Request):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.request_id = secrets.token_hex(8)
+        self.record = RequestRecord()
         self._received = 0
         # Set once the request was refused at the framing level: nothing more of it is read.
         self._refused = False
@@ -138,7 +139,7 @@ class ProxyRequest(Request):
         site.active -= 1
         metrics = site.metrics
         metrics.in_flight.dec()
-        exchange = exchange_of(self)
+        exchange = self.record
         duration = time.monotonic() - self._started
         if result is not None and exchange.error_kind is None:
             # The client closed first; the request's own errback may not have run yet.

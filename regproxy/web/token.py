@@ -13,11 +13,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..errors import OCIError
-from ..forward import relay, send
 from ..matching import Mount
 from ..rewrite import ResponseRewriter
 from ..upstream.client import user_agent
-from .registry import PROXY_SERVICE, exchange_of, proxy_answers_pings, run_async
+from ..upstream.fetcher import Exchanged, answer_of, send
+from .answer import write_answer
+from .record import record_of
+from .registry import PROXY_SERVICE, proxy_answers_pings, run_async
 from .respond import write_body, write_error
 
 if TYPE_CHECKING:
@@ -74,8 +76,8 @@ class TokenProxy(Resource):
 
     def render(self, request: Request) -> int:
         request.defaultContentType = None
-        exchange = exchange_of(request)
-        exchange.endpoint = "token"
+        record = record_of(request)
+        record.endpoint = "token"
         if request.method not in (b"GET", b"POST"):
             write_error(
                 request, OCIError("UNSUPPORTED", "use GET or POST for tokens"), allow=b"GET, POST"
@@ -94,7 +96,7 @@ class TokenProxy(Resource):
         if mount is None:
             write_error(request, OCIError("NOT_FOUND", "no such token realm"), allow=b"GET, POST")
             return NOT_DONE_YET
-        exchange.route = mount.route.name
+        record.route = mount.route.name
         return run_async(
             request, lambda: self._token(request, routing, mount, query, form), self.log
         )
@@ -145,11 +147,11 @@ class TokenProxy(Resource):
                 outgoing.setRawHeaders(name, values)
         if body:
             outgoing.setRawHeaders(b"content-type", [FORM])
-        exchange = exchange_of(request)
+        exchanged = Exchanged()
         try:
             response = await send(
                 routing.upstream,
-                exchange,
+                exchanged,
                 request.method.decode("ascii"),
                 url,
                 headers=outgoing,
@@ -170,4 +172,7 @@ class TokenProxy(Resource):
             upstream_url=url,
             public_base=self.public_base(request),
         )
-        await relay(request, response, rewriter, routing.upstream, exchange, has_body=True)
+        answer = await answer_of(
+            routing.upstream, response, rewriter, exchanged, method=request.method, has_body=True
+        )
+        await write_answer(request, answer)

@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from regproxy.cache.download import Downloads
-from regproxy.cache.fetcher import CachingFetcher
+from regproxy.cache.fetcher import Cache
 from regproxy.cache.store import open_store
 from regproxy.config import Config, Credentials, Route, Upstream
 from tests.support.inmemory import Answer, ProxyCase, build_tree
@@ -46,7 +46,7 @@ class CacheCase(ProxyCase):
         self.addCleanup(shutil.rmtree, directory, True)
         store = open_store(directory, max_size=1 << 30, fsync=False, clock=self.clock.seconds)
         self.store = store
-        self.fetcher = CachingFetcher(
+        self.fetcher = Cache(
             store, Downloads(store, clock=self.clock), clock=self.clock, stale_max_age=3600
         )
         self.proxy = StubTreq(build_tree(self.config, agent, self.clock, cache=self.fetcher))

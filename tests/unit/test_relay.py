@@ -1,4 +1,5 @@
-"""BodyRelay: backpressure both ways, a clean stop, an idle timer, and its outcome."""
+"""The upstream body relay: backpressure both ways, a clean stop, an idle timer, and its
+outcome; and how the web layer's answer writer finishes or drops the client for it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 
-from regproxy.relay import BodyRelay, ClientStalled, UpstreamIdle, relay_body
+from twisted.web.http_headers import Headers
+
+from regproxy.errors import OCIError
+from regproxy.protocol.fetch import Answer
+from regproxy.upstream.body import BodyRelay, ClientStalled, UpstreamBody, UpstreamIdle
+from regproxy.web.answer import write_answer
 
 IDLE = 10.0
 
@@ -61,6 +67,12 @@ class FakeRequest:
         self.events: list[str] = []
         self.channel: Any = FakeChannel(self.events)
         self.finished = False
+        self.method = b"GET"
+        self.code = 200
+        self.responseHeaders = Headers()
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        self.code = code
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         assert self.producer is None, "producer registered twice"
@@ -89,6 +101,7 @@ class FakeResponse:
     def __init__(self) -> None:
         self.transport = BodyTransport()
         self.protocol: BodyRelay | None = None
+        self.length = 5
 
     def deliverBody(self, protocol: BodyRelay) -> None:
         self.protocol = protocol
@@ -210,7 +223,8 @@ class RelayBodyTests(SynchronousTestCase):
         self.clock = Clock()
         self.request = FakeRequest()
         self.response = FakeResponse()
-        self.done = relay_body(self.request, self.response, self.clock, IDLE)  # type: ignore[arg-type]
+        body = UpstreamBody(self.response, self.clock, IDLE)  # type: ignore[arg-type]
+        self.done = write_answer(self.request, Answer(200, body=body))  # type: ignore[arg-type]
 
     def test_finishes_the_request(self) -> None:
         from twisted.internet.defer import ensureDeferred
@@ -220,7 +234,8 @@ class RelayBodyTests(SynchronousTestCase):
         self.response.protocol.dataReceived(b"hello")
         self.assertNoResult(d)
         self.response.protocol.connectionLost(Failure(ResponseDone()))
-        self.assertEqual(self.successResultOf(d), 5)
+        self.successResultOf(d)
+        self.assertEqual(self.request.responseHeaders.getRawHeaders(b"content-length"), [b"5"])
         self.assertEqual(self.request.events, ["register", "unregister", "finish"])
         self.assertEqual(self.request.written, [b"hello"])
 
@@ -231,7 +246,7 @@ class RelayBodyTests(SynchronousTestCase):
         assert self.response.protocol is not None
         self.response.protocol.dataReceived(b"hel")
         self.response.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
-        self.failureResultOf(d, ResponseFailed)
+        self.failureResultOf(d, OCIError)
         # Aborted, not closed: a close would wait on a client that may never read again.
         self.assertEqual(self.request.events, ["register", "unregister", "abort"])
         self.assertFalse(self.request.finished)
