@@ -13,8 +13,8 @@ from twisted.logger import Logger
 
 from twisted import __version__ as twisted_version
 
-from . import __version__
-from .config import Config, Credentials, Route
+from .. import __version__
+from ..config import Config, Credentials, Route
 
 
 class StartupError(Exception):

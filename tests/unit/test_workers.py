@@ -14,20 +14,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from regproxy.server.cpus import cpus_available, worker_count
+from regproxy.server.handoff import FIRST_CHILD_FD, Inherited, WorkerSpec, bind, listen_request
+from regproxy.server.supervisor import KILL_MARGIN, METRICS_DIR_VARIABLE, Supervisor
+from regproxy.server.worker import WorkerRole
 from regproxy.tap import Options, makeService
-from regproxy.workers import (
-    FIRST_CHILD_FD,
-    KILL_MARGIN,
-    METRICS_DIR_VARIABLE,
-    Inherited,
-    Supervisor,
-    WorkerRole,
-    WorkerSpec,
-    bind,
-    cpus_available,
-    listen_request,
-    worker_count,
-)
 from tests.support.tls import make_ca_and_cert
 
 
