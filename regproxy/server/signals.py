@@ -1,4 +1,7 @@
-"""SIGTERM as a clean stop: exit status 0 once the drain has run.
+"""Stop signals: SIGTERM as a clean stop, each stop taken once, and the signals a worker
+holds until it can take them (SIGHUP is ``reload``'s, or ``worker``'s).
+
+SIGTERM as a clean stop: exit status 0 once the drain has run.
 
 twist's reactor handles SIGTERM by stopping and then, after the reactor has stopped, kills
 itself with the same signal, so every ``systemctl stop`` or pod deletion would end with
