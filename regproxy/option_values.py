@@ -12,6 +12,7 @@ import os
 import re
 from urllib.parse import urlsplit
 
+from .cache.sizes import parse_size
 from .config import BlobRedirects, Upstream
 from .logs import LogFormat
 from .reference import NAME_RE
@@ -126,3 +127,13 @@ def log_format(text: str) -> LogFormat:
 
 def network(text: str) -> str:
     return str(ipaddress.ip_network(text.strip(), strict=False))
+
+
+def byte_limit(text: str) -> int:
+    """A size as ``--cache-max-size`` takes it (``1G``, ``500M``, bytes), or ``0``."""
+    if text.strip() == "0":
+        return 0
+    return parse_size(text)
+
+
+byte_limit.coerceDoc = "A size such as 1G, 500M or 1048576 (bytes), or 0."  # type: ignore[attr-defined]

@@ -18,6 +18,9 @@ from . import SYSTEMD_HANDOVER, __version__, environment
 from . import option_values as values
 from .cache.sizes import default_max_size, parse_size
 from .config import (
+    DEFAULT_ABANDONED_LIMIT,
+    DEFAULT_PUBLIC_TTL,
+    DEFAULT_SCRUB_INTERVAL,
     DOCKER_HUB_URL,
     BlobRedirects,
     CacheConfig,
@@ -244,6 +247,33 @@ class Options(usage.Options):
             _named("cache-tag-ttl", values.seconds),
         ],
         [
+            "cache-scrub-interval",
+            None,
+            DEFAULT_SCRUB_INTERVAL,
+            "Seconds over which every cached object is hashed again, spread out, in the "
+            "background, so that one corrupted on disk is found and removed (a day; 0: "
+            "never).",
+            _named("cache-scrub-interval", values.seconds),
+        ],
+        [
+            "cache-public-ttl",
+            None,
+            DEFAULT_PUBLIC_TTL,
+            "Seconds a repository found public is served by digest to anonymous clients "
+            "without asking the upstream again: one made private stops being served within "
+            "this time.",
+            _named("cache-public-ttl", values.seconds),
+        ],
+        [
+            "cache-abandoned-limit",
+            None,
+            DEFAULT_ABANDONED_LIMIT,
+            "Bytes in flight, in total, for downloads whose clients all left, like 1G or "
+            "500M (default 1G); beyond it such a download stops instead of finishing into "
+            "the cache. 0 stops each one when its last client leaves.",
+            _named("cache-abandoned-limit", values.byte_limit),
+        ],
+        [
             "workers",
             None,
             None,
@@ -445,6 +475,9 @@ class Options(usage.Options):
             stale_max_age=self["cache-stale-max-age"],
             tag_ttl=self["cache-tag-ttl"],
             verify=bool(self["cache-verify"]),
+            scrub_interval=self["cache-scrub-interval"],
+            public_ttl=self["cache-public-ttl"],
+            abandoned_limit=self["cache-abandoned-limit"],
         )
 
     def _server_config(self, routes: tuple[Route, ...]) -> Config:
