@@ -6,7 +6,7 @@ import os as _os
 
 # systemd's socket hand-over as this process received it: Twisted takes these variables out
 # of the environment when twisted.internet.endpoints is first imported, and regproxy wants
-# to say precisely what a supervisor did not hand over (see regproxy.listen).
+# to say precisely what a supervisor did not hand over (see regproxy.server.listen).
 SYSTEMD_HANDOVER = {
     name: value
     for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")

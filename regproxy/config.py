@@ -207,6 +207,11 @@ class Route:
         return "/".join([base, *parts])
 
 
+DEFAULT_SCRUB_INTERVAL = 86400.0
+DEFAULT_PUBLIC_TTL = 600.0
+DEFAULT_ABANDONED_LIMIT = 1 << 30
+
+
 @attrs.frozen
 class CacheConfig:
     """``--cache-dir`` and its settings: the pull-through cache."""
@@ -216,6 +221,12 @@ class CacheConfig:
     stale_max_age: float = 7 * 86400.0
     tag_ttl: float = 0.0
     verify: bool = False
+    # Seconds over which every stored object is re-hashed once, in the background; 0: never.
+    scrub_interval: float = DEFAULT_SCRUB_INTERVAL
+    # Seconds a repository seen to be public is trusted so for anonymous by-digest hits.
+    public_ttl: float = DEFAULT_PUBLIC_TTL
+    # Bytes in flight, in total, for downloads whose last client left; beyond, they stop.
+    abandoned_limit: int = DEFAULT_ABANDONED_LIMIT
 
 
 @attrs.frozen

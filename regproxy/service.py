@@ -1,4 +1,5 @@
-"""Composing the daemon: client, resources, listeners, health checks and graceful shutdown."""
+"""Composing the daemon: the upstream clients, the cache, the resource tree, and the
+process services of ``regproxy.server`` around them (listeners, drain, checks, reload)."""
 
 from __future__ import annotations
 
@@ -6,34 +7,34 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.application.internet import TimerService
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.application.service import MultiService
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread, deferToThreadPool
-from twisted.logger import Logger
-from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from .cache.download import Downloads
 from .cache.fetcher import Cache
-from .cache.store import open_store, verify_in_background
+from .cache.store import open_store
 from .config import Config, Route, Upstream
-from .errors import OCIError
-from .gateway import CurrentRouting, Routing, RoutingFactory
-from .listen import Listener
+from .gateway import CurrentRouting, RoutingFactory
 from .matching import RouteTable
 from .observe import ClientAddress, Metrics, PrometheusCacheMetrics
-from .reload import RoutesReloader
-from .signals import StopCleanlyOnSigterm
-from .startup import StartupReport, holds_credentials
+from .server.cache_upkeep import CacheUpkeep
+from .server.drain import Drain
+from .server.endpoints import ListenerEndpoints
+from .server.handoff import WorkerSpec
+from .server.listen import Listener
+from .server.reload import RoutesReloader
+from .server.signals import StopCleanlyOnSigterm
+from .server.startup import StartupReport, holds_credentials
+from .server.upstream_check import checks_upstreams, upstream_checks
+from .server.upstream_health import HealthReport, UpstreamHealthLog
+from .server.worker import WorkerRole
 from .upstream.agent import UpstreamPool
-from .upstream.client import HealthObserver, UpstreamClient, UpstreamFailure, user_agent
+from .upstream.client import HealthObserver
 from .upstream.credentials import RunInThread
 from .upstream.http import make_client, make_pool
-from .upstream_health import HealthReport, UpstreamHealthLog
 from .web.browser import BrowserRedirect, NotFound
 from .web.health import Health, Readiness
 from .web.metrics import MetricsPage
@@ -42,126 +43,6 @@ from .web.registry import RegistryAPI
 from .web.root import Root
 from .web.site import ProxySite
 from .web.token import TokenProxy
-from .workers import ListenerEndpoints, WorkerRole, WorkerSpec
-
-HEALTH_CHECK_INTERVAL = 30.0
-CACHE_RESCAN_INTERVAL = 60.0
-CHECK_BODY_LIMIT = 64 * 1024
-
-
-class Drain(Service):
-    """On stop: turn /readyz to 503 at once, let the listeners accept for ``delay`` seconds
-    (they close themselves, see ``listen.Listener``), then wait for in-flight requests up to
-    ``grace`` seconds, then close the upstream pools (forwarding, and follow mode's)."""
-
-    log = Logger()
-
-    def __init__(
-        self,
-        *,
-        site: ProxySite,
-        readiness: Readiness,
-        pools: Sequence[UpstreamPool],
-        grace: float,
-        reactor: Any,
-        delay: float = 0.0,
-    ) -> None:
-        self.site = site
-        self.readiness = readiness
-        self.pools = tuple(pools)
-        self.grace = grace
-        self.reactor = reactor
-        self.delay = delay
-        # False when the grace period ended with requests unfinished.
-        self.drained = True
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        self.readiness.draining = True
-        return ensureDeferred(self._drain())
-
-    async def _drain(self) -> None:
-        if self.delay:
-            self.log.info(
-                "draining: /readyz answers 503; still accepting for {delay} seconds",
-                delay=self.delay,
-            )
-            await deferLater(self.reactor, self.delay, lambda: None)
-        deadline = self.reactor.seconds() + self.grace
-        if self.site.active:
-            self.log.info(
-                "draining {count} requests for up to {grace} seconds",
-                count=self.site.active,
-                grace=self.grace,
-            )
-        while self.site.active and self.reactor.seconds() < deadline:
-            await deferLater(self.reactor, 0.1, lambda: None)
-        if self.site.active:
-            self.drained = False
-            self.log.warn(
-                "grace period over with {count} requests unfinished", count=self.site.active
-            )
-        # A finished request may still have its last bytes in the connection's write
-        # buffer (a slow client): the reactor's shutdown would cut those connections at
-        # once. Closing them gracefully first lets every buffer flush, within the grace.
-        for channel in list(self.site.open_channels):
-            if channel.transport is not None:
-                channel.transport.loseConnection()
-        while self.site.open_channels and self.reactor.seconds() < deadline:
-            await deferLater(self.reactor, 0.05, lambda: None)
-        await gatherResults([pool.closeCachedConnections() for pool in self.pools])
-
-
-class PeriodicCheck(TimerService):
-    """A TimerService whose check in progress is cancelled on stop, not waited for.
-
-    TimerService's stop waits for the call in progress: an upstream check that hangs
-    (an address that accepts and never answers) would hold an idle process for the whole
-    upstream timeout after SIGTERM.
-    """
-
-    def __init__(
-        self, interval: float, check: Callable[[], Deferred[None]], *, clock: IReactorTime
-    ) -> None:
-        super().__init__(interval, self._run)
-        self.check = check
-        self.clock = clock
-        self._running: Deferred[None] | None = None
-
-    def _run(self) -> Deferred[None]:
-        self._running = self.check()
-        return self._running
-
-    def stopService(self) -> Deferred[None]:
-        if self._running is not None and not self._running.called:
-            self._running.cancel()
-        stopped: Deferred[None] = super().stopService()
-        return stopped
-
-
-async def check_upstreams(routing: Routing, metrics: Metrics) -> None:
-    """Check every route's upstream, side by side."""
-    await gatherResults(
-        [
-            ensureDeferred(check_upstream(routing.upstream, route, metrics))
-            for route in routing.table.routes
-        ]
-    )
-
-
-async def check_upstream(upstream: UpstreamClient, route: Route, metrics: Metrics) -> None:
-    """Record whether the upstream answers /v2/ at all: a metric, never readiness."""
-    try:
-        await upstream.fetch(
-            "GET",
-            route.upstream.origin + "/v2/",
-            headers=Headers({b"user-agent": [user_agent(b"-")]}),
-            route=route.name,
-            limit=CHECK_BODY_LIMIT,
-        )
-        metrics.upstream_up.labels(route.name).set(1)
-    except (UpstreamFailure, OCIError):
-        metrics.upstream_up.labels(route.name).set(0)
 
 
 def build_root(
@@ -281,44 +162,6 @@ def build_cache(
     )
 
 
-class CacheUpkeep(Service):
-    """Other processes on the same directory add and evict objects: rescan every
-    ``CACHE_RESCAN_INTERVAL``; with ``--cache-verify``, rehash large objects once at start."""
-
-    log = Logger()
-
-    def __init__(
-        self, cache: Cache, reactor: Any, thread_pool: RunInThread, *, verify: bool
-    ) -> None:
-        self.cache = cache
-        self.reactor = reactor
-        self.thread_pool = thread_pool
-        self.verify = verify
-        self._timer = TimerService(CACHE_RESCAN_INTERVAL, self._rescan)
-        self._timer.clock = reactor
-
-    def startService(self) -> None:
-        super().startService()
-        self._timer.startService()
-        if self.verify:
-            self.reactor.callWhenRunning(self._verify)
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        return self._timer.stopService()  # type: ignore[no-any-return]
-
-    def _rescan(self) -> None:
-        self.cache.store.rescan()
-
-    def _verify(self) -> None:
-        def done(corrupt: list[str]) -> None:
-            self.log.info("cache verified: {count} corrupt objects discarded", count=len(corrupt))
-
-        # The runner returns what the work returns (deferToThreadPool does).
-        runner: Any = self.thread_pool
-        ensureDeferred(verify_in_background(self.cache.store, runner)).addCallback(done)
-
-
 ALL_INTERFACES_WITH_CREDENTIALS = (
     "the proxy holds upstream credentials, so anyone who reaches this port pulls what they "
     "can read; bind one interface (tcp:8080:interface=127.0.0.1) or put access control "
@@ -436,9 +279,6 @@ def build_service(
         RoutesReloader(
             config.routes_file, root.routing, root.routing_factory, reactor
         ).setServiceParent(top)
-    PeriodicCheck(
-        HEALTH_CHECK_INTERVAL,
-        lambda: ensureDeferred(check_upstreams(root.routing(), metrics)),
-        clock=reactor,
-    ).setServiceParent(top)
+    if checks_upstreams(worker):
+        upstream_checks(root.routing, metrics, clock=reactor).setServiceParent(top)
     return top

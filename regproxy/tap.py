@@ -1,21 +1,26 @@
-"""``twist regproxy``: typed options (the original's environment variables too) and the service."""
+"""``twist regproxy``: the option table, its cross-field checks, and the service.
+
+What each option's text means is in ``option_values``; the environment variables that
+fill options (the original's and regproxy's own) are in ``environment``.
+"""
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
 from twisted.application.service import IService
 from twisted.python import usage
 
-from . import SYSTEMD_HANDOVER, __version__
+from . import SYSTEMD_HANDOVER, __version__, environment
+from . import option_values as values
 from .cache.sizes import default_max_size, parse_size
 from .config import (
+    DEFAULT_ABANDONED_LIMIT,
+    DEFAULT_PUBLIC_TTL,
+    DEFAULT_SCRUB_INTERVAL,
     DOCKER_HUB_URL,
     BlobRedirects,
     CacheConfig,
@@ -24,123 +29,10 @@ from .config import (
     Route,
     Upstream,
 )
-from .hosts import is_google_registry
-from .logs import LogFormat
 from .matching import ConfigError, RouteTable
-from .reference import NAME_RE
 from .routes import load_routes
-from .workers import WorkerSpec, worker_count
-
-_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
-_HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
-
-
-def _upstream(text: str) -> Upstream:
-    upstream = Upstream.from_url(text.strip())
-    host = upstream.host
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _HOST_NAME.fullmatch(host):
-            raise ValueError(
-                f"{text.strip()!r} is not a registry URL; give one such as https://gcr.io"
-            ) from None
-    return upstream
-
-
-_upstream.coerceDoc = (  # type: ignore[attr-defined]
-    "A URL such as https://gcr.io or http://127.0.0.1:5000; a bare host means https."
-)
-
-
-def _prefix(text: str) -> str:
-    prefix = text.strip().strip("/")
-    if prefix and not NAME_RE.fullmatch(prefix):
-        raise ValueError(f"{prefix!r} is not a valid repository path")
-    return prefix
-
-
-def _readable_file(text: str) -> str:
-    if not os.path.isfile(text) or not os.access(text, os.R_OK):
-        raise ValueError(f"{text!r} is not a readable file")
-    return text
-
-
-def _directory(text: str) -> str:
-    if not os.path.isdir(text):
-        raise ValueError(f"{text!r} is not a directory")
-    return text
-
-
-def _cache_directory(text: str) -> str:
-    """A directory the cache may use, made if missing (its parent must exist)."""
-    path = os.path.abspath(text.strip())
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"cannot use {path!r}: {error.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"{path!r} is not writable")
-    return path
-
-
-def _public_url(text: str) -> str:
-    parts = urlsplit(text.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("give an absolute http(s) URL such as https://r.example.com")
-    if parts.query or parts.fragment or parts.path not in ("", "/"):
-        raise ValueError("give only scheme, host and port, with no path")
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("a non-negative number of seconds is required")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value == 0:
-        raise ValueError("a positive number of seconds is required")
-    return value
-
-
-def _blob_redirects(text: str) -> BlobRedirects:
-    try:
-        return BlobRedirects(text.strip().lower())
-    except ValueError:
-        raise ValueError("use 'pass' or 'follow'") from None
-
-
-_blob_redirects.coerceDoc = "'pass' hands redirects to clients; 'follow' streams them through."  # type: ignore[attr-defined]
-
-
-def _endpoint(text: str) -> str:
-    """A Twisted endpoint description; a bare port number means ``tcp:PORT``, as PORT does."""
-    text = text.strip()
-    if text.isdigit():
-        if not 0 < int(text) < 65536:
-            raise ValueError(f"{text} is not a TCP port number")
-        return f"tcp:{text}"
-    if not text:
-        raise ValueError("give a port number or an endpoint such as tcp:8080")
-    return text
-
-
-_endpoint.coerceDoc = "A port number or a Twisted endpoint such as tcp:8080:interface=127.0.0.1."  # type: ignore[attr-defined]
-
-
-def _log_format(text: str) -> LogFormat:
-    try:
-        return LogFormat(text.strip().lower())
-    except ValueError:
-        raise ValueError("use 'json' or 'text'") from None
-
-
-def _network(text: str) -> str:
-    return str(ipaddress.ip_network(text.strip(), strict=False))
+from .server.cpus import worker_count
+from .server.handoff import WorkerSpec
 
 
 def _named(option: str, coerce: Any) -> Any:
@@ -202,21 +94,21 @@ class Options(usage.Options):
             None,
             None,
             f"Upstream registry URL (env REGISTRY_HOST; default {DOCKER_HUB_URL})",
-            _named("upstream", _upstream),
+            _named("upstream", values.upstream_url),
         ],
         [
             "repo-prefix",
             None,
             None,
             "Repository path prepended upstream (env REPO_PREFIX).",
-            _named("repo-prefix", _prefix),
+            _named("repo-prefix", values.repository_prefix),
         ],
         [
             "upstream-ca",
             None,
             None,
             "PEM bundle trusted for the upstream in addition to the system store.",
-            _named("upstream-ca", _readable_file),
+            _named("upstream-ca", values.readable_file),
         ],
         [
             "auth-header",
@@ -237,7 +129,7 @@ class Options(usage.Options):
             None,
             "File holding the upstream password or access "
             "token (env REGPROXY_UPSTREAM_PASSWORD_FILE).",
-            _named("upstream-password-file", _readable_file),
+            _named("upstream-password-file", values.readable_file),
         ],
         [
             "upstream-credentials-dir",
@@ -246,14 +138,14 @@ class Options(usage.Options):
             "Directory that may hold 'username' and 'password' files, such as a mounted "
             "Kubernetes Secret (env REGPROXY_UPSTREAM_CREDENTIALS_DIR): both present mean "
             "basic credentials, neither means none.",
-            _named("upstream-credentials-dir", _directory),
+            _named("upstream-credentials-dir", values.directory),
         ],
         [
             "google-credentials",
             None,
             None,
             "Google service-account key file (env GOOGLE_APPLICATION_CREDENTIALS).",
-            _named("google-credentials", _readable_file),
+            _named("google-credentials", values.readable_file),
         ],
         [
             "public-url",
@@ -261,7 +153,7 @@ class Options(usage.Options):
             None,
             "The proxy's external base URL, used in rewritten realms "
             "and Locations (env REGPROXY_PUBLIC_URL); default: from X-Forwarded-Proto and Host.",
-            _named("public-url", _public_url),
+            _named("public-url", values.public_url),
         ],
         [
             "config",
@@ -269,28 +161,28 @@ class Options(usage.Options):
             None,
             "TOML file of routes, for many upstreams (env REGPROXY_CONFIG); replaces the "
             "route options (--upstream, --repo-prefix, credentials ...). SIGHUP re-reads it.",
-            _named("config", _readable_file),
+            _named("config", values.readable_file),
         ],
         [
             "blob-redirects",
             None,
             None,
             "pass|follow: what to do with blob redirects to storage hosts.",
-            _named("blob-redirects", _blob_redirects),
+            _named("blob-redirects", values.blob_redirects),
         ],
         [
             "metrics-port",
             None,
             None,
             "Separate endpoint for /metrics (then the main listener answers 404 there).",
-            _named("metrics-port", _endpoint),
+            _named("metrics-port", values.endpoint),
         ],
         [
             "shutdown-grace",
             None,
             30.0,
             "Seconds in-flight transfers may take after SIGTERM (after the drain delay).",
-            _named("shutdown-grace", _seconds),
+            _named("shutdown-grace", values.seconds),
         ],
         [
             "drain-delay",
@@ -298,7 +190,7 @@ class Options(usage.Options):
             0.0,
             "Seconds listeners keep accepting after SIGTERM while /readyz already answers "
             "503, so load balancers stop sending first (replaces a preStop sleep).",
-            _named("drain-delay", _seconds),
+            _named("drain-delay", values.seconds),
         ],
         [
             "log-format",
@@ -306,14 +198,14 @@ class Options(usage.Options):
             None,
             "json|text (env REGPROXY_LOG_FORMAT); default: twist's choice, text on a "
             "terminal, else one JSON object per line.",
-            _named("log-format", _log_format),
+            _named("log-format", values.log_format),
         ],
         [
             "upstream-timeout",
             None,
             30.0,
             "Seconds to wait for upstream response headers.",
-            _named("upstream-timeout", _positive_seconds),
+            _named("upstream-timeout", values.positive_seconds),
         ],
         [
             "idle-timeout",
@@ -321,7 +213,7 @@ class Options(usage.Options):
             60.0,
             "Seconds an upstream body may stall, or a client read nothing, before the "
             "transfer is abandoned.",
-            _named("idle-timeout", _positive_seconds),
+            _named("idle-timeout", values.positive_seconds),
         ],
         [
             "cache-dir",
@@ -329,7 +221,7 @@ class Options(usage.Options):
             None,
             "Keep a pull-through cache in this directory (env REGPROXY_CACHE_DIR); off by "
             "default. Several processes may share it.",
-            _named("cache-dir", _cache_directory),
+            _named("cache-dir", values.cache_directory),
         ],
         [
             "cache-max-size",
@@ -344,7 +236,7 @@ class Options(usage.Options):
             None,
             7 * 86400.0,
             "Seconds a tag's last known digest may be served while the upstream fails.",
-            _named("cache-stale-max-age", _seconds),
+            _named("cache-stale-max-age", values.seconds),
         ],
         [
             "cache-tag-ttl",
@@ -352,7 +244,34 @@ class Options(usage.Options):
             0.0,
             "Seconds a tag is served from the cache without asking the upstream (default 0: "
             "every request revalidates with a HEAD, shared by concurrent requests).",
-            _named("cache-tag-ttl", _seconds),
+            _named("cache-tag-ttl", values.seconds),
+        ],
+        [
+            "cache-scrub-interval",
+            None,
+            DEFAULT_SCRUB_INTERVAL,
+            "Seconds over which every cached object is hashed again, spread out, in the "
+            "background, so that one corrupted on disk is found and removed (a day; 0: "
+            "never).",
+            _named("cache-scrub-interval", values.seconds),
+        ],
+        [
+            "cache-public-ttl",
+            None,
+            DEFAULT_PUBLIC_TTL,
+            "Seconds a repository found public is served by digest to anonymous clients "
+            "without asking the upstream again: one made private stops being served within "
+            "this time.",
+            _named("cache-public-ttl", values.seconds),
+        ],
+        [
+            "cache-abandoned-limit",
+            None,
+            DEFAULT_ABANDONED_LIMIT,
+            "Bytes in flight, in total, for downloads whose clients all left, like 1G or "
+            "500M (default 1G); beyond it such a download stops instead of finishing into "
+            "the cache. 0 stops each one when its last client leaves.",
+            _named("cache-abandoned-limit", values.byte_limit),
         ],
         [
             "workers",
@@ -410,7 +329,7 @@ class Options(usage.Options):
         """Listen on this port number or Twisted endpoint (repeatable; default tcp:8080;
         env PORT, HOST, TLS_CERT and TLS_KEY)."""
         try:
-            self["port"].append(_endpoint(endpoint))
+            self["port"].append(values.endpoint(endpoint))
         except ValueError as error:
             raise usage.UsageError(f"--port: {error}") from None
 
@@ -419,52 +338,35 @@ class Options(usage.Options):
     def opt_trusted_proxy(self, network: str) -> None:
         """Honour X-Forwarded-For from this address or CIDR network (repeatable)."""
         try:
-            self["trusted-proxy"].append(_network(network))
+            self["trusted-proxy"].append(values.network(network))
         except ValueError as error:
             raise usage.UsageError(f"--trusted-proxy: {error}") from None
 
-    def _from_env(self, option: str, variable: str, coerce: Any = str) -> None:
-        value = self.environ.get(variable)
-        if self[option] is None and value:
-            try:
-                self[option] = coerce(value)
-            except ValueError as error:
-                raise usage.UsageError(f"{variable}: {error}") from None
-
     def postOptions(self) -> None:
-        self._from_env("config", "REGPROXY_CONFIG", _readable_file)
+        environment.fill(self, self.environ, [environment.CONFIG])
         if self["config"] is not None:
             self._routes_from_file()
         elif self["check"]:
             raise usage.UsageError("--check checks a routes file: give --config FILE")
         else:
             self._route_options()
-        self._from_env("public-url", "REGPROXY_PUBLIC_URL", _public_url)
-        self._from_env("log-format", "REGPROXY_LOG_FORMAT", _log_format)
-        self._from_env("workers", "REGPROXY_WORKERS", worker_count)
-        self._from_env("cache-dir", "REGPROXY_CACHE_DIR", _cache_directory)
-        self._from_env("cache-max-size", "REGPROXY_CACHE_MAX_SIZE", parse_size)
+        environment.fill(self, self.environ, environment.SERVER)
         if self["cache-max-size"] is not None and self["cache-dir"] is None:
             raise usage.UsageError("--cache-max-size goes with --cache-dir")
         if self["workers"] is None:
             self["workers"] = 1
-        if self.environ.get("DISABLE_BROWSER_REDIRECTS"):
+        if environment.browser_redirects_disabled(self.environ):
             self["disable-browser-redirects"] = True
         if not self["port"]:
-            self["port"] = [self._port_from_env()]
+            self["port"] = [environment.listen_description(self.environ)]
 
     def _route_options(self) -> None:
         """The one route of the flags and the original's environment variables."""
-        self._from_env("upstream", "REGISTRY_HOST", _upstream)
-        self._from_env("repo-prefix", "REPO_PREFIX", _prefix)
-        self._from_env("auth-header", "AUTH_HEADER")
-        self._from_env("upstream-username", "REGPROXY_UPSTREAM_USERNAME")
-        self._from_env("upstream-password-file", "REGPROXY_UPSTREAM_PASSWORD_FILE", _readable_file)
-        self._from_env("upstream-credentials-dir", "REGPROXY_UPSTREAM_CREDENTIALS_DIR", _directory)
+        environment.fill(self, self.environ, environment.ROUTE)
         self._credentials_from_directory()
         if self["upstream"] is None:
             self["upstream"] = Upstream.from_url(DOCKER_HUB_URL)
-        self._google_credentials_from_env()
+        environment.google_credentials(self, self.environ, self.warnings)
         if self["repo-prefix"] is None:
             self["repo-prefix"] = ""
         if bool(self["upstream-username"]) != bool(self["upstream-password-file"]):
@@ -503,9 +405,7 @@ class Options(usage.Options):
             raise SystemExit(1 if errors else 0)
         if errors:
             raise usage.UsageError(f"{self['config']}: " + "; ".join(errors))
-        for variable in ROUTE_VARIABLES:
-            if self.environ.get(variable):
-                self.warnings.append(f"{variable} is ignored: --config defines the routes")
+        self.warnings.extend(environment.ignored_with_routes_file(self.environ))
 
     def _credentials_from_directory(self) -> None:
         """Username and password from one directory, so that they come and go together.
@@ -533,52 +433,11 @@ class Options(usage.Options):
         try:
             with open(username, encoding="utf-8") as handle:
                 self["upstream-username"] = handle.read().strip()
-            self["upstream-password-file"] = _readable_file(password)
+            self["upstream-password-file"] = values.readable_file(password)
         except (OSError, ValueError) as error:
             raise usage.UsageError(f"{option}: {error}") from None
         if not self["upstream-username"]:
             raise usage.UsageError(f"{option}: {username} is empty")
-
-    def _google_credentials_from_env(self) -> None:
-        """Take GOOGLE_APPLICATION_CREDENTIALS only for a Google upstream.
-
-        The variable is common on workstations and CI runners; taken for any upstream it
-        would send Google access tokens to Docker Hub's token service. An explicit choice
-        of credential (or --google-adc, where google-auth reads the variable itself as part
-        of ADC) wins over it.
-        """
-        variable = "GOOGLE_APPLICATION_CREDENTIALS"
-        if self["google-credentials"] is not None or not self.environ.get(variable):
-            return
-        if self["google-adc"]:
-            return
-        host = self["upstream"].host
-        if self["auth-header"] or self["upstream-username"]:
-            self.warnings.append(
-                f"{variable} is ignored: another upstream credential was given explicitly"
-            )
-        elif not is_google_registry(host):
-            self.warnings.append(
-                f"{variable} is ignored: the upstream {host} is not a Google registry "
-                "(gcr.io, *.gcr.io, *.pkg.dev), and Google credentials go only to Google; "
-                "pass --google-credentials to send them anyway"
-            )
-        else:
-            self._from_env("google-credentials", variable, _readable_file)
-
-    def _port_from_env(self) -> str:
-        port = self.environ.get("PORT", "8080")
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise usage.UsageError(f"PORT: {port!r} is not a TCP port number")
-        host = self.environ.get("HOST", "")
-        interface = f":interface={host.replace(':', chr(92) + ':')}" if host else ""
-        cert, key = self.environ.get("TLS_CERT"), self.environ.get("TLS_KEY")
-        if bool(cert) != bool(key):
-            raise usage.UsageError("TLS_CERT and TLS_KEY go together")
-        if cert and key:
-            escaped = [path.replace(":", "\\:") for path in (key, cert)]
-            return f"ssl:{port}:privateKey={escaped[0]}:certKey={escaped[1]}{interface}"
-        return f"tcp:{port}{interface}"
 
     def credentials(self) -> Credentials:
         password = None
@@ -616,6 +475,9 @@ class Options(usage.Options):
             stale_max_age=self["cache-stale-max-age"],
             tag_ttl=self["cache-tag-ttl"],
             verify=bool(self["cache-verify"]),
+            scrub_interval=self["cache-scrub-interval"],
+            public_ttl=self["cache-public-ttl"],
+            abandoned_limit=self["cache-abandoned-limit"],
         )
 
     def _server_config(self, routes: tuple[Route, ...]) -> Config:
@@ -637,7 +499,7 @@ class Options(usage.Options):
 
 _COERCE_FAILED = "Parameter type enforcement failed: "
 # What a routes file replaces: given with --config, they are an error (flags) or ignored
-# with a warning (the environment, which a deployment may set for every instance).
+# with a warning (the environment, see ``environment.ROUTE_VARIABLES``).
 ROUTE_OPTIONS = (
     "upstream",
     "repo-prefix",
@@ -651,14 +513,6 @@ ROUTE_OPTIONS = (
     "google-json-key",
     "blob-redirects",
 )
-ROUTE_VARIABLES = (
-    "REGISTRY_HOST",
-    "REPO_PREFIX",
-    "AUTH_HEADER",
-    "REGPROXY_UPSTREAM_USERNAME",
-    "REGPROXY_UPSTREAM_PASSWORD_FILE",
-    "REGPROXY_UPSTREAM_CREDENTIALS_DIR",
-)
 
 
 def _exit_with_usage_error(message: str) -> NoReturn:
@@ -669,8 +523,7 @@ def _exit_with_usage_error(message: str) -> NoReturn:
 
 def makeService(options: Options, reactor: Any = None, argv: list[str] | None = None) -> IService:
     from .logs import choose_twist_log_observer
-    from .service import build_service
-    from .startup import StartupError
+    from .server.startup import StartupError
 
     if options.parent is not None:
         choose_twist_log_observer(options.parent, options["log-format"])
@@ -680,7 +533,9 @@ def makeService(options: Options, reactor: Any = None, argv: list[str] | None = 
         reactor = default_reactor
     config = options.config()
     if options["workers"] > 1 and options["as-worker"] is None:
-        from .workers import build_supervisor
+        # Only what the supervisor runs: the serving side (the upstream client, the cache,
+        # the resources) is imported by workers alone (a test in test_workers.py pins it).
+        from .server.supervisor import build_supervisor
 
         return build_supervisor(
             count=options["workers"],
@@ -691,6 +546,8 @@ def makeService(options: Options, reactor: Any = None, argv: list[str] | None = 
             grace=config.shutdown_grace,
             reactor=reactor,
         )
+    from .service import build_service
+
     try:
         return build_service(
             config,

@@ -1,4 +1,4 @@
-"""TLS to upstreams: the standard library's ``ssl`` (``regproxy.tls_layer``) over TCP.
+"""TLS to upstreams: the standard library's ``ssl`` (``regproxy.tls.layer``) over TCP.
 
 The CPU of a TLS blob relay is about half what it was over Twisted's pyOpenSSL layer
 (docs/benchmarks.rst, "TLS upstreams through the standard library").
@@ -27,7 +27,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory
 from zope.interface import implementer
 
-from ..tls_layer import TLSLayer
+from ..tls.layer import TLSLayer
 
 
 def tls_context(ca_file: str | None = None) -> ssl.SSLContext:

@@ -19,7 +19,7 @@ from .framing import framing_error, refuse_and_close
 from .record import RequestRecord
 
 SERVER = b"regproxy"
-# Error kinds that are the client's doing (see regproxy.relay and run_async).
+# Error kinds that are the client's doing (see regproxy.upstream.body and run_async).
 CLIENT_KINDS = frozenset({"client_gone", "client_stalled"})
 CONNECTION_DONE = Failure(ConnectionDone())
 # Seconds a client connection may stay silent between requests (nginx's keepalive_timeout

@@ -246,7 +246,7 @@ def test_text_format_on_request(piped, prefixed_registry: SeededRegistry) -> Non
     proxy = piped(["--upstream", prefixed_registry.url, "--log-format", "text"])
     assert proxy.stop() == 0
     assert proxy.stdout and not proxy.stdout.lstrip().startswith("{")
-    assert "[regproxy.startup" in proxy.stdout
+    assert "[regproxy.server.startup" in proxy.stdout
 
 
 def test_start_up_says_what_it_serves(piped, prefixed_registry: SeededRegistry) -> None:

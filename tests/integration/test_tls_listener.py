@@ -1,4 +1,4 @@
-"""``ssl:`` listeners on the standard library's TLS (regproxy.listen_tls), one process.
+"""``ssl:`` listeners on the standard library's TLS (regproxy.server.listen_tls), one process.
 
 Real clients over HTTPS to regproxy in front of a real registry: skopeo pulls with
 digest checks, a reader that pauses in the middle of a blob, the scheme the proxy

@@ -9,8 +9,8 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
 from regproxy.observe import ClientAddress, Metrics
-from regproxy.service import Drain
-from regproxy.signals import StopCleanlyOnSigterm
+from regproxy.server.drain import Drain
+from regproxy.server.signals import StopCleanlyOnSigterm
 from regproxy.web.health import Readiness
 from regproxy.web.site import ProxySite
 
@@ -87,7 +87,7 @@ def test_sigterm_stops_the_reactor_once() -> None:
 
 
 def test_a_periodic_check_in_progress_is_cancelled_on_stop() -> None:
-    from regproxy.service import PeriodicCheck
+    from regproxy.server.upstream_check import PeriodicCheck
 
     clock = Clock()
     checks: list[Deferred[None]] = []

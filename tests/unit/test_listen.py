@@ -12,9 +12,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.web.resource import Resource
 
-from regproxy.listen import Listener, explain_listen_failure, parse_endpoint
 from regproxy.observe import ClientAddress, Metrics
-from regproxy.startup import StartupError
+from regproxy.server.listen import Listener, explain_listen_failure, parse_endpoint
+from regproxy.server.startup import StartupError
 from regproxy.web.site import ProxySite
 
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.endpoints import quoteStringArgument
 
-from regproxy.listen_tls import (
+from regproxy.server.listen_tls import (
     CertificateFiles,
     served_files,
     server_context,
@@ -135,7 +135,7 @@ def test_cache_hits_never_go_out_by_sendfile_under_the_tls_layer(tmp_path: Path)
     from twisted.web.test.requesthelper import DummyRequest
 
     from regproxy.cache.serve import sendfile_transport
-    from regproxy.tls_layer import TLSLayer
+    from regproxy.tls.layer import TLSLayer
 
     files = make_ca_and_cert(tmp_path / "tls")
     layer = TLSLayer(server_context(CertificateFiles(str(files.key), str(files.cert))), Protocol())

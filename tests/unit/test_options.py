@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
-from regproxy.config import BlobRedirects, Config, Credentials, Route, Upstream
+from regproxy.config import BlobRedirects, CacheConfig, Config, Credentials, Route, Upstream
 from regproxy.tap import Options
 
 HUB = Upstream("https", "registry-1.docker.io")
@@ -411,3 +411,61 @@ def test_credentials_directory_must_exist() -> None:
     assert "--upstream-credentials-dir" in usage_error(
         ["--upstream-credentials-dir", "/nonexistent/dir"]
     )
+
+
+def test_cache_defaults(tmp_path: Path) -> None:
+    config = parse(["--cache-dir", str(tmp_path), "--cache-max-size", "10G"])
+    assert config == Config(
+        routes=(Route(upstream=HUB),),
+        cache=CacheConfig(
+            directory=str(tmp_path),
+            max_size=10 * 1024**3,
+            stale_max_age=7 * 86400.0,
+            tag_ttl=0.0,
+            verify=False,
+            scrub_interval=86400.0,
+            public_ttl=600.0,
+            abandoned_limit=1024**3,
+        ),
+    )
+
+
+def test_every_cache_option(tmp_path: Path) -> None:
+    args = ["--cache-max-size", "500M", "--cache-stale-max-age", "60", "--cache-tag-ttl", "5"]
+    args += ["--cache-verify", "--cache-scrub-interval", "3600", "--cache-public-ttl", "30"]
+    args += ["--cache-abandoned-limit", "256M"]
+    config = parse(args, {"REGPROXY_CACHE_DIR": str(tmp_path)})
+    assert config == Config(
+        routes=(Route(upstream=HUB),),
+        cache=CacheConfig(
+            directory=str(tmp_path),
+            max_size=500 * 1024**2,
+            stale_max_age=60.0,
+            tag_ttl=5.0,
+            verify=True,
+            scrub_interval=3600.0,
+            public_ttl=30.0,
+            abandoned_limit=256 * 1024**2,
+        ),
+    )
+
+
+def test_zero_turns_the_scrub_and_abandoned_downloads_off(tmp_path: Path) -> None:
+    args = ["--cache-dir", str(tmp_path), "--cache-scrub-interval", "0"]
+    cache = parse([*args, "--cache-public-ttl", "0", "--cache-abandoned-limit", "0"]).cache
+    assert cache is not None
+    assert (cache.scrub_interval, cache.public_ttl, cache.abandoned_limit) == (0.0, 0.0, 0)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--cache-scrub-interval", "-1"),
+        ("--cache-scrub-interval", "daily"),
+        ("--cache-public-ttl", "inf"),
+        ("--cache-abandoned-limit", "lots"),
+        ("--cache-abandoned-limit", "-1G"),
+    ],
+)
+def test_bad_cache_values_name_their_option(tmp_path: Path, option: str, value: str) -> None:
+    assert option in usage_error(["--cache-dir", str(tmp_path), option, value])

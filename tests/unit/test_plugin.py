@@ -66,3 +66,15 @@ def test_twist_help() -> None:
     for option in ("--upstream", "--repo-prefix", "--port", "--auth-header", "--blob-redirects"):
         assert option in result.stdout
     assert "HELPSECRET" not in result.stdout + result.stderr
+
+
+def test_every_package_is_installed() -> None:
+    """setup.cfg lists packages one by one: a package missing there works from a checkout
+    and is absent from the installed proxy (``import regproxy.server`` fails in the image)."""
+    setup = (REPO_ROOT / "setup.cfg").read_text()
+    listed = setup.split("packages =")[1].split("\ninstall_requires")[0].split()
+    packages = {
+        ".".join(path.parent.relative_to(REPO_ROOT).parts)
+        for path in (REPO_ROOT / "regproxy").rglob("__init__.py")
+    }
+    assert packages <= set(listed), sorted(packages - set(listed))

@@ -13,7 +13,6 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
-
 from twisted.web.http_headers import Headers
 
 from regproxy.errors import OCIError

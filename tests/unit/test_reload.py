@@ -14,8 +14,8 @@ from treq.testing import StubTreq
 from twisted.logger import formatEvent, globalLogPublisher
 
 from regproxy.config import Config
-from regproxy.reload import RoutesReloader
 from regproxy.routes import load_routes
+from regproxy.server.reload import RoutesReloader
 from tests.support.inmemory import Answer, ProxyCase, build_tree
 
 FIRST = """

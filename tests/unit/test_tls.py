@@ -189,7 +189,12 @@ class ResumptionTests(TestCase):
     async def test_a_second_connection_resumes_the_first_ones_session(self) -> None:
         from twisted.internet.endpoints import TCP4ServerEndpoint
 
-        from regproxy.listen_tls import CertificateFiles, TLSOver, server_context, stdlib_tls
+        from regproxy.server.listen_tls import (
+            CertificateFiles,
+            TLSOver,
+            server_context,
+            stdlib_tls,
+        )
 
         files = make_ca_and_cert(Path(self.mktemp()))
         context = server_context(CertificateFiles(str(files.key), str(files.cert)))

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
 
 from regproxy.config import Upstream
-from regproxy.upstream_health import UpstreamHealthLog, plain_http_hint
+from regproxy.server.upstream_health import UpstreamHealthLog, plain_http_hint
 
 
 def health() -> tuple[UpstreamHealthLog, Clock, list[dict[str, Any]]]:
@@ -124,6 +124,7 @@ def test_no_plain_http_hint_for_other_failures_or_http_upstreams() -> None:
 
 def test_module_does_not_import_the_reactor() -> None:
     code = (
-        "import sys, regproxy.upstream_health; sys.exit('twisted.internet.reactor' in sys.modules)"
+        "import sys, regproxy.server.upstream_health; "
+        "sys.exit('twisted.internet.reactor' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

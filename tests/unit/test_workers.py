@@ -3,7 +3,10 @@ back-off, signal forwarding and the drained exit (processes are recorded, never 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +17,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from regproxy.server.cpus import cpus_available, worker_count
+from regproxy.server.handoff import FIRST_CHILD_FD, Inherited, WorkerSpec, bind, listen_request
+from regproxy.server.supervisor import KILL_MARGIN, METRICS_DIR_VARIABLE, Supervisor
+from regproxy.server.upstream_check import PeriodicCheck
+from regproxy.server.worker import WorkerRole
 from regproxy.tap import Options, makeService
-from regproxy.workers import (
-    FIRST_CHILD_FD,
-    KILL_MARGIN,
-    METRICS_DIR_VARIABLE,
-    Inherited,
-    Supervisor,
-    WorkerRole,
-    WorkerSpec,
-    bind,
-    cpus_available,
-    listen_request,
-    worker_count,
-)
 from tests.support.tls import make_ca_and_cert
 
 
@@ -80,6 +75,79 @@ def test_one_worker_is_the_plain_daemon_and_more_a_supervisor(
             argv=[],
         )
     assert any(isinstance(s, WorkerRole) for s in worker)  # type: ignore[attr-defined]
+
+
+def test_one_upstream_check_per_proxy_not_per_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single process checks its upstreams; of N workers only worker 1 does (its gauge is
+    shared through the multiprocess metrics), and the supervisor never does."""
+    monkeypatch.setenv(METRICS_DIR_VARIABLE, str(tmp_path))
+    reactor = MemoryReactorClock()
+
+    def checks(args: list[str]) -> int:
+        service = makeService(options(args), reactor=reactor, argv=[])
+        return sum(isinstance(one, PeriodicCheck) for one in service)  # type: ignore[attr-defined]
+
+    assert checks([]) == 1
+    assert checks(["--workers", "3"]) == 0
+    with bind(listen_request("tcp:0:interface=127.0.0.1")) as sock:
+        workers = [f"{number}:99:tcp={sock.fileno()}" for number in (1, 2, 3)]
+        counts = [checks(["--workers", "3", "--as-worker", worker]) for worker in workers]
+    assert counts == [1, 0, 0]
+
+
+SUPERVISOR_SIDE = """
+import json, sys
+from twisted.internet.testing import MemoryReactorClock
+from regproxy.tap import Options, makeService
+
+options = Options(environ={})
+options.parseOptions(sys.argv[1:])
+service = makeService(options, reactor=MemoryReactorClock(), argv=[])
+service.startService()
+service.stopService()
+print(json.dumps(sorted(sys.modules)))
+"""
+# What only workers use: the upstream client and its parser, the cache, the resources,
+# the metrics (the supervisor serves none).
+WORKERS_ONLY = (
+    "treq",
+    "httptools",
+    "twisted.web.server",
+    "prometheus_client",
+    "regproxy.service",
+    "regproxy.web",
+    "regproxy.upstream",
+    "regproxy.cache.store",
+    "regproxy.cache.fetcher",
+    "regproxy.gateway",
+    "regproxy.server.endpoints",
+    "regproxy.server.listen_tls",
+)
+
+
+def test_the_supervisor_loads_nothing_only_workers_use(tmp_path: Path) -> None:
+    """Each process of ``--workers N`` pays for what it imports in memory: the supervisor,
+    which serves nothing, must not carry the serving side. A fresh interpreter runs the
+    supervisor's path (options, makeService, start and stop) and lists its modules."""
+    args = ["--workers", "2", "--cache-dir", str(tmp_path / "cache")]
+    args += ["--port", "tcp:0:interface=127.0.0.1", "--metrics-port", "tcp:0:interface=127.0.0.1"]
+    run = subprocess.run(
+        [sys.executable, "-c", SUPERVISOR_SIDE, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    modules = set(json.loads(run.stdout.splitlines()[-1]))
+    assert "regproxy.server.supervisor" in modules  # the path did run
+    loaded = [
+        name
+        for name in modules
+        if any(name == one or name.startswith(one + ".") for one in WORKERS_ONLY)
+    ]
+    assert loaded == []
 
 
 def test_listener_descriptions_are_read_by_twisted_and_bound_by_the_supervisor() -> None:
@@ -198,6 +266,16 @@ def test_dead_workers_are_restarted_with_growing_back_off(running) -> None:
     end(reactor.spawned[3], ProcessTerminated(exitCode=1))
     reactor.advance(0.5)
     assert len(reactor.spawned) == 5
+
+
+def test_a_worker_that_exits_cleanly_while_serving_is_restarted_too(running) -> None:
+    """Status 0 is a clean exit only when the supervisor asked for it: a worker that ends
+    by itself (its reactor stopped by a bug) still leaves a hole in the serving capacity."""
+    reactor, supervisor = running
+    end(reactor.spawned[1], ProcessDone(0))
+    assert set(supervisor.workers) == {1}
+    reactor.advance(0.5)
+    assert len(reactor.spawned) == 3 and set(supervisor.workers) == {1, 2}
 
 
 def test_sigterm_is_forwarded_and_a_drained_stop_exits_0(running) -> None:

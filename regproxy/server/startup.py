@@ -13,8 +13,8 @@ from twisted.logger import Logger
 
 from twisted import __version__ as twisted_version
 
-from . import __version__
-from .config import Config, Credentials, Route
+from .. import __version__
+from ..config import Config, Credentials, Route
 
 
 class StartupError(Exception):
@@ -44,6 +44,12 @@ def describe_route(route: Route, *, cache: bool) -> str:
     )
 
 
+def uses_cache(config: Config, route: Route) -> bool:
+    """Whether ``route`` is served through the cache: there is one (``--cache-dir``) and
+    the route does not opt out (``cache = false`` in a routes file)."""
+    return config.cache is not None and route.cache
+
+
 def holds_credentials(config: Config) -> bool:
     return any(route.credentials.configured for route in config.routes)
 
@@ -65,12 +71,11 @@ class StartupReport(Service):
             twisted=twisted_version,
             python=platform.python_version(),
         )
-        cache = getattr(self.config, "cache_dir", None) is not None
         for route in self.config.routes:
             # "line" is the rendered text; the other fields stay keys of the JSON line.
             self.log.info(
                 "{line}",
-                line=describe_route(route, cache=cache),
+                line=describe_route(route, cache=uses_cache(self.config, route)),
                 route=route.name,
                 upstream=route.upstream.origin,
                 prefix=route.prefix,

@@ -1,4 +1,4 @@
-"""``ssl:`` listeners served by the standard library's TLS (``regproxy.tls_layer``).
+"""``ssl:`` listeners served by the standard library's TLS (``regproxy.tls.layer``).
 
 Twisted's own ``ssl:`` listener encrypts a blob one 16 KiB record per Python call
 through pyOpenSSL (about 1.5 CPU-seconds per GiB here, where nginx spends 0.3); the
@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.internet.protocol import Factory
 from zope.interface import implementer
 
-from .tls_layer import TLSLayer
+from ..tls.layer import TLSLayer
 
 # Options of Twisted's ``ssl:`` parser, in its positional order after the port.
 _POSITIONAL = ("privateKey", "certKey", "sslmethod", "interface", "backlog")

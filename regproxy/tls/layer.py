@@ -13,7 +13,7 @@ sees the transport interface it would see under Twisted's layer (``ITransport``,
 connection run on it unchanged.
 
 Upstream connections (``regproxy.upstream.tls``) and ``ssl:`` listeners
-(``regproxy.listen_tls``) use it; docs/benchmarks.rst has what it saves.
+(``regproxy.server.listen_tls``) use it; docs/benchmarks.rst has what it saves.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Protocol
 import attrs
 from twisted.logger import Logger
 
-from .config import Upstream
+from ..config import Upstream
 
 SUMMARY_INTERVAL = 60.0
 

@@ -1,4 +1,7 @@
-"""SIGTERM as a clean stop: exit status 0 once the drain has run.
+"""Stop signals: SIGTERM as a clean stop, each stop taken once, and the signals a worker
+holds until it can take them (SIGHUP is ``reload``'s, or ``worker``'s).
+
+SIGTERM as a clean stop: exit status 0 once the drain has run.
 
 twist's reactor handles SIGTERM by stopping and then, after the reactor has stopped, kills
 itself with the same signal, so every ``systemctl stop`` or pod deletion would end with
@@ -14,11 +17,17 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.logger import Logger
+
+# Held (blocked) from a ``--workers`` worker's start until its handlers are in place: a
+# worker still importing would otherwise die of them instead of stopping cleanly (blocked
+# signals stay pending across exec, and the mask is inherited).
+HELD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 class StopCleanlyOnSigterm(Service):
@@ -43,3 +52,28 @@ class StopCleanlyOnSigterm(Service):
         self.stopping = True
         self.log.info("Received SIGTERM, shutting down.")
         self.reactor.callFromThread(self.reactor.stop)
+
+
+def ignore_repeated_stop_signals() -> None:
+    """Let only the first SIGTERM or SIGINT reach the reactor's handler (once it runs).
+
+    A service manager that signals the whole process group (systemd's default
+    KillMode=control-group, Ctrl-C in a terminal) reaches each worker twice: directly and
+    through the supervisor. A second stop would make the reactor log ReactorNotRunning
+    and exit by the signal even after a clean drain.
+    """
+    stopping = False
+
+    def wrap(previous: Callable[[int, Any], Any]) -> Callable[[int, Any], None]:
+        def handler(signum: int, frame: Any) -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                previous(signum, frame)
+
+        return handler
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+        if callable(previous):
+            signal.signal(signum, wrap(previous))

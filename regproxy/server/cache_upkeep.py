@@ -1,0 +1,55 @@
+"""The cache directory's upkeep while a process serves from it: periodic rescans (other
+processes on the same directory add and evict objects) and the start-up verification."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+
+from ..cache.fetcher import Cache
+from ..cache.store import verify_in_background
+from ..upstream.credentials import RunInThread
+
+CACHE_RESCAN_INTERVAL = 60.0
+
+
+class CacheUpkeep(Service):
+    """Other processes on the same directory add and evict objects: rescan every
+    ``CACHE_RESCAN_INTERVAL``; with ``--cache-verify``, rehash large objects once at start."""
+
+    log = Logger()
+
+    def __init__(
+        self, cache: Cache, reactor: Any, thread_pool: RunInThread, *, verify: bool
+    ) -> None:
+        self.cache = cache
+        self.reactor = reactor
+        self.thread_pool = thread_pool
+        self.verify = verify
+        self._timer = TimerService(CACHE_RESCAN_INTERVAL, self._rescan)
+        self._timer.clock = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._timer.startService()
+        if self.verify:
+            self.reactor.callWhenRunning(self._verify)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        return self._timer.stopService()  # type: ignore[no-any-return]
+
+    def _rescan(self) -> None:
+        self.cache.store.rescan()
+
+    def _verify(self) -> None:
+        def done(corrupt: list[str]) -> None:
+            self.log.info("cache verified: {count} corrupt objects discarded", count=len(corrupt))
+
+        # The runner returns what the work returns (deferToThreadPool does).
+        runner: Any = self.thread_pool
+        ensureDeferred(verify_in_background(self.cache.store, runner)).addCallback(done)
