@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import attrs
+
+
+class ConfigError(Exception):
+    """A route configuration that cannot be served; ``errors`` holds every problem found."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = list(errors)
+
 
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
 DOCKER_HUB_URL = "https://registry-1.docker.io"
@@ -138,7 +148,7 @@ class Route:
     """One upstream registry served under a repository prefix.
 
     ``host``, ``path`` and ``namespace`` say which requests the route answers (see
-    ``regproxy.matching``); a route with none of them is the default route.
+    ``regproxy.routing.matching``); a route with none of them is the default route.
     """
 
     upstream: Upstream

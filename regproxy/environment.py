@@ -20,7 +20,7 @@ from twisted.python import usage
 
 from . import option_values as values
 from .cache.sizes import parse_size
-from .hosts import is_google_registry
+from .protocol.hosts import is_google_registry
 from .server.cpus import worker_count
 
 

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 from .cache.sizes import parse_size
 from .config import BlobRedirects, Upstream
-from .logs import LogFormat
-from .reference import NAME_RE
+from .protocol.reference import NAME_RE
+from .server.logs import LogFormat
 
 _LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
 _HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")

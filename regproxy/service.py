@@ -17,9 +17,8 @@ from .cache.download import Downloads
 from .cache.fetcher import Cache
 from .cache.store import open_store
 from .config import Config, Route, Upstream
-from .gateway import CurrentRouting, RoutingFactory
-from .matching import RouteTable
-from .observe import ClientAddress, Metrics, PrometheusCacheMetrics
+from .routing.matching import RouteTable
+from .routing.snapshot import CurrentRouting, RoutingFactory
 from .server.cache_upkeep import CacheUpkeep
 from .server.drain import Drain
 from .server.endpoints import ListenerEndpoints
@@ -38,6 +37,7 @@ from .upstream.http import make_client, make_pool
 from .web.browser import BrowserRedirect, NotFound
 from .web.health import Health, Readiness
 from .web.metrics import MetricsPage
+from .web.observe import ClientAddress, Metrics, PrometheusCacheMetrics
 from .web.public import public_base
 from .web.registry import RegistryAPI
 from .web.root import Root

@@ -25,12 +25,13 @@ from .config import (
     BlobRedirects,
     CacheConfig,
     Config,
+    ConfigError,
     Credentials,
     Route,
     Upstream,
 )
-from .matching import ConfigError, RouteTable
-from .routes import load_routes
+from .routing.load import load_routes
+from .routing.matching import RouteTable
 from .server.cpus import worker_count
 from .server.handoff import WorkerSpec
 
@@ -522,7 +523,7 @@ def _exit_with_usage_error(message: str) -> NoReturn:
 
 
 def makeService(options: Options, reactor: Any = None, argv: list[str] | None = None) -> IService:
-    from .logs import choose_twist_log_observer
+    from .server.logs import choose_twist_log_observer
     from .server.startup import StartupError
 
     if options.parent is not None:

@@ -1,3 +1,4 @@
-"""The pull-through cache: content-addressed objects on disk, coalesced verified downloads,
-and zero-copy serving. Self-contained: it knows nothing of routes, resources or the upstream
-client; the fetcher that wires it into the request path does."""
+"""The pull-through cache: a fetcher decorator (``fetcher.CachingFetcher``) over any other
+fetcher, its long-lived state (``fetcher.Cache``), who may read what (``access``), content-
+addressed objects on disk with verified, coalesced downloads and zero-copy serving. It
+knows the upstream only through the fetch interface it wraps."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from ..singleflight import SingleFlight
+from ..upstream.singleflight import SingleFlight
 
 ACCESS_MEMORY = 60.0
 PUBLIC_TTL = 600.0

@@ -26,11 +26,11 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from ..config import Route
-from ..errors import OCIError, error_body
-from ..mapping import upstream_name_of
+from ..protocol.errors import OCIError, error_body
 from ..protocol.fetch import Answer, BytesBody, Fetcher, RegistryRequest
-from ..reference import Kind
-from ..singleflight import SingleFlight
+from ..protocol.mapping import upstream_name_of
+from ..protocol.reference import Kind
+from ..upstream.singleflight import SingleFlight
 from .access import ANONYMOUS, AccessMemory, Repository, accept_key, credential_key
 from .bodies import DownloadBody, DownloadFeed, StoredBody, VerifyingBody
 from .download import Download, Downloads, wait_for_commit

@@ -16,11 +16,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer
 from twisted.web.http_headers import Headers
 
-from ..reference import RegistryPath
+from .reference import RegistryPath
 
 if TYPE_CHECKING:
     from ..config import Route
-    from ..matching import Mount
+    from .mount import Mount
 
 
 @attrs.frozen

@@ -22,10 +22,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
 from ..config import Route
-from ..errors import OCIError
-from ..gateway import Routing
-from ..observe import Metrics
-from ..upstream.client import UpstreamClient, UpstreamFailure, user_agent
+from ..protocol.errors import OCIError
+from ..protocol.headers import user_agent
+from ..routing.snapshot import Routing
+from ..upstream.client import UpstreamClient, UpstreamFailure
+from ..web.observe import Metrics
 from .handoff import WorkerSpec
 
 HEALTH_CHECK_INTERVAL = 30.0

@@ -20,7 +20,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from .. import bodies
+from . import reading
 
 
 class BodyFailed(Exception):
@@ -160,4 +160,4 @@ class UpstreamBody:
 
     def discard(self) -> None:
         # Unread and unwanted: close rather than read a possibly large body off.
-        self.response.deliverBody(bodies.Abandon())
+        self.response.deliverBody(reading.Abandon())

@@ -26,10 +26,8 @@ from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
-from .. import bodies
-from ..errors import OCIError
-
-USER_AGENT = b"regproxy/0.1"
+from ..protocol.errors import OCIError
+from . import reading
 
 
 class FailureKind(enum.Enum):
@@ -155,12 +153,6 @@ class _IgnoreHealth:
         pass
 
 
-def user_agent(client_host: bytes) -> bytes:
-    """The proxy's part of the upstream User-Agent (the client's own follows it): the
-    original's ``customDomain/<Host>`` marker tells the upstream whose domain it serves."""
-    return USER_AGENT + b" customDomain/" + client_host
-
-
 class UpstreamClient:
     """Sends requests upstream and reads small answers; see the module docstring."""
 
@@ -247,7 +239,7 @@ class UpstreamClient:
     async def read(self, response: IResponse, limit: int) -> bytes:
         """A small body in full, failing past ``limit`` bytes or when it stalls."""
         try:
-            return await bodies.read_bounded(response, limit, self.clock, self.idle_timeout)
+            return await reading.read_bounded(response, limit, self.clock, self.idle_timeout)
         except OCIError:
             raise
         except Exception as error:
@@ -265,12 +257,12 @@ class UpstreamClient:
     @staticmethod
     def discard(response: IResponse) -> None:
         """Read off a body nobody needs, so the pooled connection can be reused."""
-        response.deliverBody(bodies.Discard())
+        response.deliverBody(reading.Discard())
 
     @staticmethod
     def abandon(response: IResponse) -> None:
         """Close the connection without reading the body (a large or malformed one)."""
-        response.deliverBody(bodies.Abandon())
+        response.deliverBody(reading.Abandon())
 
     @staticmethod
     def known_length(response: IResponse) -> int | None:

@@ -1,7 +1,7 @@
 """The upstream as a :class:`~regproxy.protocol.fetch.Fetcher`: one validated registry
-request mapped (:mod:`regproxy.mapping`), sent with the right credentials, blob redirects
+request mapped (:mod:`regproxy.protocol.mapping`), sent with the right credentials, blob redirects
 followed where the route says so, and the answer rewritten for the client
-(:mod:`regproxy.rewrite`).
+(:mod:`regproxy.protocol.rewrite`).
 
 The decisions that need the upstream's answer live here: answering its challenge with the
 proxy's own credentials, following a blob redirect without them, a well-formed 416.
@@ -18,13 +18,13 @@ from treq.client import HTTPClient
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from .. import bodies
 from ..config import BlobRedirects, Route
-from ..errors import OCIError
-from ..mapping import UpstreamRequest, map_request
+from ..protocol import bodies
+from ..protocol.errors import OCIError
 from ..protocol.fetch import Answer, Body, BytesBody, RegistryRequest
-from ..reference import Kind
-from ..rewrite import ResponseRewriter
+from ..protocol.mapping import UpstreamRequest, map_request
+from ..protocol.reference import Kind
+from ..protocol.rewrite import ResponseRewriter
 from .auth import UpstreamAuth
 from .body import UpstreamBody
 from .client import FailureKind, RedirectRefused, UpstreamClient, UpstreamFailure

@@ -27,6 +27,7 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from ..config import Upstream
+from ..protocol.headers import HIDDEN_CONTENT_ENCODING
 from .agent import UpstreamPool
 from .redirects import GuardedEndpoints
 from .tls import TLSEndpoint, tls_context
@@ -134,9 +135,6 @@ class IdentityEncodingAgent:
         return self._agent.request(method, uri, headers, bodyProducer).addCallback(
             _hide_content_encoding
         )
-
-
-HIDDEN_CONTENT_ENCODING = b"x-regproxy-upstream-content-encoding"
 
 
 def _hide_content_encoding(response: IResponse) -> IResponse:

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.web.server import Request
 
-from ..errors import OCIError
+from ..protocol.errors import OCIError
 from ..protocol.fetch import Answer
 from .record import record_of
 

@@ -12,10 +12,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ..errors import OCIError
-from ..matching import Mount
-from ..rewrite import ResponseRewriter
-from ..upstream.client import user_agent
+from ..protocol.errors import OCIError
+from ..protocol.headers import user_agent
+from ..protocol.mount import Mount
+from ..protocol.rewrite import ResponseRewriter
 from ..upstream.fetcher import Exchanged, answer_of, send
 from .answer import write_answer
 from .record import record_of
@@ -23,7 +23,7 @@ from .registry import PROXY_SERVICE, proxy_answers_pings, run_async
 from .respond import write_body, write_error
 
 if TYPE_CHECKING:
-    from ..gateway import Routing
+    from ..routing.snapshot import Routing
 
 ANONYMOUS_TOKEN = b'{"token":"anonymous","access_token":"anonymous","expires_in":300}'
 

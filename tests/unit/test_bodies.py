@@ -14,9 +14,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from regproxy import bodies
 from regproxy.config import Route, Upstream
-from regproxy.errors import OCIError
+from regproxy.protocol import bodies
+from regproxy.upstream import reading
+from regproxy.protocol.errors import OCIError
 
 ROUTE = Route(Upstream("https", "gcr.example"), prefix="proj")
 
@@ -139,7 +140,7 @@ class ReadBoundedTests(SynchronousTestCase):
         self.clock = Clock()
 
     def read(self, response: object, limit: int) -> Deferred[bytes]:
-        return bodies.read_bounded(response, limit, self.clock, IDLE)  # type: ignore[arg-type]
+        return reading.read_bounded(response, limit, self.clock, IDLE)  # type: ignore[arg-type]
 
     def test_within_the_limit(self) -> None:
         response = FakeResponse([b"abc", b"def", b"g"])

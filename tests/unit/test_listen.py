@@ -12,9 +12,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.web.resource import Resource
 
-from regproxy.observe import ClientAddress, Metrics
 from regproxy.server.listen import Listener, explain_listen_failure, parse_endpoint
 from regproxy.server.startup import StartupError
+from regproxy.web.observe import ClientAddress, Metrics
 from regproxy.web.site import ProxySite
 
 

@@ -15,7 +15,7 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
-from regproxy.errors import OCIError
+from regproxy.protocol.errors import OCIError
 from regproxy.protocol.fetch import Answer
 from regproxy.upstream.body import BodyRelay, ClientStalled, UpstreamBody, UpstreamIdle
 from regproxy.web.answer import write_answer

@@ -14,7 +14,7 @@ from treq.testing import StubTreq
 from twisted.logger import formatEvent, globalLogPublisher
 
 from regproxy.config import Config
-from regproxy.routes import load_routes
+from regproxy.routing.load import load_routes
 from regproxy.server.reload import RoutesReloader
 from tests.support.inmemory import Answer, ProxyCase, build_tree
 

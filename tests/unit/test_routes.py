@@ -13,13 +13,14 @@ from regproxy.config import (
     DOCKER_HUB_URL,
     BlobRedirects,
     Config,
+    ConfigError,
     Credentials,
     Route,
     Upstream,
     known_upstream,
 )
-from regproxy.matching import ConfigError, RouteTable
-from regproxy.routes import ROUTE_KEYS, check_config, load_routes
+from regproxy.routing.load import ROUTE_KEYS, check_config, load_routes
+from regproxy.routing.matching import RouteTable
 
 if sys.version_info >= (3, 11):
     import tomllib

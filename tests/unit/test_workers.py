@@ -121,7 +121,7 @@ WORKERS_ONLY = (
     "regproxy.upstream",
     "regproxy.cache.store",
     "regproxy.cache.fetcher",
-    "regproxy.gateway",
+    "regproxy.routing.snapshot",
     "regproxy.server.endpoints",
     "regproxy.server.listen_tls",
 )

@@ -1,6 +1,6 @@
 """The routes in force, with everything each one needs, swapped whole on reload.
 
-A :class:`Routing` is built from one :class:`~regproxy.matching.RouteTable`: the upstream
+A :class:`Routing` is built from one :class:`~regproxy.routing.matching.RouteTable`: the upstream
 client (with a TLS trust per route), the proxy's credentials per route, the realms learnt
 per route, and the fetcher that answers registry requests (the upstream, behind the cache
 when there is one). Requests take the snapshot in force when they arrive and keep it
@@ -18,15 +18,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from .cache.fetcher import Cache
-from .config import Route
+from ..cache.fetcher import Cache
+from ..config import Route
+from ..protocol.fetch import Fetcher
+from ..upstream.auth import UpstreamAuth
+from ..upstream.client import HealthObserver, UpstreamClient
+from ..upstream.credentials import RunInThread, credential_source
+from ..upstream.fetcher import UpstreamFetcher
+from ..upstream.realm import RealmCache
 from .matching import RouteTable
-from .protocol.fetch import Fetcher
-from .upstream.auth import UpstreamAuth
-from .upstream.client import HealthObserver, UpstreamClient
-from .upstream.credentials import RunInThread, credential_source
-from .upstream.fetcher import UpstreamFetcher
-from .upstream.realm import RealmCache
 
 
 @attrs.frozen

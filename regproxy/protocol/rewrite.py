@@ -15,7 +15,7 @@ import attrs
 from twisted.web.http_headers import Headers
 
 from . import bodies, headers
-from .matching import Mount
+from .mount import Mount
 from .reference import Kind, RegistryPath
 
 

@@ -13,13 +13,12 @@ from urllib.parse import parse_qsl, urlencode
 import attrs
 from twisted.web.http_headers import Headers
 
+from ..config import Route
 from . import headers
-from .config import Route
 from .errors import OCIError
-from .matching import Mount
+from .mount import Mount
 from .reference import MAX_NAME_LENGTH, Kind, RegistryPath, validate_name, validate_tag
 from .rewrite import list_body_rewritten
-from .upstream.client import user_agent
 
 
 @attrs.frozen
@@ -101,7 +100,7 @@ def map_request(
     url = route.upstream.origin + target.path(name)
     if query:
         url += "?" + query
-    outgoing = headers.upstream_request_headers(client_headers, user_agent(client_host))
+    outgoing = headers.upstream_request_headers(client_headers, headers.user_agent(client_host))
     # A HEAD whose GET body would be rewritten goes up as a GET (list bodies are small and
     # read whole anyway), so the client is told the length of the body it would get.
     rewritten = method == b"HEAD" and list_body_rewritten(client_target, mount, name)

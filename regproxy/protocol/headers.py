@@ -11,7 +11,6 @@ from twisted.web.http_headers import Headers
 from . import challenge
 from .errors import OCIError
 from .scope import rewrite_down
-from .upstream.http import HIDDEN_CONTENT_ENCODING
 
 # RFC 9110 section 7.6.1, plus the proxy-only ones; these describe one hop, never the next.
 HOP_BY_HOP = frozenset(
@@ -53,6 +52,17 @@ DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {
     b"strict-transport-security",
     b"public-key-pins",
 }
+
+# The upstream's own Content-Encoding, hidden from treq's decoder so the bytes pass as sent
+# (see regproxy.upstream.http).
+HIDDEN_CONTENT_ENCODING = b"x-regproxy-upstream-content-encoding"
+USER_AGENT = b"regproxy/0.1"
+
+
+def user_agent(client_host: bytes) -> bytes:
+    """The proxy's part of the upstream User-Agent (the client's own follows it): the
+    original's ``customDomain/<Host>`` marker tells the upstream whose domain it serves."""
+    return USER_AGENT + b" customDomain/" + client_host
 
 
 _RANGE = re.compile(rb"bytes=(\d{0,19})-(\d{0,19})")
