@@ -26,28 +26,25 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from ..config import Route
-from ..protocol.errors import OCIError, error_body
+from ..protocol.errors import OCIError
 from ..protocol.fetch import Answer, BytesBody, Fetcher, RegistryRequest
 from ..protocol.mapping import upstream_name_of
 from ..protocol.reference import Kind
 from ..upstream.singleflight import SingleFlight
 from .access import ANONYMOUS, AccessMemory, Repository, accept_key, credential_key
-from .bodies import DownloadBody, DownloadFeed, StoredBody, VerifyingBody
+from .answers import BLOB_TYPE, DIGEST_HEADER, reading_answer, stored_answer
+from .bodies import DownloadFeed, VerifyingBody
 from .download import Download, Downloads, wait_for_commit
 from .manifests import MANIFEST_LIMIT, manifest_media_type, referenced_digests
 from .objects import is_cacheable
-from .serve import ByteRange, Unsatisfiable, parse_range
 from .store import CacheStore, StoredObject
 
 # How long a request waits for another process's download of the same object to commit
 # before it fetches the object itself.
 CROSS_PROCESS_WAIT = 30.0
-STALE_WARNING = b'110 - "Response is Stale"'
-BLOB_TYPE = b"application/octet-stream"
 # Upstream answers that mean "the upstream is failing", for stale-if-error.
 FAILING = frozenset({429, 500, 502, 503, 504})
 CACHED_KINDS = frozenset({Kind.BLOB, Kind.MANIFEST})
-_DIGEST_HEADER = b"docker-content-digest"
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
@@ -335,33 +332,9 @@ class CachingFetcher:
         size: int | None,
         on_use: Callable[[], None] | None = None,
     ) -> Answer:
-        """The answer of a reader of a download: whole, a range, or 416."""
-        answered = Headers()
-        for name, values in headers.getAllRawHeaders():
-            if name.lower() not in (b"content-length", b"content-range"):
-                answered.setRawHeaders(name, values)
-        answered.setRawHeaders(_DIGEST_HEADER, [digest.encode()])
-        first, last, status = 0, None, 200
-        length = size
-        if size is not None:
-            chosen = parse_range(asked.request.header(b"range"), size)
-            if isinstance(chosen, Unsatisfiable):
-                if on_use is not None:
-                    on_use()
-                return self._unsatisfiable(answered, size)
-            if isinstance(chosen, ByteRange):
-                first, last, status = chosen.first, chosen.last, 206
-                answered.setRawHeaders(b"content-range", [b"bytes %d-%d/%d" % (first, last, size)])
-                length = chosen.length
-        body = DownloadBody(download, first, last, length, on_use=on_use)
-        return Answer(status, answered, body, cache="coalesced")
-
-    @staticmethod
-    def _unsatisfiable(headers: Headers, size: int) -> Answer:
-        body = error_body("RANGE_INVALID", "the range is not satisfiable", {"size": size})
-        headers.setRawHeaders(b"content-range", [b"bytes */%d" % size])
-        headers.setRawHeaders(b"content-type", [b"application/json"])
-        return Answer(416, headers, BytesBody(body))
+        return reading_answer(
+            download, digest, headers, size, asked.request.header(b"range"), on_use=on_use
+        )
 
     def _watch(self, download: Download, received: int) -> None:
         """Abandon a download whose upstream body sends nothing for the idle timeout."""
@@ -423,7 +396,6 @@ class CachingFetcher:
     def _serve(
         self, asked: _Asked, obj: StoredObject, digest: str, outcome: str, *, stale: bool = False
     ) -> Answer:
-        headers = Headers()
         if asked.is_manifest:
             media_type = self.cache.media_types.get(digest)
             key = (asked.route, asked.name, digest)
@@ -435,39 +407,17 @@ class CachingFetcher:
                     media_type = manifest_media_type(data)
                     self._remember_media_type(digest, media_type)
                 self._children_known(asked, digest, data)
-            headers.setRawHeaders(b"content-type", [media_type])
         else:
-            headers.setRawHeaders(b"content-type", [BLOB_TYPE])
-        etag = b'"' + digest.encode() + b'"'
-        headers.setRawHeaders(_DIGEST_HEADER, [digest.encode()])
-        headers.setRawHeaders(b"etag", [etag])
-        headers.setRawHeaders(b"accept-ranges", [b"bytes"])
-        if stale:
-            headers.setRawHeaders(b"warning", [STALE_WARNING])
+            media_type = BLOB_TYPE
         self._count(asked, outcome)
-        request = asked.request
-        if_range = request.header(b"if-range")
-        chosen = (
-            None
-            if if_range is not None and if_range.strip() != etag
-            else parse_range(request.header(b"range"), obj.size)
-        )
-        if isinstance(chosen, Unsatisfiable):
-            obj.close()
-            return attrs.evolve(self._unsatisfiable(headers, obj.size), cache=outcome)
-        first, end, status = 0, obj.size, 200
-        if chosen is not None:
-            first, end, status = chosen.first, chosen.last + 1, 206
-            headers.setRawHeaders(
-                b"content-range", [b"bytes %d-%d/%d" % (chosen.first, chosen.last, obj.size)]
-            )
-        if obj.data is not None:
-            data = obj.data[first:end]
-            obj.close()
-            self.store.metrics.count("bytes_from_cache", len(data))
-            return Answer(status, headers, BytesBody(data), cache=outcome)
-        return Answer(
-            status, headers, StoredBody(obj, first, end, self.store.metrics), cache=outcome
+        return stored_answer(
+            obj,
+            digest,
+            media_type,
+            asked.request,
+            metrics=self.store.metrics,
+            outcome=outcome,
+            stale=stale,
         )
 
     # -- access -----------------------------------------------------------------------------
@@ -581,7 +531,7 @@ class CachingFetcher:
             answer = await self.inner.fetch(self._whole(asked, "HEAD"))
             if answer.body is not None:
                 answer.body.discard()
-            text = (answer.header(_DIGEST_HEADER) or b"").decode("latin-1").strip()
+            text = (answer.header(DIGEST_HEADER) or b"").decode("latin-1").strip()
             return _Revalidated(answer.status, text if is_cacheable(text) else None)
 
         return await self.cache.revalidating.run(key, head)
