@@ -9,6 +9,7 @@ back into its caller. Only the web layer writes an answer to a client
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
@@ -40,8 +41,14 @@ class RegistryRequest:
     headers: Headers = attrs.field(eq=False)
     raw_query: bytes = b""
     client_host: bytes = b""
-    public_base: str = ""
+    # The proxy's public base URL as this client reached it, derived only when an upstream
+    # answer must be rewritten (a cache hit never needs it).
+    base_url: Callable[[], str] = attrs.field(default=lambda: "", eq=False)
     whole_object: bool = False
+
+    @property
+    def public_base(self) -> str:
+        return self.base_url()
 
     def header(self, name: bytes) -> bytes | None:
         values = self.headers.getRawHeaders(name)

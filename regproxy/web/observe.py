@@ -87,6 +87,7 @@ class Metrics:
             registry=self.registry,
         )
         self._children: dict[tuple[str, str, str, int], tuple[Any, Any, Any, Any]] = {}
+        self._outcomes: dict[tuple[str, str], Any] = {}
         self.upstream_up = Gauge(
             "regproxy_upstream_up",
             "1 when the last check of the upstream's /v2/ got an HTTP answer, else 0.",
@@ -117,7 +118,11 @@ class Metrics:
         )
 
     def cache_outcome(self, route: str, outcome: str) -> None:
-        self.cache_requests.labels(route, outcome).inc()
+        # Labelled children looked up once: resolving labels costs more than counting.
+        child = self._outcomes.get((route, outcome))
+        if child is None:
+            child = self._outcomes[(route, outcome)] = self.cache_requests.labels(route, outcome)
+        child.inc()
 
     def observe_request(
         self,
@@ -193,9 +198,13 @@ class PrometheusCacheMetrics:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._events: dict[str, Any] = {}
 
     def count(self, name: str, amount: int = 1) -> None:
-        self._metrics.cache_events.labels(name).inc(amount)
+        child = self._events.get(name)
+        if child is None:
+            child = self._events[name] = self._metrics.cache_events.labels(name)
+        child.inc(amount)
 
     def gauge(self, name: str, value: int) -> None:
         self._metrics.cache_size.labels(name).set(value)

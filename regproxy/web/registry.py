@@ -141,7 +141,7 @@ class RegistryAPI(Resource):
             headers=request.requestHeaders,
             raw_query=request.uri.partition(b"?")[2],
             client_host=request.getRequestHostname(),
-            public_base=self.public_base(request),
+            base_url=lambda: self.public_base(request),
         )
         fetcher = routing.fetcher
 
