@@ -9,7 +9,6 @@ import contextlib
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from tests.support.oauth import OAuthEndpoint
 from tests.support.ports import free_port, port_open
 from tests.support.proxy import RegproxyProcess
 from tests.support.seed import SeededRegistry
+from tests.support.tools import systemd_socket_activate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACCEPT = "Accept: application/vnd.oci.image.manifest.v1+json"
@@ -333,9 +333,7 @@ def test_an_idle_proxy_exits_promptly_after_sigterm(
 
 def test_unnamed_sockets_from_a_supervisor_are_one_line(tmp: Path) -> None:
     """systemd-socket-activate without --fdname: LISTEN_FDS but no LISTEN_FDNAMES."""
-    activate = shutil.which("systemd-socket-activate")
-    if activate is None:
-        pytest.skip("systemd-socket-activate not installed (Debian package systemd)")
+    activate = systemd_socket_activate()
     port = free_port()
     log = tmp / "activate.log"
     with log.open("wb") as out:

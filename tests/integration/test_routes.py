@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.containerd import Containerd, containerd_binaries
+from tests.support.containerd import Containerd
 from tests.support.curl import curl
 from tests.support.images import sha256_digest, skopeo_copy, skopeo_list_tags
 from tests.support.ports import free_port
@@ -26,6 +26,7 @@ from tests.support.registry import RegistryServer
 from tests.support.seed import SeededRegistry, StandardImages, seed_registry
 from tests.support.tls import TLSFiles
 from tests.support.tokens import TokenIssuer
+from tests.support.tools import require_programs
 from tests.support.waiting import eventually
 
 
@@ -223,10 +224,10 @@ def test_tokens_go_to_the_routes_own_realm_with_its_prefix(
     assert all("sec/" not in scope for scope in tls_token_issuer.requested_scopes())
 
 
-@pytest.mark.skipif(not containerd_binaries(), reason="containerd is not installed")
 def test_containerd_through_the_namespace_and_a_path_route(
     proxy, plain: SeededRegistry, standard_images: StandardImages, tmp: Path
 ) -> None:
+    require_programs("containerd (Debian package containerd)", "ctr", what="containerd")
     (tmp / "containerd").mkdir()
     with Containerd(tmp / "containerd") as containerd:
         hosts = tmp / "hosts" / "docker.io"

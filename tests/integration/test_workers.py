@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,8 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
-
 from tests.support.curl import curl
 from tests.support.images import build_image, push, skopeo_copy
 from tests.support.metrics import ACCEPT, metric
@@ -27,6 +24,7 @@ from tests.support.proxy import RegproxyProcess
 from tests.support.registry import RegistryServer
 from tests.support.seed import SeededRegistry
 from tests.support.tls import TLSFiles
+from tests.support.tools import systemd_socket_activate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -264,13 +262,12 @@ def test_ssl_listener_with_workers(
     assert {e["worker"] for e in events} <= {1, 2}
 
 
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd")
 def test_systemd_socket_activation_with_workers(
     tmp: Path, prefixed_registry: SeededRegistry
 ) -> None:
     port = free_port()
     command = [
-        "systemd-socket-activate",
+        systemd_socket_activate(),
         "-l",
         f"127.0.0.1:{port}",
         "--fdname=regproxy",

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import tempfile
 import time
@@ -26,10 +25,6 @@ disabled_plugins = [
 [debug]
   address = ""
 """
-
-
-def containerd_binaries() -> bool:
-    return shutil.which("containerd") is not None and shutil.which("ctr") is not None
 
 
 class Containerd:
