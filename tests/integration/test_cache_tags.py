@@ -70,10 +70,12 @@ def test_a_tag_is_revalidated_only_once_its_ttl_is_over(
     assert first >= 1
     # Stored once its digest is a cache hit (the store commits after the answer).
     eventually(
-        lambda: curl(proxy.url + f"/v2/app/manifests/{digest}", "-H", OCI_ACCEPT).status == 200
-        and any(
-            e.get("cache") == "hit" and e.get("path") == f"/v2/app/manifests/{digest}"
-            for e in proxy.log_events()
+        lambda: (
+            curl(proxy.url + f"/v2/app/manifests/{digest}", "-H", OCI_ACCEPT).status == 200
+            and any(
+                e.get("cache") == "hit" and e.get("path") == f"/v2/app/manifests/{digest}"
+                for e in proxy.log_events()
+            )
         ),
         timeout=TAG_TTL / 2,
     )
