@@ -18,8 +18,8 @@ from twisted.internet.testing import StringTransport
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-from regproxy.observe import ClientAddress, Metrics
 from regproxy.web.framing import framing_error
+from regproxy.web.observe import ClientAddress, Metrics
 from regproxy.web.site import ProxySite
 
 CHUNKED_BODY = b"3\r\nabc\r\n0\r\n\r\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from regproxy.config import Credentials, Route, Upstream
-from regproxy.hosts import is_google_registry
+from regproxy.protocol.hosts import is_google_registry
 from regproxy.upstream.realm import credential_may_go_to
 
 BASIC = Credentials(username="robot", password="secret")
