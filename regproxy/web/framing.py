@@ -2,10 +2,22 @@
 
 Twisted's HTTP server accepts ``Transfer-Encoding: identity`` and then ignores the body,
 whose bytes it parses as the next request on the connection; behind a front proxy that
-frames the message differently that is request smuggling. RFC 9112 section 6.3: a
-Transfer-Encoding whose final coding is not ``chunked`` is a 400, and the connection is
-closed. A registry read (GET, HEAD) has no body at all, so one that carries one is refused
-the same way; only the OAuth2 ``POST /_token`` form has a body, of bounded size.
+frames the message differently that is request smuggling. So the one Transfer-Encoding
+accepted is exactly ``chunked``, once, on one line (any case): anything else is a 400 and
+the connection is closed. That is stricter than RFC 9112 section 6.3 (a 400 when the final
+coding is not ``chunked``) on purpose: ``identity`` then ``chunked`` on two lines ends in
+``chunked``, yet Twisted reads the first line as no coding at all while a front proxy may
+not, and the proxy decodes no other coding anyway.
+
+Twisted's parser refuses the other ambiguous framings before this module sees them (a
+Content-Length beside a Transfer-Encoding, several Content-Length lines even if equal, one
+that is not all digits, two ``chunked`` lines): ``tests/unit/test_framing.py`` pins those
+too. A registry read (GET, HEAD) has no body at all, so one that announces one (any
+Transfer-Encoding, a Content-Length other than ``0``) is refused the same way; only the
+OAuth2 ``POST /_token`` form has a body, of bounded size. One well-formed Host is required
+(see ``framing_error``). Folded header lines (obs-fold) are joined by Twisted with a space,
+as RFC 9112 section 5.2 allows, not refused; a folded Host or Content-Length then fails the
+rules above.
 """
 
 from __future__ import annotations

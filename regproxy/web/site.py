@@ -25,6 +25,8 @@ CONNECTION_DONE = Failure(ConnectionDone())
 # Seconds a client connection may stay silent between requests (nginx's keepalive_timeout
 # is 75, its client_header_timeout 60); --idle-timeout sets it.
 IDLE_TIMEOUT = 60.0
+# Header lines that may not be folded (obs-fold): they decide where a request ends.
+FOLD_REFUSED = frozenset({b"transfer-encoding", b"content-length", b"host"})
 # The only request bodies the proxy reads are OAuth2 token forms.
 MAX_REQUEST_BODY = 64 * 1024
 
@@ -242,6 +244,30 @@ class ProxyChannel(HTTPChannel):
         if not self._answering and self._arrival_deadline is None and self.timeOut:
             self._arrival_deadline = self.callLater(self.timeOut, self._arrived_too_slowly)
         super().dataReceived(data)
+
+    # The name of the last header line (lower case): what a folded line continues.
+    _header_name = b""
+    # Set once a folded framing header was refused: nothing more is read.
+    _refused_framing = False
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused_framing:
+            return
+        if line[:1] in (b" ", b"\t"):
+            if self._header_name in FOLD_REFUSED:
+                # A front proxy that does not unfold obs-fold lines would read this
+                # Transfer-Encoding or Content-Length differently: request smuggling.
+                self._refused_framing = True
+                error = OCIError("REQUEST_INVALID", "a framing header is folded over lines")
+                refuse_and_close(self.transport, error, head=False)
+                return
+        else:
+            self._header_name = line.partition(b":")[0].strip().lower()
+        super().lineReceived(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused_framing:
+            super().rawDataReceived(data)
 
     def request_answering(self) -> None:
         """The request arrived whole and is being answered: no deadline while it is."""

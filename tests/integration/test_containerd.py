@@ -7,17 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.containerd import Containerd, containerd_binaries
+from tests.support.containerd import Containerd
 from tests.support.images import push
 from tests.support.ports import free_port
 from tests.support.registry import RegistryServer
 from tests.support.seed import SeededRegistry, StandardImages
-from tests.support.tools import require_tools
+from tests.support.tools import require_programs
 
-require_tools(
-    [] if containerd_binaries() else ["containerd and ctr (Debian package containerd)"],
-    "containerd",
-)
+require_programs("containerd (Debian package containerd)", "ctr", what="containerd")
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 from tests.support.curl import curl
 from tests.support.images import build_image, push, skopeo_copy
@@ -21,6 +18,7 @@ from tests.support.ports import free_port, wait_for_port
 from tests.support.proxy import RegproxyProcess
 from tests.support.registry import RegistryServer
 from tests.support.seed import SeededRegistry
+from tests.support.tools import systemd_socket_activate
 from tests.support.waiting import eventually
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -201,13 +199,12 @@ def test_sigterm_lets_a_running_download_finish(
     assert proxy.wait(15) == 0
 
 
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd")
 def test_systemd_socket_activation(tmp: Path, prefixed_registry: SeededRegistry) -> None:
     port = free_port()
     command = [
         # --fdname: systemd units always name their sockets (LISTEN_FDNAMES), and Twisted
         # only adopts named descriptors.
-        "systemd-socket-activate",
+        systemd_socket_activate(),
         "-l",
         f"127.0.0.1:{port}",
         "--fdname=regproxy",

@@ -1,5 +1,6 @@
-"""regproxy.protocol is pure (a fresh interpreter per module, hence here): importing any of its modules loads no HTTP client, no parser,
-no reactor and nothing of the packages above it."""
+"""regproxy.protocol is pure: importing any of its modules loads no HTTP client, no parser,
+no reactor and nothing of the packages above it (a fresh interpreter per module, hence
+an integration test)."""
 
 from __future__ import annotations
 

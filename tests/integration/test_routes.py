@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.containerd import Containerd, containerd_binaries
+from tests.support.containerd import Containerd
 from tests.support.curl import curl
 from tests.support.images import sha256_digest, skopeo_copy, skopeo_list_tags
 from tests.support.ports import free_port
@@ -26,6 +26,7 @@ from tests.support.registry import RegistryServer
 from tests.support.seed import SeededRegistry, StandardImages, seed_registry
 from tests.support.tls import TLSFiles
 from tests.support.tokens import TokenIssuer
+from tests.support.tools import require_programs
 from tests.support.waiting import eventually
 
 
@@ -137,6 +138,55 @@ def test_skopeo_pulls_through_every_route(
         assert result.digest == digest, source
 
 
+def test_each_route_has_its_own_tls_trust_whatever_the_order(
+    start_proxy, secure: SeededRegistry, plain: SeededRegistry, tls_files: TLSFiles, tmp: Path
+) -> None:
+    """The route that trusts the test CA is neither first nor last: a proxy that gave every
+    route the first route's client (or any one route's) fails one of these."""
+    path = tmp / "trust.toml"
+    path.write_text(
+        f"""
+[[routes]]
+name = "plain"
+upstream = "{plain.url}"
+path = "plain"
+
+[[routes]]
+name = "untrusted"
+upstream = "{secure.url}"
+repo_prefix = "mirror"
+path = "untrusted"
+
+[[routes]]
+name = "sec"
+upstream = "{secure.url}"
+repo_prefix = "mirror"
+path = "sec"
+upstream_ca = "{tls_files.ca_cert}"
+
+[[routes]]
+name = "after"
+upstream = "{secure.url}"
+repo_prefix = "mirror"
+path = "after"
+"""
+    )
+    proxy = start_proxy(["--config", str(path)])
+    result = skopeo_copy(f"{proxy.host_port}/sec/app:v1", tmp / "sec", tag="v1")
+    assert result.digest == secure["app:v1"]
+    assert (
+        skopeo_copy(f"{proxy.host_port}/plain/app:v1", tmp / "plain", tag="v1").digest
+        == (plain["app:v1"])
+    )
+    for name in ("untrusted", "after"):
+        answer = curl(proxy.url + f"/v2/{name}/app/manifests/v1")
+        assert answer.status == 502, (name, answer.status)
+        assert answer.error_codes() == ["UPSTREAM_UNAVAILABLE"], name
+    events = [e for e in proxy.log_events() if e.get("log_namespace") == "regproxy.access"]
+    refused = {e.get("route") for e in events if e.get("error_kind") == "tls"}
+    assert refused == {"untrusted", "after"}
+
+
 def test_many_tags_are_listed_through_every_route(proxy, plain: SeededRegistry) -> None:
     for where in (f"{proxy.host_port}/sec", f"{proxy.host_port}/plain", f"localhost:{proxy.port}"):
         tags = skopeo_list_tags(f"docker://{where}/many")
@@ -174,10 +224,10 @@ def test_tokens_go_to_the_routes_own_realm_with_its_prefix(
     assert all("sec/" not in scope for scope in tls_token_issuer.requested_scopes())
 
 
-@pytest.mark.skipif(not containerd_binaries(), reason="containerd is not installed")
 def test_containerd_through_the_namespace_and_a_path_route(
     proxy, plain: SeededRegistry, standard_images: StandardImages, tmp: Path
 ) -> None:
+    require_programs("containerd (Debian package containerd)", "ctr", what="containerd")
     (tmp / "containerd").mkdir()
     with Containerd(tmp / "containerd") as containerd:
         hosts = tmp / "hosts" / "docker.io"

@@ -8,11 +8,14 @@ match its certificate refused at start.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import hashlib
 import http.client
 import socket
 import ssl
-import time
+import termios
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from tests.support.ports import free_port, wait_for_port
 from tests.support.proxy import ProxyStartError
 from tests.support.seed import SeededRegistry
 from tests.support.tls import TLSFiles, make_ca_and_cert
+from tests.support.waiting import eventually
 
 
 def _listener(port: int, files: TLSFiles) -> str:
@@ -51,6 +55,25 @@ def test_skopeo_pulls_through_the_tls_listener(
         assert result.digest == prefixed_registry[ref]
 
 
+def unread(sock: socket.socket) -> int:
+    """Bytes the kernel holds for ``sock`` that the reader has not taken."""
+    held = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, held)
+    return held[0]
+
+
+def stalled(sock: socket.socket) -> Callable[[], bool]:
+    """A check: true once unread bytes wait on ``sock`` and their count stopped growing
+    over three looks (the sender is blocked, not slow)."""
+    seen: list[int] = []
+
+    def check() -> bool:
+        seen.append(unread(sock))
+        return len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3] > 0
+
+    return check
+
+
 def test_a_reader_that_pauses_mid_blob_gets_every_byte_on_a_kept_connection(
     start_proxy, prefixed_registry: SeededRegistry, tls_files: TLSFiles
 ) -> None:
@@ -58,13 +81,18 @@ def test_a_reader_that_pauses_mid_blob_gets_every_byte_on_a_kept_connection(
     digest = prefixed_registry["big:v1@layer"]
     context = ssl.create_default_context(cafile=str(tls_files.ca_cert))
     connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+    connection.connect()
+    assert connection.sock is not None
+    # A small window, so the 8 MiB blob cannot all wait in the kernel's buffers.
+    connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     try:
         for _ in range(2):  # the second request goes on the same TLS connection
             connection.request("GET", f"/v2/big/blobs/{digest}")
             response = connection.getresponse()
             assert response.status == 200
             hashed = hashlib.sha256(response.read(64 * 1024))
-            time.sleep(0.5)  # the proxy's writes back up behind a reader that stopped
+            # The proxy's writes back up behind a reader that stopped: nothing more arrives.
+            eventually(stalled(connection.sock), timeout=20, interval=0.1, what="a full window")
             while chunk := response.read(256 * 1024):
                 hashed.update(chunk)
             assert "sha256:" + hashed.hexdigest() == digest

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+
+from .waiting import eventually
 
 CONFIG = """version = 2
 root = "{root}/root"
@@ -28,10 +28,6 @@ disabled_plugins = [
 """
 
 
-def containerd_binaries() -> bool:
-    return shutil.which("containerd") is not None and shutil.which("ctr") is not None
-
-
 class Containerd:
     def __init__(self, directory: Path | None = None) -> None:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="regproxy-containerd-"))
@@ -45,12 +41,19 @@ class Containerd:
         self._process = subprocess.Popen(
             ["containerd", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
         )
-        deadline = time.monotonic() + 20
-        while not self.socket.exists():
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError((self.directory / "containerd.log").read_text()[-2000:])
-            time.sleep(0.05)
+        process = self._process
+
+        def serving() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"containerd exited with {process.returncode}")
+            return self.socket.exists()
+
+        try:
+            eventually(serving, 20, what="containerd's socket")
+        except AssertionError as error:
+            self.stop()
+            log = (self.directory / "containerd.log").read_text()[-2000:]
+            raise RuntimeError(f"{error}\n{log}") from None
         return self
 
     def stop(self) -> None:

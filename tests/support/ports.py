@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-import time
+
+from .waiting import eventually
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -24,11 +25,5 @@ def port_open(host: str, port: int) -> bool:
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
-    """Block until host:port accepts a TCP connection; raise TimeoutError after *timeout* s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if port_open(host, port):
-            return
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{host}:{port} did not accept connections within {timeout} s")
-        time.sleep(0.05)
+    """Block until host:port accepts a TCP connection (AssertionError after *timeout* s)."""
+    eventually(lambda: port_open(host, port), timeout, what=f"connections on {host}:{port}")

@@ -9,12 +9,12 @@ import signal as _signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
 from .ports import free_port, port_open
+from .waiting import eventually
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -159,23 +159,22 @@ class RegproxyProcess:
         return self
 
     def _wait_ready(self) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            code = self._process.poll()
+        process = self._process
+        assert process is not None
+
+        def listening() -> bool:
+            code = process.poll()
             if code is not None:
                 raise ProxyStartError(
                     f"{' '.join(self.argv)} exited with {code} before listening:\n"
                     f"{self.log_text()}"
                 )
-            if port_open("127.0.0.1", self.port):
-                return
-            if time.monotonic() >= deadline:
-                raise ProxyStartError(
-                    f"{' '.join(self.argv)} not listening on {self.port} after "
-                    f"{self.start_timeout} s:\n{self.log_text()}"
-                )
-            time.sleep(0.05)
+            return port_open("127.0.0.1", self.port)
+
+        try:
+            eventually(listening, self.start_timeout, what=f"listening on {self.port}")
+        except AssertionError as error:
+            raise ProxyStartError(f"{' '.join(self.argv)}: {error}:\n{self.log_text()}") from None
 
     def send_signal(self, sig: int) -> None:
         assert self._process is not None, "not started"

@@ -9,7 +9,6 @@ import shutil
 import ssl
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,6 +17,7 @@ from types import TracebackType
 from .ports import free_port
 from .tls import TLSFiles
 from .tokens import TokenIssuer
+from .waiting import eventually
 
 REGISTRY_BINARY = "docker-registry"
 
@@ -194,29 +194,30 @@ class RegistryServer:
         return ssl.create_default_context(cafile=str(self.tls.ca_cert))
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
         context = self._ssl_context()
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            assert self._process is not None
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"registry exited with {self._process.returncode}:\n{self.log_text()}"
-                )
+        process = self._process
+        assert process is not None
+        last_error: list[Exception] = []
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                log = self.log_text()
+                raise RuntimeError(f"registry exited with {process.returncode}:\n{log}")
             try:
                 with urllib.request.urlopen(f"{self.url}/v2/", timeout=2, context=context):
-                    return
+                    return True
             except urllib.error.HTTPError as e:
                 if e.code == 401:  # auth configured: it answers, that is enough
-                    return
-                last_error = e
+                    return True
+                last_error[:] = [e]
             except (OSError, ssl.SSLError) as e:
-                last_error = e
-            time.sleep(0.05)
-        raise TimeoutError(
-            f"registry on {self.url} not ready after {self.start_timeout} s ({last_error}):\n"
-            f"{self.log_text()}"
-        )
+                last_error[:] = [e]
+            return False
+
+        try:
+            eventually(answers, self.start_timeout, what=f"registry on {self.url} ready")
+        except AssertionError as error:
+            raise TimeoutError(f"{error} ({last_error}):\n{self.log_text()}") from None
 
     def stop(self) -> int | None:
         process, self._process = self._process, None

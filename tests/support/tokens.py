@@ -15,7 +15,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -101,9 +101,12 @@ class _AuthError(Exception):
 class TokenIssuer:
     """Threaded HTTP token server on 127.0.0.1; use as a context manager or call start()/stop().
 
-    Policy: ``users`` (name -> password) may pull and push any repository and list the catalog;
-    anonymous requests get ``pull`` on repositories when ``anonymous_pull`` is true, nothing
-    otherwise. Wrong credentials give 401. Every request is appended to ``requests``.
+    Policy: ``users`` (name -> password) may pull and push any repository and list the catalog,
+    except those named in ``repositories`` (name -> repository names), who may pull and push
+    only those; anonymous requests get ``pull`` on repositories when ``anonymous_pull`` is
+    true, nothing otherwise. A scope the policy does not grant gets a token without its
+    actions, as distribution's own token servers answer. Wrong credentials give 401. Every
+    request is appended to ``requests``.
     """
 
     def __init__(
@@ -116,8 +119,12 @@ class TokenIssuer:
         expires_in: int = 300,
         header_mode: str = "kid",
         tls: TLSFiles | None = None,
+        repositories: Mapping[str, Collection[str]] | None = None,
     ) -> None:
         self.tls = tls
+        self.repositories = {
+            user: frozenset(names) for user, names in (repositories or {}).items()
+        }
         if header_mode not in ("kid", "x5c"):
             raise ValueError("header_mode must be 'kid' or 'x5c'")
         self.directory = Path(directory)
@@ -220,6 +227,8 @@ class TokenIssuer:
                     if user is not None
                     else ({"pull"} if self.anonymous_pull else set())
                 )
+                if user in self.repositories and scope.name not in self.repositories[user]:
+                    allowed = set()
                 actions = [a for a in scope.actions if a in allowed]
             elif scope.type == "registry" and scope.name == "catalog" and user is not None:
                 actions = [a for a in scope.actions if a == "*"]

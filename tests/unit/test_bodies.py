@@ -16,8 +16,8 @@ from twisted.web.http import PotentialDataLoss
 
 from regproxy.config import Route, Upstream
 from regproxy.protocol import bodies
-from regproxy.upstream import reading
 from regproxy.protocol.errors import OCIError
+from regproxy.upstream import reading
 
 ROUTE = Route(Upstream("https", "gcr.example"), prefix="proj")
 

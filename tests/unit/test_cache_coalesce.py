@@ -7,8 +7,9 @@ from __future__ import annotations
 import hashlib
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from tests.support.waiting import eventually
 
 from .cache_helpers import Server
 
@@ -80,20 +81,18 @@ def test_twenty_clients_one_upstream_get_and_a_slow_one_slows_nobody(tmp_path: P
         url = f"{server.base}/blob/{DIGEST}"
         slow = SlowReader(server.port, f"/blob/{DIGEST}")
         curls = start_curls(url, 19, tmp_path / "out")
-        deadline = time.monotonic() + 120
-        while any(c.poll() is None for c in curls):
-            assert time.monotonic() < deadline
-            slow.step()
-            time.sleep(0.02)
+
+        def fast_ones_done() -> bool:
+            slow.step()  # the slow client reads a little at every look
+            return all(c.poll() is not None for c in curls)
+
+        eventually(fast_ones_done, 120, 0.02, what="every fast client done")
         # Every fast client is done while the slow one is still reading.
         assert not slow.closed and len(slow.data) < SIZE
         for i, c in enumerate(curls):
             assert c.returncode == 0, c.stderr.read() if c.stderr else ""
             assert (tmp_path / "out" / f"c{i}").read_bytes() == BLOB
-        while not slow.closed:
-            assert time.monotonic() < deadline
-            slow.step()
-            time.sleep(0.02)
+        eventually(lambda: slow.step() or slow.closed, 120, 0.02, what="the slow client done")
         assert slow.body() == BLOB
         stats = server.stats()
         assert stats["upstream_gets"] == 1
@@ -142,14 +141,11 @@ def test_a_download_whose_only_client_left_completes_into_the_cache(tmp_path: Pa
     server = Server(SCRIPT, str(tmp_path / "cache"), str(SIZE), "good")
     try:
         quitter = SlowReader(server.port, f"/blob/{DIGEST}")
-        deadline = time.monotonic() + 60
-        while server.stats()["downloads"] != 1:
-            assert time.monotonic() < deadline, "the download did not start"
-            time.sleep(0.01)
+        eventually(lambda: server.stats()["downloads"] == 1, 60, 0.01, what="the download started")
         quitter.sock.close()
-        while server.stats()["objects"] != 1:
-            assert time.monotonic() < deadline, "the orphaned download did not complete"
-            time.sleep(0.05)
+        eventually(
+            lambda: server.stats()["objects"] == 1, 60, what="the orphaned download completed"
+        )
         assert server.stats()["upstream_gets"] == 1
     finally:
         server.stop()
@@ -163,10 +159,9 @@ def test_two_processes_on_one_directory_fetch_a_blob_once(tmp_path: Path) -> Non
     curls: list[subprocess.Popen[bytes]] = []
     try:
         curls = start_curls(f"{first.base}/blob/{DIGEST}", 1, tmp_path / "out")
-        deadline = time.monotonic() + 60
-        while first.stats()["downloads"] != 1:
-            assert time.monotonic() < deadline, "the first download did not start"
-            time.sleep(0.01)
+        eventually(
+            lambda: first.stats()["downloads"] == 1, 60, 0.01, what="the first download started"
+        )
         (tmp_path / "out2").mkdir()
         curls += start_curls(f"{second.base}/blob/{DIGEST}", 4, tmp_path / "out2")
         for c in curls:
@@ -191,10 +186,7 @@ def test_a_process_killed_mid_download_leaves_nothing_served(tmp_path: Path) -> 
     server = Server(SCRIPT, cache, str(SIZE), "good")
     try:
         reader = SlowReader(server.port, f"/blob/{DIGEST}")
-        deadline = time.monotonic() + 60
-        while server.stats()["downloads"] != 1:
-            assert time.monotonic() < deadline, "the download did not start"
-            time.sleep(0.01)
+        eventually(lambda: server.stats()["downloads"] == 1, 60, 0.01, what="the download started")
         server.helper.kill()  # kill -9 mid-download
         reader.sock.close()
         assert [p for p in (tmp_path / "cache" / "blobs").rglob("*") if p.is_file()]

@@ -5,7 +5,6 @@ StringTransport consumers) on a real store in a temporary directory."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from regproxy.cache.download import (
 )
 from regproxy.cache.metrics import RecordingMetrics
 from regproxy.cache.store import DigestMismatch, open_store
+from tests.support.waiting import eventually
 
 from .cache_helpers import FakeClock, Helper, digest_of
 
@@ -408,10 +408,7 @@ sys.stdin.readline()
 
 def settle(reactor: MemoryReactorClock, result: list[Any], seconds: float = 30.0) -> None:
     """Advance the fake clock while the helper process works (a deadline in real time)."""
-    deadline = time.monotonic() + seconds
-    while not result and time.monotonic() < deadline:
-        reactor.advance(0.05)
-        time.sleep(0.01)
+    eventually(lambda: reactor.advance(0.05) or result, seconds, 0.01, what="the wait's outcome")
 
 
 @pytest.mark.parametrize("ending", ["commit", "die"])

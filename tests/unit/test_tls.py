@@ -52,12 +52,28 @@ class Reader(Protocol):
         self.reads: list[int] = []
         self.ended: Deferred[None] = Deferred()
         self.reason: Failure | None = None
+        # (bytes, fired once that many arrived): waiting on the condition itself.
+        self._awaited: list[tuple[int, Deferred[None]]] = []
+
+    def received(self, count: int) -> Deferred[None]:
+        """Fires once ``count`` bytes arrived in all."""
+        waiting: Deferred[None] = Deferred()
+        self._awaited.append((count, waiting))
+        self._check()
+        return waiting
+
+    def _check(self) -> None:
+        total = sum(self.reads)
+        for entry in [e for e in self._awaited if e[0] <= total]:
+            self._awaited.remove(entry)
+            entry[1].callback(None)
 
     def connectionMade(self) -> None:
         self.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         self.reads.append(len(data))
+        self._check()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         self.reason = reason
@@ -95,8 +111,7 @@ class TLSUpstreamTests(TestCase):
         tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
         context = tls_context(str(self.files.ca_cert))
         await TLSEndpoint(context, "127.0.0.1", tcp).connect(Factory.forProtocol(lambda: reader))
-        while sum(reader.reads) < len(BODY):
-            await deferLater(0.01)
+        await reader.received(len(BODY))
         # Every 16 KiB record on its own would be 64 reads or more; joined per socket read,
         # there are far fewer (how many depends on how the kernel splits the stream).
         self.assertLess(len(reader.reads), 48)
@@ -160,12 +175,6 @@ class TLSUpstreamTests(TestCase):
         self.assertEqual(context.verify_mode, ssl.CERT_REQUIRED)
         self.assertTrue(context.check_hostname)
         self.assertGreaterEqual(context.minimum_version, ssl.TLSVersion.TLSv1_2)
-
-
-def deferLater(seconds: float) -> Deferred[None]:
-    from twisted.internet.task import deferLater as later
-
-    return later(reactor, seconds)
 
 
 class Hello(Protocol):

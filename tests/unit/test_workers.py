@@ -268,14 +268,22 @@ def test_dead_workers_are_restarted_with_growing_back_off(running) -> None:
     assert len(reactor.spawned) == 5
 
 
-def test_a_worker_that_exits_cleanly_while_serving_is_restarted_too(running) -> None:
-    """Status 0 is a clean exit only when the supervisor asked for it: a worker that ends
-    by itself (its reactor stopped by a bug) still leaves a hole in the serving capacity."""
+def test_a_worker_that_exits_0_unasked_is_restarted(running) -> None:
+    """Status 0 is a clean stop only when the supervisor asked for one: a worker that ends
+    by itself (its reactor stopped on a bug, or it lost its supervisor by mistake) is a
+    worker fewer serving, and gets the same restart as one that crashed."""
     reactor, supervisor = running
     end(reactor.spawned[1], ProcessDone(0))
     assert set(supervisor.workers) == {1}
     reactor.advance(0.5)
     assert len(reactor.spawned) == 3 and set(supervisor.workers) == {1, 2}
+    spec = WorkerSpec.parse(reactor.spawned[2][1][reactor.spawned[2][1].index("--as-worker") + 1])
+    assert spec.number == 2
+    end(reactor.spawned[2], ProcessDone(0))  # young again: the back-off grows as for crashes
+    reactor.advance(0.9)
+    assert len(reactor.spawned) == 3
+    reactor.advance(0.1)
+    assert len(reactor.spawned) == 4
 
 
 def test_sigterm_is_forwarded_and_a_drained_stop_exits_0(running) -> None:
