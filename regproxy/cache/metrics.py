@@ -20,6 +20,10 @@ CounterName = Literal[
     "corrupt_objects",
     "evictions",
     "evicted_bytes",
+    "store_write_errors",
+    "orphans_stopped",
+    "remote_readers",
+    "takeovers",
 ]
 GaugeName = Literal["size_bytes", "objects"]
 
