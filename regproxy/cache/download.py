@@ -230,6 +230,11 @@ class Download:
         return self.expected_size
 
     @property
+    def buffered(self) -> int:
+        """Bytes held in memory (after a store failure: what some reader still needs)."""
+        return len(self._mem)
+
+    @property
     def joinable(self) -> bool:
         """Whether a new reader may attach (not once the store failed: nothing is kept for
         a latecomer to catch up from)."""
@@ -495,8 +500,9 @@ class Download:
         keep_from = min([r.position for r in needing] + [self.received])
         if keep_from > self._mem_offset and self._mem:
             assert isinstance(self._mem, bytearray)
-            del self._mem[: keep_from - self._mem_offset]
-            self._mem_offset = min(keep_from, self._mem_offset + len(self._mem))
+            drop = min(keep_from - self._mem_offset, len(self._mem))
+            del self._mem[:drop]
+            self._mem_offset += drop
         if not self._mem:
             self._mem_offset = self.received
         if self._state != _WRITING:
