@@ -40,6 +40,10 @@ READ_AHEAD = 1024 * 1024
 READS_PER_TURN = 4
 """Reads per reactor turn, so one fast writer does not starve this process's other work."""
 
+IDLE_GRACE = 1.0
+"""Seconds a download followed here stays open with no reader (one that was waiting for the
+announcement may attach a little later)."""
+
 Refetch = Callable[[Download], object]
 """Given a download this process took over, send the upstream request and feed it (as after
 ``Downloads.start``: announce, ``DownloadProtocol``)."""
@@ -210,6 +214,7 @@ class RemoteDownload:
         self._soon: IDelayedCall | None = None
         self._unwatch: Callable[[], None] = lambda: None
         self._lost_at: float | None = None
+        self._idle_since: float | None = None
         self._over = False
 
     # -- what the fetcher uses ---------------------------------------------------------------
@@ -321,7 +326,11 @@ class RemoteDownload:
         self._timer = None
         if self._over:
             return
-        if not self._readers and not self._waiters and self._state != _WAITING:
+        if self._readers or self._waiters or self._state == _WAITING:
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = self._owner.clock.seconds()
+        elif self._owner.clock.seconds() - self._idle_since >= IDLE_GRACE:
             self._close()  # announced, and nobody came (or everybody left)
             return
         self._advance(check_writer=True)
