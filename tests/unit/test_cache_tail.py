@@ -361,3 +361,23 @@ def test_after_a_takeover_each_byte_comes_from_the_file_it_was_hashed_from(w: Wo
     assert consumer.value() == BLOB and done == [len(BLOB)]
     taken[0].fail(Failure(DownloadFailed("the test is over")))
     dead.fail(Failure(DownloadFailed("the test is over")))
+
+
+def test_following_leaves_no_descriptor_open(w: World) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    dead = w.start()
+    remote = w.find()
+    w.tick()
+    taken: list[Download] = []
+    _, _, done = attach(remote, refetch=taken.append)
+    dead.write(PARTS[0])
+    w.tick()
+    w.writer_alive = False
+    w.tick(1)
+    dead.fail(Failure(DownloadFailed("killed")))
+    feed(taken[0])
+    w.tick()
+    assert done == [len(BLOB)]
+    w.tick(2)
+    assert len(w.remote) == 0 and len(w.reader.downloads) == 0
+    assert len(os.listdir("/proc/self/fd")) == before
