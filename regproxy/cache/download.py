@@ -12,14 +12,25 @@ object's digest has been checked. When the digest does not match, nothing is com
 every reader is failed while it still lacks at least one byte, so no client ever holds a
 complete-looking wrong body (its caller aborts the connection). A ranged reader whose range
 ends early therefore waits for the whole object to be verified before its last byte.
+
+A store that cannot write (ENOSPC, EIO...) never fails a pull the upstream serves: the
+download drops its file and goes on for the readers it has. They read what reached the file
+from it (the descriptor stays readable after the unlink) and what came after from memory, in
+lockstep: the upstream is paused while any reader that still needs bytes is paused, so no
+more than about one chunk is held. The digest is still checked and last bytes still held
+back. Such a download takes no new readers (``Downloads.get`` no longer returns it).
+
+Other processes on the same directory read along from the temporary file (``tail.py``): the
+writer publishes where it is and what the upstream announced (``progress.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+from typing import Protocol as Interface
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
@@ -30,7 +41,9 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
+from .budget import OrphanBudget
 from .metrics import CacheMetrics, NullMetrics
+from .progress import publish, withdraw
 from .store import CacheStore, DigestMismatch, PendingObject, StoredObject, TooLarge
 
 READ_CHUNK = 64 * 1024
@@ -62,6 +75,64 @@ def _run_here(work: Callable[[], None]) -> Deferred[None]:
     return maybeDeferred(work)
 
 
+class WriteErrors:
+    """Store write failures: every one counted (``store_write_errors``), the first of a run
+    logged, then at most one line per ``interval`` (a full disk fails every download)."""
+
+    log = Logger()
+
+    def __init__(
+        self, clock: IReactorTime, metrics: CacheMetrics, *, interval: float = 60.0
+    ) -> None:
+        self._clock = clock
+        self._metrics = metrics
+        self._interval = interval
+        self._logged_at = float("-inf")
+        self._unlogged = 0
+
+    def report(self, digest: str, error: BaseException, what: str) -> None:
+        self._metrics.count("store_write_errors")
+        now = self._clock.seconds()
+        if now - self._logged_at < self._interval:
+            self._unlogged += 1
+            return
+        self.log.warn(
+            "the cache cannot {what} ({error}) for {digest}: streaming from the upstream"
+            " without keeping it ({unlogged} more such failures since the last message)",
+            what=what,
+            error=error,
+            digest=digest,
+            unlogged=self._unlogged,
+        )
+        self._logged_at = now
+        self._unlogged = 0
+
+
+class ReaderSource(Interface):
+    """What a ``DownloadReader`` reads from: a download here (``Download``) or one another
+    process writes (``tail.RemoteDownload``)."""
+
+    digest: str
+    log: Logger
+
+    @property
+    def size(self) -> int | None: ...
+
+    @property
+    def verified(self) -> bool: ...
+
+    def _limit_for(self, end: int | None) -> int: ...
+
+    def _read(self, fd: int, offset: int, length: int) -> bytes: ...
+
+    def _detached(self, reader: DownloadReader) -> None: ...
+
+    def _reader_moved(self, reader: DownloadReader) -> None: ...
+
+    @property
+    def _keeps_last_bytes(self) -> bool: ...
+
+
 class Download:
     """The shared state of one digest being fetched.
 
@@ -70,11 +141,15 @@ class Download:
     shared, before the upstream request goes out); it lets ranged readers be answered before
     the end and lets an abandoned download judge what is left.
     ``orphan_limit`` bytes is how much more the download may fetch once no reader is left
-    (it is already paid for). ``run_blocking`` runs the fsync (default: right here; the
+    (it is already paid for), within what ``orphan_budget`` (shared by every download of the
+    process) has left. ``run_blocking`` runs the fsync (default: right here; the
     service passes a thread pool runner so a large fsync never stalls the reactor).
     ``done`` fires with True when the object was committed to the store and False when it was
     not (the download failed -- then ``failure`` says why -- or the object was too large to
-    keep); it never fails, so nobody has to listen to it.
+    keep, or the store could not write it); it never fails, so nobody has to listen to it.
+
+    The upstream body's transport is reached through ``stop_upstream``, ``pause_upstream``
+    and ``resume_upstream`` (``DownloadProtocol`` sets them).
     """
 
     log = Logger()
@@ -86,9 +161,12 @@ class Download:
         clock: IReactorTime,
         expected_size: int | None = None,
         orphan_limit: int = DEFAULT_ORPHAN_LIMIT,
+        orphan_budget: OrphanBudget | None = None,
         metrics: CacheMetrics | None = None,
         run_blocking: Runner = _run_here,
         on_over: Callable[[Download], None] | None = None,
+        on_unstored: Callable[[Download], None] | None = None,
+        write_errors: WriteErrors | None = None,
     ) -> None:
         self.digest = pending.digest
         self.expected_size = expected_size
@@ -98,23 +176,39 @@ class Download:
         self.done: Deferred[bool] = Deferred()
         self.failure: Failure | None = None
         self.stop_upstream: Callable[[], None] | None = None
+        self.pause_upstream: Callable[[], None] | None = None
+        self.resume_upstream: Callable[[], None] | None = None
+        self.upstream_paused = False
         self._pending = pending
         self._clock = clock
         self._orphan_limit = orphan_limit
+        self._budget = orphan_budget if orphan_budget is not None else OrphanBudget()
         self._metrics: CacheMetrics = metrics if metrics is not None else NullMetrics()
         self._run_blocking = run_blocking
         self._on_over = on_over
+        self._on_unstored = on_unstored
+        self._write_errors = (
+            write_errors if write_errors is not None else WriteErrors(clock, self._metrics)
+        )
         self._state = _WRITING
         self._readers: list[DownloadReader] = []
         self._attached_ever = 0
         self._orphaned_at: int | None = None
         self._committed: StoredObject | None = None
         self._over = False
+        self.temp_path = pending.temp_path
         # Our own descriptor: readers dup it, and it outlives the pending object's.
         self._fd = os.dup(pending.fd)
-        # The last chunk written, so readers keeping up are fed from memory, not the file.
-        self._tail_offset = 0
-        self._tail = b""
+        # Whether the bytes still go to the store; once not, ``_hash`` takes over the
+        # pending object's running sha256 and ``_file_end`` says how far the file goes.
+        self.stored = True
+        self._hash: Any = None
+        self._file_end = 0
+        # Bytes kept in memory from ``_mem_offset``: while stored, the last chunk written
+        # (readers keeping up are fed from it, not the file); after the store failed, every
+        # byte past the file that some reader still needs.
+        self._mem_offset = 0
+        self._mem: bytes | bytearray = b""
 
     @property
     def readers(self) -> int:
@@ -135,13 +229,26 @@ class Download:
             return self.received
         return self.expected_size
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held in memory (after a store failure: what some reader still needs)."""
+        return len(self._mem)
+
+    @property
+    def joinable(self) -> bool:
+        """Whether a new reader may attach (not once the store failed: nothing is kept for
+        a latecomer to catch up from)."""
+        return self.stored and not self._over
+
     # Writer side (what an IProtocol's dataReceived/connectionLost call).
 
-    def announce(self, size: int | None) -> bool:
+    def announce(self, size: int | None, headers: Sequence[tuple[bytes, bytes]] = ()) -> bool:
         """The upstream's response headers arrived, with this Content-Length (None: none).
 
         Callers answering clients wait for this (``when_announced``) to send their own
-        headers. Returns whether the object will be kept: one larger than the whole cache is
+        headers. ``headers`` are those other processes reading along should answer with
+        (Content-Type): they are published with the size for them (``progress.py``).
+        Returns whether the object will be kept: one larger than the whole cache is
         still streamed to its readers but never counted against the cache nor committed.
         """
         if self.announced:
@@ -149,8 +256,14 @@ class Download:
         self.announced = True
         self.expected_size = size
         kept = size is None or size <= self._pending.store.max_size
-        if not kept:
-            self._pending.exclude_from_accounting()
+        if self.stored:
+            if not kept:
+                self._pending.exclude_from_accounting()
+            try:
+                publish(self._pending.final_path, self._pending.temp_path, size, headers)
+            except OSError as error:
+                # Other processes will not find it and fetch on their own: costly, not wrong.
+                self._write_errors.report(self.digest, error, "announce a download")
         waiters, self._announce_waiters = self._announce_waiters, []
         for waiter in waiters:
             waiter.callback(size)
@@ -173,34 +286,75 @@ class Download:
         if self.expected_size is not None and self.received + len(data) > self.expected_size:
             self.fail(Failure(WrongLength(f"more than the {self.expected_size} bytes announced")))
             return
-        try:
-            self._pending.write(data)
-        except OSError as error:
-            self.fail(Failure(error))
-            return
-        self._tail_offset = self.received
-        self._tail = data
+        if self.stored:
+            try:
+                self._pending.write(data)
+            except OSError as error:
+                self._lose_store(error, "write")
+                if self._state != _WRITING:
+                    return
+        if self.stored:
+            self._mem_offset, self._mem = self.received, data
+            self._file_end = self.received + len(data)
+        else:
+            if not self._mem:
+                self._mem = bytearray()
+                self._mem_offset = self.received
+            assert isinstance(self._mem, bytearray)
+            self._mem += data
+            self._hash.update(data)
         self.received += len(data)
         self._metrics.count("bytes_from_upstream", len(data))
-        if (
-            self._orphaned_at is not None
-            and self.received - self._orphaned_at > self._orphan_limit
-        ):
+        if self._orphaned_at is not None and not self._orphan_may_fetch(len(data)):
             self._abandon()
             return
         for reader in list(self._readers):
             reader._pump()
+        self._settle()
+
+    def _orphan_may_fetch(self, amount: int) -> bool:
+        assert self._orphaned_at is not None
+        if self.received - self._orphaned_at > self._orphan_limit:
+            return False
+        # A known size took its whole remainder from the budget when orphaned.
+        return self.expected_size is not None or self._budget.take(self, amount)
+
+    def _lose_store(self, error: BaseException, what: str) -> None:
+        """The store failed under us: drop the file, go on from memory for our readers."""
+        self._write_errors.report(self.digest, error, what)
+        self.stored = False
+        self._hash = self._pending.running_hash()
+        self._file_end = self.received
+        self._mem, self._mem_offset = b"", self.received
+        self._budget.release(self)
+        self._drop_pending()
+        if self._on_unstored is not None:
+            self._on_unstored(self)
+        if not self._readers:
+            self._abandon()
+
+    def _drop_pending(self) -> None:
+        withdraw(self._pending.final_path)
+        try:
+            self._pending.abort()
+        except OSError:
+            self.log.failure("dropping the temporary file of {digest} failed", digest=self.digest)
 
     def finish(self) -> None:
         """The upstream body ended: verify, hand readers their last bytes, commit."""
         if self._state != _WRITING:
             return
+        self._budget.release(self)
         if self.expected_size is not None and self.received != self.expected_size:
             self.fail(
                 Failure(WrongLength(f"{self.received} of {self.expected_size} bytes arrived"))
             )
             return
+        if not self.stored:
+            self._finish_unstored()
+            return
         if not self._pending.verified():
+            withdraw(self._pending.final_path)
             with contextlib.suppress(DigestMismatch):
                 self._pending.commit()  # verifies again, logs, counts, removes the file
             self._fail_readers(Failure(DigestMismatch(self.digest)))
@@ -215,6 +369,21 @@ class Download:
         else:
             synced.addCallbacks(lambda _: self._commit(), self._commit_failed)
 
+    def _finish_unstored(self) -> None:
+        if self._hash.hexdigest() != self.digest.partition(":")[2]:
+            self._metrics.count("digest_mismatches")
+            self.log.warn(
+                "digest mismatch for {digest} (streamed without the store)", digest=self.digest
+            )
+            self._fail_readers(Failure(DigestMismatch(self.digest)))
+            return
+        self._state = _VERIFIED
+        for reader in list(self._readers):
+            reader._pump()
+        self._settle()
+        self.done.callback(False)
+        self._maybe_over()
+
     def fail(self, reason: Failure | BaseException) -> None:
         """The upstream broke off: nothing is kept, readers still reading are failed."""
         if self._state != _WRITING:
@@ -222,12 +391,15 @@ class Download:
         failure = reason if isinstance(reason, Failure) else Failure(reason)
         if not failure.check(DownloadFailed, DigestMismatch):
             failure = Failure(DownloadFailed(f"upstream transfer failed: {failure.value!r}"))
-        self._pending.abort()
+        self._budget.release(self)
+        if self.stored:
+            self._drop_pending()
         self._fail_readers(failure)
 
     def _fail_readers(self, failure: Failure) -> None:
         self._state = _FAILED
         self.failure = failure
+        self._mem = b""
         waiters, self._announce_waiters = self._announce_waiters, []
         for waiter in waiters:
             waiter.errback(failure)
@@ -237,6 +409,7 @@ class Download:
         self._maybe_over()
 
     def _commit(self) -> None:
+        withdraw(self._pending.final_path)
         try:
             self._committed = self._pending.commit()
         except TooLarge:
@@ -244,17 +417,18 @@ class Download:
                 "{digest} is larger than the whole cache: served, not kept", digest=self.digest
             )
             self.done.callback(False)
-        except Exception:
-            self.log.failure("committing {digest} failed", digest=self.digest)
-            self._pending.abort()
+        except Exception as error:
+            self._write_errors.report(self.digest, error, "commit")
+            self._drop_pending()
             self.done.callback(False)
         else:
             self.done.callback(True)
         self._maybe_over()
 
     def _commit_failed(self, failure: Failure) -> None:
-        self.log.failure("syncing {digest} failed", failure, digest=self.digest)
-        self._pending.abort()
+        self._write_errors.report(self.digest, failure.value or OSError(), "sync")
+        withdraw(self._pending.final_path)
+        self._drop_pending()
         self.done.callback(False)
         self._maybe_over()
 
@@ -264,6 +438,7 @@ class Download:
             digest=self.digest,
             received=self.received,
         )
+        self._metrics.count("orphans_stopped")
         stop, self.stop_upstream = self.stop_upstream, None
         self.fail(Failure(Abandoned(f"{self.digest}: no reader left")))
         if stop is not None:
@@ -280,12 +455,15 @@ class Download:
         response) or fails (then the caller aborts the connection)."""
         if self._over:
             raise ValueError("this download is over; open the stored object instead")
+        if not self.stored:
+            raise ValueError("this download lost its file: fetch on your own")
         reader = DownloadReader(self, consumer, first, last, os.dup(self._fd))
         if self._attached_ever:
             self._metrics.count("coalesced_readers")
         self._attached_ever += 1
         self._readers.append(reader)
         self._orphaned_at = None
+        self._budget.release(self)
         reader._start()
         if self._state == _FAILED:
             assert self.failure is not None
@@ -296,14 +474,48 @@ class Download:
         if reader in self._readers:
             self._readers.remove(reader)
         if self._readers:
+            self._settle()
             return
         if self._state == _WRITING:
             left = None if self.expected_size is None else self.expected_size - self.received
-            if left is not None and left > self._orphan_limit:
+            if not self.stored:
+                self._abandon()  # nothing is kept: nobody left to stream to
+            elif left is not None and (
+                left > self._orphan_limit or not self._budget.take(self, left)
+            ):
                 self._abandon()
             else:
                 self._orphaned_at = self.received
         self._maybe_over()
+
+    def _reader_moved(self, reader: DownloadReader) -> None:
+        self._settle()
+
+    def _settle(self) -> None:
+        """Without the store: drop from memory what no reader needs, and hold the upstream
+        while a reader that still needs bytes is paused (lockstep, bounded memory)."""
+        if self.stored:
+            return
+        needing = [r for r in self._readers if r._needs_bytes()]
+        keep_from = min([r.position for r in needing] + [self.received])
+        if keep_from > self._mem_offset and self._mem:
+            assert isinstance(self._mem, bytearray)
+            drop = min(keep_from - self._mem_offset, len(self._mem))
+            del self._mem[:drop]
+            self._mem_offset += drop
+        if not self._mem:
+            self._mem_offset = self.received
+        if self._state != _WRITING:
+            return
+        hold = any(r._paused for r in needing)
+        if hold and not self.upstream_paused:
+            self.upstream_paused = True
+            if self.pause_upstream is not None:
+                self.pause_upstream()
+        elif not hold and self.upstream_paused:
+            self.upstream_paused = False
+            if self.resume_upstream is not None:
+                self.resume_upstream()
 
     def _maybe_over(self) -> None:
         if self._over or self._readers or self._state == _WRITING:
@@ -311,6 +523,7 @@ class Download:
         if self._state == _VERIFIED and not self.done.called:
             return  # still committing
         self._over = True
+        self._budget.release(self)
         os.close(self._fd)
         if self._committed is not None:
             self._committed.close()
@@ -326,20 +539,32 @@ class Download:
             return self.received - 1
         return min(self.received, end - 1)
 
+    @property
+    def _keeps_last_bytes(self) -> bool:
+        """Whether readers waiting for the verdict should keep their held-back bytes
+        themselves (without the store, memory must not keep them for one reader)."""
+        return not self.stored
+
     def _read(self, fd: int, offset: int, length: int) -> bytes:
-        tail_end = self._tail_offset + len(self._tail)
-        if self._tail_offset <= offset and offset + length <= tail_end:
-            start = offset - self._tail_offset
-            return self._tail[start : start + length]
-        return os.pread(fd, length, offset)
+        mem_end = self._mem_offset + len(self._mem)
+        if self._mem_offset <= offset < mem_end:
+            start = offset - self._mem_offset
+            return bytes(self._mem[start : start + length])
+        if offset < self._file_end:
+            return os.pread(fd, min(length, self._file_end - offset), offset)
+        return b""
 
 
 @implementer(IPushProducer)
 class DownloadReader:
-    """One client reading a download: its own position, its own pace."""
+    """One client reading a download: its own position, its own pace.
+
+    ``fd`` is the reader's own descriptor of the download's file (closed when it is done),
+    or -1 when its source reads for it (``tail.RemoteDownload``).
+    """
 
     def __init__(
-        self, download: Download, consumer: IConsumer, first: int, last: int | None, fd: int
+        self, download: ReaderSource, consumer: IConsumer, first: int, last: int | None, fd: int
     ) -> None:
         if first < 0 or (last is not None and last < first):
             raise ValueError(f"bad range {first}-{last}")
@@ -353,12 +578,26 @@ class DownloadReader:
         self._paused = False
         self._pumping = False
         self._finished = False
+        # The last byte of a range, once arrived, waiting for the verdict (kept here when the
+        # source asks it to, so it does not have to keep every byte after it).
+        self._held: bytes | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def _end(self) -> int | None:
         size = self.download.size
         if self._last is None:
             return size
         return self._last + 1 if size is None else min(self._last + 1, size)
+
+    def _needs_bytes(self) -> bool:
+        """Whether the source must still keep bytes from ``position`` for this reader."""
+        if self._finished or self._held is not None:
+            return False
+        end = self._end()
+        return end is None or self.position < end
 
     def _start(self) -> None:
         self.consumer.registerProducer(self, True)
@@ -377,14 +616,22 @@ class DownloadReader:
             self._fail(Failure())
         finally:
             self._pumping = False
+        if not self._finished:
+            self.download._reader_moved(self)
 
     def _deliver(self) -> None:
         download = self.download
         while not self._paused and not self._finished:
-            limit = download._limit_for(self._end())
+            end = self._end()
+            limit = download._limit_for(end)
             if self.position >= limit:
                 break
-            data = download._read(self._fd, self.position, min(READ_CHUNK, limit - self.position))
+            if self._held is not None and end is not None and self.position == end - 1:
+                data = self._held
+            else:
+                data = download._read(
+                    self._fd, self.position, min(READ_CHUNK, limit - self.position)
+                )
             if not data:
                 # The file is shorter than the writer said: never happens unless the
                 # temporary file was truncated under us; treat like a failed download.
@@ -394,9 +641,18 @@ class DownloadReader:
             self.sent += len(data)
             self.consumer.write(data)
         end = self._end()
-        if not self._finished and download.verified and end is not None and self.position >= end:
+        if self._finished or end is None:
+            return
+        if download.verified and self.position >= end:
             # Complete even if paused: the last bytes are with the consumer already.
             self._complete()
+        elif (
+            self._held is None
+            and self.position == end - 1
+            and download._limit_for(None) + 1 >= end
+            and download._keeps_last_bytes
+        ):
+            self._held = download._read(self._fd, self.position, 1)
 
     def _complete(self) -> None:
         self._close()
@@ -411,8 +667,13 @@ class DownloadReader:
     def _close(self) -> None:
         self._finished = True
         self._unregister()
-        os.close(self._fd)
+        self._close_fd()
         self.download._detached(self)
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _unregister(self) -> None:
         # A twisted.web Request whose client is gone has no channel to unregister from.
@@ -424,6 +685,8 @@ class DownloadReader:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        if not self._pumping:
+            self.download._reader_moved(self)
 
     def resumeProducing(self) -> None:
         self._paused = False
@@ -434,7 +697,7 @@ class DownloadReader:
         if self._finished:
             return
         self._finished = True
-        os.close(self._fd)
+        self._close_fd()
         self.download._detached(self)
         self.done.errback(Failure(ReaderStopped()))
 
@@ -449,12 +712,17 @@ class DownloadProtocol(Protocol):
         transport: Any = self.transport
         # stopProducing closes an HTTP client body transfer cleanly (see relay.py).
         self.download.stop_upstream = transport.stopProducing
+        self.download.pause_upstream = transport.pauseProducing
+        self.download.resume_upstream = transport.resumeProducing
+        if self.download.upstream_paused:
+            transport.pauseProducing()
 
     def dataReceived(self, data: bytes) -> None:
         self.download.write(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
         self.download.stop_upstream = None
+        self.download.pause_upstream = self.download.resume_upstream = None
         if reason.check(ResponseDone, PotentialDataLoss):
             # A body without a length ends with the connection: the digest says if it is whole.
             self.download.finish()
@@ -463,7 +731,11 @@ class DownloadProtocol(Protocol):
 
 
 class Downloads:
-    """The downloads in progress in this process: at most one per digest."""
+    """The downloads in progress in this process: at most one per digest.
+
+    ``orphan_budget`` is shared by all of them (and may be shared wider): what downloads
+    whose readers all left may still fetch, in total.
+    """
 
     def __init__(
         self,
@@ -471,14 +743,17 @@ class Downloads:
         *,
         clock: IReactorTime,
         orphan_limit: int = DEFAULT_ORPHAN_LIMIT,
+        orphan_budget: OrphanBudget | None = None,
         metrics: CacheMetrics | None = None,
         run_blocking: Runner = _run_here,
     ) -> None:
         self.store = store
         self._clock = clock
         self._orphan_limit = orphan_limit
+        self.orphan_budget = orphan_budget if orphan_budget is not None else OrphanBudget()
         self._metrics = metrics if metrics is not None else store.metrics
         self._run_blocking = run_blocking
+        self.write_errors = WriteErrors(clock, self._metrics)
         self._active: dict[str, Download] = {}
 
     def __len__(self) -> int:
@@ -486,13 +761,15 @@ class Downloads:
 
     def get(self, digest: str) -> Download | None:
         """The download of ``digest`` this process is running (or whose readers are still
-        reading), to attach to."""
+        reading), to attach to. Never one that lost its file (``Download.joinable``): a
+        request finding none fetches on its own."""
         return self._active.get(digest)
 
     def start(self, digest: str, expected_size: int | None = None) -> Download | None:
         """A new download of ``digest``, or None when this process may not write it: another
-        process is downloading it (``wait_for_commit``), it is stored already
-        (``store.open_object``), or it is larger than the whole cache (pass it through).
+        process is downloading it (``tail.RemoteDownloads.find``), it is stored already
+        (``store.open_object``), it is larger than the whole cache, or the store cannot
+        create its file (counted and logged): then pass it through.
 
         Call it before sending the upstream request, then ``announce`` the size when the
         headers arrive (unless given here)."""
@@ -500,17 +777,27 @@ class Downloads:
             raise ValueError(f"{digest} is already being downloaded here; attach to it")
         if expected_size is not None and expected_size > self.store.max_size:
             return None
-        pending = self.store.begin_write(digest)
+        try:
+            pending = self.store.begin_write(digest)
+        except OSError as error:
+            self.write_errors.report(digest, error, "start a download")
+            return None
         if pending is None:
             return None
+        # A progress file left by a writer that died before us names its temporary file,
+        # not ours: readers elsewhere must not follow it.
+        withdraw(pending.final_path)
         download = Download(
             pending,
             clock=self._clock,
             expected_size=expected_size,
             orphan_limit=self._orphan_limit,
+            orphan_budget=self.orphan_budget,
             metrics=self._metrics,
             run_blocking=self._run_blocking,
             on_over=self._over,
+            on_unstored=self._over,
+            write_errors=self.write_errors,
         )
         self._active[digest] = download
         return download

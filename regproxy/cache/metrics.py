@@ -21,6 +21,9 @@ CounterName = Literal[
     "evictions",
     "evicted_bytes",
     "store_write_errors",
+    "orphans_stopped",
+    "remote_readers",
+    "takeovers",
 ]
 GaugeName = Literal["size_bytes", "objects"]
 

@@ -24,6 +24,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -223,6 +224,13 @@ class PendingObject:
         store._committed(self, stat)
         self._lock.release()
         return store._reader(self.digest, self.hex, read_lock)
+
+    # -- for downloads (download.py): added for streaming past a store failure --------------
+
+    def running_hash(self) -> Any:
+        """A copy of the sha256 of the bytes written so far (a download that lost its file
+        goes on hashing from here)."""
+        return self._hash.copy()
 
     def abort(self) -> None:
         """Drop the temporary file and the lock (a failed or abandoned download)."""

@@ -170,7 +170,7 @@ def test_two_processes_on_one_directory_fetch_a_blob_once(tmp_path: Path) -> Non
             assert path.read_bytes() == BLOB
         one, two = first.stats(), second.stats()
         assert one["upstream_gets"] + two["upstream_gets"] == 1
-        assert two["waits"] >= 1
+        assert two["remotes"] >= 1 and two["counters"]["remote_readers"] >= 1
     finally:
         for c in curls:
             if c.poll() is None:
@@ -201,3 +201,83 @@ def test_a_process_killed_mid_download_leaves_nothing_served(tmp_path: Path) -> 
             restarted.stop()
     finally:
         server.stop()
+
+
+def body_bytes(reader: SlowReader) -> int:
+    return len(reader.body()) if b"\r\n\r\n" in reader.data else 0
+
+
+def test_another_process_streams_the_download_while_it_is_in_progress(tmp_path: Path) -> None:
+    cache = str(tmp_path / "cache")
+    first = Server(SCRIPT, cache, str(SIZE), "good", "0.1")  # about 3 s for the blob
+    second = Server(SCRIPT, cache, str(SIZE), "good")
+    try:
+        writer = SlowReader(first.port, f"/blob/{DIGEST}")
+
+        def started() -> bool:
+            writer.step()
+            return bool(first.stats()["downloads"] == 1)
+
+        eventually(started, 60, 0.01, what="the download started")
+        along = SlowReader(second.port, f"/blob/{DIGEST}")
+
+        def both_read() -> None:
+            along.step()
+            writer.step()
+
+        # Bytes reach the other process's client while the download is still running.
+        eventually(
+            lambda: both_read() or body_bytes(along) >= 1024 * 1024,
+            60,
+            0.01,
+            what="bytes from the download in progress",
+        )
+        assert first.stats()["objects"] == 0 and first.stats()["downloads"] == 1
+        assert second.stats()["inotify"]  # told of new bytes, not polling
+        eventually(lambda: both_read() or (along.closed and writer.closed), 60, 0.01)
+        assert along.body() == BLOB and writer.body() == BLOB
+        assert first.stats()["upstream_gets"] + second.stats()["upstream_gets"] == 1
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_when_the_writing_process_dies_one_other_process_takes_over(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    cache = str(tmp_path / "cache")
+    first = Server(SCRIPT, cache, str(SIZE), "good", "0.2")  # about 6 s for the blob
+    others = [Server(SCRIPT, cache, str(SIZE), "good") for _ in range(2)]
+    curls: list[subprocess.Popen[bytes]] = []
+    try:
+        writer = SlowReader(first.port, f"/blob/{DIGEST}")
+        eventually(lambda: first.stats()["downloads"] == 1, 60, 0.01, what="download started")
+        for n, server in enumerate(others):
+            (tmp_path / "out" / str(n)).mkdir()
+            curls += start_curls(f"{server.base}/blob/{DIGEST}", 3, tmp_path / "out" / str(n))
+        eventually(
+            lambda: all(
+                server.stats()["counters"].get("remote_readers", 0) == 3 for server in others
+            ),
+            60,
+            0.01,
+            what="the others read along",
+        )
+        first.helper.kill()  # kill -9 mid-download
+        writer.sock.close()
+        for c in curls:
+            assert c.wait(60) == 0
+        for n in range(2):
+            for i in range(3):
+                assert (tmp_path / "out" / str(n) / f"c{i}").read_bytes() == BLOB
+        stats = [server.stats() for server in others]
+        assert sum(s["upstream_gets"] for s in stats) == 1
+        assert sum(s["counters"].get("takeovers", 0) for s in stats) == 1, stats
+        assert sum(s["objects"] for s in stats) >= 1
+    finally:
+        for c in curls:
+            if c.poll() is None:
+                c.kill()
+            c.wait()
+        first.stop()
+        for server in others:
+            server.stop()
