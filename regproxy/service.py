@@ -13,9 +13,11 @@ from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from .cache.budget import OrphanBudget
 from .cache.download import Downloads
 from .cache.fetcher import Cache
 from .cache.store import open_store
+from .cache.tail import RemoteDownloads, inotify_notifier
 from .config import Config, Route, Upstream
 from .routing.matching import RouteTable
 from .routing.snapshot import CurrentRouting, RoutingFactory
@@ -150,7 +152,12 @@ def build_cache(
         # Tag ages are compared with the fetcher's clock: one clock for both.
         clock=reactor.seconds,
     )
-    downloads = Downloads(store, clock=reactor, run_blocking=thread_pool)
+    downloads = Downloads(
+        store,
+        clock=reactor,
+        run_blocking=thread_pool,
+        orphan_budget=OrphanBudget(settings.abandoned_limit),
+    )
     return Cache(
         store,
         downloads,
@@ -158,7 +165,11 @@ def build_cache(
         tag_ttl=settings.tag_ttl,
         stale_max_age=settings.stale_max_age,
         idle_timeout=config.idle_timeout,
+        public_ttl=settings.public_ttl,
         counts=metrics,
+        remote=RemoteDownloads(
+            store, downloads, clock=reactor, notifier=inotify_notifier(reactor)
+        ),
     )
 
 

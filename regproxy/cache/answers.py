@@ -9,8 +9,7 @@ from twisted.web.http_headers import Headers
 
 from ..protocol.errors import error_body
 from ..protocol.fetch import Answer, BytesBody, RegistryRequest
-from .bodies import DownloadBody, StoredBody
-from .download import Download
+from .bodies import Attach, DownloadBody, StoredBody
 from .metrics import CacheMetrics
 from .serve import ByteRange, Unsatisfiable, parse_range
 from .store import StoredObject
@@ -28,7 +27,7 @@ def unsatisfiable(headers: Headers, size: int) -> Answer:
 
 
 def reading_answer(
-    download: Download,
+    attach: Attach,
     digest: str,
     headers: Headers,
     size: int | None,
@@ -54,7 +53,7 @@ def reading_answer(
             first, last, status = chosen.first, chosen.last, 206
             answered.setRawHeaders(b"content-range", [b"bytes %d-%d/%d" % (first, last, size)])
             length = chosen.length
-    body = DownloadBody(download, first, last, length, on_use=on_use)
+    body = DownloadBody(attach, first, last, length, on_use=on_use)
     return Answer(status, answered, body, cache="coalesced")
 
 

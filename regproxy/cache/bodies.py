@@ -13,12 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IProducer
+from twisted.internet.interfaces import IConsumer, IProducer, IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..protocol.fetch import Body
-from .download import Download, ReaderStopped
+from .download import Download, DownloadReader, ReaderStopped
 from .metrics import CacheMetrics, NullMetrics
 from .objects import sha256_hex
 from .serve import ObjectProducer, SendfileProducer, sendfile_transport
@@ -82,18 +82,22 @@ class StoredBody:
         self.obj.close()
 
 
+Attach = Callable[[IConsumer, int, "int | None"], DownloadReader]
+"""Attaches a reader of bytes first..last to a download (this process's or another's)."""
+
+
 class DownloadBody:
     """Bytes ``first``..``last`` of a download, read as they arrive and verified."""
 
     def __init__(
         self,
-        download: Download,
+        attach: Attach,
         first: int,
         last: int | None,
         length: int | None,
         on_use: Callable[[], None] | None = None,
     ) -> None:
-        self.download = download
+        self.attach = attach
         self.first = first
         self.last = last
         self.length = length
@@ -107,7 +111,7 @@ class DownloadBody:
             on_use()
 
     def deliver(self, consumer: IConsumer) -> Deferred[int]:
-        reader = self.download.attach(consumer, self.first, self.last)
+        reader = self.attach(consumer, self.first, self.last)
         self._used()
         done: Deferred[int] = Deferred(lambda _: reader.stopProducing())
 
@@ -136,11 +140,21 @@ class DownloadFeed:
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         self.producer = producer
-        self.download.stop_upstream = producer.stopProducing
+        download = self.download
+        download.stop_upstream = producer.stopProducing
+        # A download that lost its store feeds readers from memory: it pauses the upstream
+        # while any of them is behind.
+        if isinstance(producer, IPushProducer) or hasattr(producer, "pauseProducing"):
+            push: Any = producer
+            download.pause_upstream = push.pauseProducing
+            download.resume_upstream = push.resumeProducing
+            if download.upstream_paused:
+                push.pauseProducing()
 
     def unregisterProducer(self) -> None:
         self.producer = None
         self.download.stop_upstream = None
+        self.download.pause_upstream = self.download.resume_upstream = None
 
     def write(self, data: bytes) -> None:
         self.download.write(data)

@@ -33,7 +33,7 @@ from typing import Any
 from typing import Protocol as Interface
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -805,39 +805,3 @@ class Downloads:
     def _over(self, download: Download) -> None:
         if self._active.get(download.digest) is download:
             del self._active[download.digest]
-
-
-def wait_for_commit(
-    store: CacheStore,
-    digest: str,
-    clock: IReactorTime,
-    *,
-    timeout: float,
-    interval: float = 0.05,
-) -> Deferred[StoredObject | None]:
-    """Wait for another process's download of ``digest`` to be committed.
-
-    Fires with the stored object, or None when that download stopped without committing (its
-    lock is free, nothing stored: this process may start its own) or ``timeout`` passed.
-    Polling, because a lock held by another process announces nothing; cancelling stops it.
-    """
-    deadline = clock.seconds() + timeout
-    calls: list[IDelayedCall] = []  # the one pending check, for cancellation
-    result: Deferred[StoredObject | None] = Deferred(lambda d: calls[0].cancel())
-
-    def check() -> None:
-        if store.contains(digest):
-            obj = store.open_object(digest)
-            if obj is not None:
-                result.callback(obj)
-                return
-        if not store.writer_active(digest) and not store.contains(digest):
-            result.callback(None)
-            return
-        if clock.seconds() >= deadline:
-            result.callback(None)
-            return
-        calls[0] = clock.callLater(interval, check)
-
-    calls.append(clock.callLater(0, check))
-    return result

@@ -19,29 +19,27 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from ..config import Route
 from ..protocol.errors import OCIError
-from ..protocol.fetch import Answer, BytesBody, Fetcher, RegistryRequest
+from ..protocol.fetch import Answer, Body, BytesBody, Fetcher, RegistryRequest
 from ..protocol.mapping import upstream_name_of
 from ..protocol.reference import Kind
 from ..upstream.singleflight import SingleFlight
 from .access import ANONYMOUS, AccessMemory, Repository, accept_key, credential_key
 from .answers import BLOB_TYPE, DIGEST_HEADER, reading_answer, stored_answer
 from .bodies import DownloadFeed, VerifyingBody
-from .download import Download, Downloads, wait_for_commit
+from .download import Download, DownloadFailed, DownloadReader, Downloads
 from .manifests import MANIFEST_LIMIT, manifest_media_type, referenced_digests
 from .objects import is_cacheable
 from .store import CacheStore, StoredObject
+from .tail import RemoteDownloads
 
-# How long a request waits for another process's download of the same object to commit
-# before it fetches the object itself.
-CROSS_PROCESS_WAIT = 30.0
 # Upstream answers that mean "the upstream is failing", for stale-if-error.
 FAILING = frozenset({429, 500, 502, 503, 504})
 CACHED_KINDS = frozenset({Kind.BLOB, Kind.MANIFEST})
@@ -103,10 +101,12 @@ class Cache:
         tag_ttl: float = 0.0,
         stale_max_age: float = 7 * 86400.0,
         idle_timeout: float = 60.0,
-        cross_process_wait: float = CROSS_PROCESS_WAIT,
         public_ttl: float = 600.0,
         counts: RouteCounts | None = None,
+        remote: RemoteDownloads | None = None,
     ) -> None:
+        # Downloads of other processes on the same directory, read along their files.
+        self.remote = remote
         self.store = store
         self.index = store.index
         self.downloads = downloads
@@ -114,7 +114,6 @@ class Cache:
         self.tag_ttl = tag_ttl
         self.stale_max_age = stale_max_age
         self.idle_timeout = idle_timeout
-        self.cross_process_wait = cross_process_wait
         self.counts: RouteCounts = counts if counts is not None else _NoCounts()
         self.access = AccessMemory(clock, public_ttl=public_ttl)
         self.revalidating: SingleFlight[tuple[str, ...], _Revalidated] = SingleFlight()
@@ -227,28 +226,64 @@ class CachingFetcher:
             self._store_failed(error)
             return await self._verified_pass_through(asked, digest)
         if download is None:
-            return await self._elsewhere(asked, digest)
+            return await self._elsewhere(asked, digest, retried=retried)
         return await self._download(asked, download, digest)
 
-    async def _elsewhere(self, asked: _Asked, digest: str) -> Answer:
-        """Another process on this directory downloads ``digest``, or it is too large."""
-        if self.store.writer_active(digest):
-            # Wait for its commit (the file lock says when) rather than fetch it again.
-            committed = await _guarded(
-                wait_for_commit(
-                    self.store, digest, self.cache.clock, timeout=self.cache.cross_process_wait
-                ),
-                lambda: None,
+    async def _elsewhere(self, asked: _Asked, digest: str, *, retried: bool) -> Answer:
+        """Another process on this directory downloads ``digest`` (read along its file), or
+        it is not this process's to store (too large, being evicted): verified pass-through."""
+        remote = self.cache.remote.find(digest) if self.cache.remote is not None else None
+        if remote is None:
+            return await self._verified_pass_through(asked, digest)
+        if self.index.repository_holds(asked.route, asked.name, digest):
+            admitted = await self._admitted(asked, digest)
+        else:
+            admitted = await self._upstream_confirms(asked, digest)
+        if not admitted:
+            return await self._bypass(asked.request)
+        try:
+            announced = await _guarded(remote.when_announced(), lambda: None)
+        except DownloadFailed:
+            # Its writer stopped before the upstream answered: this request is its own.
+            if retried:
+                return await self._verified_pass_through(asked, digest)
+            return await self._by_digest(asked, digest, retried=True)
+        headers = Headers()
+        for name, value in announced.headers:
+            headers.addRawHeader(name, value)
+        self._count(asked, "coalesced")
+
+        def attach(consumer: IConsumer, first: int, last: int | None) -> DownloadReader:
+            return remote.attach(
+                consumer, first, last, refetch=lambda download: self._refetch(asked, download)
             )
-            if committed is not None:
-                if self.index.repository_holds(asked.route, asked.name, digest):
-                    admitted = await self._admitted(asked, digest)
-                else:
-                    admitted = await self._upstream_confirms(asked, digest)
-                if admitted:
-                    return self._serve(asked, committed, digest, "coalesced")
-                committed.close()
-        return await self._verified_pass_through(asked, digest)
+
+        return reading_answer(
+            attach, digest, headers, announced.size, asked.request.header(b"range")
+        )
+
+    def _refetch(self, asked: _Asked, download: Download) -> None:
+        """This process takes over a download whose writer died: fetch it for the readers."""
+
+        async def fetch() -> None:
+            answer = await self.inner.fetch(self._whole(asked, "GET", download.digest))
+            body = answer.body
+            if answer.status != 200 or body is None:
+                if body is not None:
+                    body.discard()
+                download.fail(Failure(OCIError("UPSTREAM_UNAVAILABLE", "no content upstream")))
+                return
+            download.announce(body.length, _announced_headers(answer))
+            self._feed(download, body)
+
+        ensureDeferred(fetch()).addErrback(download.fail)
+
+    @staticmethod
+    def _feed(download: Download, body: Body) -> None:
+        """The upstream body into the download (its readers are fed as bytes arrive)."""
+        body.deliver(DownloadFeed(download)).addCallbacks(
+            lambda _: download.finish(), lambda failure: download.fail(failure)
+        )
 
     async def _verified_pass_through(self, asked: _Asked, digest: str) -> Answer:
         request = asked.request
@@ -289,16 +324,12 @@ class CachingFetcher:
         # Before announcing: readers that joined while the upstream had not answered yet
         # resume on the announcement and take these headers (Content-Type above all).
         cache.download_headers[download] = headers
-        download.announce(body.length)
+        download.announce(body.length, _announced_headers(answer))
         download.done.addCallback(self._committed, asked, digest)
         self._count(asked, "miss")
 
         def flow() -> None:
-            feed = DownloadFeed(download)
-            body.deliver(feed).addCallbacks(
-                lambda _: download.finish(), lambda failure: download.fail(failure)
-            )
-            self._watch(download, download.received)
+            self._feed(download, body)
 
         reading = self._reading(asked, download, digest, headers, body.length, on_use=flow)
         return attrs.evolve(
@@ -333,23 +364,8 @@ class CachingFetcher:
         on_use: Callable[[], None] | None = None,
     ) -> Answer:
         return reading_answer(
-            download, digest, headers, size, asked.request.header(b"range"), on_use=on_use
+            download.attach, digest, headers, size, asked.request.header(b"range"), on_use=on_use
         )
-
-    def _watch(self, download: Download, received: int) -> None:
-        """Abandon a download whose upstream body sends nothing for the idle timeout."""
-
-        def check() -> None:
-            if download.done.called or download.failed:
-                return
-            if download.received == received:
-                if download.stop_upstream is not None:
-                    download.stop_upstream()
-                download.fail(Failure(OCIError("UPSTREAM_TIMEOUT", "the upstream body stalled")))
-                return
-            self._watch(download, download.received)
-
-        self.cache.clock.callLater(self.cache.idle_timeout, check)
 
     def _download_over(self, result: object, download: Download) -> object:
         self.cache.download_headers.pop(download, None)
@@ -568,6 +584,12 @@ class CachingFetcher:
     def _store_failed(self, error: OSError) -> None:
         self.store.metrics.count("store_write_errors")
         self.log.warn("the cache cannot write ({error}): serving from the upstream", error=error)
+
+
+def _announced_headers(answer: Answer) -> list[tuple[bytes, bytes]]:
+    """What readers in other processes need of the upstream's answer: its Content-Type."""
+    content_type = answer.header(b"content-type")
+    return [(b"content-type", content_type)] if content_type is not None else []
 
 
 def _guarded(source: Deferred[Any], on_cancel: Callable[[], None]) -> Deferred[Any]:

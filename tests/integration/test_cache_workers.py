@@ -38,7 +38,6 @@ def logged_registry(tmp: Path) -> Iterator[RegistryServer]:
         yield server
 
 
-@pytest.mark.xfail(strict=False, reason="needs fetcher wiring (tail.RemoteDownloads)")
 def test_clients_of_both_workers_stream_one_cold_blob_fetched_once(
     start_proxy, logged_registry: RegistryServer, tmp: Path
 ) -> None:

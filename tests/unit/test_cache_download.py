@@ -25,13 +25,12 @@ from regproxy.cache.download import (
     Downloads,
     ReaderStopped,
     WrongLength,
-    wait_for_commit,
 )
 from regproxy.cache.metrics import RecordingMetrics
 from regproxy.cache.store import DigestMismatch, open_store
 from tests.support.waiting import eventually
 
-from .cache_helpers import FakeClock, Helper, digest_of
+from .cache_helpers import FakeClock, digest_of
 
 BLOB = bytes(range(256)) * 1024  # 256 KiB, several read chunks
 PARTS = [BLOB[i : i + 10_000] for i in range(0, len(BLOB), 10_000)]
@@ -409,55 +408,6 @@ sys.stdin.readline()
 def settle(reactor: MemoryReactorClock, result: list[Any], seconds: float = 30.0) -> None:
     """Advance the fake clock while the helper process works (a deadline in real time)."""
     eventually(lambda: reactor.advance(0.05) or result, seconds, 0.01, what="the wait's outcome")
-
-
-@pytest.mark.parametrize("ending", ["commit", "die"])
-def test_waiting_for_another_process_ends_with_its_object_or_with_our_turn(
-    tmp_path: Path, ending: str
-) -> None:
-    store = open_store(str(tmp_path), max_size=1 << 30, fsync=False)
-    digest = digest_of(b"partial")
-    helper = Helper(HOLD_PENDING, str(tmp_path), digest)
-    try:
-        helper.expect("wrote")
-        reactor = MemoryReactorClock()
-        result = outcome(wait_for_commit(store, digest, reactor, timeout=600))
-        reactor.advance(1)
-        assert result == []
-        if ending == "commit":
-            helper.send("commit")
-            helper.expect("committed")
-        else:
-            helper.kill()
-        settle(reactor, result)
-        if ending == "commit":
-            assert result[0] is not None and result[0].read(0, 7) == b"partial"
-            result[0].close()
-        else:
-            assert result == [None]
-            assert store.begin_write(digest) is not None
-    finally:
-        helper.stop()
-
-
-def test_waiting_gives_up_at_its_deadline_and_can_be_cancelled(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path), max_size=1 << 30, fsync=False)
-    digest = digest_of(b"partial")
-    helper = Helper(HOLD_PENDING, str(tmp_path), digest)
-    try:
-        helper.expect("wrote")
-        reactor = MemoryReactorClock()
-        result = outcome(wait_for_commit(store, digest, reactor, timeout=2))
-        reactor.advance(1)
-        assert result == []
-        reactor.pump([0.1] * 15)
-        assert result == [None]
-        cancelled = wait_for_commit(store, digest, reactor, timeout=2)
-        cancelled.addErrback(lambda f: None)
-        cancelled.cancel()
-        assert not reactor.getDelayedCalls()
-    finally:
-        helper.stop()
 
 
 def test_fd_count_returns_to_start_after_downloads(h: Harness) -> None:
