@@ -20,6 +20,10 @@ CounterName = Literal[
     "corrupt_objects",
     "evictions",
     "evicted_bytes",
+    "store_write_errors",
+    "verified_objects",
+    "scrubbed_objects",
+    "scrubbed_bytes",
 ]
 GaugeName = Literal["size_bytes", "objects"]
 
