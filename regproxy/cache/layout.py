@@ -47,14 +47,14 @@ class Layout:
         """(shard, name) of every file in the blob shards; strangers included."""
         try:
             shards = sorted(os.listdir(self.blobs_dir))
-        except FileNotFoundError:
-            return
+        except OSError:
+            return  # gone or unreadable: nothing there to trust
         for shard in shards:
             if len(shard) != 2 or not is_hex(shard):
                 continue
             try:
                 names = os.listdir(os.path.join(self.blobs_dir, shard))
-            except (FileNotFoundError, NotADirectoryError):
+            except OSError:
                 continue
             for name in names:
                 yield shard, name
