@@ -27,25 +27,30 @@ class StoreUnwritable(OSError):
 
 
 class WriteFailures:
-    """Counts every failed write (``store_write_errors``) and logs once per failure streak
-    and kind ("objects", "index"): a full disk under load would otherwise log on every
-    request. The first success of the same kind ends the streak (and says so once).
+    """Counts every failed write (``store_write_errors``) and logs once per failure streak:
+    a full disk under load would otherwise log on every request.
+
+    A streak is per ``kind`` ("objects", "index") and ``what`` failed ("tag record",
+    "write"...), and only a success of the same operation ends it: on a full volume an empty
+    file can still be created while a record with bytes in it cannot, and that alternation
+    must not log on every request either. ``succeeded(kind)`` without ``what`` ends every
+    streak of the kind (a committed object proves creating, writing and renaming work).
     """
 
     log = Logger()
 
     def __init__(self, metrics: CacheMetrics) -> None:
         self._metrics = metrics
-        self._failing: set[str] = set()
+        self._failing: set[tuple[str, str]] = set()
 
     def failing(self, kind: str) -> bool:
-        return kind in self._failing
+        return any(k == kind for k, _ in self._failing)
 
     def failed(self, kind: str, what: str, error: BaseException) -> None:
         self._metrics.count("store_write_errors")
-        if kind in self._failing:
+        if (kind, what) in self._failing:
             return
-        self._failing.add(kind)
+        self._failing.add((kind, what))
         self.log.warn(
             "cache {kind} cannot be written ({what}: {error}); serving without storing "
             "until writes work again",
@@ -54,7 +59,14 @@ class WriteFailures:
             error=error,
         )
 
-    def succeeded(self, kind: str) -> None:
-        if kind in self._failing:
-            self._failing.discard(kind)
-            self.log.info("cache {kind} can be written again", kind=kind)
+    def succeeded(self, kind: str, what: str | None = None) -> None:
+        if not self._failing:
+            return
+        ended = {k for k in self._failing if k[0] == kind and what in (None, k[1])}
+        if ended:
+            self._failing -= ended
+            self.log.info(
+                "cache {kind} can be written again ({what})",
+                kind=kind,
+                what=", ".join(sorted(w for _, w in ended)),
+            )

@@ -104,7 +104,7 @@ class CacheIndex:
         except OSError as error:
             self._failures.failed(INDEX, "repository record", error)
             return
-        self._failures.succeeded(INDEX)
+        self._failures.succeeded(INDEX, "repository record")
         self._remember((repo, hex_))
 
     def repository_holds(self, route: str, repository: str, digest: str) -> bool:
@@ -248,7 +248,7 @@ class CacheIndex:
                 os.unlink(temp)
             self._failures.failed(INDEX, what, error)
             return False
-        self._failures.succeeded(INDEX)
+        self._failures.succeeded(INDEX, what)
         return True
 
     def _remember(self, item: tuple[str, str]) -> None:

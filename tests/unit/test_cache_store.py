@@ -755,3 +755,64 @@ def test_failures_are_logged_once_per_streak_and_writing_resumes_by_itself(
     with pytest.raises(StoreUnwritable):
         pending.write(b"again")
     assert [e["log_level"].name for e in events] == ["warn", "info", "warn"]
+
+
+# Large objects not hashed by this process.
+
+
+def test_only_objects_hashed_here_are_verified(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    digest = put(store, os.urandom(100 * KIB))
+    assert store.verified(digest)  # hashed as it was written
+    fresh = make_store(tmp_path)
+    assert not fresh.verified(digest)  # found on disk: only stat-ed
+    obj = fresh.open_object(digest)
+    assert obj is not None and not obj.verified
+    obj.close()
+    assert fresh.verify() == [] and fresh.verified(digest)
+
+
+def test_read_verified_hashes_a_manifest_and_condemns_a_corrupt_one(tmp_path: Path) -> None:
+    metrics = RecordingMetrics()
+    data = os.urandom(100 * KIB)
+    digest = put(make_store(tmp_path), data)
+    store = make_store(tmp_path, metrics=metrics)
+    with store.open_object(digest) as obj:  # type: ignore[union-attr]
+        assert obj.read_verified(limit=64 * KIB) is None  # over the limit: not read
+        assert obj.read_verified(limit=4 * 1024 * KIB) == data
+    assert store.verified(digest)
+    path = store.object_path(digest.split(":")[1])
+    stat = os.stat(path)
+    with open(path, "r+b") as file:
+        file.write(b"\0\0")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = make_store(tmp_path, metrics=metrics)
+    with again.open_object(digest) as obj:  # type: ignore[union-attr]
+        assert obj.read_verified(limit=4 * 1024 * KIB) is None
+    assert not os.path.exists(path) and metrics.counters["corrupt_objects"] == 1
+
+
+def test_a_corrupt_object_that_cannot_be_removed_is_never_served_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(100 * KIB)
+    digest = put(make_store(tmp_path), data)
+    path = store_path = make_store(tmp_path).object_path(digest.split(":")[1])
+    with open(store_path, "r+b") as file:
+        file.write(b"\0\0")
+    store = make_store(tmp_path)
+    real_unlink = os.unlink
+
+    def read_only(target: Any, *args: Any, **kwargs: Any) -> None:
+        if str(target) == path:
+            raise OSError(errno.EROFS, "read-only")
+        real_unlink(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", read_only)
+    obj = store.open_object(digest)
+    assert obj is not None
+    assert obj.read_verified(limit=1 << 30) is None
+    obj.close()
+    assert os.path.exists(path)  # it could not go...
+    assert not store.contains(digest)  # ...but it is never a hit again
+    assert store.open_object(digest) is None
