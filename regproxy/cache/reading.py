@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from .catalog import Catalog, Entry
 from .eviction import Evictor
+from .faults import WriteFailures
 from .layout import HASH_CHUNK, Layout, read_all
 from .locks import HeldLock, ProcessLocks
 from .metrics import CacheMetrics
@@ -125,10 +126,12 @@ class ObjectReader:
         metrics: CacheMetrics,
         clock: Callable[[], float],
         *,
+        failures: WriteFailures,
         small_object_size: int,
         atime_resolution: float,
     ) -> None:
         self.small_object_size = small_object_size
+        self._failures = failures
         self._catalog = catalog
         self._layout = layout
         self._locks = locks
@@ -171,8 +174,12 @@ class ObjectReader:
         try:
             found = self._open_locked(digest, hex_)
         except OSError as error:
-            self.log.warn("cannot read cached {hex}: {error}", hex=hex_, error=error)
+            # Mostly the read lock's file that cannot be created (a read-only volume, its
+            # directory gone): a write, reported like the others, once per streak.
+            self._failures.failed("objects", "open", error)
             found = None
+        else:
+            self._failures.succeeded("objects", "open")
         self._metrics.count("misses" if found is None else "hits")
         return found
 

@@ -101,6 +101,7 @@ class CacheStore:
             self.evictor,
             self.metrics,
             clock,
+            failures=self.write_failures,
             small_object_size=small_object_size,
             atime_resolution=atime_resolution,
         )

@@ -816,3 +816,19 @@ def test_a_corrupt_object_that_cannot_be_removed_is_never_served_again(
     assert os.path.exists(path)  # it could not go...
     assert not store.contains(digest)  # ...but it is never a hit again
     assert store.open_object(digest) is None
+
+
+def test_a_lookup_on_a_broken_volume_is_a_miss_reported_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = RecordingMetrics()
+    store = make_store(tmp_path, metrics=metrics, small_object_size=0)
+    digest = put(store, os.urandom(10 * KIB))
+    events: list[dict[str, Any]] = []
+    monkeypatch.setattr(WriteFailures, "log", Logger(observer=events.append))
+    shutil.rmtree(tmp_path / "locks")
+    (tmp_path / "locks").write_bytes(b"")  # no read lock can be taken
+    for _ in range(3):
+        assert store.open_object(digest) is None
+    assert metrics.counters["misses"] == 3
+    assert len(events) == 1
