@@ -138,7 +138,7 @@ class Route:
     """One upstream registry served under a repository prefix.
 
     ``host``, ``path`` and ``namespace`` say which requests the route answers (see
-    ``regproxy.matching``); a route with none of them is the default route.
+    ``regproxy.routing.matching``); a route with none of them is the default route.
     """
 
     upstream: Upstream

@@ -1,7 +1,7 @@
 """One validated registry request: mapped, sent upstream, rewritten, relayed.
 
-The steps are stages of their own (:mod:`regproxy.mapping`, :class:`UpstreamClient`,
-:mod:`regproxy.rewrite`, :mod:`regproxy.relay`); this module is the glue between them, with
+The steps are stages of their own (:mod:`regproxy.protocol.mapping`, :class:`UpstreamClient`,
+:mod:`regproxy.protocol.rewrite`, :mod:`regproxy.relay`); this module is the glue between them, with
 the decisions that need the upstream's answer: answering its challenge with the proxy's own
 credentials, following a blob redirect, and what the access event records.
 """
@@ -18,7 +18,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
-from . import bodies
 from .cache.fetcher import (
     HANDLED,
     CacheRequest,
@@ -28,16 +27,17 @@ from .cache.fetcher import (
     credential_key,
 )
 from .config import BlobRedirects, Route
-from .errors import OCIError
-from .mapping import UpstreamRequest, map_request
-from .matching import RouteMatch
-from .observe import Exchange
-from .reference import Kind, RegistryPath
+from .protocol import bodies
+from .protocol.errors import OCIError
+from .protocol.mapping import UpstreamRequest, map_request
+from .protocol.reference import Kind, RegistryPath
+from .protocol.rewrite import ResponseRewriter
 from .relay import relay_response
-from .rewrite import ResponseRewriter
+from .routing.matching import RouteMatch
 from .upstream.auth import UpstreamAuth
 from .upstream.client import FailureKind, RedirectRefused, UpstreamClient, UpstreamFailure
 from .upstream.redirects import check_scheme
+from .web.observe import Exchange
 from .web.respond import write_body
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})

@@ -21,8 +21,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from .errors import OCIError
-from .observe import Exchange
+from .protocol.errors import OCIError
+from .web.observe import Exchange
 
 
 class UpstreamIdle(Exception):

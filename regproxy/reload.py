@@ -13,9 +13,9 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from .gateway import CurrentRouting, RoutingFactory
-from .matching import ConfigError
-from .routes import load_routes
+from .routing.load import load_routes
+from .routing.matching import ConfigError
+from .routing.snapshot import CurrentRouting, RoutingFactory
 
 
 class RoutesReloader(Service):

@@ -21,12 +21,11 @@ from .cache.download import Downloads
 from .cache.fetcher import CachingFetcher
 from .cache.store import open_store, verify_in_background
 from .config import Config, Route, Upstream
-from .errors import OCIError
-from .gateway import CurrentRouting, Routing, RoutingFactory
 from .listen import Listener
-from .matching import RouteTable
-from .observe import ClientAddress, Metrics, PrometheusCacheMetrics
+from .protocol.errors import OCIError
 from .reload import RoutesReloader
+from .routing.matching import RouteTable
+from .routing.snapshot import CurrentRouting, Routing, RoutingFactory
 from .signals import StopCleanlyOnSigterm
 from .startup import StartupReport, holds_credentials
 from .upstream.agent import UpstreamPool
@@ -37,6 +36,7 @@ from .upstream_health import HealthReport, UpstreamHealthLog
 from .web.browser import BrowserRedirect, NotFound
 from .web.health import Health, Readiness
 from .web.metrics import MetricsPage
+from .web.observe import ClientAddress, Metrics, PrometheusCacheMetrics
 from .web.public import public_base
 from .web.registry import RegistryAPI
 from .web.root import Root

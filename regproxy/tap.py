@@ -24,11 +24,11 @@ from .config import (
     Route,
     Upstream,
 )
-from .hosts import is_google_registry
-from .logs import LogFormat
-from .matching import ConfigError, RouteTable
-from .reference import NAME_RE
-from .routes import load_routes
+from .protocol.hosts import is_google_registry
+from .protocol.reference import NAME_RE
+from .routing.load import load_routes
+from .routing.matching import ConfigError, RouteTable
+from .server.logs import LogFormat
 from .workers import WorkerSpec, worker_count
 
 _LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
@@ -668,7 +668,7 @@ def _exit_with_usage_error(message: str) -> NoReturn:
 
 
 def makeService(options: Options, reactor: Any = None, argv: list[str] | None = None) -> IService:
-    from .logs import choose_twist_log_observer
+    from .server.logs import choose_twist_log_observer
     from .service import build_service
     from .startup import StartupError
 

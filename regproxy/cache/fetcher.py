@@ -33,10 +33,10 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
-from ..bodies import Discard
-from ..errors import OCIError
+from ..protocol.bodies import Discard
+from ..protocol.errors import OCIError
 from ..relay import abort_client
-from ..singleflight import SingleFlight
+from ..upstream.singleflight import SingleFlight
 from .download import (
     Download,
     DownloadProtocol,

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from ..errors import error_body
+from ..protocol.errors import error_body
 from .metrics import CacheMetrics, NullMetrics
 from .objects import sha256_hex
 from .store import StoredObject

@@ -17,13 +17,13 @@ import attrs
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from .. import challenge
 from ..config import Route
-from ..errors import OCIError
-from ..singleflight import SingleFlight
+from ..protocol import challenge
+from ..protocol.errors import OCIError
 from .client import UpstreamClient, UpstreamFailure, user_agent
 from .credentials import CredentialSource
 from .realm import credential_may_go_to
+from .singleflight import SingleFlight
 
 # Tokens are dropped this long before they expire (or at half-life for short ones).
 TOKEN_EXPIRY_MARGIN = 30.0

@@ -26,8 +26,8 @@ from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
-from .. import bodies
-from ..errors import OCIError
+from ..protocol import bodies
+from ..protocol.errors import OCIError
 
 USER_AGENT = b"regproxy/0.1"
 

@@ -17,11 +17,11 @@ import attrs
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from .. import challenge
 from ..config import Route
-from ..hosts import is_google_registry
-from ..singleflight import SingleFlight
+from ..protocol import challenge
+from ..protocol.hosts import is_google_registry
 from .client import UpstreamClient, UpstreamFailure, user_agent
+from .singleflight import SingleFlight
 
 CHALLENGE_BODY_LIMIT = 64 * 1024
 # Parent domains whose names belong to many tenants (one registry each): a sibling there

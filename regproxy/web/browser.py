@@ -9,7 +9,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..config import Route
-from ..errors import OCIError
+from ..protocol.errors import OCIError
 from .respond import write_error
 
 DOCKER_HUB_PAGES = "https://hub.docker.com"

@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.web.http_headers import Headers
 
-from ..errors import OCIError
+from ..protocol.errors import OCIError
 from .public import HOST
 
 BODYLESS_METHODS = (b"GET", b"HEAD")

@@ -6,7 +6,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from ..observe import Metrics
+from .observe import Metrics
 
 
 class MetricsPage(Resource):

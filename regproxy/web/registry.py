@@ -13,15 +13,15 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ..errors import OCIError
-from ..matching import MatchedBy, RouteMatch, RouteTable, unknown_name
-from ..observe import Exchange
-from ..reference import Kind, parse_v2_path
+from ..protocol.errors import OCIError
+from ..protocol.reference import Kind, parse_v2_path
 from ..relay import abort_client
+from ..routing.matching import MatchedBy, RouteMatch, RouteTable, unknown_name
+from .observe import Exchange
 from .respond import API_VERSION, API_VERSION_HEADER, write_body, write_error
 
 if TYPE_CHECKING:
-    from ..gateway import Routing
+    from ..routing.snapshot import Routing
 
 # The service the proxy names in its own challenge; /_token replaces it with the upstream's.
 PROXY_SERVICE = "regproxy"

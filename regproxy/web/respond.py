@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.web.server import Request
 
-from ..errors import OCIError
+from ..protocol.errors import OCIError
 
 API_VERSION_HEADER = b"docker-distribution-api-version"
 API_VERSION = b"registry/2.0"

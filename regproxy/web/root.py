@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ..errors import OCIError
+from ..protocol.errors import OCIError
 from .respond import write_error
 
 if TYPE_CHECKING:
-    from ..gateway import CurrentRouting, RoutingFactory
+    from ..routing.snapshot import CurrentRouting, RoutingFactory
 
 
 class Root(Resource):

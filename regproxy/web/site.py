@@ -13,9 +13,9 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from ..errors import OCIError
-from ..observe import ClientAddress, Metrics, access_log
+from ..protocol.errors import OCIError
 from .framing import framing_error, refuse_and_close
+from .observe import ClientAddress, Metrics, access_log
 from .registry import exchange_of
 
 SERVER = b"regproxy"

@@ -12,16 +12,16 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ..errors import OCIError
 from ..forward import relay, send
-from ..matching import Mount
-from ..rewrite import ResponseRewriter
+from ..protocol.errors import OCIError
+from ..protocol.rewrite import ResponseRewriter
+from ..routing.matching import Mount
 from ..upstream.client import user_agent
 from .registry import PROXY_SERVICE, exchange_of, proxy_answers_pings, run_async
 from .respond import write_body, write_error
 
 if TYPE_CHECKING:
-    from ..gateway import Routing
+    from ..routing.snapshot import Routing
 
 ANONYMOUS_TOKEN = b'{"token":"anonymous","access_token":"anonymous","expires_in":300}'
 

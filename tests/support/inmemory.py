@@ -26,10 +26,10 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from regproxy.config import Config, Route, Upstream
-from regproxy.observe import Metrics
 from regproxy.service import build_root
 from regproxy.upstream.http import IdentityEncodingAgent, NoCookies
 from regproxy.web.health import Readiness
+from regproxy.web.observe import Metrics
 from regproxy.web.root import Root
 
 PROXY = "http://proxy.example"

@@ -98,7 +98,7 @@ class RegproxyProcess:
     def log_events(self) -> list[dict[str, object]]:
         """The JSON log (the format when stdout is no terminal), one event per line.
 
-        regproxy writes one flat JSON object per line (``regproxy.logs``); each is returned
+        regproxy writes one flat JSON object per line (``regproxy.server.logs``); each is returned
         with the keys tests know from Twisted events added: ``log_namespace`` (the
         ``logger``) and ``log_level`` (from ``severity``). Twisted's own record-separated
         JSON (``twist`` under another plugin) is read too.

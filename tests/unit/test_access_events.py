@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from regproxy.config import Config, Route, Upstream
-from regproxy.observe import ClientAddress, Metrics
+from regproxy.web.observe import ClientAddress, Metrics
 from regproxy.web.site import ProxySite
 from tests.support.inmemory import DIGEST, build_tree
 from tests.support.stalling import Stalling

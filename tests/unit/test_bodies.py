@@ -14,9 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from regproxy import bodies
 from regproxy.config import Route, Upstream
-from regproxy.errors import OCIError
+from regproxy.protocol import bodies
+from regproxy.protocol.errors import OCIError
 
 ROUTE = Route(Upstream("https", "gcr.example"), prefix="proj")
 

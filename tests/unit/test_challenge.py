@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from regproxy import challenge
-from regproxy.challenge import Challenge
 from regproxy.config import Route, Upstream
-from regproxy.headers import rewrite_challenges
+from regproxy.protocol import challenge
+from regproxy.protocol.challenge import Challenge
+from regproxy.protocol.headers import rewrite_challenges
 
 ROUTE = Route(Upstream("https", "gcr.example"), prefix="proj")
 REALM = "http://proxy.example/_token"

@@ -8,10 +8,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
-from regproxy.observe import ClientAddress, Metrics
 from regproxy.service import Drain
 from regproxy.signals import StopCleanlyOnSigterm
 from regproxy.web.health import Readiness
+from regproxy.web.observe import ClientAddress, Metrics
 from regproxy.web.site import ProxySite
 
 

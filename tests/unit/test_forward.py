@@ -18,8 +18,8 @@ from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from regproxy import challenge
 from regproxy.config import BlobRedirects, Credentials, Route, Upstream
+from regproxy.protocol import challenge
 from tests.support.inmemory import (
     AUTH_REALM,
     DIGEST,

@@ -13,8 +13,8 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.web.resource import Resource
 
 from regproxy.listen import Listener, explain_listen_failure, parse_endpoint
-from regproxy.observe import ClientAddress, Metrics
 from regproxy.startup import StartupError
+from regproxy.web.observe import ClientAddress, Metrics
 from regproxy.web.site import ProxySite
 
 

@@ -12,7 +12,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, LogLevel, textFileLogObserver
 from twisted.python.failure import Failure
 
-from regproxy.logs import LogFormat, choose_twist_log_observer, json_line, jsonLineFileLogObserver
+from regproxy.server.logs import (
+    LogFormat,
+    choose_twist_log_observer,
+    json_line,
+    jsonLineFileLogObserver,
+)
 from regproxy.tap import Options
 
 ACCESS = {
@@ -120,7 +125,7 @@ def twist_options(*argv: str) -> TwistOptions:
 
 
 def test_twist_still_chooses_its_observer_from_its_options() -> None:
-    """The one twist detail regproxy relies on (regproxy.logs): if this fails, twist changed."""
+    """The one twist detail regproxy relies on (regproxy.server.logs): if this fails, twist changed."""
     options = twist_options("--log-format", "json", "regproxy")
     assert isinstance(options.subOptions, Options)
     assert options.subOptions.parent is options

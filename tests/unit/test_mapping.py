@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from twisted.web.http_headers import Headers
 
 from regproxy.config import Route, Upstream
-from regproxy.errors import OCIError
-from regproxy.mapping import map_request
-from regproxy.reference import MAX_NAME_LENGTH, Kind, RegistryPath, parse_v2_path
+from regproxy.protocol.errors import OCIError
+from regproxy.protocol.mapping import map_request
+from regproxy.protocol.reference import MAX_NAME_LENGTH, Kind, RegistryPath, parse_v2_path
 from tests.support.inmemory import Answer, ProxyCase
 
 PREFIXED = Route(Upstream("https", "upstream.example"), prefix="my-project/mirror")

@@ -367,7 +367,7 @@ def test_explicit_google_credentials_go_anywhere_they_are_told(key_file: str) ->
 
 
 def test_log_format_option_and_environment() -> None:
-    from regproxy.logs import LogFormat
+    from regproxy.server.logs import LogFormat
 
     assert options([], {})["log-format"] is None
     assert options(["--log-format", "JSON"], {})["log-format"] is LogFormat.JSON

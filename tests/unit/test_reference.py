@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from regproxy.errors import OCIError
-from regproxy.reference import (
+from regproxy.protocol.errors import OCIError
+from regproxy.protocol.reference import (
     Kind,
     RegistryPath,
     parse_v2_path,

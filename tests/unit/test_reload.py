@@ -15,7 +15,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from regproxy.config import Config
 from regproxy.reload import RoutesReloader
-from regproxy.routes import load_routes
+from regproxy.routing.load import load_routes
 from tests.support.inmemory import Answer, ProxyCase, build_tree
 
 FIRST = """

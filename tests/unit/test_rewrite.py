@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from regproxy.bodies import WITHHELD, prefix_scrubber
 from regproxy.config import Route, Upstream
-from regproxy.headers import URLRewriter
+from regproxy.protocol.bodies import WITHHELD, prefix_scrubber
+from regproxy.protocol.headers import URLRewriter
 from tests.support.inmemory import AUTH_REALM, MANIFEST, OCI_MANIFEST, Answer, ProxyCase
 
 JSON = {b"content-type": [b"application/json"]}

@@ -18,8 +18,8 @@ from regproxy.config import (
     Upstream,
     known_upstream,
 )
-from regproxy.matching import ConfigError, RouteTable
-from regproxy.routes import ROUTE_KEYS, check_config, load_routes
+from regproxy.routing.load import ROUTE_KEYS, check_config, load_routes
+from regproxy.routing.matching import ConfigError, RouteTable
 
 if sys.version_info >= (3, 11):
     import tomllib

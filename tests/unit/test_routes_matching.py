@@ -9,8 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from regproxy.config import Route, Upstream, compile_globs
-from regproxy.errors import OCIError
-from regproxy.matching import MatchedBy, Mount, RouteTable, allowed, request_host, route_scopes
+from regproxy.protocol.errors import OCIError
+from regproxy.routing.matching import (
+    MatchedBy,
+    Mount,
+    RouteTable,
+    allowed,
+    request_host,
+    route_scopes,
+)
 
 HUB = Route(
     Upstream.from_name("docker.io"),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from regproxy.config import Route, Upstream
-from regproxy.errors import OCIError
-from regproxy.scope import Scope, rewrite_down, rewrite_up, split_scopes
+from regproxy.protocol.errors import OCIError
+from regproxy.protocol.scope import Scope, rewrite_down, rewrite_up, split_scopes
 
 PREFIXED = Route(Upstream("https", "gcr.example"), prefix="proj/mirror")
 HUB = Route(Upstream("https", "registry-1.docker.io"))

@@ -14,8 +14,8 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from regproxy.config import Config, Route, Upstream
-from regproxy.observe import ClientAddress, Metrics
 from regproxy.web.health import Health, Readiness
+from regproxy.web.observe import ClientAddress, Metrics
 from regproxy.web.public import public_base
 from regproxy.web.site import MAX_REQUEST_BODY, ProxySite
 
@@ -214,7 +214,7 @@ def test_malformed_requests_get_an_oci_error(raw: bytes) -> None:
 def test_answers_after_the_client_left_are_dropped() -> None:
     from twisted.web.server import Request
 
-    from regproxy.errors import OCIError
+    from regproxy.protocol.errors import OCIError
     from regproxy.web.respond import write_error
 
     request = Request(DummyChannel(), False)

@@ -35,7 +35,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from regproxy.config import Credentials, Route, Upstream
-from regproxy.errors import OCIError
+from regproxy.protocol.errors import OCIError
 from regproxy.upstream.auth import (
     DEFAULT_TOKEN_LIFETIME,
     TOKEN_EXPIRY_MARGIN,

@@ -13,13 +13,13 @@ from urllib.parse import parse_qsl, urlencode
 import attrs
 from twisted.web.http_headers import Headers
 
+from ..config import Route
+from ..routing.matching import Mount
+from ..upstream.client import user_agent
 from . import headers
-from .config import Route
 from .errors import OCIError
-from .matching import Mount
 from .reference import MAX_NAME_LENGTH, Kind, RegistryPath, validate_name, validate_tag
 from .rewrite import list_body_rewritten
-from .upstream.client import user_agent
 
 
 @attrs.frozen

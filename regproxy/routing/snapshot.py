@@ -1,6 +1,6 @@
 """The routes in force, with everything each one needs, swapped whole on reload.
 
-A :class:`Routing` is built from one :class:`~regproxy.matching.RouteTable`: the upstream
+A :class:`Routing` is built from one :class:`~regproxy.routing.matching.RouteTable`: the upstream
 client (with a TLS trust per route), the proxy's credentials per route, the realms learnt
 per route, the forwarder. Requests take the snapshot in force when they arrive and keep it
 to the end, so a reload (SIGHUP) never changes a transfer in flight; a reload that fails
@@ -17,14 +17,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from .cache.fetcher import CachingFetcher
-from .config import Route
-from .forward import Forwarder
+from ..cache.fetcher import CachingFetcher
+from ..config import Route
+from ..forward import Forwarder
+from ..upstream.auth import UpstreamAuth
+from ..upstream.client import HealthObserver, UpstreamClient
+from ..upstream.credentials import RunInThread, credential_source
+from ..upstream.realm import RealmCache
 from .matching import RouteTable
-from .upstream.auth import UpstreamAuth
-from .upstream.client import HealthObserver, UpstreamClient
-from .upstream.credentials import RunInThread, credential_source
-from .upstream.realm import RealmCache
 
 
 @attrs.frozen

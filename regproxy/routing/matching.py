@@ -15,10 +15,10 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from .config import Route
-from .errors import OCIError
-from .reference import NAME_RE
-from .scope import Scope, rewrite_down, rewrite_up, split_scopes
+from ..config import Route
+from ..protocol.errors import OCIError
+from ..protocol.reference import NAME_RE
+from ..protocol.scope import Scope, rewrite_down, rewrite_up, split_scopes
 
 
 class ConfigError(Exception):

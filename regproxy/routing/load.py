@@ -16,9 +16,9 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .config import BlobRedirects, Credentials, Route, Upstream
+from ..config import BlobRedirects, Credentials, Route, Upstream
+from ..protocol.reference import NAME_RE
 from .matching import ConfigError, RouteTable, conflicts
-from .reference import NAME_RE
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -8,10 +8,10 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 from twisted.web.http_headers import Headers
 
+from ..upstream.http import HIDDEN_CONTENT_ENCODING
 from . import challenge
 from .errors import OCIError
 from .scope import rewrite_down
-from .upstream.http import HIDDEN_CONTENT_ENCODING
 
 # RFC 9110 section 7.6.1, plus the proxy-only ones; these describe one hop, never the next.
 HOP_BY_HOP = frozenset(

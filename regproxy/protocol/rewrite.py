@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import attrs
 from twisted.web.http_headers import Headers
 
+from ..routing.matching import Mount
 from . import bodies, headers
-from .matching import Mount
 from .reference import Kind, RegistryPath
 
 
