@@ -6,6 +6,9 @@
   bytes on disk.
 - ``tags/<key(route, repository)>/<key(tag, accept key)>``: a small JSON record, the digest the
   tag last resolved to and when the upstream last confirmed it.
+- ``media/<ab>/<hex>``: the ``Content-Type`` the upstream served a manifest's digest with, so
+  a manifest of any size (up to the 4 MiB limit) is served with it again, also after a
+  restart, without reading its bytes.
 
 Why files rather than SQLite: several processes, and replicas on a shared volume, must update
 the index at once. SQLite's WAL mode needs shared memory and does not work on a network file
@@ -17,10 +20,16 @@ either exists whole or not at all; the last writer wins, which is right for "las
 The index is not fsynced: it is a cache of the upstream's answers. After a power loss a record
 may be missing, older, or (on some file systems) empty; readers treat an unreadable record as
 absent, so the worst outcome is one more question to the upstream.
+
+Writes never raise: a full, read-only or failing volume costs a later question to the
+upstream, not an error. Each failure is counted and logged once per streak (``WriteFailures``);
+nothing is remembered in memory as written, so the next write of the same fact tries again
+and the index recovers by itself when space returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,9 +38,13 @@ from collections.abc import Callable
 
 import attrs
 
+from .faults import WriteFailures
+from .metrics import NullMetrics
 from .objects import sha256_hex
 
 _MEMO_LIMIT = 100_000
+_MEDIA_TYPE_LIMIT = 255
+INDEX = "index"
 
 
 def _key(*parts: str) -> str:
@@ -52,31 +65,46 @@ class CacheIndex:
     """
 
     def __init__(
-        self, directory: str, *, clock: Callable[[], float], confirm_resolution: float = 1.0
+        self,
+        directory: str,
+        *,
+        clock: Callable[[], float],
+        confirm_resolution: float = 1.0,
+        failures: WriteFailures | None = None,
     ) -> None:
         self.directory = directory
         self._clock = clock
         self._confirm_resolution = confirm_resolution
+        self._failures = failures if failures is not None else WriteFailures(NullMetrics())
         self._known: set[tuple[str, str]] = set()
         self._written: dict[str, TagRecord] = {}
-        os.makedirs(os.path.join(directory, "repos"), exist_ok=True)
-        os.makedirs(os.path.join(directory, "tags"), exist_ok=True)
+        self._media_types: dict[str, bytes] = {}
+        for part in ("repos", "tags", "media"):
+            # Created on first write otherwise: an unwritable volume must not stop start-up.
+            with contextlib.suppress(OSError):
+                os.makedirs(os.path.join(directory, part), exist_ok=True)
 
     # Repository membership.
 
     def record_repository_digest(self, route: str, repository: str, digest: str) -> None:
+        """The upstream said R holds ``digest`` (directly, or through a manifest of R)."""
         hex_ = sha256_hex(digest)
         repo = _key(route, repository)
         if (repo, hex_) in self._known:
             return
         path = os.path.join(self.directory, "repos", repo, hex_)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            self._write_names(os.path.dirname(path), route, repository)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        os.close(fd)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                self._write_names(os.path.dirname(path), route, repository)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            os.close(fd)
+        except OSError as error:
+            self._failures.failed(INDEX, "repository record", error)
+            return
+        self._failures.succeeded(INDEX, "repository record")
         self._remember((repo, hex_))
 
     def repository_holds(self, route: str, repository: str, digest: str) -> bool:
@@ -84,7 +112,8 @@ class CacheIndex:
         repo = _key(route, repository)
         if (repo, hex_) in self._known:
             return True
-        # Another process may have learnt it: ask the disk (a stat) before saying no.
+        # Another process may have learnt it: ask the disk (a stat) before saying no (an
+        # unreadable disk says no: the upstream is asked instead).
         if os.path.exists(os.path.join(self.directory, "repos", repo, hex_)):
             self._remember((repo, hex_))
             return True
@@ -120,19 +149,8 @@ class CacheIndex:
                 "confirmed": now,
             }
         ).encode()
-        directory = os.path.dirname(path)
-        temp = os.path.join(directory, f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except FileNotFoundError:
-            os.makedirs(directory, exist_ok=True)
-            self._write_names(directory, route, repository)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, body)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
+        if not self._replace(path, name, body, (route, repository), "tag record"):
+            return record  # not kept: the next request asks the upstream again
         if len(self._written) >= _MEMO_LIMIT:
             self._written.clear()
         self._written[path] = record
@@ -158,6 +176,81 @@ class CacheIndex:
             # Missing, or torn by a crash before it reached the disk: not known.
             return None
 
+    # Media types of manifests.
+
+    def record_media_type(self, digest: str, content_type: bytes) -> None:
+        """The upstream served ``digest`` with this ``Content-Type``: serve it so again.
+
+        Ignored when the value could not be a header value (control bytes, over 255 bytes):
+        it is sent to clients as it is.
+        """
+        hex_ = sha256_hex(digest)
+        content_type = content_type.strip()
+        if not _valid_media_type(content_type):
+            return
+        if self._media_types.get(hex_) == content_type:
+            return
+        path = self._media_path(hex_)
+        if not self._replace(path, hex_, content_type, None, "media type"):
+            return
+        if len(self._media_types) >= _MEMO_LIMIT:
+            self._media_types.clear()
+        self._media_types[hex_] = content_type
+
+    def media_type(self, digest: str) -> bytes | None:
+        """The ``Content-Type`` recorded for ``digest`` (by any process), or None."""
+        hex_ = sha256_hex(digest)
+        known = self._media_types.get(hex_)
+        if known is not None:
+            return known
+        try:
+            with open(self._media_path(hex_), "rb") as file:
+                content_type = file.read(_MEDIA_TYPE_LIMIT + 1).strip()
+        except OSError:
+            return None
+        if not _valid_media_type(content_type):
+            return None  # torn by a crash, or not ours
+        if len(self._media_types) >= _MEMO_LIMIT:
+            self._media_types.clear()
+        self._media_types[hex_] = content_type
+        return content_type
+
+    def _media_path(self, hex_: str) -> str:
+        return os.path.join(self.directory, "media", hex_[:2], hex_)
+
+    # Writing.
+
+    def _replace(
+        self, path: str, name: str, body: bytes, names: tuple[str, str] | None, what: str
+    ) -> bool:
+        """Write ``body`` to ``path`` whole or not at all (a temporary file renamed over it);
+        False, with nothing left behind, when the volume refuses."""
+        directory = os.path.dirname(path)
+        temp = os.path.join(directory, f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            try:
+                fd = os.open(temp, flags, 0o644)
+            except FileNotFoundError:
+                os.makedirs(directory, exist_ok=True)
+                if names is not None:
+                    self._write_names(directory, *names)
+                fd = os.open(temp, flags, 0o644)
+            try:
+                view = memoryview(body)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            self._failures.failed(INDEX, what, error)
+            return False
+        self._failures.succeeded(INDEX, what)
+        return True
+
     def _remember(self, item: tuple[str, str]) -> None:
         if len(self._known) >= _MEMO_LIMIT:
             self._known.clear()
@@ -171,3 +264,7 @@ class CacheIndex:
                 file.write(f"{route}\n{repository}\n")
         except OSError:
             pass
+
+
+def _valid_media_type(value: bytes) -> bool:
+    return 0 < len(value) <= _MEDIA_TYPE_LIMIT and all(0x20 <= b < 0x7F for b in value)

@@ -100,7 +100,8 @@ class ProcessLocks:
         if held.exclusive:
             # Unlink while still holding the lock: a process that opened the old file and
             # waits for it will find the path gone (or a new file) and start again.
-            with contextlib.suppress(FileNotFoundError):
+            # Any error: a read-only or failing volume must not turn a release into a crash.
+            with contextlib.suppress(OSError):
                 os.unlink(held.path)
         os.close(held.fd)
 

@@ -24,6 +24,9 @@ CounterName = Literal[
     "orphans_stopped",
     "remote_readers",
     "takeovers",
+    "verified_objects",
+    "scrubbed_objects",
+    "scrubbed_bytes",
 ]
 GaugeName = Literal["size_bytes", "objects"]
 

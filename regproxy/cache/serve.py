@@ -13,10 +13,19 @@ one place that reads Twisted internals, and a test fails if they change.
 
 TLS (and anything that is not a plain ``tcp.Server``) falls back to a producer reading chunks
 with ``os.pread``, paused and resumed by the transport.
+
+No complete wrong body from disk: an object this process has not hashed whole since it
+adopted it (``StoredObject.verified`` False: committed by another process, or found at
+start-up) goes through ``VerifyingProducer``, which hashes from byte 0 what it sends and holds
+the last chunk of the answer back until the whole object hashed to its digest. Bytes outside
+a requested range are hashed too, in slices across reactor turns. On a mismatch the client is
+cut off before its last bytes and the object removed; on a match it is marked verified and
+the next answer may use sendfile again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from typing import Any
@@ -25,7 +34,7 @@ import attrs
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -33,11 +42,19 @@ from zope.interface import implementer
 
 from ..protocol.errors import error_body
 from .metrics import CacheMetrics, NullMetrics
+from .objects import sha256_hex
 from .store import StoredObject
 
 CHUNK = 64 * 1024
 SENDFILE_SLICE = 4 * 1024 * 1024
 """At most this much per ``sendfile`` turn before yielding to the reactor (fairness)."""
+HASH_SLICE = 4 * 1024 * 1024
+"""At most this much hashed without sending (outside a range) per reactor turn."""
+
+
+class CorruptObject(Exception):
+    """The stored object does not hash to its digest: the client was cut off."""
+
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -109,13 +126,16 @@ def serve_object(
     metrics: CacheMetrics | None = None,
     use_sendfile: bool = True,
     chunk_size: int = CHUNK,
+    clock: IReactorTime | None = None,
 ) -> Deferred[int]:
     """Answer ``request`` with ``obj`` (200, 206 or 416) and finish it; closes ``obj``.
 
     The caller has set the other headers (Content-Type, Docker-Content-Digest, ETag). Fires
-    with the body bytes sent; fails if the client went away (the connection is then dropped,
-    never finished, so a client can never take a cut body for a whole one). HEAD gets the
-    headers only.
+    with the body bytes sent; fails if the client went away or the object turned out corrupt
+    (``CorruptObject``: it is removed from the store); the connection is then dropped, never
+    finished, so a client can never take a cut body for a whole one. HEAD gets the headers
+    only. ``clock`` schedules the hashing of bytes outside a range of an object not verified
+    yet (default: the reactor of the request's site).
     """
     counts: CacheMetrics = metrics if metrics is not None else NullMetrics()
     request.setHeader(b"accept-ranges", b"bytes")
@@ -149,11 +169,15 @@ def serve_object(
         counts.count("bytes_from_cache", end - first)
         return Deferred.fromCoroutine(_value(end - first))
     transport = sendfile_transport(request) if use_sendfile else None
-    producer: ObjectProducer = (
-        SendfileProducer(request, obj, first, end, transport, chunk_size, counts)
-        if transport is not None
-        else ObjectProducer(request, obj, first, end, chunk_size)
-    )
+    producer: ObjectProducer
+    if not obj.verified:
+        if clock is None:
+            clock = getattr(getattr(request, "site", None), "reactor", None)
+        producer = VerifyingProducer(request, obj, first, end, chunk_size, clock)
+    elif transport is not None:
+        producer = SendfileProducer(request, obj, first, end, transport, chunk_size, counts)
+    else:
+        producer = ObjectProducer(request, obj, first, end, chunk_size)
     request.notifyFinish().addErrback(lambda _: producer.stopProducing())
 
     def finished(sent: int) -> int:
@@ -212,6 +236,9 @@ class ObjectProducer:
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._run()
+
+    def _run(self) -> None:
         if self._producing or self._over:
             return
         self._producing = True
@@ -251,6 +278,103 @@ class ObjectProducer:
             self.done.callback(self.sent)
         else:
             self.done.errback(failure)
+
+
+class VerifyingProducer(ObjectProducer):
+    """Sends ``[first, end)`` of an object not hashed yet, hashing the whole object from 0.
+
+    The range's last chunk is held back until every byte of the object has been hashed:
+    sent on a match (the object is then ``confirm``-ed), never sent on a mismatch (the object
+    is ``condemn``-ed and ``done`` fails with ``CorruptObject``, so the caller cuts the
+    connection). Bytes before and after the range are only hashed, ``HASH_SLICE`` per reactor
+    turn (``clock``; None: all at once).
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        obj: StoredObject,
+        first: int,
+        end: int,
+        chunk_size: int,
+        clock: IReactorTime | None,
+    ) -> None:
+        super().__init__(request, obj, first, end, chunk_size)
+        self._clock = clock
+        self._hasher = hashlib.sha256()
+        self._hashed = 0
+        self._held = b""
+        self._later: IDelayedCall | None = None
+
+    def _produce(self) -> None:
+        budget = HASH_SLICE
+        size = self.obj.size
+        while not self._over:
+            if self._hashed < self.position or (self.position >= self.end and self._hashed < size):
+                # Outside the range: hash only, a slice per turn.
+                if budget <= 0 and self._clock is not None:
+                    self._continue_later()
+                    return
+                stop = self.position if self._hashed < self.position else size
+                budget -= self._hash_only(min(HASH_SLICE, stop - self._hashed))
+            elif self.position < self.end:
+                if self._paused:
+                    return
+                self._send_chunk()
+            else:
+                self._verdict()
+                return
+
+    def _hash_only(self, length: int) -> int:
+        data = self.obj.read(self._hashed, length)
+        if not data:
+            raise OSError("the cached file is shorter than its size")
+        self._hasher.update(data)
+        self._hashed += len(data)
+        return len(data)
+
+    def _send_chunk(self) -> None:
+        data = self.obj.read(self.position, min(self._chunk_size, self.end - self.position))
+        if not data:
+            raise OSError("the cached file is shorter than its size")
+        self._hasher.update(data)
+        self._hashed += len(data)
+        self.position += len(data)
+        if self.position >= self.end:
+            self._held = data  # the answer's last bytes wait for the verdict
+            return
+        self.sent += len(data)
+        self.request.write(data)
+
+    def _verdict(self) -> None:
+        if self._hasher.hexdigest() != sha256_hex(self.obj.digest):
+            log.warn(
+                "cached {digest} does not match its digest; client cut off, object removed",
+                digest=self.obj.digest,
+            )
+            self.obj.condemn()
+            self._end(Failure(CorruptObject(self.obj.digest)))
+            return
+        self.obj.confirm()
+        held, self._held = self._held, b""
+        self.sent += len(held)
+        self.request.write(held)
+        self._end(None)
+
+    def _continue_later(self) -> None:
+        assert self._clock is not None
+        if self._later is None:
+            self._later = self._clock.callLater(0, self._continued)
+
+    def _continued(self) -> None:
+        self._later = None
+        self._run()
+
+    def _end(self, failure: Failure | None) -> None:
+        if self._later is not None and self._later.active():
+            self._later.cancel()
+        self._later = None
+        super()._end(failure)
 
 
 class SendfileProducer(ObjectProducer):

@@ -18,9 +18,11 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from regproxy.cache import serve
 from regproxy.cache.metrics import RecordingMetrics
 from regproxy.cache.serve import (
     ByteRange,
+    CorruptObject,
     Unsatisfiable,
     choose_range,
     parse_range,
@@ -117,7 +119,13 @@ class Serving(Resource):
 
 
 class Client:
-    def __init__(self, tmp_path: Path, data: bytes = BIG, **store_kwargs: Any) -> None:
+    """A store holding ``data`` served through twisted.web in memory. ``restarted``: the
+    serving store is a fresh one on the same directory (as after a restart), so the object
+    is one this process has not hashed yet."""
+
+    def __init__(
+        self, tmp_path: Path, data: bytes = BIG, *, restarted: bool = False, **store_kwargs: Any
+    ) -> None:
         self.metrics = RecordingMetrics()
         self.store = open_store(
             str(tmp_path), max_size=1 << 30, fsync=False, metrics=self.metrics, **store_kwargs
@@ -127,10 +135,35 @@ class Client:
         pending.write(data)
         pending.commit().close()
         self.digest = digest_of(data)
+        if restarted:
+            self.store = open_store(
+                str(tmp_path), max_size=1 << 30, fsync=False, metrics=self.metrics, **store_kwargs
+            )
         self.resource = Serving(self.store, self.metrics)
         self.transport = PushbackTransport()
-        self.channel = Site(self.resource, reactor=MemoryReactorClock()).buildProtocol(None)
+        self.clock = MemoryReactorClock()
+        self.channel = Site(self.resource, reactor=self.clock).buildProtocol(None)
         self.channel.makeConnection(self.transport)
+        self.aborted: list[bool] = []
+        self.transport.abortConnection = lambda: self.aborted.append(True)  # type: ignore[method-assign]
+
+    def pump(self) -> int:
+        """Let the client read and the reactor turn until nothing moves; returns the turns."""
+        turns = 0
+        while not self.aborted and (self.transport.paused or self.due()):
+            self.transport.drain()
+            self.clock.advance(0)
+            turns += 1
+        return turns
+
+    def due(self) -> list[Any]:
+        """Calls for this very turn (the site's log clock and timeouts are for later)."""
+        now = self.clock.seconds()
+        return [call for call in self.clock.getDelayedCalls() if call.getTime() <= now]
+
+    @property
+    def path(self) -> str:
+        return self.store.object_path(self.digest.split(":")[1])
 
     def request(self, method: str = "GET", *headers: str) -> None:
         lines = [f"{method} /{self.digest} HTTP/1.1", "Host: cache", *headers, "", ""]
@@ -235,8 +268,7 @@ def test_a_client_leaving_mid_body_closes_the_object(tmp_path: Path) -> None:
 
 def test_a_file_cut_short_on_disk_aborts_instead_of_finishing(tmp_path: Path) -> None:
     client = Client(tmp_path)
-    aborted: list[bool] = []
-    client.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    aborted = client.aborted
     obj = client.store.open_object(client.digest)
     assert obj is not None
     obj.close()
@@ -260,6 +292,111 @@ def test_serving_keeps_no_descriptor_open(tmp_path: Path) -> None:
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+# Objects this process has not hashed yet: verified as they are served.
+
+
+def corrupt_in_place(path: str, offset: int) -> None:
+    """Flip a byte, keeping size and modification time: what the open-time checks see."""
+    stat = os.stat(path)
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)
+        file.seek(offset)
+        file.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_an_object_committed_here_is_trusted_without_hashing(tmp_path: Path) -> None:
+    client = Client(tmp_path)
+    assert client.store.verified(client.digest)
+    corrupt_in_place(client.path, 10)  # after the commit: only a scrub would notice
+    client.request()
+    client.pump()
+    assert client.response()[2][10] != BIG[10]  # served as trusted: not hashed again
+
+
+def test_an_unhashed_object_is_hashed_as_served_then_trusted(tmp_path: Path) -> None:
+    client = Client(tmp_path, restarted=True)
+    assert not client.store.verified(client.digest)
+    client.request()
+    client.pump()
+    status, _, body = client.response()
+    assert status == b"HTTP/1.1 200 OK" and body == BIG
+    assert client.resource.outcomes == [len(BIG)]
+    assert client.store.verified(client.digest)
+    assert client.metrics.counters["verified_objects"] == 1
+    assert client.readers() == 0
+
+
+@pytest.mark.parametrize("offset", [0, len(BIG) // 2, len(BIG) - 1])
+def test_a_corrupt_unhashed_object_is_cut_before_its_last_chunk_and_removed(
+    tmp_path: Path, offset: int
+) -> None:
+    client = Client(tmp_path, restarted=True)
+    corrupt_in_place(client.path, offset)
+    client.request()
+    client.pump()
+    assert client.aborted == [True]
+    body = client.response()[2]
+    # The last chunk never left: no client holds a complete wrong body.
+    assert len(body) <= len(BIG) - (len(BIG) % serve.CHUNK or serve.CHUNK)
+    assert not os.path.exists(client.path)
+    assert client.metrics.counters["corrupt_objects"] == 1
+    assert client.store.open_object(client.digest) is None  # the next request fetches anew
+    assert client.readers() == 0
+    [outcome] = client.resource.outcomes
+    assert outcome.check(CorruptObject)
+
+
+def test_a_range_of_an_unhashed_object_waits_for_the_whole_object_hashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(serve, "HASH_SLICE", 256 * 1024)
+    client = Client(tmp_path, restarted=True)
+    turns: list[float] = []
+    call_later = client.clock.callLater
+
+    def counted(delay: float, *args: Any, **kwargs: Any) -> Any:
+        turns.append(delay)
+        return call_later(delay, *args, **kwargs)
+
+    client.clock.callLater = counted  # type: ignore[method-assign]
+    client.request("GET", "Range: bytes=1000-200999")
+    # The range's bytes but its last chunk are out; the rest of the object is hashed a
+    # slice per reactor turn, never all in one.
+    assert len(client.response()[2]) < 200000
+    client.pump()
+    assert turns.count(0) >= len(BIG) // (256 * 1024) - 1
+    status, _, body = client.response()
+    assert status == b"HTTP/1.1 206 Partial Content" and body == BIG[1000:201000]
+    assert client.store.verified(client.digest)
+
+
+def test_a_range_of_a_corrupt_unhashed_object_is_cut_even_when_the_fault_is_outside(
+    tmp_path: Path,
+) -> None:
+    client = Client(tmp_path, restarted=True)
+    corrupt_in_place(client.path, len(BIG) - 5)  # far after the range
+    client.request("GET", "Range: bytes=100-299")
+    client.pump()
+    assert client.aborted == [True]
+    assert len(client.response()[2]) < 200
+    assert not os.path.exists(client.path)
+
+
+def test_a_client_leaving_while_an_object_is_hashed_stops_the_hashing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(serve, "HASH_SLICE", 256 * 1024)
+    client = Client(tmp_path, restarted=True)
+    client.request("GET", "Range: bytes=0-9")
+    assert client.due()
+    client.channel.connectionLost(Exception("gone"))
+    assert client.due() == []
+    assert client.readers() == 0
+    assert not client.store.verified(client.digest)
+
+
 # Real sockets, a real reactor, in a server process of its own.
 
 
@@ -279,10 +416,18 @@ def test_sendfile_is_used_on_plain_tcp(stored: tuple[Path, str]) -> None:
     try:
         # The one private Twisted detail we rely on still means what we think.
         assert curl(f"{server.base}/selfcheck").body == b"010"
+        # Committed by another process: hashed as it is sent the first time, no sendfile...
         result = curl(f"{server.base}/blob/{digest}")
         assert result.status == 200 and result.body == BIG
         counters = server.stats()["counters"]
         assert counters["bytes_from_cache"] == len(BIG)
+        assert counters.get("bytes_zero_copy", 0) == 0
+        assert counters["verified_objects"] == 1
+        # ...then trusted: zero-copy.
+        result = curl(f"{server.base}/blob/{digest}")
+        assert result.status == 200 and result.body == BIG
+        counters = server.stats()["counters"]
+        assert counters["bytes_from_cache"] == 2 * len(BIG)
         assert counters["bytes_zero_copy"] > 0.9 * len(BIG)
     finally:
         server.stop()

@@ -4,14 +4,18 @@ and several processes on one directory (real processes, real fcntl locks)."""
 from __future__ import annotations
 
 import builtins
+import errno
 import fcntl
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
 
+from regproxy.cache.faults import WriteFailures
 from regproxy.cache.locks import ProcessLocks
 from regproxy.cache.metrics import RecordingMetrics
 from regproxy.cache.objects import NotCacheable
@@ -19,11 +23,13 @@ from regproxy.cache.sizes import default_max_size, parse_size
 from regproxy.cache.store import (
     CacheStore,
     DigestMismatch,
+    StoreUnwritable,
     TooLarge,
     open_store,
     verify_in_background,
 )
 
+from .cache_faults import FailingVolume
 from .cache_helpers import FakeClock, Helper, digest_of
 
 KIB = 1024
@@ -631,3 +637,198 @@ def test_background_verification_hashes_in_the_runner_and_discards_on_return(
     assert result == [[bad]]
     assert len(ran) == 2  # the large ones only
     assert not store.contains(bad) and store.contains(good) and store.contains(small)
+
+
+# A volume that cannot be written: nothing raises at a request but StoreUnwritable.
+
+
+def test_a_full_volume_fails_the_write_with_nothing_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = RecordingMetrics()
+    store = make_store(tmp_path, metrics=metrics)
+    volume = FailingVolume(monkeypatch, str(tmp_path))
+    data = os.urandom(100 * KIB)
+    digest = digest_of(data)
+    pending = store.begin_write(digest)
+    assert pending is not None
+    volume.on = True
+    with pytest.raises(StoreUnwritable) as raised:
+        pending.write(data)
+    assert isinstance(raised.value, OSError) and raised.value.errno == errno.ENOSPC
+    assert files_under(tmp_path / "blobs") == []
+    assert not store.writer_active(digest)  # the lock went with it
+    assert store.pending_size == 0
+    assert metrics.counters["store_write_errors"] == 1
+    pending.abort()  # what a download does next: harmless
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EIO])
+def test_a_failing_commit_leaves_nothing_half_visible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    store = make_store(tmp_path, fsync=True)
+    volume = FailingVolume(monkeypatch, str(tmp_path), code)
+    data = os.urandom(100 * KIB)
+    pending = store.begin_write(digest_of(data))
+    assert pending is not None
+    pending.write(data)
+    volume.on = True  # fsync and rename fail
+    with pytest.raises(StoreUnwritable):
+        pending.commit()
+    volume.on = False
+    assert files_under(tmp_path / "blobs") == []
+    assert not store.writer_active(digest_of(data))
+    assert store.open_object(digest_of(data)) is None and store.objects == 0
+
+
+def test_a_failed_fsync_in_a_thread_is_reported_by_the_abort(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = RecordingMetrics()
+    store = make_store(tmp_path, fsync=True, metrics=metrics)
+    volume = FailingVolume(monkeypatch, str(tmp_path), errno.EIO)
+    pending = store.begin_write(digest_of(b"synced"))
+    assert pending is not None
+    pending.write(b"synced")
+    volume.on = True
+    with pytest.raises(StoreUnwritable):
+        pending.sync()
+    assert metrics.counters["store_write_errors"] == 0  # not counted from the thread...
+    pending.abort()
+    assert metrics.counters["store_write_errors"] == 1  # ...but back on the reactor
+    assert files_under(tmp_path / "blobs") == []
+
+
+def test_a_read_only_volume_refuses_begin_write_with_store_unwritable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(tmp_path)
+    volume = FailingVolume(monkeypatch, str(tmp_path), errno.EROFS)
+    volume.on = True
+    digest = digest_of(b"never stored")
+    with pytest.raises(StoreUnwritable):
+        store.begin_write(digest)
+    assert not store.writer_active(digest)
+    assert not store.contains(digest) and store.open_object(digest) is None
+
+
+def test_a_vanished_cache_directory_is_a_miss_and_an_unwritable_store(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    store = make_store(root, small_object_size=0)
+    digest = put(store, os.urandom(10 * KIB))
+    shutil.rmtree(root)
+    root.write_bytes(b"")  # and something else where it was: nothing can recreate it
+    assert not store.contains(digest)
+    assert store.open_object(digest) is None
+    with pytest.raises(StoreUnwritable):
+        store.begin_write(digest_of(b"new"))
+    assert not store.writer_active(digest_of(b"new"))
+    store.index.record_tag("hub", "app", "latest", "", digest)
+    store.index.record_repository_digest("hub", "app", digest)
+    store.index.record_media_type(digest, b"application/json")
+    assert store.rescan() == 0 and store.objects == 0
+
+
+def test_failures_are_logged_once_per_streak_and_writing_resumes_by_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = RecordingMetrics()
+    store = make_store(tmp_path, metrics=metrics)
+    events: list[dict[str, Any]] = []
+    monkeypatch.setattr(WriteFailures, "log", Logger(observer=events.append))
+    volume = FailingVolume(monkeypatch, str(tmp_path))
+    volume.on = True
+    for i in range(5):
+        pending = store.begin_write(digest_of(b"%d" % i))
+        assert pending is not None
+        with pytest.raises(StoreUnwritable):
+            pending.write(b"%d" % i)
+    assert metrics.counters["store_write_errors"] == 5
+    assert [e["log_level"].name for e in events] == ["warn"]
+    volume.on = False  # space came back: the next write simply works
+    assert put(store, b"back") == digest_of(b"back")
+    assert read(store, digest_of(b"back")) == b"back"
+    volume.on = True
+    pending = store.begin_write(digest_of(b"again"))
+    assert pending is not None
+    with pytest.raises(StoreUnwritable):
+        pending.write(b"again")
+    assert [e["log_level"].name for e in events] == ["warn", "info", "warn"]
+
+
+# Large objects not hashed by this process.
+
+
+def test_only_objects_hashed_here_are_verified(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    digest = put(store, os.urandom(100 * KIB))
+    assert store.verified(digest)  # hashed as it was written
+    fresh = make_store(tmp_path)
+    assert not fresh.verified(digest)  # found on disk: only stat-ed
+    obj = fresh.open_object(digest)
+    assert obj is not None and not obj.verified
+    obj.close()
+    assert fresh.verify() == [] and fresh.verified(digest)
+
+
+def test_read_verified_hashes_a_manifest_and_condemns_a_corrupt_one(tmp_path: Path) -> None:
+    metrics = RecordingMetrics()
+    data = os.urandom(100 * KIB)
+    digest = put(make_store(tmp_path), data)
+    store = make_store(tmp_path, metrics=metrics)
+    with store.open_object(digest) as obj:  # type: ignore[union-attr]
+        assert obj.read_verified(limit=64 * KIB) is None  # over the limit: not read
+        assert obj.read_verified(limit=4 * 1024 * KIB) == data
+    assert store.verified(digest)
+    path = store.object_path(digest.split(":")[1])
+    stat = os.stat(path)
+    with open(path, "r+b") as file:
+        file.write(b"\0\0")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = make_store(tmp_path, metrics=metrics)
+    with again.open_object(digest) as obj:  # type: ignore[union-attr]
+        assert obj.read_verified(limit=4 * 1024 * KIB) is None
+    assert not os.path.exists(path) and metrics.counters["corrupt_objects"] == 1
+
+
+def test_a_corrupt_object_that_cannot_be_removed_is_never_served_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(100 * KIB)
+    digest = put(make_store(tmp_path), data)
+    path = store_path = make_store(tmp_path).object_path(digest.split(":")[1])
+    with open(store_path, "r+b") as file:
+        file.write(b"\0\0")
+    store = make_store(tmp_path)
+    real_unlink = os.unlink
+
+    def read_only(target: Any, *args: Any, **kwargs: Any) -> None:
+        if str(target) == path:
+            raise OSError(errno.EROFS, "read-only")
+        real_unlink(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", read_only)
+    obj = store.open_object(digest)
+    assert obj is not None
+    assert obj.read_verified(limit=1 << 30) is None
+    obj.close()
+    assert os.path.exists(path)  # it could not go...
+    assert not store.contains(digest)  # ...but it is never a hit again
+    assert store.open_object(digest) is None
+
+
+def test_a_lookup_on_a_broken_volume_is_a_miss_reported_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = RecordingMetrics()
+    store = make_store(tmp_path, metrics=metrics, small_object_size=0)
+    digest = put(store, os.urandom(10 * KIB))
+    events: list[dict[str, Any]] = []
+    monkeypatch.setattr(WriteFailures, "log", Logger(observer=events.append))
+    shutil.rmtree(tmp_path / "locks")
+    (tmp_path / "locks").write_bytes(b"")  # no read lock can be taken
+    for _ in range(3):
+        assert store.open_object(digest) is None
+    assert metrics.counters["misses"] == 3
+    assert len(events) == 1
