@@ -285,7 +285,13 @@ def build_service(
             close_delay=config.drain_delay,
         ).setServiceParent(top)
     if cache is not None and config.cache is not None:
-        CacheUpkeep(cache, reactor, thread_pool, verify=config.cache.verify).setServiceParent(top)
+        CacheUpkeep(
+            cache,
+            reactor,
+            thread_pool,
+            verify=config.cache.verify,
+            scrub_interval=config.cache.scrub_interval,
+        ).setServiceParent(top)
     if config.routes_file is not None:
         RoutesReloader(
             config.routes_file, root.routing, root.routing_factory, reactor

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
 from ..protocol.errors import error_body
@@ -66,6 +67,7 @@ def stored_answer(
     metrics: CacheMetrics,
     outcome: str,
     stale: bool = False,
+    clock: IReactorTime | None = None,
 ) -> Answer:
     """A stored object as the answer to ``request``: Range and If-Range honoured against
     the digest's ETag (content by digest never changes)."""
@@ -101,4 +103,4 @@ def stored_answer(
         obj.close()
         metrics.count("bytes_from_cache", len(data))
         return Answer(status, headers, BytesBody(data), cache=outcome)
-    return Answer(status, headers, StoredBody(obj, first, end, metrics), cache=outcome)
+    return Answer(status, headers, StoredBody(obj, first, end, metrics, clock), cache=outcome)

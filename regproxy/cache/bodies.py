@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IProducer, IPushProducer
+from twisted.internet.interfaces import IConsumer, IProducer, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -21,7 +21,7 @@ from ..protocol.fetch import Body
 from .download import Download, DownloadReader, ReaderStopped
 from .metrics import CacheMetrics, NullMetrics
 from .objects import sha256_hex
-from .serve import ObjectProducer, SendfileProducer, sendfile_transport
+from .serve import CorruptObject, object_producer
 from .store import DigestMismatch, StoredObject
 
 
@@ -38,30 +38,36 @@ def _as_body_failure(failure: Failure) -> Failure:
         return Failure(CacheBodyFailed("client_gone", "the client went away"))
     if failure.check(DigestMismatch):
         return Failure(CacheBodyFailed("digest_mismatch", str(failure.value)))
+    if failure.check(CorruptObject):
+        return Failure(CacheBodyFailed("corrupt_object", str(failure.value)))
     if failure.check(CacheBodyFailed):
         return failure
     return Failure(CacheBodyFailed(getattr(failure.value, "kind", "body"), str(failure.value)))
 
 
 class StoredBody:
-    """Bytes ``[first, end)`` of a stored object (``sendfile`` on plain TCP)."""
+    """Bytes ``[first, end)`` of a stored object: verified as they go when this process
+    has not hashed the object yet, else ``sendfile`` on plain TCP."""
 
     def __init__(
-        self, obj: StoredObject, first: int, end: int, metrics: CacheMetrics | None = None
+        self,
+        obj: StoredObject,
+        first: int,
+        end: int,
+        metrics: CacheMetrics | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.obj = obj
         self.first = first
         self.end = end
         self.length = end - first
         self._metrics: CacheMetrics = metrics if metrics is not None else NullMetrics()
+        self._clock = clock
 
     def deliver(self, consumer: IConsumer) -> Deferred[int]:
         request: Any = consumer
-        transport = sendfile_transport(request)
-        producer: ObjectProducer = (
-            SendfileProducer(request, self.obj, self.first, self.end, transport, 0, self._metrics)
-            if transport is not None
-            else ObjectProducer(request, self.obj, self.first, self.end, 64 * 1024)
+        producer = object_producer(
+            request, self.obj, self.first, self.end, metrics=self._metrics, clock=self._clock
         )
         done: Deferred[int] = Deferred(lambda _: producer.stopProducing())
 

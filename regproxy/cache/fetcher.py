@@ -194,7 +194,9 @@ class CachingFetcher:
             # Verified bytes in memory: no system call, the same access rules.
             if not await self._admitted(asked, digest):
                 return await self._bypass(request)
-            return self._serve(asked, StoredObject(digest, len(hot), data=hot), digest, "hit")
+            served = self._serve(asked, StoredObject(digest, len(hot), data=hot), digest, "hit")
+            if served is not None:
+                return served
         if self.store.contains(digest):
             if holds:
                 admitted = await self._admitted(asked, digest)
@@ -206,7 +208,9 @@ class CachingFetcher:
                 return await self._bypass(request)
             obj = self.store.open_object(digest)
             if obj is not None:
-                return self._serve(asked, obj, digest, "hit")
+                served = self._serve(asked, obj, digest, "hit")
+                if served is not None:
+                    return served
         download = cache.downloads.get(digest)
         if download is not None:
             if not (holds or cache.download_repository.get(download) == asked.repository):
@@ -329,6 +333,7 @@ class CachingFetcher:
             content_type = answer.header(b"content-type")
             if content_type is not None and _TOKEN.match(content_type):
                 self._remember_media_type(digest, content_type)
+                self.index.record_media_type(digest, content_type)
         # Before announcing: readers that joined while the upstream had not answered yet
         # resume on the announcement and take these headers (Content-Type above all).
         cache.download_headers[download] = headers
@@ -392,10 +397,9 @@ class CachingFetcher:
         if obj is None:
             return
         with obj:
-            if obj.size > MANIFEST_LIMIT:
-                return
-            data = obj.data if obj.data is not None else obj.read(0, obj.size)
-        self._children_known(asked, digest, data)
+            data = obj.read_verified(MANIFEST_LIMIT)
+        if data is not None:
+            self._children_known(asked, digest, data)
 
     def _children_known(self, asked: _Asked, digest: str, data: bytes) -> None:
         """A manifest of R lists what R holds: record it once."""
@@ -419,15 +423,25 @@ class CachingFetcher:
 
     def _serve(
         self, asked: _Asked, obj: StoredObject, digest: str, outcome: str, *, stale: bool = False
-    ) -> Answer:
+    ) -> Answer | None:
+        """``obj`` as the answer (None: a manifest that cannot be served from the store)."""
         if asked.is_manifest:
             media_type = self.cache.media_types.get(digest)
+            if media_type is None:
+                # The upstream's Content-Type, as recorded with the object.
+                media_type = self.index.media_type(digest)
+                if media_type is not None:
+                    self._remember_media_type(digest, media_type)
             key = (asked.route, asked.name, digest)
             if media_type is None or key not in self.cache.children_recorded:
-                data = obj.data
+                data = obj.read_verified(MANIFEST_LIMIT)
                 if data is None:
-                    data = obj.read(0, min(obj.size, MANIFEST_LIMIT))
+                    # Larger than any manifest may be, or corrupt (then removed): the
+                    # upstream answers instead.
+                    obj.close()
+                    return None
                 if media_type is None:
+                    # Stored before media types were recorded: read off the bytes.
                     media_type = manifest_media_type(data)
                     self._remember_media_type(digest, media_type)
                 self._children_known(asked, digest, data)
@@ -444,6 +458,7 @@ class CachingFetcher:
             metrics=self.store.metrics,
             outcome=outcome,
             stale=stale,
+            clock=self.cache.clock,
         )
 
     # -- access -----------------------------------------------------------------------------

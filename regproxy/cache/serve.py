@@ -168,16 +168,16 @@ def serve_object(
         request.finish()
         counts.count("bytes_from_cache", end - first)
         return Deferred.fromCoroutine(_value(end - first))
-    transport = sendfile_transport(request) if use_sendfile else None
-    producer: ObjectProducer
-    if not obj.verified:
-        if clock is None:
-            clock = getattr(getattr(request, "site", None), "reactor", None)
-        producer = VerifyingProducer(request, obj, first, end, chunk_size, clock)
-    elif transport is not None:
-        producer = SendfileProducer(request, obj, first, end, transport, chunk_size, counts)
-    else:
-        producer = ObjectProducer(request, obj, first, end, chunk_size)
+    producer = object_producer(
+        request,
+        obj,
+        first,
+        end,
+        metrics=counts,
+        clock=clock,
+        use_sendfile=use_sendfile,
+        chunk_size=chunk_size,
+    )
     request.notifyFinish().addErrback(lambda _: producer.stopProducing())
 
     def finished(sent: int) -> int:
@@ -193,6 +193,30 @@ def serve_object(
     producer.done.addCallbacks(finished, failed)
     producer.start()
     return producer.done
+
+
+def object_producer(
+    request: Request,
+    obj: StoredObject,
+    first: int,
+    end: int,
+    *,
+    metrics: CacheMetrics,
+    clock: IReactorTime | None = None,
+    use_sendfile: bool = True,
+    chunk_size: int = CHUNK,
+) -> ObjectProducer:
+    """The producer that sends bytes ``[first, end)`` of ``obj`` to ``request``: hashing
+    them when this process has not verified the object yet, with ``sendfile`` on plain TCP
+    once it has, else ``pread`` in chunks. ``start`` it; ``done`` says how it ended."""
+    if not obj.verified:
+        if clock is None:
+            clock = getattr(getattr(request, "site", None), "reactor", None)
+        return VerifyingProducer(request, obj, first, end, chunk_size, clock)
+    transport = sendfile_transport(request) if use_sendfile else None
+    if transport is not None:
+        return SendfileProducer(request, obj, first, end, transport, chunk_size, metrics)
+    return ObjectProducer(request, obj, first, end, chunk_size)
 
 
 async def _zero() -> int:

@@ -7,10 +7,11 @@ from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 
 from ..cache.fetcher import Cache
+from ..cache.scrub import Scrubber
 from ..cache.store import verify_in_background
 from ..upstream.credentials import RunInThread
 
@@ -19,14 +20,28 @@ CACHE_RESCAN_INTERVAL = 60.0
 
 class CacheUpkeep(Service):
     """Other processes on the same directory add and evict objects: rescan every
-    ``CACHE_RESCAN_INTERVAL``; with ``--cache-verify``, rehash large objects once at start."""
+    ``CACHE_RESCAN_INTERVAL``; with ``--cache-verify``, rehash large objects once at start;
+    with a ``scrub_interval``, rehash every object once per interval, spread out over it."""
 
     log = Logger()
 
     def __init__(
-        self, cache: Cache, reactor: Any, thread_pool: RunInThread, *, verify: bool
+        self,
+        cache: Cache,
+        reactor: Any,
+        thread_pool: RunInThread,
+        *,
+        verify: bool,
+        scrub_interval: float = 0.0,
     ) -> None:
         self.cache = cache
+        # Each slice of hashing runs in the thread pool: the reactor never waits on a disk.
+        runner: Any = thread_pool
+        self.scrubber = (
+            Scrubber(cache.store, reactor, interval=scrub_interval, runner=runner)
+            if scrub_interval > 0
+            else None
+        )
         self.reactor = reactor
         self.thread_pool = thread_pool
         self.verify = verify
@@ -36,12 +51,17 @@ class CacheUpkeep(Service):
     def startService(self) -> None:
         super().startService()
         self._timer.startService()
+        if self.scrubber is not None:
+            self.scrubber.start()
         if self.verify:
             self.reactor.callWhenRunning(self._verify)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        return self._timer.stopService()  # type: ignore[no-any-return]
+        stopped: list[Deferred[Any]] = [self._timer.stopService()]
+        if self.scrubber is not None:
+            stopped.append(self.scrubber.stop())
+        return DeferredList(stopped).addCallback(lambda _: None)
 
     def _rescan(self) -> None:
         self.cache.store.rescan()

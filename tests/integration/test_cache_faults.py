@@ -89,11 +89,6 @@ def stored_objects(cache: Path) -> list[Path]:
     return [p for p in (cache / "blobs").rglob("*") if p.is_file() and len(p.name) == 64]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="needs the download to stream unstored when the store cannot write "
-    "(download.py: StoreUnwritable from begin_write/write) and the fetcher to pass it on",
-)
 def test_pulls_through_a_full_cache_volume_succeed(
     start_proxy, upstream: SeededRegistry, small_volume: Path, tmp: Path
 ) -> None:
