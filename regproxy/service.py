@@ -15,7 +15,7 @@ from twisted.web.server import Request
 
 from .cache.budget import OrphanBudget
 from .cache.download import Downloads
-from .cache.fetcher import Cache
+from .cache.state import Cache
 from .cache.store import open_store
 from .cache.tail import RemoteDownloads, inotify_notifier
 from .config import Config, Route, Upstream

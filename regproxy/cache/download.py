@@ -1,11 +1,9 @@
 """One download in progress per digest per process, read by any number of clients at once.
 
-The writer (the upstream body) pushes bytes in with ``write``/``finish``/``fail``; they go to
-the store's temporary file and into the running sha256. Readers attach at any time, from byte
-0 or for a range, and are told of new bytes by the writer (never by polling the disk). Each
-reader is its own push producer on its own consumer, so a slow client pauses only itself: it
-falls behind and catches up by reading the file at its own pace, while the writer and the other
-readers go on.
+The writer (the upstream body) pushes bytes in with ``write``/``finish``/``fail``: into the
+store's temporary file and the running sha256. Readers (``reader.DownloadReader``) attach at
+any time, for all or a range, are told of new bytes by the writer (never by polling), and
+each goes at its own pace: a slow client pauses only itself.
 
 Verified bytes: a reader is never handed the last byte of what it asked for before the whole
 object's digest has been checked. When the digest does not match, nothing is committed and
@@ -30,40 +28,31 @@ import contextlib
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
-from typing import Protocol as Interface
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from zope.interface import implementer
 
 from .budget import OrphanBudget
+from .faults import report_write_failure
 from .metrics import CacheMetrics, NullMetrics
 from .progress import publish, withdraw
+from .reader import (
+    READ_CHUNK,
+    Abandoned,
+    DownloadFailed,
+    DownloadReader,
+    ReaderSource,
+    ReaderStopped,
+    WrongLength,
+)
 from .store import CacheStore, DigestMismatch, PendingObject, StoredObject, TooLarge
 
-READ_CHUNK = 64 * 1024
 DEFAULT_ORPHAN_LIMIT = 256 * 1024 * 1024
-
-
-class DownloadFailed(Exception):
-    """The download did not complete: the upstream broke off, or nobody wanted it any more."""
-
-
-class Abandoned(DownloadFailed):
-    """The last reader left and what remained was more than the download may fetch alone."""
-
-
-class WrongLength(DownloadFailed):
-    """The upstream sent a different number of bytes than it announced."""
-
-
-class ReaderStopped(Exception):
-    """The reader's consumer went away (the client disconnected) before the end."""
 
 
 _WRITING, _VERIFIED, _FAILED = "writing", "verified", "failed"
@@ -73,64 +62,6 @@ Runner = Callable[[Callable[[], None]], "Deferred[None]"]
 
 def _run_here(work: Callable[[], None]) -> Deferred[None]:
     return maybeDeferred(work)
-
-
-class WriteErrors:
-    """Store write failures: every one counted (``store_write_errors``), the first of a run
-    logged, then at most one line per ``interval`` (a full disk fails every download)."""
-
-    log = Logger()
-
-    def __init__(
-        self, clock: IReactorTime, metrics: CacheMetrics, *, interval: float = 60.0
-    ) -> None:
-        self._clock = clock
-        self._metrics = metrics
-        self._interval = interval
-        self._logged_at = float("-inf")
-        self._unlogged = 0
-
-    def report(self, digest: str, error: BaseException, what: str) -> None:
-        self._metrics.count("store_write_errors")
-        now = self._clock.seconds()
-        if now - self._logged_at < self._interval:
-            self._unlogged += 1
-            return
-        self.log.warn(
-            "the cache cannot {what} ({error}) for {digest}: streaming from the upstream"
-            " without keeping it ({unlogged} more such failures since the last message)",
-            what=what,
-            error=error,
-            digest=digest,
-            unlogged=self._unlogged,
-        )
-        self._logged_at = now
-        self._unlogged = 0
-
-
-class ReaderSource(Interface):
-    """What a ``DownloadReader`` reads from: a download here (``Download``) or one another
-    process writes (``tail.RemoteDownload``)."""
-
-    digest: str
-    log: Logger
-
-    @property
-    def size(self) -> int | None: ...
-
-    @property
-    def verified(self) -> bool: ...
-
-    def _limit_for(self, end: int | None) -> int: ...
-
-    def _read(self, fd: int, offset: int, length: int) -> bytes: ...
-
-    def _detached(self, reader: DownloadReader) -> None: ...
-
-    def _reader_moved(self, reader: DownloadReader) -> None: ...
-
-    @property
-    def _keeps_last_bytes(self) -> bool: ...
 
 
 class Download:
@@ -166,7 +97,6 @@ class Download:
         run_blocking: Runner = _run_here,
         on_over: Callable[[Download], None] | None = None,
         on_unstored: Callable[[Download], None] | None = None,
-        write_errors: WriteErrors | None = None,
     ) -> None:
         self.digest = pending.digest
         self.expected_size = expected_size
@@ -187,9 +117,6 @@ class Download:
         self._run_blocking = run_blocking
         self._on_over = on_over
         self._on_unstored = on_unstored
-        self._write_errors = (
-            write_errors if write_errors is not None else WriteErrors(clock, self._metrics)
-        )
         self._state = _WRITING
         self._readers: list[DownloadReader] = []
         self._attached_ever = 0
@@ -263,7 +190,7 @@ class Download:
                 publish(self._pending.final_path, self._pending.temp_path, size, headers)
             except OSError as error:
                 # Other processes will not find it and fetch on their own: costly, not wrong.
-                self._write_errors.report(self.digest, error, "announce a download")
+                report_write_failure(self._pending.store, error, "announce a download")
         waiters, self._announce_waiters = self._announce_waiters, []
         for waiter in waiters:
             waiter.callback(size)
@@ -321,7 +248,7 @@ class Download:
 
     def _lose_store(self, error: BaseException, what: str) -> None:
         """The store failed under us: drop the file, go on from memory for our readers."""
-        self._write_errors.report(self.digest, error, what)
+        report_write_failure(self._pending.store, error, what)
         self.stored = False
         self._hash = self._pending.running_hash()
         self._file_end = self.received
@@ -418,7 +345,7 @@ class Download:
             )
             self.done.callback(False)
         except Exception as error:
-            self._write_errors.report(self.digest, error, "commit")
+            report_write_failure(self._pending.store, error, "commit")
             self._drop_pending()
             self.done.callback(False)
         else:
@@ -426,7 +353,7 @@ class Download:
         self._maybe_over()
 
     def _commit_failed(self, failure: Failure) -> None:
-        self._write_errors.report(self.digest, failure.value or OSError(), "sync")
+        report_write_failure(self._pending.store, failure.value or OSError(), "sync")
         withdraw(self._pending.final_path)
         self._drop_pending()
         self.done.callback(False)
@@ -555,153 +482,6 @@ class Download:
         return b""
 
 
-@implementer(IPushProducer)
-class DownloadReader:
-    """One client reading a download: its own position, its own pace.
-
-    ``fd`` is the reader's own descriptor of the download's file (closed when it is done),
-    or -1 when its source reads for it (``tail.RemoteDownload``).
-    """
-
-    def __init__(
-        self, download: ReaderSource, consumer: IConsumer, first: int, last: int | None, fd: int
-    ) -> None:
-        if first < 0 or (last is not None and last < first):
-            raise ValueError(f"bad range {first}-{last}")
-        self.download = download
-        self.consumer = consumer
-        self.position = first
-        self.sent = 0
-        self.done: Deferred[int] = Deferred()
-        self._last = last
-        self._fd = fd
-        self._paused = False
-        self._pumping = False
-        self._finished = False
-        # The last byte of a range, once arrived, waiting for the verdict (kept here when the
-        # source asks it to, so it does not have to keep every byte after it).
-        self._held: bytes | None = None
-
-    @property
-    def paused(self) -> bool:
-        return self._paused
-
-    def _end(self) -> int | None:
-        size = self.download.size
-        if self._last is None:
-            return size
-        return self._last + 1 if size is None else min(self._last + 1, size)
-
-    def _needs_bytes(self) -> bool:
-        """Whether the source must still keep bytes from ``position`` for this reader."""
-        if self._finished or self._held is not None:
-            return False
-        end = self._end()
-        return end is None or self.position < end
-
-    def _start(self) -> None:
-        self.consumer.registerProducer(self, True)
-        self._pump()
-
-    def _pump(self) -> None:
-        if self._pumping or self._finished:
-            return
-        self._pumping = True
-        try:
-            self._deliver()
-        except Exception:
-            # This reader's consumer or file broke: fail this reader alone, never the
-            # writer (whose dataReceived we may be inside) nor the other readers.
-            self.download.log.failure("a reader of {digest} failed", digest=self.download.digest)
-            self._fail(Failure())
-        finally:
-            self._pumping = False
-        if not self._finished:
-            self.download._reader_moved(self)
-
-    def _deliver(self) -> None:
-        download = self.download
-        while not self._paused and not self._finished:
-            end = self._end()
-            limit = download._limit_for(end)
-            if self.position >= limit:
-                break
-            if self._held is not None and end is not None and self.position == end - 1:
-                data = self._held
-            else:
-                data = download._read(
-                    self._fd, self.position, min(READ_CHUNK, limit - self.position)
-                )
-            if not data:
-                # The file is shorter than the writer said: never happens unless the
-                # temporary file was truncated under us; treat like a failed download.
-                self._fail(Failure(DownloadFailed("the download's file ended early")))
-                return
-            self.position += len(data)
-            self.sent += len(data)
-            self.consumer.write(data)
-        end = self._end()
-        if self._finished or end is None:
-            return
-        if download.verified and self.position >= end:
-            # Complete even if paused: the last bytes are with the consumer already.
-            self._complete()
-        elif (
-            self._held is None
-            and self.position == end - 1
-            and download._limit_for(None) + 1 >= end
-            and download._keeps_last_bytes
-        ):
-            self._held = download._read(self._fd, self.position, 1)
-
-    def _complete(self) -> None:
-        self._close()
-        self.done.callback(self.sent)
-
-    def _fail(self, failure: Failure) -> None:
-        if self._finished:
-            return
-        self._close()
-        self.done.errback(failure)
-
-    def _close(self) -> None:
-        self._finished = True
-        self._unregister()
-        self._close_fd()
-        self.download._detached(self)
-
-    def _close_fd(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def _unregister(self) -> None:
-        # A twisted.web Request whose client is gone has no channel to unregister from.
-        consumer: Any = self.consumer
-        if getattr(consumer, "channel", True) is not None:
-            consumer.unregisterProducer()
-
-    # IPushProducer
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-        if not self._pumping:
-            self.download._reader_moved(self)
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._pump()
-
-    def stopProducing(self) -> None:
-        """The client went away: leave the download (which goes on for the others)."""
-        if self._finished:
-            return
-        self._finished = True
-        self._close_fd()
-        self.download._detached(self)
-        self.done.errback(Failure(ReaderStopped()))
-
-
 class DownloadProtocol(Protocol):
     """Feeds an upstream response body (``response.deliverBody``) into a Download."""
 
@@ -753,7 +533,6 @@ class Downloads:
         self.orphan_budget = orphan_budget if orphan_budget is not None else OrphanBudget()
         self._metrics = metrics if metrics is not None else store.metrics
         self._run_blocking = run_blocking
-        self.write_errors = WriteErrors(clock, self._metrics)
         self._active: dict[str, Download] = {}
 
     def __len__(self) -> int:
@@ -780,7 +559,7 @@ class Downloads:
         try:
             pending = self.store.begin_write(digest)
         except OSError as error:
-            self.write_errors.report(digest, error, "start a download")
+            report_write_failure(self.store, error, "start a download")
             return None
         if pending is None:
             return None
@@ -797,7 +576,6 @@ class Downloads:
             run_blocking=self._run_blocking,
             on_over=self._over,
             on_unstored=self._over,
-            write_errors=self.write_errors,
         )
         self._active[digest] = download
         return download
@@ -805,3 +583,17 @@ class Downloads:
     def _over(self, download: Download) -> None:
         if self._active.get(download.digest) is download:
             del self._active[download.digest]
+
+
+__all__ = [
+    "READ_CHUNK",
+    "Abandoned",
+    "Download",
+    "DownloadFailed",
+    "DownloadProtocol",
+    "DownloadReader",
+    "Downloads",
+    "ReaderSource",
+    "ReaderStopped",
+    "WrongLength",
+]

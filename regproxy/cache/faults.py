@@ -5,6 +5,8 @@ it. This module names that outcome and reports it without flooding the log.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.logger import Logger
 
 from .metrics import CacheMetrics
@@ -70,3 +72,10 @@ class WriteFailures:
                 kind=kind,
                 what=", ".join(sorted(w for _, w in ended)),
             )
+
+
+def report_write_failure(store: Any, error: BaseException, what: str) -> None:
+    """A failed write of a download, counted and logged once per streak with the store's
+    own (which has already reported its ``StoreUnwritable`` failures itself)."""
+    if not isinstance(error, StoreUnwritable):
+        store.write_failures.failed("objects", what, error)

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.logger import Logger
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
@@ -30,107 +29,19 @@ from ..protocol.errors import OCIError
 from ..protocol.fetch import Answer, Body, BytesBody, Fetcher, RegistryRequest
 from ..protocol.mapping import upstream_name_of
 from ..protocol.reference import Kind
-from ..upstream.singleflight import SingleFlight
-from .access import ANONYMOUS, AccessMemory, Repository, accept_key, credential_key
+from .access import ANONYMOUS, accept_key, credential_key
 from .answers import BLOB_TYPE, DIGEST_HEADER, reading_answer, stored_answer
 from .bodies import DownloadFeed, VerifyingBody
-from .download import Download, DownloadFailed, DownloadReader, Downloads
-from .hot import HotObjects
+from .download import Download, DownloadFailed, DownloadReader
 from .manifests import MANIFEST_LIMIT, manifest_media_type, referenced_digests
 from .objects import is_cacheable
-from .store import CacheStore, StoredObject
-from .tail import RemoteDownloads
+from .state import Asked, Cache, Revalidated, announced_headers, guarded
+from .store import StoredObject
 
 # Upstream answers that mean "the upstream is failing", for stale-if-error.
 FAILING = frozenset({429, 500, 502, 503, 504})
 CACHED_KINDS = frozenset({Kind.BLOB, Kind.MANIFEST})
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
-class RouteCounts(Protocol):
-    """Where cache outcomes are counted (the metrics)."""
-
-    def cache_outcome(self, route: str, outcome: str) -> None: ...
-
-
-class _NoCounts:
-    def cache_outcome(self, route: str, outcome: str) -> None:
-        pass
-
-
-@attrs.frozen
-class _Asked:
-    """One request as the cache sees it."""
-
-    request: RegistryRequest
-    repository: Repository
-    # Hash of the client's own Authorization when clients' credentials are passed through;
-    # None when the route holds credentials (or needs none): then the route's admission is
-    # the access check.
-    credential: str | None
-
-    @property
-    def route(self) -> str:
-        return self.repository[0]
-
-    @property
-    def name(self) -> str:
-        return self.repository[1]
-
-    @property
-    def is_manifest(self) -> bool:
-        return self.request.target.kind is Kind.MANIFEST
-
-
-@attrs.frozen
-class _Revalidated:
-    status: int
-    digest: str | None
-
-
-class Cache:
-    """The cache's long-lived state, shared by the fetchers of every routing snapshot."""
-
-    log = Logger()
-
-    def __init__(
-        self,
-        store: CacheStore,
-        downloads: Downloads,
-        *,
-        clock: IReactorTime,
-        tag_ttl: float = 0.0,
-        stale_max_age: float = 7 * 86400.0,
-        idle_timeout: float = 60.0,
-        public_ttl: float = 600.0,
-        counts: RouteCounts | None = None,
-        remote: RemoteDownloads | None = None,
-    ) -> None:
-        # Downloads of other processes on the same directory, read along their files.
-        self.remote = remote
-        self.store = store
-        self.index = store.index
-        self.downloads = downloads
-        self.clock = clock
-        self.tag_ttl = tag_ttl
-        self.stale_max_age = stale_max_age
-        self.idle_timeout = idle_timeout
-        self.counts: RouteCounts = counts if counts is not None else _NoCounts()
-        self.access = AccessMemory(clock, public_ttl=public_ttl)
-        self.hot = HotObjects()
-        self.revalidating: SingleFlight[tuple[str, ...], _Revalidated] = SingleFlight()
-        # Per download: the client headers of the upstream's answer, for joiners.
-        self.download_headers: dict[Download, Headers] = {}
-        self.download_repository: dict[Download, Repository] = {}
-        self.children_recorded: set[tuple[str, str, str]] = set()
-        # Manifest digest -> its Content-Type (the upstream's, else from its bytes).
-        self.media_types: dict[str, bytes] = {}
-
-    def around(
-        self, inner: Fetcher, *, holds_credentials: Callable[[Route], bool]
-    ) -> CachingFetcher:
-        """This cache in front of ``inner``."""
-        return CachingFetcher(self, inner, holds_credentials=holds_credentials)
 
 
 class CachingFetcher:
@@ -155,7 +66,7 @@ class CachingFetcher:
             return await self.inner.fetch(request)
         name = upstream_name_of(request.target, request.route)
         assert name is not None
-        asked = _Asked(
+        asked = Asked(
             request=request,
             repository=(request.route.name, name),
             credential=None
@@ -185,7 +96,7 @@ class CachingFetcher:
 
     # -- content by digest ------------------------------------------------------------------
 
-    async def _by_digest(self, asked: _Asked, digest: str, *, retried: bool = False) -> Answer:
+    async def _by_digest(self, asked: Asked, digest: str, *, retried: bool = False) -> Answer:
         cache = self.cache
         request = asked.request
         holds = self.index.repository_holds(asked.route, asked.name, digest)
@@ -232,16 +143,15 @@ class CachingFetcher:
             return await self._bypass(request)
         try:
             download = cache.downloads.start(digest)
-        except OSError as error:
-            # The store cannot write (a full or read-only volume): the upstream serves the
-            # client, its bytes still verified on the fly.
-            self._store_failed(error)
+        except OSError:
+            # The store cannot write (a full or read-only volume; counted and logged by the
+            # store): the upstream serves the client, its bytes still verified on the fly.
             return await self._verified_pass_through(asked, digest)
         if download is None:
             return await self._elsewhere(asked, digest, retried=retried)
         return await self._download(asked, download, digest)
 
-    async def _elsewhere(self, asked: _Asked, digest: str, *, retried: bool) -> Answer:
+    async def _elsewhere(self, asked: Asked, digest: str, *, retried: bool) -> Answer:
         """Another process on this directory downloads ``digest`` (read along its file), or
         it is not this process's to store (too large, being evicted): verified pass-through."""
         remote = self.cache.remote.find(digest) if self.cache.remote is not None else None
@@ -254,7 +164,7 @@ class CachingFetcher:
         if not admitted:
             return await self._bypass(asked.request)
         try:
-            announced = await _guarded(remote.when_announced(), lambda: None)
+            announced = await guarded(remote.when_announced(), lambda: None)
         except DownloadFailed:
             # Its writer stopped before the upstream answered: this request is its own.
             if retried:
@@ -274,7 +184,7 @@ class CachingFetcher:
             attach, digest, headers, announced.size, asked.request.header(b"range")
         )
 
-    def _refetch(self, asked: _Asked, download: Download) -> None:
+    def _refetch(self, asked: Asked, download: Download) -> None:
         """This process takes over a download whose writer died: fetch it for the readers."""
 
         async def fetch() -> None:
@@ -285,7 +195,7 @@ class CachingFetcher:
                     body.discard()
                 download.fail(Failure(OCIError("UPSTREAM_UNAVAILABLE", "no content upstream")))
                 return
-            download.announce(body.length, _announced_headers(answer))
+            download.announce(body.length, announced_headers(answer))
             self._feed(download, body)
 
         ensureDeferred(fetch()).addErrback(download.fail)
@@ -297,7 +207,7 @@ class CachingFetcher:
             lambda _: download.finish(), lambda failure: download.fail(failure)
         )
 
-    async def _verified_pass_through(self, asked: _Asked, digest: str) -> Answer:
+    async def _verified_pass_through(self, asked: Asked, digest: str) -> Answer:
         request = asked.request
         if request.target.reference != digest:
             request = attrs.evolve(
@@ -312,7 +222,7 @@ class CachingFetcher:
             return attrs.evolve(answer, cache="bypass")
         return attrs.evolve(answer, body=VerifyingBody(answer.body, digest), cache="bypass")
 
-    async def _download(self, asked: _Asked, download: Download, digest: str) -> Answer:
+    async def _download(self, asked: Asked, download: Download, digest: str) -> Answer:
         cache = self.cache
         cache.download_repository[download] = asked.repository
         download.done.addBoth(self._download_over, download)
@@ -337,7 +247,7 @@ class CachingFetcher:
         # Before announcing: readers that joined while the upstream had not answered yet
         # resume on the announcement and take these headers (Content-Type above all).
         cache.download_headers[download] = headers
-        download.announce(body.length, _announced_headers(answer))
+        download.announce(body.length, announced_headers(answer))
         download.done.addCallback(self._committed, asked, digest)
         self._count(asked, "miss")
 
@@ -352,11 +262,11 @@ class CachingFetcher:
             cache="miss",
         )
 
-    async def _join(self, asked: _Asked, download: Download, digest: str) -> Answer | None:
+    async def _join(self, asked: Asked, download: Download, digest: str) -> Answer | None:
         """A client joining a download another request of this process started, once the
         upstream answered that request with the object (None: it did not)."""
         try:
-            size = await _guarded(download.when_announced(), lambda: None)
+            size = await guarded(download.when_announced(), lambda: None)
         except Exception:
             return None
         # Read only now: the headers of the upstream's answer, which may have arrived
@@ -369,7 +279,7 @@ class CachingFetcher:
 
     def _reading(
         self,
-        asked: _Asked,
+        asked: Asked,
         download: Download,
         digest: str,
         headers: Headers,
@@ -385,14 +295,14 @@ class CachingFetcher:
         self.cache.download_repository.pop(download, None)
         return result
 
-    def _committed(self, committed: bool, asked: _Asked, digest: str) -> bool:
+    def _committed(self, committed: bool, asked: Asked, digest: str) -> bool:
         if committed:
             self.index.record_repository_digest(asked.route, asked.name, digest)
             if asked.is_manifest:
                 self._record_children(asked, digest)
         return committed
 
-    def _record_children(self, asked: _Asked, digest: str) -> None:
+    def _record_children(self, asked: Asked, digest: str) -> None:
         obj = self.store.open_object(digest)
         if obj is None:
             return
@@ -401,7 +311,7 @@ class CachingFetcher:
         if data is not None:
             self._children_known(asked, digest, data)
 
-    def _children_known(self, asked: _Asked, digest: str, data: bytes) -> None:
+    def _children_known(self, asked: Asked, digest: str, data: bytes) -> None:
         """A manifest of R lists what R holds: record it once."""
         recorded = self.cache.children_recorded
         key = (asked.route, asked.name, digest)
@@ -422,7 +332,7 @@ class CachingFetcher:
     # -- hits -------------------------------------------------------------------------------
 
     def _serve(
-        self, asked: _Asked, obj: StoredObject, digest: str, outcome: str, *, stale: bool = False
+        self, asked: Asked, obj: StoredObject, digest: str, outcome: str, *, stale: bool = False
     ) -> Answer | None:
         """``obj`` as the answer (None: a manifest that cannot be served from the store)."""
         if asked.is_manifest:
@@ -463,7 +373,7 @@ class CachingFetcher:
 
     # -- access -----------------------------------------------------------------------------
 
-    def _whole(self, asked: _Asked, method: str, digest: str | None = None) -> RegistryRequest:
+    def _whole(self, asked: Asked, method: str, digest: str | None = None) -> RegistryRequest:
         """The request the cache sends upstream for ``asked``: the whole object (or a HEAD),
         by ``digest`` when given, with the client's credentials as the route sends them."""
         request = asked.request
@@ -479,7 +389,7 @@ class CachingFetcher:
             whole_object=True,
         )
 
-    async def _head(self, asked: _Asked, digest: str | None = None) -> int | None:
+    async def _head(self, asked: Asked, digest: str | None = None) -> int | None:
         """The status of a HEAD upstream for ``asked`` (None: the upstream failed)."""
         try:
             answer = await self.inner.fetch(self._whole(asked, "HEAD", digest))
@@ -490,7 +400,7 @@ class CachingFetcher:
         self._learn(asked, answer.status)
         return answer.status
 
-    async def _upstream_confirms(self, asked: _Asked, digest: str) -> bool:
+    async def _upstream_confirms(self, asked: Asked, digest: str) -> bool:
         """Whether the upstream says R holds ``digest`` (to this client)."""
         if await self._head(asked, digest) != 200:
             return False
@@ -499,7 +409,7 @@ class CachingFetcher:
             self.cache.access.admit(asked.repository, asked.credential)
         return True
 
-    async def _admitted(self, asked: _Asked, digest: str) -> bool:
+    async def _admitted(self, asked: Asked, digest: str) -> bool:
         """Whether this client may read R: always with the route's own credentials;
         otherwise once the upstream accepted the client's credential for R."""
         credential = asked.credential
@@ -514,13 +424,13 @@ class CachingFetcher:
 
         return await self.cache.access.check(asked.repository, credential, ask)
 
-    def _learn(self, asked: _Asked, status: int) -> None:
+    def _learn(self, asked: Asked, status: int) -> None:
         if asked.credential is not None:
             self.cache.access.learn(asked.repository, asked.credential, status)
 
     # -- tags -------------------------------------------------------------------------------
 
-    async def _by_tag(self, asked: _Asked) -> Answer:
+    async def _by_tag(self, asked: Asked) -> Answer:
         cache = self.cache
         request = asked.request
         tag = request.target.reference
@@ -557,7 +467,7 @@ class CachingFetcher:
             return await self._bypass(request)
         return await self._by_digest(asked, digest)
 
-    async def _revalidate(self, asked: _Asked, accepts: str) -> _Revalidated:
+    async def _revalidate(self, asked: Asked, accepts: str) -> Revalidated:
         """One manifest HEAD upstream for everyone asking for this tag with the same
         credential right now (never another credential's answer)."""
         key = (
@@ -568,16 +478,16 @@ class CachingFetcher:
             asked.credential or "",
         )
 
-        async def head() -> _Revalidated:
+        async def head() -> Revalidated:
             answer = await self.inner.fetch(self._whole(asked, "HEAD"))
             if answer.body is not None:
                 answer.body.discard()
             text = (answer.header(DIGEST_HEADER) or b"").decode("latin-1").strip()
-            return _Revalidated(answer.status, text if is_cacheable(text) else None)
+            return Revalidated(answer.status, text if is_cacheable(text) else None)
 
         return await self.cache.revalidating.run(key, head)
 
-    def _stale(self, asked: _Asked, record: Any) -> Answer | None:
+    def _stale(self, asked: Asked, record: Any) -> Answer | None:
         """The last known digest of the tag, if recent enough and still stored."""
         cache = self.cache
         if record is None or cache.clock.seconds() - record.confirmed_at > cache.stale_max_age:
@@ -603,32 +513,8 @@ class CachingFetcher:
 
     # -- bookkeeping ------------------------------------------------------------------------
 
-    def _count(self, asked: _Asked, outcome: str) -> None:
+    def _count(self, asked: Asked, outcome: str) -> None:
         self.cache.counts.cache_outcome(asked.route, outcome)
-
-    def _store_failed(self, error: OSError) -> None:
-        self.store.metrics.count("store_write_errors")
-        self.log.warn("the cache cannot write ({error}): serving from the upstream", error=error)
-
-
-def _announced_headers(answer: Answer) -> list[tuple[bytes, bytes]]:
-    """What readers in other processes need of the upstream's answer: its Content-Type."""
-    content_type = answer.header(b"content-type")
-    return [(b"content-type", content_type)] if content_type is not None else []
-
-
-def _guarded(source: Deferred[Any], on_cancel: Callable[[], None]) -> Deferred[Any]:
-    """A Deferred following ``source`` that may be cancelled (the client left) without
-    cancelling ``source``, which others share or which fires later on its own schedule:
-    cancelling runs ``on_cancel`` instead."""
-    waiter: Deferred[Any] = Deferred(lambda _: on_cancel())
-
-    def forward(result: object) -> None:
-        if not waiter.called:
-            waiter.callback(result) if not isinstance(result, Failure) else waiter.errback(result)
-
-    source.addBoth(forward)
-    return waiter
 
 
 __all__ = ["ANONYMOUS", "Cache", "CachingFetcher", "accept_key", "credential_key"]

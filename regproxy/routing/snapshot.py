@@ -18,7 +18,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from ..cache.fetcher import Cache
+from ..cache.fetcher import CachingFetcher
+from ..cache.state import Cache
 from ..config import Route
 from ..protocol.fetch import Fetcher
 from ..upstream.auth import UpstreamAuth
@@ -74,7 +75,7 @@ class RoutingFactory:
         follow = {route.name: self.follow_for(route) for route in table.routes}
         fetcher: Fetcher = UpstreamFetcher(upstream=upstream, auth=auth, follow_http=follow)
         if self.cache is not None:
-            fetcher = self.cache.around(fetcher, holds_credentials=auth.configured)
+            fetcher = CachingFetcher(self.cache, fetcher, holds_credentials=auth.configured)
         return Routing(
             table=table,
             upstream=upstream,

@@ -10,8 +10,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 
-from ..cache.fetcher import Cache
 from ..cache.scrub import Scrubber
+from ..cache.state import Cache
 from ..cache.store import verify_in_background
 from ..upstream.credentials import RunInThread
 

@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from regproxy.cache.download import Downloads
-from regproxy.cache.fetcher import Cache
+from regproxy.cache.state import Cache
 from regproxy.cache.store import open_store
 from regproxy.config import Config, Credentials, Route, Upstream
 from tests.support.inmemory import Answer, ProxyCase, build_tree

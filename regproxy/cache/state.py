@@ -1,0 +1,125 @@
+"""The cache's long-lived state (:class:`Cache`: the store, the downloads in progress, what
+the upstream said of access, small objects in memory) and the values the caching fetcher
+passes around. One ``Cache`` serves the fetchers of every routing snapshot, so a reload
+(SIGHUP) keeps the cache and its downloads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from ..protocol.fetch import Answer, RegistryRequest
+from ..protocol.reference import Kind
+from ..upstream.singleflight import SingleFlight
+from .access import AccessMemory, Repository
+from .download import Download, Downloads
+from .hot import HotObjects
+from .store import CacheStore
+from .tail import RemoteDownloads
+
+
+class RouteCounts(Protocol):
+    """Where cache outcomes are counted (the metrics)."""
+
+    def cache_outcome(self, route: str, outcome: str) -> None: ...
+
+
+class NoCounts:
+    def cache_outcome(self, route: str, outcome: str) -> None:
+        pass
+
+
+@attrs.frozen
+class Asked:
+    """One request as the cache sees it."""
+
+    request: RegistryRequest
+    repository: Repository
+    # Hash of the client's own Authorization when clients' credentials are passed through;
+    # None when the route holds credentials (or needs none): then the route's admission is
+    # the access check.
+    credential: str | None
+
+    @property
+    def route(self) -> str:
+        return self.repository[0]
+
+    @property
+    def name(self) -> str:
+        return self.repository[1]
+
+    @property
+    def is_manifest(self) -> bool:
+        return self.request.target.kind is Kind.MANIFEST
+
+
+@attrs.frozen
+class Revalidated:
+    status: int
+    digest: str | None
+
+
+class Cache:
+    """The cache's long-lived state, shared by the fetchers of every routing snapshot."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: CacheStore,
+        downloads: Downloads,
+        *,
+        clock: IReactorTime,
+        tag_ttl: float = 0.0,
+        stale_max_age: float = 7 * 86400.0,
+        idle_timeout: float = 60.0,
+        public_ttl: float = 600.0,
+        counts: RouteCounts | None = None,
+        remote: RemoteDownloads | None = None,
+    ) -> None:
+        # Downloads of other processes on the same directory, read along their files.
+        self.remote = remote
+        self.store = store
+        self.index = store.index
+        self.downloads = downloads
+        self.clock = clock
+        self.tag_ttl = tag_ttl
+        self.stale_max_age = stale_max_age
+        self.idle_timeout = idle_timeout
+        self.counts: RouteCounts = counts if counts is not None else NoCounts()
+        self.access = AccessMemory(clock, public_ttl=public_ttl)
+        self.hot = HotObjects()
+        self.revalidating: SingleFlight[tuple[str, ...], Revalidated] = SingleFlight()
+        # Per download: the client headers of the upstream's answer, for joiners.
+        self.download_headers: dict[Download, Headers] = {}
+        self.download_repository: dict[Download, Repository] = {}
+        self.children_recorded: set[tuple[str, str, str]] = set()
+        # Manifest digest -> its Content-Type (the upstream's, else from its bytes).
+        self.media_types: dict[str, bytes] = {}
+
+
+def announced_headers(answer: Answer) -> list[tuple[bytes, bytes]]:
+    """What readers in other processes need of the upstream's answer: its Content-Type."""
+    content_type = answer.header(b"content-type")
+    return [(b"content-type", content_type)] if content_type is not None else []
+
+
+def guarded(source: Deferred[Any], on_cancel: Callable[[], None]) -> Deferred[Any]:
+    """A Deferred following ``source`` that may be cancelled (the client left) without
+    cancelling ``source``, which others share or which fires later on its own schedule:
+    cancelling runs ``on_cancel`` instead."""
+    waiter: Deferred[Any] = Deferred(lambda _: on_cancel())
+
+    def forward(result: object) -> None:
+        if not waiter.called:
+            waiter.callback(result) if not isinstance(result, Failure) else waiter.errback(result)
+
+    source.addBoth(forward)
+    return waiter
