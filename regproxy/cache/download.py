@@ -541,8 +541,10 @@ class Downloads:
     def get(self, digest: str) -> Download | None:
         """The download of ``digest`` this process is running (or whose readers are still
         reading), to attach to. Never one that lost its file (``Download.joinable``): a
-        request finding none fetches on its own."""
-        return self._active.get(digest)
+        request finding none fetches on its own. Nor one that failed: its waiters are told
+        before it is over, and one that retries must start afresh."""
+        download = self._active.get(digest)
+        return None if download is None or download.failed else download
 
     def start(self, digest: str, expected_size: int | None = None) -> Download | None:
         """A new download of ``digest``, or None when this process may not write it: another
@@ -552,7 +554,8 @@ class Downloads:
 
         Call it before sending the upstream request, then ``announce`` the size when the
         headers arrive (unless given here)."""
-        if digest in self._active:
+        running = self._active.get(digest)
+        if running is not None and not running.failed:
             raise ValueError(f"{digest} is already being downloaded here; attach to it")
         if expected_size is not None and expected_size > self.store.max_size:
             return None

@@ -135,9 +135,10 @@ class CachingFetcher:
             joined = await self._join(asked, download, digest)
             if joined is not None:
                 return joined
-            # The download's own request was refused or failed: this client's is its own.
+            # The download's own request was refused or failed: this client's is its own
+            # (and, once more, its bytes verified on their way).
             if retried:
-                return await self._bypass(request)
+                return await self._verified_pass_through(asked, digest)
             return await self._by_digest(asked, digest, retried=True)
         if request.method == b"HEAD":
             return await self._bypass(request)
@@ -233,6 +234,9 @@ class CachingFetcher:
             raise
         self._learn(asked, answer.status)
         body = answer.body
+        if answer.status == 200 and asked.credential is not None:
+            # The upstream just served R to this credential: that is its access check.
+            self.cache.access.admit(asked.repository, asked.credential)
         if answer.status != 200 or body is None:
             # Not an object for the cache: joiners send their own requests; this client
             # gets the upstream's answer.
