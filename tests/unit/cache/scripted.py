@@ -33,14 +33,16 @@ OCI = b"application/vnd.oci.image.manifest.v1+json"
 ROUTE = Route(Upstream("https", "upstream.example"))
 
 
-def manifest(size: int = 0) -> bytes:
-    """An OCI manifest naming BLOB, padded with an annotation to about ``size`` bytes."""
+def manifest(size: int = 0, *, media_type: bytes | None = OCI) -> bytes:
+    """A manifest naming BLOB, padded with an annotation to about ``size`` bytes; without
+    a ``mediaType`` field when ``media_type`` is None (only its Content-Type says it)."""
     document: dict[str, Any] = {
         "schemaVersion": 2,
-        "mediaType": OCI.decode(),
         "config": {"digest": BLOB_DIGEST, "size": len(BLOB)},
         "layers": [],
     }
+    if media_type is not None:
+        document["mediaType"] = media_type.decode()
     if size:
         document["annotations"] = {"padding": "x" * size}
     return json.dumps(document).encode()

@@ -86,6 +86,32 @@ def test_a_joiner_whose_leader_was_refused_sends_its_own_request(made: list[Harn
     assert joined.status == 200 and h.read(joined) == BLOB
     gets = [s.authorization for s in h.inner.sent if s.method == b"GET"]
     assert gets == [None, GOOD]
+    # Its own request went through the cache: verified, and stored.
+    assert joined.cache == "miss" and h.store.contains(BLOB_DIGEST)
+
+
+def test_a_joiner_retrying_on_its_own_never_completes_wrong_bytes(made: list[Harness]) -> None:
+    held: list[Deferred[Answer]] = []
+    wrong = b"X" + BLOB[1:]
+
+    def answer(sent: Sent) -> Any:
+        if sent.method == b"GET" and sent.authorization is None:
+            d: Deferred[Answer] = Deferred()
+            held.append(d)
+            return d
+        if sent.method == b"GET":
+            return ok(wrong)  # the joiner's own GET: the right length, a wrong byte
+        return by_credential({GOOD})(sent)
+
+    h = harness(made, answer)
+    h.fetch(h.request(BLOB_DIGEST))
+    joiner = h.fetch(h.request(BLOB_DIGEST, authorization=GOOD))
+    held[0].callback(refused(401))
+    joined = result_of(joiner)
+    with pytest.raises(Exception) as cut:
+        h.read(joined)
+    assert getattr(cut.value, "kind", None) == "digest_mismatch"
+    assert not h.store.contains(BLOB_DIGEST)
 
 
 def test_a_joiner_whose_leader_failed_gets_a_502_not_a_500(made: list[Harness]) -> None:
@@ -229,9 +255,10 @@ def test_tag_revalidation_is_never_shared_across_credentials(made: list[Harness]
 def test_a_manifest_over_one_mib_keeps_its_media_type_and_lists_its_children(
     made: list[Harness],
 ) -> None:
-    data = manifest(size=1_700_000)
+    # No mediaType in the bytes: only the upstream's Content-Type says what it is.
+    data = manifest(size=1_700_000, media_type=None)
     digest = digest_of(data)
-    content_type = b"application/vnd.oci.image.manifest.v1+json"
+    content_type = b"application/vnd.docker.distribution.manifest.v2+json"
 
     def answer(sent: Sent) -> Answer:
         return ok(data if sent.reference == digest else BLOB, content_type)
