@@ -1,9 +1,9 @@
-"""An HTTP relay in front of a real registry that holds or refuses chosen requests.
+"""An HTTP relay in front of a real registry that holds, refuses or spoils chosen requests.
 
 Races between the proxy's clients become deterministic when the upstream answers one of
 them only once another has reached it: the test names, per request, what to wait for and
-whether to answer or hang up. Everything else is relayed as the registry answered it,
-streamed, multi-valued headers kept.
+whether to answer, hang up or send wrong bytes. Everything else is relayed as the
+registry answered it, streamed, multi-valued headers kept.
 """
 
 from __future__ import annotations
@@ -57,11 +57,13 @@ class Seen:
 class Hold:
     """What to do with a request: wait until ``until()`` holds (checked whenever another
     request is answered), then ``grace`` seconds more, then relay it or, with ``refuse``,
-    close the connection without an answer."""
+    close the connection without an answer. With ``corrupt`` the body's first byte is
+    flipped (the length stays right): an upstream, or a CDN, sending wrong bytes."""
 
     until: Callable[[], bool] = lambda: True
     grace: float = 0.0
     refuse: bool = False
+    corrupt: bool = False
 
 
 Rule = Callable[[Seen], Hold | None]
@@ -191,9 +193,12 @@ class _Handler(BaseHTTPRequestHandler):
             for name, value in headers:
                 self.send_header(name, value)
             self.end_headers()
-            if body:
-                self.wfile.write(body)
-            while chunk := response.read(64 * 1024):
+            spoil = hold is not None and hold.corrupt
+            while chunk := body or response.read(64 * 1024):
+                body = b""
+                if spoil:
+                    chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
+                    spoil = False
                 self.wfile.write(chunk)
             owner._done(seen, response.status)
         finally:
