@@ -14,6 +14,13 @@ class CurlResult:
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
+    # curl's exit status: 0 for a complete transfer; 18 (partial) or 56 for a body
+    # the server cut off (accepted only with ``cut_ok``).
+    exit_code: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.exit_code == 0
 
     def header(self, name: str) -> str | None:
         values = self.all(name)
@@ -29,15 +36,18 @@ class CurlResult:
         return [error["code"] for error in self.json()["errors"]]
 
 
-def curl(url: str, *args: str, timeout: float = 30) -> CurlResult:
-    """Run curl; ``args`` are curl options (-X, -H, -r ...). Redirects are not followed."""
+def curl(url: str, *args: str, timeout: float = 30, cut_ok: bool = False) -> CurlResult:
+    """Run curl; ``args`` are curl options (-X, -H, -r ...). Redirects are not followed.
+
+    ``cut_ok``: a body cut off after the headers is an answer too (see ``exit_code``)."""
     completed = subprocess.run(
         ["curl", "-sS", "--noproxy", "*", "-D", "-", "--max-time", str(timeout), *args, url],
         capture_output=True,
         timeout=timeout + 5,
         check=False,
     )
-    if completed.returncode not in (0, 18):  # 18: transfer closed early (HEAD with length)
+    accepted = (0, 18, 56) if cut_ok else (0, 18)  # 18 also: a HEAD with a length
+    if completed.returncode not in accepted:
         raise AssertionError(f"curl failed ({completed.returncode}): {completed.stderr!r}")
     raw = completed.stdout
     # Skip interim 1xx blocks; the last header block belongs to the final response.
@@ -52,7 +62,7 @@ def curl(url: str, *args: str, timeout: float = 30) -> CurlResult:
         headers.append((name.strip(), value.strip()))
     if "-I" in args or "--head" in args:
         body = b""  # curl prints the header block a second time as "output"
-    return CurlResult(status, headers, body)
+    return CurlResult(status, headers, body, completed.returncode)
 
 
 def head_has_no_body(host: str, port: int, path: str) -> bool:
