@@ -8,7 +8,8 @@ authorization.
   ``ACCESS_MEMORY`` seconds per (route, R, hash of the credential), never per repository
   alone.
 * A repository the upstream served to an anonymous request is remembered as public for
-  ``public_ttl`` seconds, and forgotten at once when the upstream refuses one (401, 403).
+  ``public_ttl`` seconds, and forgotten at once when the upstream refuses one (401, 403);
+  that is the only memory of what anonymous clients may read.
 """
 
 from __future__ import annotations
@@ -86,10 +87,16 @@ class AccessMemory:
             self._public.pop(repository, None)
 
     def remembered(self, repository: Repository, credential: str) -> bool:
+        if credential == ANONYMOUS:
+            return False  # what anonymous clients may read is the public memory's business
         key = (*repository, credential)
         return self._admitted.get(key, 0.0) > self.clock.seconds()
 
     def admit(self, repository: Repository, credential: str) -> None:
+        """The upstream accepted ``credential`` for R just now. For anonymous clients that
+        is what ``learn`` records, with the public TTL: never for longer."""
+        if credential == ANONYMOUS:
+            return
         now = self.clock.seconds()
         if len(self._admitted) > _MEMORY_LIMIT:
             self._admitted = {k: t for k, t in self._admitted.items() if t > now}

@@ -405,13 +405,19 @@ class CachingFetcher:
         return answer.status
 
     async def _upstream_confirms(self, asked: Asked, digest: str) -> bool:
-        """Whether the upstream says R holds ``digest`` (to this client)."""
-        if await self._head(asked, digest) != 200:
-            return False
-        self.index.record_repository_digest(asked.route, asked.name, digest)
-        if asked.credential is not None:
-            self.cache.access.admit(asked.repository, asked.credential)
-        return True
+        """Whether the upstream says R holds ``digest`` (to this client): one HEAD for
+        everyone with the same credential asking the same at the same moment."""
+
+        async def confirm() -> bool:
+            if await self._head(asked, digest) != 200:
+                return False
+            self.index.record_repository_digest(asked.route, asked.name, digest)
+            if asked.credential is not None:
+                self.cache.access.admit(asked.repository, asked.credential)
+            return True
+
+        key = (*asked.repository, asked.credential or "", digest)
+        return await self.cache.confirming.run(key, confirm)
 
     async def _admitted(self, asked: Asked, digest: str) -> bool:
         """Whether this client may read R: always with the route's own credentials;

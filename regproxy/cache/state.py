@@ -97,6 +97,8 @@ class Cache:
         self.access = AccessMemory(clock, public_ttl=public_ttl)
         self.hot = HotObjects()
         self.revalidating: SingleFlight[tuple[str, ...], Revalidated] = SingleFlight()
+        # Whether R holds a digest stored for another repository: one HEAD at a time.
+        self.confirming: SingleFlight[tuple[str, ...], bool] = SingleFlight()
         # Per download: the client headers of the upstream's answer, for joiners.
         self.download_headers: dict[Download, Headers] = {}
         self.download_repository: dict[Download, Repository] = {}

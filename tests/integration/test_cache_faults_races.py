@@ -269,15 +269,6 @@ def test_a_joiner_of_a_download_whose_upstream_connection_failed_gets_no_500(
     assert server_errors(proxy, path) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug: the joiner's own request goes through CachingFetcher._bypass, "
-        "unverified (200, complete wrong body): Download._fail_readers errbacks the "
-        "announce waiters before _maybe_over drops the download from Downloads, so the "
-        "retried _by_digest joins the failed download again and then bypasses"
-    ),
-)
 @pytest.mark.parametrize("leader", ["refused", "failed"])
 def test_the_own_request_of_a_joiner_whose_leader_got_nothing_is_verified_too(
     start_proxy,

@@ -290,3 +290,32 @@ def test_a_blob_stored_for_one_repository_needs_the_upstreams_word_for_another(
     h.inner.answer = answer
     allowed = result_of(h.fetch(h.request(BLOB_DIGEST, name="other")))
     assert allowed.status == 200 and allowed.cache == "hit"
+
+
+def test_anonymous_access_lasts_the_public_ttl_not_the_admission_memory(
+    made: list[Harness],
+) -> None:
+    h = harness(made, by_credential({None}))
+    h.fetcher.cache.access.public_ttl = 2.0
+    stored(h, authorization=None)
+    h.inner.answer = by_credential(set())  # made private
+    h.clock.advance(3)  # past the public TTL, well inside the admission memory
+    assert result_of(h.fetch(h.request(BLOB_DIGEST))).status == 401
+
+
+def test_confirmations_for_another_repository_are_single_flight(made: list[Harness]) -> None:
+    held: list[Deferred[Answer]] = []
+
+    def answer(sent: Sent) -> Any:
+        if sent.method == b"HEAD":
+            d: Deferred[Answer] = Deferred()
+            held.append(d)
+            return d
+        return ok(BLOB)
+
+    h = harness(made, answer, holds_credentials=True)
+    stored(h, authorization=None)
+    asked = [h.fetch(h.request(BLOB_DIGEST, name="other")) for _ in range(3)]
+    assert len(held) == 1  # one HEAD asks whether "other" holds it, for all three
+    held[0].callback(ok(BLOB, head=True))
+    assert [result_of(d).status for d in asked] == [200, 200, 200]
