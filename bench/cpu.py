@@ -1,7 +1,8 @@
 """CPU per request and per GiB, quickly, for comparing one change with the next.
 
-``python -m bench.cpu [--tls] [--servers regproxy,agent,treq,nginx] [--trees A,B]
-[--seconds 3] [--repeats 3] [--blob-size 256MiB] [--profile DIR]``
+``python -m bench.cpu [--tls] [--servers regproxy,regproxy-cache,nginx,nginx-cache,site,...]
+[--trees A,B] [--workers N] [--seconds 3] [--repeats 3] [--blob-size 256MiB] [--json FILE]
+[--profile DIR]``
 
 The full suite (``python -m bench``) takes half an hour and reports ratios; this takes a
 minute and reports only the figures a CPU change moves: the server's user + system CPU time
@@ -10,6 +11,14 @@ and per GiB of a blob fetched with curl. CPU time is what other people's load on
 machine disturbs least: their processes slow ours down in wall time, but hardly change how
 many CPU seconds ours need. Runs of each server alternate (A B A B ...), so a change in
 the machine's load during the run hits every server alike; the median is reported.
+
+Servers: ``regproxy`` (manifest by tag, uncached), ``regproxy-cache`` (``--cache-dir``),
+``nginx`` (proxy_pass), ``nginx-cache`` (proxy_cache of digest URLs) and the calibration
+servers of ``bench.calibrate`` (``site``, ``agent``, ``treq``, ``wire``, ``treq-wire``). The
+caching rows are measured on the manifest by digest after a warm-up, and the registry's
+access log must show none of those GETs (else the run stops: they were no hits); their blob
+rows are a hit (the big blob, fetched once before) and a miss (a cold blob of the same size,
+one per repeat). The RSS of every process of each server is read after its last run.
 
 ``--trees`` runs regproxy from other source trees too (``git archive COMMIT | tar -x -C
 DIR``), so a change can be compared with its parent in one run. ``--profile DIR`` runs one
