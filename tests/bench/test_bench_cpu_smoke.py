@@ -37,8 +37,9 @@ def test_cached_rows_are_hits_by_digest(figures: dict[str, Any]) -> None:
     for label in ("regproxy-cache", "nginx-cache"):
         row = figures[label]
         assert row["cached"] and row["manifest_reference"] == "digest"
-        # Not even a revalidating HEAD: a tag, or a cache not warmed, would show here.
-        assert row["upstream_get"] == row["upstream_head"] == [0.0]
+        # No GET; no revalidating HEAD per request either (by tag: one each). A worker the
+        # warm-up missed may check once that the repository holds the digest.
+        assert row["upstream_get"] == [0.0] and row["upstream_head"][0] < 0.01
         assert row["ms"][0] > 0 and row["rps"][0] > 0
     # The uncached row goes upstream on every request.
     assert figures["regproxy"]["manifest_reference"] == "tag"
