@@ -32,7 +32,7 @@ http {{
         server {upstream_host_port};
         keepalive 32;
     }}
-    server {{
+{cache_path}    server {{
         listen 127.0.0.1:{port}{listen_ssl};
 {listener_tls}        client_max_body_size 0;
         proxy_http_version 1.1;
@@ -43,7 +43,7 @@ http {{
 {tls}
         # /v2/ itself goes through as is; /v2/<name>/... gets the repository prefix.
         location = /v2/ {{ proxy_pass {scheme}://registry; }}
-        location /v2/ {{ proxy_pass {scheme}://registry/v2/{prefix}/; }}
+{cache_location}        location /v2/ {{ proxy_pass {scheme}://registry/v2/{prefix}/; }}
     }}
 }}
 """
@@ -52,6 +52,27 @@ NGINX_LISTENER_TLS = """\
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
+"""
+
+# With ``cache``: what is addressed by digest never changes, so it is kept under its URI
+# alone (whatever the client's Accept), an hour, one upstream fetch per URI at a time (the
+# lock); tags still go through uncached. A regular expression location wins over the
+# prefix location /v2/ below it (quoted: nginx reads braces as a block).
+NGINX_CACHE_PATH = """\
+    proxy_cache_path {dir}/cache levels=1:2 keys_zone=digests:10m inactive=1h
+                     use_temp_path=off;
+"""
+
+NGINX_CACHE_LOCATION = """\
+        location ~ "^/v2/(.+/(?:manifests|blobs)/sha256:[0-9a-f]{{64}})$" {{
+            proxy_pass {scheme}://registry/v2/{prefix}/$1;
+            proxy_cache digests;
+            proxy_cache_key $uri;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 300s;
+            proxy_cache_valid 200 1h;
+            proxy_ignore_headers Cache-Control Expires Set-Cookie Vary;
+        }}
 """
 
 NGINX_TLS = """\
@@ -80,8 +101,10 @@ class NginxProcess:
         ca_file: Path | None = None,
         workers: int = 1,
         listener_tls: tuple[Path, Path] | None = None,
+        cache: bool = False,
     ) -> None:
-        """*listener_tls*: (certificate, key) to serve HTTPS instead of HTTP."""
+        """*listener_tls*: (certificate, key) to serve HTTPS instead of HTTP; *cache*:
+        ``proxy_cache`` for manifests and blobs by digest (in *directory*/cache)."""
         self.directory = Path(directory)
         self.listener_tls = listener_tls
         self.upstream_host_port = upstream_host_port
@@ -89,6 +112,7 @@ class NginxProcess:
         self.scheme = scheme
         self.ca_file = ca_file
         self.workers = workers
+        self.cache = cache
         self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -119,6 +143,12 @@ class NginxProcess:
             tls=tls,
             scheme=self.scheme,
             prefix=self.prefix,
+            cache_path=NGINX_CACHE_PATH.format(dir=self.directory) if self.cache else "",
+            cache_location=(
+                NGINX_CACHE_LOCATION.format(scheme=self.scheme, prefix=self.prefix)
+                if self.cache
+                else ""
+            ),
         )
 
     def start(self) -> NginxProcess:
