@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import http.client
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,6 @@ def upstream_blob_gets(registry: RegistryServer, digest: str) -> int:
 BURST = 0.05
 """Seconds of unused pace a relay connection may catch up on at once."""
 
-_REQUEST_LINE = re.compile(rb"[A-Z]+ /\S* HTTP/1\.[01]\r\n")
 _BLOB_GET = re.compile(rb"GET /v2/[^ ]*/blobs/(sha256:[0-9a-f]{64}) ")
 
 
@@ -71,18 +71,25 @@ _BLOB_GET = re.compile(rb"GET /v2/[^ ]*/blobs/(sha256:[0-9a-f]{64}) ")
 class BlobAnswer:
     """When the relay passed the first and the last bytes of one answer to a blob GET."""
 
+    digest: str
     first: float
-    last: float
+    last: float | None = None
+    # Where the relay's time went meanwhile: waiting for the registry's bytes (recv), for
+    # regproxy to take them (send: regproxy reads slower than the pace), and pacing (sleep).
+    recv_s: float = 0.0
+    send_s: float = 0.0
+    sleep_s: float = 0.0
 
 
 class _Connection:
     """What one relayed connection carries: blob GETs sent up and not yet answered, and the
-    blob answer now passing (regproxy does not pipeline: the bytes that come back after a
-    request went up are its answer, until the next request)."""
+    blob answer now passing with the body bytes it still has to pass (regproxy does not
+    pipeline: the bytes that come back after a request went up are its answer)."""
 
     def __init__(self) -> None:
         self.asked: list[str] = []
         self.answering: BlobAnswer | None = None
+        self.body_left = 0
 
 
 class SlowRelay:
@@ -90,27 +97,32 @@ class SlowRelay:
     connection: an upstream slower than the clients (Docker Hub, a far region), which is
     what the cache's cold-blob target is about.
 
-    It notes when each answer to a blob GET passed (``answers``, by digest, in
-    ``time.monotonic()``): its first byte is the download's first byte, which clients' first
-    bytes are measured from, and its last byte the end of the download."""
+    It runs in a process of its own: in this one, 20 client threads would hold the GIL
+    between its chunks and slow the upstream down, which the figures would blame on
+    regproxy. It notes in ``journal`` (one JSON object a line) when each answer to a blob
+    GET passed (times are ``time.monotonic()``, the same clock in every process): its first
+    byte is the download's first byte, which clients' first bytes are measured from, and
+    its last byte the end of the download."""
 
-    def __init__(self, target_port: int, rate: float) -> None:
+    def __init__(self, target_port: int, rate: float, journal: Path) -> None:
         self.target_port = target_port
         self.rate = rate
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.blob_answers: dict[str, list[BlobAnswer]] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.journal = journal
+        self.journal.write_text("")
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.port = listener.getsockname()[1]
+        context = multiprocessing.get_context("fork")
+        self._process = context.Process(target=self._serve, args=(listener,), daemon=True)
+        self._process.start()
+        listener.close()  # the relay process's now
 
-    def _accept(self) -> None:
-        self.listener.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                continue
+    # -- in the relay process -----------------------------------------------------------------
+
+    def _serve(self, listener: socket.socket) -> None:
+        self._lock = threading.Lock()
+        self._out = self.journal.open("a")
+        while True:
+            client, _ = listener.accept()
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             carried = _Connection()
             threading.Thread(
@@ -120,13 +132,16 @@ class SlowRelay:
                 target=self._answers, args=(upstream, client, carried), daemon=True
             ).start()
 
+    def _note(self, answer: BlobAnswer) -> None:
+        with self._lock:
+            self._out.write(json.dumps(asdict(answer)) + "\n")
+            self._out.flush()
+
     def _requests(self, source: socket.socket, sink: socket.socket, carried: _Connection) -> None:
         try:
             while chunk := source.recv(64 * 1024):
                 # Noted before the request goes up, so its answer cannot come first.
                 with self._lock:
-                    if _REQUEST_LINE.match(chunk):
-                        carried.answering = None
                     carried.asked += [m.decode() for m in _BLOB_GET.findall(chunk)]
                 sink.sendall(chunk)
         except OSError:
@@ -140,35 +155,69 @@ class SlowRelay:
         # beyond BURST seconds' worth (which absorbs sleep's own lateness).
         free_at = time.monotonic()
         try:
+            waited = time.monotonic()
             while chunk := source.recv(64 * 1024):
                 now = time.monotonic()
+                answer = carried.answering
                 with self._lock:
-                    for digest in carried.asked:
-                        carried.answering = BlobAnswer(now, now)
-                        self.blob_answers.setdefault(digest, []).append(carried.answering)
-                    carried.asked.clear()
+                    asked, carried.asked = carried.asked[:1], carried.asked[1:]
+                if asked and answer is None:
+                    answer = carried.answering = BlobAnswer(asked[0], now)
+                    self._note(answer)
+                    head, _, body = chunk.partition(b"\r\n\r\n")
+                    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                    carried.body_left = int(length.group(1)) if length else 0
+                    carried.body_left -= len(body)
+                elif answer is not None:
+                    carried.body_left -= len(chunk)
                 sink.sendall(chunk)
-                if carried.answering is not None:
-                    carried.answering.last = time.monotonic()
-                free_at = max(free_at, time.monotonic() - BURST) + len(chunk) / self.rate
-                ahead = free_at - time.monotonic()
-                if ahead > 0:
-                    time.sleep(ahead)
+                sent = time.monotonic()
+                free_at = max(free_at, sent - BURST) + len(chunk) / self.rate
+                ahead = max(free_at - sent, 0.0)
+                if answer is not None:
+                    answer.recv_s += now - waited
+                    answer.send_s += sent - now
+                    answer.sleep_s += ahead
+                    if carried.body_left <= 0:
+                        answer.last = sent
+                        self._note(answer)
+                        carried.answering = None
+                time.sleep(ahead)
+                waited = time.monotonic()
         except OSError:
             pass
         finally:
             _shut(source, sink)
 
+    # -- in the benchmark's process -------------------------------------------------------------
+
     def answers_since(self, digest: str, since: float) -> list[BlobAnswer]:
-        with self._lock:
-            return sorted(
-                (a for a in self.blob_answers.get(digest, []) if a.first >= since),
-                key=lambda a: a.first,
-            )
+        """The answers to GETs of *digest* that began after *since*, the last word on each."""
+        latest: dict[float, BlobAnswer] = {}
+        for line in self.journal.read_text().splitlines():
+            answer = BlobAnswer(**json.loads(line))
+            if answer.digest == digest and answer.first >= since:
+                latest[answer.first] = answer
+        return [latest[first] for first in sorted(latest)]
+
+    def finished(self, digest: str, since: float) -> BlobAnswer | None:
+        """The first answer to a GET of *digest* after *since*, once the relay noted its
+        end (clients may finish before the relay wrote it down)."""
+
+        def ended() -> BlobAnswer | None:
+            answers = self.answers_since(digest, since)
+            return answers[0] if answers and answers[0].last is not None else None
+
+        with contextlib.suppress(AssertionError):
+            return eventually(ended, timeout=5, what=f"the relay's end of {digest}")
+        return None
 
     def close(self) -> None:
-        self._stop.set()
-        self.listener.close()
+        self._process.terminate()
+        self._process.join(5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
 
 
 def _shut(*sockets: socket.socket) -> None:
@@ -228,12 +277,35 @@ def upstream_blob_heads(registry: RegistryServer, digest: str) -> int:
 @dataclass(frozen=True)
 class ClientTiming:
     """One client's GET of a blob: when its first body byte and its last arrived
-    (``time.monotonic()``), and whether the body hashed to the digest."""
+    (``time.monotonic()``), whether the body hashed to the digest, and the seconds its
+    thread ran and waited for a CPU meanwhile."""
 
     first_byte: float | None
     done: float
     verified: bool
     error: str | None = None
+    sched: tuple[float, float] = (0.0, 0.0)
+
+
+def schedstat(path: str) -> tuple[float, float]:
+    """Seconds on a CPU and waiting on a run queue, from a ``schedstat`` file (0 when it is
+    gone or the kernel has no schedstats)."""
+    try:
+        ran, waited, _ = Path(path).read_text().split()
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
+def process_schedstat(pid: int) -> tuple[float, float]:
+    """``schedstat`` of every thread of *pid* and its children, summed."""
+    ran = waited = 0.0
+    for one in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{one}/task"):
+                r, w = schedstat(f"/proc/{one}/task/{task}/schedstat")
+                ran, waited = ran + r, waited + w
+    return ran, waited
 
 
 def hashing_client(
@@ -245,6 +317,7 @@ def hashing_client(
     first_byte = None
     try:
         ready.wait()
+        sched = schedstat("/proc/thread-self/schedstat")
         conn.request("GET", path)
         response = conn.getresponse()
         if response.status != 200:
@@ -260,7 +333,15 @@ def hashing_client(
         while count := response.readinto(buffer):
             hasher.update(view[:count])
         verified = "sha256:" + hasher.hexdigest() == digest
-        return ClientTiming(first_byte, time.monotonic(), verified, None if verified else "digest")
+        done = time.monotonic()
+        ran, waited = schedstat("/proc/thread-self/schedstat")
+        return ClientTiming(
+            first_byte,
+            done,
+            verified,
+            None if verified else "digest",
+            (ran - sched[0], waited - sched[1]),
+        )
     except (OSError, http.client.HTTPException, threading.BrokenBarrierError) as error:
         return ClientTiming(first_byte, time.monotonic(), False, repr(error))
     finally:
@@ -415,25 +496,28 @@ def cold_clients(
     )
     assert single.verified, single.error
     one_client = single.done - alone_started
-    (alone_answer,) = relay.answers_since(alone.blob.digest, alone_started - 1.0)
+    alone_answer = relay.finished(alone.blob.digest, alone_started - 1.0)
     if workers > 1:
         (proxy,) = proxies.values()
         conns, natural = spread_over_workers(endpoints[0], proxy, len(endpoints))
     else:
         conns, natural = open_at_once(endpoints), {}
     gets, heads = upstream_blob_gets(registry, digest), upstream_blob_heads(registry, digest)
-    cpu_before = {label: process_cpu_seconds(p.pid) for label, p in proxies.items()}
+    cpu_before = {label: process_schedstat(p.pid) for label, p in proxies.items()}
     own_before, busy_before = os.times(), machine_busy()
     since = time.monotonic()
     started, timings = clients_at_once(conns, path, digest)
     own_after, busy_after = os.times(), machine_busy()
+    cpu_after = {label: process_schedstat(p.pid) for label, p in proxies.items()}
     together = max(t.done for t in timings) - started
+    relay.finished(digest, since)
     answers = relay.answers_since(digest, since)
     download = answers[0] if answers else None
     first_bytes = sorted(
         t.first_byte - download.first for t in timings if t.first_byte is not None and download
     )
-    last_bytes = sorted(t.done - download.last for t in timings if download)
+    ended = download.last if download else None
+    last_bytes = sorted(t.done - ended for t in timings if ended is not None)
     cores = os.cpu_count() or 1
     return {
         "clients": len(timings),
@@ -445,11 +529,13 @@ def cold_clients(
         "errors": sorted({t.error for t in timings if t.error}),
         # Wall times from the moment the request(s) could be sent to the last byte.
         "one_client_s": one_client,
-        "one_client_download_s": alone_answer.last - alone_answer.first,
+        "one_client_download_s": alone_answer.last - alone_answer.first
+        if alone_answer and alone_answer.last
+        else None,
         "all_clients_s": together,
         "ratio": together / one_client,
         # The upstream answer's first to last byte through the relay, in the 20-client run.
-        "download_s": download.last - download.first if download else None,
+        "download_s": ended - download.first if download and ended else None,
         # Each client's first body byte after the upstream's answer began, and its last
         # byte after the upstream's answer ended.
         "first_byte_after_download_s": first_bytes,
@@ -458,15 +544,26 @@ def cold_clients(
         "natural_split": natural,
         "served_by": served_by(proxies, digest, len(timings)),
         "delivered_mb_s": len(timings) * cold.blob.size / MiB / together,
+        # CPU seconds used during the run: each proxy, the clients' threads, this whole
+        # process (clients and the relay), every process on the machine, and what the
+        # machine's cores could give in that time.
         "cpu_s": {
-            **{
-                label: process_cpu_seconds(p.pid) - cpu_before[label]
-                for label, p in proxies.items()
-            },
-            # The clients' threads (hashing), and the relay's.
-            "bench (clients, relay)": sum(own_after[:2]) - sum(own_before[:2]),
+            **{label: cpu_after[label][0] - cpu_before[label][0] for label in proxies},
+            "clients": sum(t.sched[0] for t in timings),
+            "bench": sum(own_after[:2]) - sum(own_before[:2]),
             "machine": (busy_after[0] - busy_before[0]) / os.sysconf("SC_CLK_TCK"),
-            "machine_available": cores * (time.monotonic() - since),
+            "available": cores * (time.monotonic() - since),
+        },
+        # Seconds runnable but waiting for a CPU (the machine's other load).
+        "run_queue_wait_s": {
+            **{label: cpu_after[label][1] - cpu_before[label][1] for label in proxies},
+            "clients": sum(t.sched[1] for t in timings),
+        },
+        # The relay's time during the upstream answer (see BlobAnswer).
+        "relay_s": {
+            "recv": download.recv_s if download else None,
+            "send": download.send_s if download else None,
+            "sleep": download.sleep_s if download else None,
         },
     }
 
@@ -546,7 +643,7 @@ def cold_behind_slow_upstream(
     --workers 2, then two processes on one cache directory (clients split between them);
     each on a cache directory of its own, so both blobs are cold again."""
     cold, alone = images["cold"], images["alone"]
-    relay = SlowRelay(registry.port, args.slow_rate)
+    relay = SlowRelay(registry.port, args.slow_rate, work / "relay.jsonl")
     try:
         upstream = ["--upstream", f"http://127.0.0.1:{relay.port}"]
         layouts: dict[str, list[list[str]]] = {
@@ -670,8 +767,7 @@ def report(result: dict[str, Any]) -> str:
             (
                 f"same, upstream at {slow['upstream_mb_s']:.0f} MB/s, {what}",
                 f"{slow['upstream_gets']} upstream GET(s), {slow['upstream_heads']} HEAD(s), "
-                f"verified: {slow['all_verified']}, last first byte "
-                + ("never" if first is None else f"+{first:.2f} s"),
+                f"verified: {slow['all_verified']}, last first byte " + seconds(first, "+"),
                 f"{slow['ratio']:.2f}x one client",
                 "1 GET, first bytes <= 1 s, <= 1.1x",
             )
@@ -684,9 +780,22 @@ def report(result: dict[str, Any]) -> str:
         rows.append(
             (
                 "",
-                f"download {slow['download_s']:.2f} s (alone {slow['one_client_download_s']:.2f}"
-                f" s), last byte +{last[-1]:.2f} s after it; CPU s: "
-                + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()),
+                f"download {seconds(slow['download_s'])} (alone "
+                f"{seconds(slow['one_client_download_s'])}), last client's last byte "
+                f"{seconds(last[-1] if last else None, '+')} after it",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "",
+                "CPU s: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+                + "; run-queue wait s: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in slow["run_queue_wait_s"].items())
+                + "; relay s: "
+                + ", ".join(f"{k} {seconds(v)}" for k, v in slow["relay_s"].items()),
                 "",
                 "",
             )
@@ -696,6 +805,10 @@ def report(result: dict[str, Any]) -> str:
         f"{a:<{width}}  {b:<40} {c:<18} {'target ' + d if d else ''}".rstrip()
         for a, b, c, d in rows
     )
+
+
+def seconds(value: float | None, sign: str = "") -> str:
+    return "-" if value is None else f"{sign}{value:.2f} s"
 
 
 def format_served(served: dict[str, int]) -> str:
