@@ -200,6 +200,11 @@ class SlowRelay:
                 latest[answer.first] = answer
         return [latest[first] for first in sorted(latest)]
 
+    @property
+    def pid(self) -> int:
+        assert self._process.pid is not None
+        return self._process.pid
+
     def finished(self, digest: str, since: float) -> BlobAnswer | None:
         """The first answer to a GET of *digest* after *since*, once the relay noted its
         end (clients may finish before the relay wrote it down)."""
@@ -503,12 +508,15 @@ def cold_clients(
     else:
         conns, natural = open_at_once(endpoints), {}
     gets, heads = upstream_blob_gets(registry, digest), upstream_blob_heads(registry, digest)
+    others = {"relay": relay.pid, "registry": registry.pid or 0}
     cpu_before = {label: process_schedstat(p.pid) for label, p in proxies.items()}
+    cpu_before |= {label: process_schedstat(pid) for label, pid in others.items()}
     own_before, busy_before = os.times(), machine_busy()
     since = time.monotonic()
     started, timings = clients_at_once(conns, path, digest)
     own_after, busy_after = os.times(), machine_busy()
     cpu_after = {label: process_schedstat(p.pid) for label, p in proxies.items()}
+    cpu_after |= {label: process_schedstat(pid) for label, pid in others.items()}
     together = max(t.done for t in timings) - started
     relay.finished(digest, since)
     answers = relay.answers_since(digest, since)
@@ -548,15 +556,15 @@ def cold_clients(
         # process (clients and the relay), every process on the machine, and what the
         # machine's cores could give in that time.
         "cpu_s": {
-            **{label: cpu_after[label][0] - cpu_before[label][0] for label in proxies},
+            **{label: cpu_after[label][0] - cpu_before[label][0] for label in cpu_after},
             "clients": sum(t.sched[0] for t in timings),
-            "bench": sum(own_after[:2]) - sum(own_before[:2]),
+            "bench": sum(own_after[:2]) - sum(own_before[:2]),  # the clients and the rest
             "machine": (busy_after[0] - busy_before[0]) / os.sysconf("SC_CLK_TCK"),
             "available": cores * (time.monotonic() - since),
         },
         # Seconds runnable but waiting for a CPU (the machine's other load).
         "run_queue_wait_s": {
-            **{label: cpu_after[label][1] - cpu_before[label][1] for label in proxies},
+            **{label: cpu_after[label][1] - cpu_before[label][1] for label in cpu_after},
             "clients": sum(t.sched[1] for t in timings),
         },
         # The relay's time during the upstream answer (see BlobAnswer).
