@@ -23,14 +23,16 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -478,6 +480,53 @@ def wait_for_workers(proxy: RegproxyProcess, count: int) -> None:
     eventually(serving, timeout=30, what=f"{count} workers serving")
 
 
+@contextlib.contextmanager
+def profiled(proxies: dict[str, RegproxyProcess], directory: Path | None) -> Iterator[None]:
+    """py-spy record (raw collapsed stacks, ``python -m bench.profile`` sums them up) of every
+    proxy process and its workers while the block runs. The sampler takes CPU of its own:
+    figures of a profiled run are for finding where the time goes, not for the table."""
+    if directory is None:
+        yield
+        return
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        raise SystemExit("--profile: py-spy is not on PATH (pip install py-spy)")
+    directory.mkdir(parents=True, exist_ok=True)
+    spies = [
+        subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(proxy.pid),
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--subprocesses",
+                "--format",
+                "raw",
+                "-o",
+                str(directory / f"{label.replace(' ', '-')}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for label, proxy in proxies.items()
+    ]
+    try:
+        time.sleep(0.5)  # py-spy attaches
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        for spy in spies:
+            try:
+                spy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+
+
 def cold_clients(
     endpoints: Sequence[Endpoint],
     proxies: dict[str, RegproxyProcess],
@@ -486,6 +535,7 @@ def cold_clients(
     cold: BlobImage,
     alone: BlobImage,
     workers: int,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """``len(endpoints)`` clients at once on the cold blob ``cold`` through the relay, against
     one client alone on the cold blob ``alone`` of the same size through ``endpoints[0]``:
@@ -513,7 +563,8 @@ def cold_clients(
     cpu_before |= {label: process_schedstat(pid) for label, pid in others.items()}
     own_before, busy_before = os.times(), machine_busy()
     since = time.monotonic()
-    started, timings = clients_at_once(conns, path, digest)
+    with profiled(proxies, profile):
+        started, timings = clients_at_once(conns, path, digest)
     own_after, busy_after = os.times(), machine_busy()
     cpu_after = {label: process_schedstat(p.pid) for label, p in proxies.items()}
     cpu_after |= {label: process_schedstat(pid) for label, pid in others.items()}
@@ -680,7 +731,14 @@ def cold_behind_slow_upstream(
                     "upstream_mb_s": args.slow_rate / MiB,
                     "layout": [" ".join(extra) or "-" for extra in layout],
                     **cold_clients(
-                        endpoints, proxies, relay, registry, cold, alone, workers=workers
+                        endpoints,
+                        proxies,
+                        relay,
+                        registry,
+                        cold,
+                        alone,
+                        workers=workers,
+                        profile=args.profile / key if args.profile else None,
                     ),
                 }
             finally:
@@ -834,6 +892,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs) and print its path"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy record every proxy during the slow-upstream runs, into this directory",
     )
     args = parser.parse_args(argv)
     args.blob_size = 8 * MiB if args.smoke else 512 * MiB
