@@ -9,7 +9,14 @@ affects both sides alike:
    connections), and regproxy's CPU per request on hits;
 3. RSS growth of regproxy while ``--streams`` clients read a cached blob at once;
 4. a cold blob pulled by ``--clients`` clients at once: upstream GETs (from the registry's
-   access log) and the time until every client has it, against one client alone.
+   access log) and the time until every client has it, against one client alone;
+5. the same behind an upstream slower than the clients (a relay at ~48 MB/s), in three
+   layouts: one process, ``--workers 2`` (clients spread evenly over the workers), and two
+   processes on one ``--cache-dir`` (clients split between them): upstream GETs and HEADs,
+   each client's first byte after the download's first byte, the wall time against one
+   client alone, which process (and worker) served whom, and where the CPU went.
+
+``--slow-only`` runs only 5; ``--profile DIR`` records every proxy with py-spy during 5.
 """
 
 from __future__ import annotations
@@ -106,9 +113,14 @@ class SlowRelay:
     byte is the download's first byte, which clients' first bytes are measured from, and
     its last byte the end of the download."""
 
-    def __init__(self, target_port: int, rate: float, journal: Path) -> None:
+    def __init__(self, target_port: int, rate: float, journal: Path | None = None) -> None:
         self.target_port = target_port
         self.rate = rate
+        self._own_journal = journal is None
+        if journal is None:
+            handle, name = tempfile.mkstemp(prefix="regproxy-relay-", suffix=".jsonl")
+            os.close(handle)
+            journal = Path(name)
         self.journal = journal
         self.journal.write_text("")
         listener = socket.create_server(("127.0.0.1", 0))
@@ -225,6 +237,8 @@ class SlowRelay:
         if self._process.is_alive():
             self._process.kill()
             self._process.join(5)
+        if self._own_journal:
+            self.journal.unlink(missing_ok=True)
 
 
 def _shut(*sockets: socket.socket) -> None:
