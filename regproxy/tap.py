@@ -535,7 +535,7 @@ def makeService(options: Options, reactor: Any = None, argv: list[str] | None = 
     config = options.config()
     if options["workers"] > 1 and options["as-worker"] is None:
         # Only what the supervisor runs: the serving side (the upstream client, the cache,
-        # the resources) is imported by workers alone (a test in test_workers.py pins it).
+        # the resources) is imported by workers alone (test_process_imports.py pins it).
         from .server.supervisor import build_supervisor
 
         return build_supervisor(

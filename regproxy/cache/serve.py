@@ -499,7 +499,8 @@ def transport_buffer_is_empty(transport: Any) -> bool:
     ``offset``, ``_tempDataLen``), isolated here on purpose: it is the safety check that our
     sendfile bytes never overtake bytes Twisted has yet to send. If Twisted renames these
     attributes this returns False, sendfile is never used (the producer still works), and
-    ``test_cache_serve.test_sendfile_is_used_on_plain_tcp`` fails to say so.
+    ``test_sendfile_is_used_on_plain_tcp`` (tests/integration/test_cache_serve_sockets.py)
+    fails to say so.
     """
     try:
         pending = len(transport.dataBuffer) - transport.offset + transport._tempDataLen

@@ -4,5 +4,5 @@ is).
 
 Nothing here talks to the network, starts a reactor or knows of the cache, the web layer or
 the upstream client: importing any of these modules loads no treq, no httptools and no
-reactor (``tests/unit/protocol/test_purity.py`` checks it).
+reactor (``tests/integration/test_protocol_purity.py`` checks it).
 """

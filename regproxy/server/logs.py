@@ -112,7 +112,7 @@ def choose_twist_log_observer(
     twist offers no public hook for a plugin's log format: it builds its observer, after
     ``makeService``, from ``fileLogObserverFactory`` in its own options, which are the
     plugin options' ``parent`` (``twisted.application.twist._options.TwistOptions``). This is
-    the only place regproxy relies on that; ``tests/unit/test_logs.py`` fails if twist
+    the only place regproxy relies on that; ``tests/unit/server/test_logs.py`` fails if twist
     changes it, and under any other runner (``twistd``, tests) nothing happens.
     """
     if "fileLogObserverFactory" not in twist_options:

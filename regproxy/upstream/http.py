@@ -53,8 +53,9 @@ class SentAsIs(EncodedURL):
     part and runs the host through IDNA: about 50 us per request here, for URLs that
     regproxy built from ASCII parts in the first place. treq accepts an ``EncodedURL``;
     this one is its own URI form, and renders its text once (it is immutable, and has no
-    user info for ``with_password`` to hide). ``tests/unit/test_agent_treq.py`` checks that
-    treq still sends such a URL byte for byte, so a treq change cannot go unnoticed.
+    user info for ``with_password`` to hide). ``tests/unit/upstream/test_agent_treq.py``
+    checks that treq still sends such a URL byte for byte, so a treq change cannot go
+    unnoticed.
     """
 
     _text: str | None = None

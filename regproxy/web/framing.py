@@ -11,7 +11,7 @@ not, and the proxy decodes no other coding anyway.
 
 Twisted's parser refuses the other ambiguous framings before this module sees them (a
 Content-Length beside a Transfer-Encoding, several Content-Length lines even if equal, one
-that is not all digits, two ``chunked`` lines): ``tests/unit/test_framing.py`` pins those
+that is not all digits, two ``chunked`` lines): ``tests/unit/web/test_framing.py`` pins those
 too. A registry read (GET, HEAD) has no body at all, so one that announces one (any
 Transfer-Encoding, a Content-Length other than ``0``) is refused the same way; only the
 OAuth2 ``POST /_token`` form has a body, of bounded size. One well-formed Host is required

@@ -309,7 +309,7 @@ class ProxyChannel(HTTPChannel):
         self.loseConnection()
 
     # HTTPChannel answers every malformed request through this private method and offers no
-    # public hook for the answer. This is regproxy's one use of it; tests/unit/test_site.py
+    # public hook for the answer. This is regproxy's one use of it; tests/unit/web/test_site.py
     # (test_malformed_requests_get_an_oci_error) fails if Twisted stops calling it.
     _respondToBadRequestAndDisconnect = answer_bad_request
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from twisted.application.service import IServiceMaker
@@ -41,31 +38,6 @@ def test_service_maker_is_discovered() -> None:
 
     assert maker.options is tap.Options
     assert maker.makeService is tap.makeService
-
-
-def test_twist_help() -> None:
-    environ = dict(os.environ)
-    environ.update(
-        {
-            "AUTH_HEADER": "Bearer HELPSECRET",
-            "REGISTRY_HOST": "gcr.io",
-            "PYTHONPATH": os.pathsep.join(
-                [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-            ),
-        }
-    )
-    result = subprocess.run(
-        [sys.executable, "-m", "twisted", "regproxy", "--help"],
-        cwd=REPO_ROOT,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    for option in ("--upstream", "--repo-prefix", "--port", "--auth-header", "--blob-redirects"):
-        assert option in result.stdout
-    assert "HELPSECRET" not in result.stdout + result.stderr
 
 
 def test_every_package_is_installed() -> None:

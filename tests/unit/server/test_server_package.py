@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "regproxy"
+PACKAGE = Path(__file__).resolve().parents[3] / "regproxy"
 
 
 def imported(path: Path) -> set[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.support.waiting import eventually
 
-from .cache_helpers import Server
+from .cache_processes import Server
 
 SCRIPT = Path(__file__).with_name("cache_coalesce_server.py")
 SIZE = 8 * 1024 * 1024

@@ -111,7 +111,7 @@ def test_the_readme_example_loads(tmp_path: Path) -> None:
 
 
 def test_the_readme_documents_every_key() -> None:
-    readme = (Path(__file__).parents[2] / "README.rst").read_text(encoding="utf-8")
+    readme = (Path(__file__).parents[3] / "README.rst").read_text(encoding="utf-8")
     section = readme.split("Many upstreams (routes)", 1)[1]
     assert [key for key in ROUTE_KEYS if f"``{key}``" not in section] == []
 
@@ -554,7 +554,7 @@ def test_config_default_route_is_the_route_without_selectors() -> None:
 
 def _readme_blocks() -> list[str]:
     """The literal blocks of the README's routes section, dedented."""
-    readme = (Path(__file__).parents[2] / "README.rst").read_text(encoding="utf-8")
+    readme = (Path(__file__).parents[3] / "README.rst").read_text(encoding="utf-8")
     section = readme.split("Many upstreams (routes)\n", 1)[1].split("\nDeployment\n", 1)[0]
     blocks, current, inside = [], [], False
     for line in section.splitlines():

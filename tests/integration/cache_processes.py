@@ -1,10 +1,9 @@
-"""Helpers for the cache tests: digests, a settable clock, and a helper process that uses the
-same cache directory (for the multi-process behaviour, with real processes and real locks)."""
+"""Helper processes for the cache tests that need real processes on one cache directory
+(real locks, real files)."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import selectors
@@ -17,21 +16,6 @@ from pathlib import Path
 from typing import Any
 
 WORKTREE = Path(__file__).resolve().parents[2]
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Helper:

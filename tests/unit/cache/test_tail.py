@@ -20,7 +20,7 @@ from regproxy.cache.store import DigestMismatch, open_store
 from regproxy.cache.tail import Announcement, RemoteDownload, RemoteDownloads, WriterLost
 
 from .cache_helpers import FakeClock, digest_of
-from .test_cache_download import BLOB, PARTS, outcome
+from .test_download import BLOB, PARTS, outcome
 
 DIGEST = digest_of(BLOB)
 TYPE = (b"content-type", b"application/vnd.oci.image.layer.v1.tar")

@@ -24,7 +24,7 @@ from regproxy.cache.download import (
 from regproxy.cache.store import DigestMismatch, PendingObject
 
 from .cache_helpers import digest_of
-from .test_cache_download import BLOB, PARTS, Harness, outcome, reader_on
+from .test_download import BLOB, PARTS, Harness, outcome, reader_on
 
 
 @pytest.fixture

@@ -3,10 +3,7 @@ back-off, signal forwarding and the drained exit (processes are recorded, never 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,59 +92,6 @@ def test_one_upstream_check_per_proxy_not_per_worker(
         workers = [f"{number}:99:tcp={sock.fileno()}" for number in (1, 2, 3)]
         counts = [checks(["--workers", "3", "--as-worker", worker]) for worker in workers]
     assert counts == [1, 0, 0]
-
-
-SUPERVISOR_SIDE = """
-import json, sys
-from twisted.internet.testing import MemoryReactorClock
-from regproxy.tap import Options, makeService
-
-options = Options(environ={})
-options.parseOptions(sys.argv[1:])
-service = makeService(options, reactor=MemoryReactorClock(), argv=[])
-service.startService()
-service.stopService()
-print(json.dumps(sorted(sys.modules)))
-"""
-# What only workers use: the upstream client and its parser, the cache, the resources,
-# the metrics (the supervisor serves none).
-WORKERS_ONLY = (
-    "treq",
-    "httptools",
-    "twisted.web.server",
-    "prometheus_client",
-    "regproxy.service",
-    "regproxy.web",
-    "regproxy.upstream",
-    "regproxy.cache.store",
-    "regproxy.cache.fetcher",
-    "regproxy.routing.snapshot",
-    "regproxy.server.endpoints",
-    "regproxy.server.listen_tls",
-)
-
-
-def test_the_supervisor_loads_nothing_only_workers_use(tmp_path: Path) -> None:
-    """Each process of ``--workers N`` pays for what it imports in memory: the supervisor,
-    which serves nothing, must not carry the serving side. A fresh interpreter runs the
-    supervisor's path (options, makeService, start and stop) and lists its modules."""
-    args = ["--workers", "2", "--cache-dir", str(tmp_path / "cache")]
-    args += ["--port", "tcp:0:interface=127.0.0.1", "--metrics-port", "tcp:0:interface=127.0.0.1"]
-    run = subprocess.run(
-        [sys.executable, "-c", SUPERVISOR_SIDE, *args],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
-    modules = set(json.loads(run.stdout.splitlines()[-1]))
-    assert "regproxy.server.supervisor" in modules  # the path did run
-    loaded = [
-        name
-        for name in modules
-        if any(name == one or name.startswith(one + ".") for one in WORKERS_ONLY)
-    ]
-    assert loaded == []
 
 
 def test_listener_descriptions_are_read_by_twisted_and_bound_by_the_supervisor() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -120,11 +118,3 @@ def test_plain_http_hint_for_a_tls_failure_on_https() -> None:
 def test_no_plain_http_hint_for_other_failures_or_http_upstreams() -> None:
     assert plain_http_hint(Upstream.from_url("127.0.0.1:5000"), "connect") is None
     assert plain_http_hint(Upstream.from_url("http://127.0.0.1:5000"), "tls") is None
-
-
-def test_module_does_not_import_the_reactor() -> None:
-    code = (
-        "import sys, regproxy.server.upstream_health; "
-        "sys.exit('twisted.internet.reactor' in sys.modules)"
-    )
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
