@@ -539,10 +539,8 @@ class Downloads:
         return len(self._active)
 
     def get(self, digest: str) -> Download | None:
-        """The download of ``digest`` this process is running (or whose readers are still
-        reading), to attach to. Never one that lost its file (``Download.joinable``): a
-        request finding none fetches on its own. Nor one that failed: its waiters are told
-        before it is over, and one that retries must start afresh."""
+        """The download of ``digest`` to attach to: never one that lost its file or failed
+        (its waiters hear of it before it is over; one that retries starts afresh)."""
         download = self._active.get(digest)
         return None if download is None or download.failed else download
 
