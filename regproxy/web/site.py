@@ -19,6 +19,22 @@ from .observe import ClientAddress, Metrics, access_log
 from .record import RequestRecord
 
 SERVER = b"regproxy"
+ACCESS_FIELDS = (
+    "request_id",
+    "client",
+    "method",
+    "path",
+    "status",
+    "bytes",
+    "duration",
+    "upstream_status",
+    "route",
+    "endpoint",
+    "error_kind",
+    "complete",
+    "cache",
+)
+ACCESS_FIELDS_WORKER = (*ACCESS_FIELDS, "worker")
 # Error kinds that are the client's doing (see regproxy.upstream.body and run_async).
 CLIENT_KINDS = frozenset({"client_gone", "client_stalled"})
 CONNECTION_DONE = Failure(ConnectionDone())
@@ -200,6 +216,9 @@ class ProxyRequest(Request):
             error_kind=exchange.error_kind,
             complete=result is None,
             cache=exchange.cache,
+            # Every field above is a plain JSON value: the JSON observer takes them as they
+            # are instead of sorting through the whole event (a few per cent of a hit's CPU).
+            plain_fields=ACCESS_FIELDS if site.worker is None else ACCESS_FIELDS_WORKER,
             **extra,
         )
 
@@ -245,8 +264,9 @@ class ProxyChannel(HTTPChannel):
             self._arrival_deadline = self.callLater(self.timeOut, self._arrived_too_slowly)
         super().dataReceived(data)
 
-    # The name of the last header line (lower case): what a folded line continues.
-    _header_name = b""
+    # The last header line that was not itself a continuation: what a folded line continues
+    # (its name is worked out only then: folded lines are rare, header lines are not).
+    _header_line = b""
     # Set once a folded framing header was refused: nothing more is read.
     _refused_framing = False
 
@@ -254,7 +274,7 @@ class ProxyChannel(HTTPChannel):
         if self._refused_framing:
             return
         if line[:1] in (b" ", b"\t"):
-            if self._header_name in FOLD_REFUSED:
+            if self._header_line.partition(b":")[0].strip().lower() in FOLD_REFUSED:
                 # A front proxy that does not unfold obs-fold lines would read this
                 # Transfer-Encoding or Content-Length differently: request smuggling.
                 self._refused_framing = True
@@ -262,7 +282,7 @@ class ProxyChannel(HTTPChannel):
                 refuse_and_close(self.transport, error, head=False)
                 return
         else:
-            self._header_name = line.partition(b":")[0].strip().lower()
+            self._header_line = line
         super().lineReceived(line)
 
     def rawDataReceived(self, data: bytes) -> None:

@@ -288,12 +288,12 @@ def test_no_deadline_runs_while_a_request_is_answered_even_with_the_next_arrivin
     assert len(held.waiting) == 1
     channel.dataReceived(b"GET /c HTTP/1.1\r\n")  # more arrives while /a is answered
     clock.advance(30)
-    assert b"408" not in transport.value()
+    assert b"HTTP/1.1 408" not in transport.value()
     held.waiting[0].write(b"a")
     held.waiting[0].finish()  # /b starts at once, before /a's watchers are told
     assert len(held.waiting) == 2
     clock.advance(30)
-    assert b"408" not in transport.value() and not transport.disconnecting
+    assert b"HTTP/1.1 408" not in transport.value() and not transport.disconnecting
     held.waiting[1].finish()
     for byte in b"Host: a\r\nX-Slow: yyyy":  # /c goes on trickling: its deadline runs now
         channel.dataReceived(bytes([byte]))
