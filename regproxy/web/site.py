@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from typing import Any
@@ -47,12 +48,22 @@ FOLD_REFUSED = frozenset({b"transfer-encoding", b"content-length", b"host"})
 MAX_REQUEST_BODY = 64 * 1024
 
 
+# Request ids: a random prefix per process and a counter, 16 hex digits, unique across
+# workers and restarts without asking the kernel for randomness on every request.
+_ID_PREFIX = secrets.token_hex(4)
+_ids = itertools.count(1)
+
+
+def next_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ids) & 0xFFFFFFFF:08x}"
+
+
 class ProxyRequest(Request):
     site: ProxySite
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.request_id = secrets.token_hex(8)
+        self.request_id = next_request_id()
         self.record = RequestRecord()
         self._received = 0
         # Set once the request was refused at the framing level: nothing more of it is read.
@@ -245,6 +256,15 @@ class ProxyChannel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.open_channels.add(self)  # type: ignore[attr-defined]
+
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        # Asked once per request by twisted.web (a getsockname() each time); a connection's
+        # own address never changes.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
         self.site.open_channels.discard(self)  # type: ignore[attr-defined]

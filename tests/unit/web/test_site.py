@@ -299,3 +299,29 @@ def test_no_deadline_runs_while_a_request_is_answered_even_with_the_next_arrivin
         channel.dataReceived(bytes([byte]))
         clock.advance(0.5)
     assert b"HTTP/1.1 408 " in transport.value()
+
+
+def test_request_ids_are_sixteen_hex_digits_and_never_repeat() -> None:
+    from regproxy.web.site import next_request_id
+
+    ids = [next_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(len(one) == 16 and int(one, 16) >= 0 for one in ids)
+
+
+def test_a_connection_asks_its_transport_for_its_address_once() -> None:
+    """twisted.web asks the channel for its own address on every request: on a keep-alive
+    connection that would be one getsockname() per request."""
+    from regproxy.web.site import ProxyChannel
+
+    class CountingTransport(StringTransport):
+        asked = 0
+
+        def getHost(self) -> Any:
+            CountingTransport.asked += 1
+            return super().getHost()
+
+    channel = ProxyChannel()
+    channel.transport = CountingTransport()
+    first, second = channel.getHost(), channel.getHost()
+    assert first is second and CountingTransport.asked == 1
