@@ -9,7 +9,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
 from ..protocol.errors import error_body
-from ..protocol.fetch import Answer, BytesBody, RegistryRequest
+from ..protocol.fetch import Answer, Body, BytesBody, RegistryRequest
 from .bodies import Attach, DownloadBody, StoredBody
 from .metrics import CacheMetrics
 from .serve import ByteRange, Unsatisfiable, parse_range
@@ -68,10 +68,17 @@ def stored_answer(
     outcome: str,
     stale: bool = False,
     clock: IReactorTime | None = None,
+    prebuilt: dict[tuple[str, bytes], Headers] | None = None,
 ) -> Answer:
     """A stored object as the answer to ``request``: Range and If-Range honoured against
-    the digest's ETag (content by digest never changes)."""
+    the digest's ETag (content by digest never changes). ``prebuilt`` keeps the headers of
+    whole answers per object, built once."""
     etag = b'"' + digest.encode() + b'"'
+    whole = not stale and request.header(b"range") is None
+    headers = prebuilt.get((digest, media_type)) if whole and prebuilt is not None else None
+    if headers is not None:
+        # The same headers for every whole answer of this object (they are only read).
+        return Answer(200, headers, _body(obj, 0, obj.size, metrics, clock), cache=outcome)
     headers = Headers(
         {
             b"content-type": [media_type],
@@ -80,6 +87,11 @@ def stored_answer(
             b"accept-ranges": [b"bytes"],
         }
     )
+    if whole and prebuilt is not None:
+        if len(prebuilt) > 10_000:
+            prebuilt.clear()
+        prebuilt[(digest, media_type)] = headers
+        return Answer(200, headers, _body(obj, 0, obj.size, metrics, clock), cache=outcome)
     if stale:
         headers.setRawHeaders(b"warning", [STALE_WARNING])
     if_range = request.header(b"if-range")
@@ -98,9 +110,15 @@ def stored_answer(
         headers.setRawHeaders(
             b"content-range", [b"bytes %d-%d/%d" % (chosen.first, chosen.last, obj.size)]
         )
+    return Answer(status, headers, _body(obj, first, end, metrics, clock), cache=outcome)
+
+
+def _body(
+    obj: StoredObject, first: int, end: int, metrics: CacheMetrics, clock: IReactorTime | None
+) -> Body:
     if obj.data is not None:
-        data = obj.data[first:end]
+        data = obj.data[first:end] if first or end != obj.size else obj.data
         obj.close()
         metrics.count("bytes_from_cache", len(data))
-        return Answer(status, headers, BytesBody(data), cache=outcome)
-    return Answer(status, headers, StoredBody(obj, first, end, metrics, clock), cache=outcome)
+        return BytesBody(data)
+    return StoredBody(obj, first, end, metrics, clock)

@@ -373,6 +373,7 @@ class CachingFetcher:
             outcome=outcome,
             stale=stale,
             clock=self.cache.clock,
+            prebuilt=self.cache.answer_headers,
         )
 
     # -- access -----------------------------------------------------------------------------

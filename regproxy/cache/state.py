@@ -96,6 +96,8 @@ class Cache:
         self.counts: RouteCounts = counts if counts is not None else NoCounts()
         self.access = AccessMemory(clock, public_ttl=public_ttl)
         self.hot = HotObjects()
+        # Per (digest, Content-Type): the headers of a whole answer, built once.
+        self.answer_headers: dict[tuple[str, bytes], Headers] = {}
         self.revalidating: SingleFlight[tuple[str, ...], Revalidated] = SingleFlight()
         # Whether R holds a digest stored for another repository: one HEAD at a time.
         self.confirming: SingleFlight[tuple[str, ...], bool] = SingleFlight()

@@ -88,7 +88,10 @@ def proxy_answers_pings(table: RouteTable) -> bool:
 
 def namespace_of(request: Request) -> str | None:
     """containerd's ``?ns=`` (the registry a mirror request is for), if any."""
-    for key, value in parse_qsl(request.uri.partition(b"?")[2].decode("latin-1")):
+    query = request.uri.partition(b"?")[2]
+    if not query:
+        return None
+    for key, value in parse_qsl(query.decode("latin-1")):
         if key == "ns":
             return value
     return None
