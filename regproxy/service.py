@@ -214,6 +214,10 @@ def build_service(
         route = routing[0]().table.by_name(name) if routing else None
         return route.upstream if route is not None else None
 
+    health_log = UpstreamHealthLog(reactor)
+    # What fails while the process stops (a lookup whose thread pool stopped) is not the
+    # upstream failing.
+    reactor.addSystemEventTrigger("before", "shutdown", health_log.quiet)
     root = build_root(
         config,
         client=http_for(config.default_route),
@@ -223,7 +227,7 @@ def build_service(
         http_for=http_for,
         follow_for=follow_for,
         # A failing upstream is logged once per route and kind, summarised, and its recovery.
-        health=HealthReport(UpstreamHealthLog(reactor), upstream_of),
+        health=HealthReport(health_log, upstream_of),
         cache=cache,
         run_in_thread=thread_pool,
     )

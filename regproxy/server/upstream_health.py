@@ -74,6 +74,13 @@ class UpstreamHealthLog:
         if log is not None:
             self.log = log
         self._outages: dict[tuple[str, str], _Outage] = {}
+        self._quiet = False
+
+    def quiet(self) -> None:
+        """The process is stopping: exchanges cut short by the shutdown (a name lookup
+        whose thread pool stopped, a connection closed under it) say nothing of the
+        upstream, and are not logged as its failures."""
+        self._quiet = True
 
     def failed(self, route: str, kind: str, cause: str, hint: str | None = None) -> None:
         """Record one failed exchange with the upstream of ``route``.
@@ -82,6 +89,8 @@ class UpstreamHealthLog:
         failed for host gcr.io``); it never holds credentials. ``hint`` is an optional
         suggestion (see ``plain_http_hint``), logged with the first failure only.
         """
+        if self._quiet:
+            return
         now = self.clock.seconds()
         key = (route, kind)
         outage = self._outages.get(key)

@@ -9,14 +9,16 @@ from typing import Any
 import pytest
 from twisted.application.twist._options import TwistOptions
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, LogLevel, textFileLogObserver
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from regproxy.server.logs import (
     LogFormat,
     choose_twist_log_observer,
     json_line,
+    json_lines_per_turn,
     jsonLineFileLogObserver,
+    text_lines_per_turn,
 )
 from regproxy.tap import Options
 
@@ -132,22 +134,22 @@ def test_twist_still_chooses_its_observer_from_its_options() -> None:
     assert options.subOptions.parent is options
     assert "fileLogObserverFactory" in options
     choose_twist_log_observer(options, None)
-    assert options["fileLogObserverFactory"] is jsonLineFileLogObserver
+    assert options["fileLogObserverFactory"] is json_lines_per_turn
 
 
 def test_twist_text_format_stays_text() -> None:
     options = twist_options("--log-format", "text", "regproxy")
     choose_twist_log_observer(options, None)
-    assert options["fileLogObserverFactory"] is textFileLogObserver
+    assert options["fileLogObserverFactory"] is text_lines_per_turn
 
 
 def test_plugin_option_wins_over_twist_choice() -> None:
     options = twist_options("--log-format", "text", "regproxy", "--log-format", "json")
     choose_twist_log_observer(options, options.subOptions["log-format"])
-    assert options["fileLogObserverFactory"] is jsonLineFileLogObserver
+    assert options["fileLogObserverFactory"] is json_lines_per_turn
     options = twist_options("--log-format", "json", "regproxy", "--log-format", "text")
     choose_twist_log_observer(options, options.subOptions["log-format"])
-    assert options["fileLogObserverFactory"] is textFileLogObserver
+    assert options["fileLogObserverFactory"] is text_lines_per_turn
 
 
 def test_other_runners_are_left_alone() -> None:
@@ -165,3 +167,31 @@ def test_an_access_line_is_the_message_eventAsText_would_make(line: str) -> None
         event, includeTraceback=True, includeTimestamp=False, includeSystem=False
     )
     assert json.loads(json_line(event))["message"] == expected == line
+
+
+def test_log_lines_of_one_reactor_turn_leave_in_one_write() -> None:
+    """FileLogObserver writes and flushes every event: with PYTHONUNBUFFERED, a write
+    system call per request (the access line)."""
+    import io
+
+    from twisted.internet.task import Clock
+
+    from regproxy.server.logs import OncePerTurn
+
+    class Counting(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            Counting.writes += 1
+            return super().write(text)
+
+    out, clock = Counting(), Clock()
+    batched = OncePerTurn(out, clock.callLater, limit=1000)
+    for line in ("a\n", "b\n", "c\n"):
+        batched.write(line)
+        batched.flush()
+    assert out.getvalue() == "" and Counting.writes == 0
+    clock.advance(0)
+    assert out.getvalue() == "a\nb\nc\n" and Counting.writes == 1
+    batched.write("x" * 1000)  # past the limit: written at once, not held
+    assert Counting.writes == 2 and clock.getDelayedCalls() == []

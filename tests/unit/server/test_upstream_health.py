@@ -118,3 +118,23 @@ def test_plain_http_hint_for_a_tls_failure_on_https() -> None:
 def test_no_plain_http_hint_for_other_failures_or_http_upstreams() -> None:
     assert plain_http_hint(Upstream.from_url("127.0.0.1:5000"), "connect") is None
     assert plain_http_hint(Upstream.from_url("http://127.0.0.1:5000"), "tls") is None
+
+
+def test_failures_while_the_process_stops_are_not_the_upstreams() -> None:
+    log, _, events = health()
+    log.quiet()
+    log.failed("default", "dns", "the host name does not resolve")
+    assert events == []
+
+
+def test_the_service_quiets_its_health_log_before_shutdown() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from regproxy.tap import Options, makeService
+
+    reactor = MemoryReactorClock()
+    options = Options(environ={})
+    options.parseOptions(["--upstream", "http://127.0.0.1:5000", "--port", "tcp:0"])
+    makeService(options, reactor=reactor, argv=[])
+    before = reactor.triggers.get("before", {}).get("shutdown", [])
+    assert any(getattr(call[0], "__name__", "") == "quiet" for call in before)
