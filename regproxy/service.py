@@ -16,7 +16,7 @@ from twisted.web.server import Request
 from .cache.budget import OrphanBudget
 from .cache.download import Downloads
 from .cache.state import Cache
-from .cache.store import open_store
+from .cache.store import CacheStore, open_store
 from .cache.tail import RemoteDownloads, inotify_notifier
 from .config import Config, Route, Upstream
 from .routing.matching import RouteTable
@@ -140,10 +140,10 @@ def client_factories(
 
 def build_cache(
     config: Config, metrics: Metrics, reactor: Any, thread_pool: RunInThread
-) -> Cache | None:
+) -> tuple[CacheStore | None, Cache | None]:
     """The pull-through cache of --cache-dir, its store opened (and cleaned up) now."""
     if config.cache is None:
-        return None
+        return None, None
     settings = config.cache
     store = open_store(
         settings.directory,
@@ -158,7 +158,7 @@ def build_cache(
         run_blocking=thread_pool,
         orphan_budget=OrphanBudget(settings.abandoned_limit),
     )
-    return Cache(
+    return store, Cache(
         store,
         downloads,
         clock=reactor,
@@ -207,7 +207,7 @@ def build_service(
     metrics = Metrics(multiprocess=worker is not None)
     readiness = Readiness()
     thread_pool = lambda work: deferToThreadPool(reactor, reactor.getThreadPool(), work)  # noqa: E731
-    cache = build_cache(config, metrics, reactor, thread_pool)
+    cache_store, cache = build_cache(config, metrics, reactor, thread_pool)
     routing: list[CurrentRouting] = []  # filled once the tree exists
 
     def upstream_of(name: str) -> Upstream | None:
@@ -288,9 +288,9 @@ def build_service(
             serves="metrics",
             close_delay=config.drain_delay,
         ).setServiceParent(top)
-    if cache is not None and config.cache is not None:
+    if cache_store is not None and config.cache is not None:
         CacheUpkeep(
-            cache,
+            cache_store,
             reactor,
             thread_pool,
             verify=config.cache.verify,

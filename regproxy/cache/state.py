@@ -21,7 +21,7 @@ from ..upstream.singleflight import SingleFlight
 from .access import AccessMemory, Repository
 from .download import Download, Downloads
 from .hot import HotObjects
-from .store import CacheStore
+from .storage import ObjectStore
 from .tail import RemoteDownloads
 
 
@@ -73,7 +73,7 @@ class Cache:
 
     def __init__(
         self,
-        store: CacheStore,
+        store: ObjectStore,
         downloads: Downloads,
         *,
         clock: IReactorTime,

@@ -11,8 +11,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 
 from ..cache.scrub import Scrubber
-from ..cache.state import Cache
-from ..cache.store import verify_in_background
+from ..cache.store import CacheStore, verify_in_background
 from ..upstream.credentials import RunInThread
 
 CACHE_RESCAN_INTERVAL = 60.0
@@ -27,18 +26,18 @@ class CacheUpkeep(Service):
 
     def __init__(
         self,
-        cache: Cache,
+        store: CacheStore,
         reactor: Any,
         thread_pool: RunInThread,
         *,
         verify: bool,
         scrub_interval: float = 0.0,
     ) -> None:
-        self.cache = cache
+        self.store = store
         # Each slice of hashing runs in the thread pool: the reactor never waits on a disk.
         runner: Any = thread_pool
         self.scrubber = (
-            Scrubber(cache.store, reactor, interval=scrub_interval, runner=runner)
+            Scrubber(store, reactor, interval=scrub_interval, runner=runner)
             if scrub_interval > 0
             else None
         )
@@ -64,7 +63,7 @@ class CacheUpkeep(Service):
         return DeferredList(stopped).addCallback(lambda _: None)
 
     def _rescan(self) -> None:
-        self.cache.store.rescan()
+        self.store.rescan()
 
     def _verify(self) -> None:
         def done(corrupt: list[str]) -> None:
@@ -72,4 +71,4 @@ class CacheUpkeep(Service):
 
         # The runner returns what the work returns (deferToThreadPool does).
         runner: Any = self.thread_pool
-        ensureDeferred(verify_in_background(self.cache.store, runner)).addCallback(done)
+        ensureDeferred(verify_in_background(self.store, runner)).addCallback(done)
