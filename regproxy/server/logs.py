@@ -148,6 +148,10 @@ class OncePerTurn:
         self._pending = None
         self._write()
 
+    def write_held(self) -> None:
+        """Write what is held now (the process is stopping)."""
+        self._write()
+
     def _write(self) -> None:
         if not self._held:
             return
@@ -164,7 +168,11 @@ def flushed_once_per_turn(out: IO[Any]) -> Any:
     """
     from twisted.internet import reactor
 
-    return OncePerTurn(out, reactor.callLater)
+    batched = OncePerTurn(out, reactor.callLater)
+    # The last lines of a stopping process (the supervisor's "every worker drained") are
+    # written as the reactor shuts down, not only at the interpreter's exit.
+    reactor.addSystemEventTrigger("after", "shutdown", batched.write_held)
+    return batched
 
 
 def json_lines_per_turn(out: IO[Any]) -> FileLogObserver:
