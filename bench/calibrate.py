@@ -9,9 +9,9 @@
   the prefix, ``Accept`` goes upstream, status, content headers and body come back;
 - ``treq``: the same relay through ``treq.HTTPClient`` over that Agent (unbuffered);
 - ``wire``: the relay through regproxy's own agent and connection protocol
-  (``regproxy.upstream.agent`` over ``regproxy.upstream.wire``);
+  (``regproxy.upstream._pool`` over ``regproxy.upstream._connection``);
 - ``treq-wire``: the relay through regproxy's treq client over that agent, exactly as
-  regproxy builds it (``regproxy.upstream.http.make_client``): the floor under regproxy
+  regproxy builds it (``regproxy.upstream.treq_client.make_client``): the floor under regproxy
   while treq stays its forwarding API and twisted.web its server.
 
 None logs, validates, rewrites or counts anything: regproxy's figure minus these is what
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.kind == "site":
         resource = Fixed(args.body.read_bytes(), args.content_type.encode())
     elif args.kind in ("wire", "treq-wire"):
-        from regproxy.upstream.http import CachedEndpoints, make_client, make_pool
-        from regproxy.upstream.tls import tls_context
+        from regproxy.upstream._tls import tls_context
+        from regproxy.upstream.treq_client import CachedEndpoints, make_client, make_pool
 
         ca = str(args.upstream_ca) if args.upstream_ca else None
         pool = make_pool(reactor)

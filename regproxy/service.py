@@ -32,10 +32,9 @@ from .server.startup import StartupReport, holds_credentials
 from .server.upstream_check import checks_upstreams, upstream_checks
 from .server.upstream_health import HealthReport, UpstreamHealthLog
 from .server.worker import WorkerRole
-from .upstream.agent import UpstreamPool
 from .upstream.client import HealthObserver
 from .upstream.credentials import RunInThread
-from .upstream.http import make_client, make_pool
+from .upstream.treq_client import UpstreamPool, make_client, make_pool
 from .web.browser import BrowserRedirect, NotFound
 from .web.health import Health, Readiness
 from .web.metrics import MetricsPage

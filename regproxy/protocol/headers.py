@@ -54,7 +54,7 @@ DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {
 }
 
 # The upstream's own Content-Encoding, hidden from treq's decoder so the bytes pass as sent
-# (see regproxy.upstream.http).
+# (see regproxy.upstream.treq_client).
 HIDDEN_CONTENT_ENCODING = b"x-regproxy-upstream-content-encoding"
 USER_AGENT = b"regproxy/0.1"
 

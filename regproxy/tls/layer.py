@@ -12,7 +12,7 @@ sees the transport interface it would see under Twisted's layer (``ITransport``,
 ``ISSLTransport``, producers), so twisted.web's ``HTTPChannel`` and regproxy's upstream
 connection run on it unchanged.
 
-Upstream connections (``regproxy.upstream.tls``) and ``ssl:`` listeners
+Upstream connections (``regproxy.upstream._tls``) and ``ssl:`` listeners
 (``regproxy.server.listen_tls``) use it; docs/benchmarks.rst has what it saves.
 """
 

@@ -88,7 +88,7 @@ def _reasons(error: BaseException) -> Iterable[BaseException]:
 
 
 def _tls_errors() -> tuple[type[BaseException], ...]:
-    # ssl.SSLError: regproxy's own TLS to upstreams (regproxy.upstream.tls); SSL.Error:
+    # ssl.SSLError: regproxy's own TLS to upstreams (regproxy.upstream._tls); SSL.Error:
     # pyOpenSSL's, should a Twisted TLS layer sit under a connection.
     kinds: list[type[BaseException]] = [ssl.SSLError, SSL.Error]
     try:

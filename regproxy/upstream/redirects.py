@@ -33,8 +33,8 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from ..config import Upstream
+from ._tls import TLSEndpoint
 from .client import RedirectRefused
-from .tls import TLSEndpoint
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # (host, port) -> the addresses it resolves to.

@@ -23,9 +23,9 @@ from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from bench.seed import upload_blob
-from regproxy.upstream.agent import PooledAgent
-from regproxy.upstream.http import CachedEndpoints
-from regproxy.upstream.tls import tls_context
+from regproxy.upstream._pool import PooledAgent
+from regproxy.upstream._tls import tls_context
+from regproxy.upstream.treq_client import CachedEndpoints
 from tests.support.registry import RegistryServer, registry_binary
 from tests.support.tls import make_ca_and_cert
 from tests.support.tools import require_tools

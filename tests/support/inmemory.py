@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from regproxy.config import Config, Route, Upstream
 from regproxy.service import build_root
-from regproxy.upstream.http import IdentityEncodingAgent, NoCookies
+from regproxy.upstream.treq_client import IdentityEncodingAgent, NoCookies
 from regproxy.web.health import Readiness
 from regproxy.web.observe import Metrics
 from regproxy.web.root import Root

@@ -78,3 +78,21 @@ def test_imports_go_down_the_layers(path: pathlib.Path) -> None:
 def test_no_module_is_over_600_lines() -> None:
     lines = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in MODULES}
     assert {name: n for name, n in lines.items() if n > 600} == {}
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_private_modules_are_imported_only_inside_their_package(path: pathlib.Path) -> None:
+    """``_name.py`` hides behind its package's face (``upstream/_pool.py`` behind
+    ``upstream/treq_client.py``): nothing outside the package imports it."""
+    here = part_of(path)
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            parts = node.module.split(".")
+            private = [p for p in parts if p.startswith("_") and p != "__future__"]
+            if not private:
+                continue
+            package = parts[parts.index(private[0]) - 1] if node.level == 0 else None
+            owner = package if package not in (None, "regproxy") else here
+            if node.level >= 2 or (node.level == 0 and owner != here):
+                raise AssertionError(f"{path.name} imports the private {node.module}")

@@ -7,7 +7,7 @@ from twisted.web.http_headers import Headers
 
 from regproxy.config import Route, Upstream
 from regproxy.protocol.headers import URLRewriter, response_headers, upstream_request_headers
-from regproxy.upstream.http import HIDDEN_CONTENT_ENCODING
+from regproxy.upstream.treq_client import HIDDEN_CONTENT_ENCODING
 
 UA = b"regproxy/0.1 customDomain/proxy.example"
 ROUTE = Route(Upstream("https", "upstream.example"), prefix="proj")

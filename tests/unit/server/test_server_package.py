@@ -46,5 +46,5 @@ def test_the_tls_layer_imports_nothing_of_regproxy() -> None:
 def test_the_import_reader_resolves_relative_imports() -> None:
     """The checks above are only as good as this reader: it sees ``from ..server import x``."""
     assert "regproxy.server.startup" in imported(PACKAGE / "service.py")
-    assert "regproxy.tls.layer" in imported(PACKAGE / "upstream" / "tls.py")
+    assert "regproxy.tls.layer" in imported(PACKAGE / "upstream" / "_tls.py")
     assert "regproxy.server.startup.StartupError" in imported(PACKAGE / "server" / "listen.py")

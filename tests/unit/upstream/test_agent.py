@@ -1,6 +1,6 @@
-"""The protocol battery of regproxy's own agent (regproxy.upstream.agent), in memory.
+"""The protocol battery of regproxy's own agent (regproxy.upstream._pool), in memory.
 
-Every test runs the real connection protocol (``regproxy.upstream.wire``) over a
+Every test runs the real connection protocol (``regproxy.upstream._connection``) over a
 ``StringTransport``: the upstream's bytes are fed to it as a socket would, so what is tested
 is framing, reuse and loss as they happen on the wire, not a fake's idea of them.
 """
@@ -22,7 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
-from regproxy.upstream.agent import PooledAgent, UpstreamPool, host_value, should_retry
+from regproxy.upstream._pool import PooledAgent, UpstreamPool, host_value, should_retry
 from tests.support.inmemory import SyncProducer
 
 
@@ -494,7 +494,7 @@ def test_upstream_sockets_are_read_in_larger_pieces() -> None:
     """Plain TCP and TLS (whose transport wraps the TCP one) alike; never smaller."""
     from twisted.internet import tcp
 
-    from regproxy.upstream.wire import READ_SIZE, read_larger
+    from regproxy.upstream._connection import READ_SIZE, read_larger
 
     class Socket:
         bufferSize = tcp.Connection.bufferSize
@@ -521,7 +521,7 @@ def test_a_real_tcp_connection_gets_the_larger_read_size() -> None:
     """Twisted's own TCP transport class, so a Twisted change cannot hide."""
     from twisted.internet import tcp
 
-    from regproxy.upstream.wire import READ_SIZE, read_larger
+    from regproxy.upstream._connection import READ_SIZE, read_larger
 
     connection = tcp.Connection.__new__(tcp.Connection)
     read_larger(connection)

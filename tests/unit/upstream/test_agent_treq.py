@@ -1,4 +1,4 @@
-"""treq's per-request work that regproxy skips (regproxy.upstream.http.ProxyHTTPClient)."""
+"""treq's per-request work that regproxy skips (regproxy.upstream.treq_client.ProxyHTTPClient)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from regproxy.upstream.http import NoCookies, ProxyHTTPClient, SentAsIs, wire_url
+from regproxy.upstream.treq_client import NoCookies, ProxyHTTPClient, SentAsIs, wire_url
 
 
 @implementer(IAgent)

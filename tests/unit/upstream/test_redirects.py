@@ -19,9 +19,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI, Agent
 
 from regproxy.config import BlobRedirects, Config, Route, Upstream
+from regproxy.upstream._tls import tls_context
 from regproxy.upstream.client import RedirectRefused
 from regproxy.upstream.redirects import GuardedEndpoints, address_kind, check_scheme
-from regproxy.upstream.tls import tls_context
 from tests.support.inmemory import DIGEST, Answer, ProxyCase, build_tree, in_memory_client
 
 UPSTREAM = Upstream("https", "registry.example")

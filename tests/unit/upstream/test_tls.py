@@ -1,4 +1,4 @@
-"""TLS to upstreams (regproxy.upstream.tls) against a real Twisted TLS server on loopback.
+"""TLS to upstreams (regproxy.upstream._tls) against a real Twisted TLS server on loopback.
 
 Verification (the operator's CA, the host name, the platform's trust alone), the TLS
 failure kind a bad certificate gets, plaintext of one socket read going up in one piece,
@@ -20,9 +20,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
+from regproxy.upstream._tls import TLSEndpoint, tls_context
 from regproxy.upstream.client import FailureKind, UpstreamClient, UpstreamFailure
-from regproxy.upstream.http import make_client, make_pool
-from regproxy.upstream.tls import TLSEndpoint, tls_context
+from regproxy.upstream.treq_client import make_client, make_pool
 from tests.support.tls import make_ca_and_cert
 
 BODY = bytes(range(256)) * 4096  # 1 MiB: 64 records of 16 KiB

@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
 from regproxy.upstream.client import FailureKind, UpstreamClient, UpstreamFailure
-from regproxy.upstream.http import make_client, make_pool
+from regproxy.upstream.treq_client import make_client, make_pool
 from tests.support.ports import free_port
 
 

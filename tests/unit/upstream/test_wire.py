@@ -1,4 +1,4 @@
-"""The upstream connection protocol (regproxy.upstream.wire) on its own, in memory.
+"""The upstream connection protocol (regproxy.upstream._connection) on its own, in memory.
 
 test_agent.py runs it under the pool; these tests drive one connection directly: body
 flow control, the ends of bodies, request bodies, and randomized reads and garbage (a
@@ -22,7 +22,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 
-from regproxy.upstream.wire import ClientConnection, OutgoingRequest, RequestNotSent
+from regproxy.upstream._connection import ClientConnection, OutgoingRequest, RequestNotSent
 from tests.support.inmemory import SyncProducer
 
 

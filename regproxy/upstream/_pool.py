@@ -7,7 +7,7 @@ put back and its ``cancel`` when it is taken again (two heap operations in the r
 Host value recomputed, the endpoint looked up through the factory. This agent keeps what
 matters and does the rest once per origin:
 
-- the wire protocol is :class:`regproxy.upstream.wire.ClientConnection` (llhttp parsing,
+- the wire protocol is :class:`regproxy.upstream._connection.ClientConnection` (llhttp parsing,
   chunked and fixed-length bodies, HEAD, 1xx, ``Connection: close``, body transports with
   backpressure, cancellation): this module only decides which connection a request goes on;
 - idle connections wait in a list per origin (most recently used first, so the rest age
@@ -37,7 +37,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from .wire import ClientConnection, OutgoingRequest, RequestNotSent
+from ._connection import ClientConnection, OutgoingRequest, RequestNotSent
 
 Key = tuple[bytes, bytes, int]  # scheme, host, port
 

@@ -28,9 +28,11 @@ from zope.interface import implementer
 
 from ..config import Upstream
 from ..protocol.headers import HIDDEN_CONTENT_ENCODING
-from .agent import UpstreamPool
+
+# The connection pool lives in a private module: the wiring takes it from here.
+from ._pool import UpstreamPool as UpstreamPool
+from ._tls import TLSEndpoint, tls_context
 from .redirects import GuardedEndpoints
-from .tls import TLSEndpoint, tls_context
 
 
 class NoCookies(CookieJar):
