@@ -65,6 +65,12 @@ def test_a_second_pull_makes_no_upstream_get(
         assert result.digest == upstream[ref]
     # Tags were revalidated with HEADs (free on Docker Hub); nothing was downloaded again.
     assert upstream_gets(upstream) == before
+    # What the cache served reaches /metrics (it once counted into nothing).
+    metrics = curl(proxy.url + "/metrics").body.decode()
+    served = re.search(
+        r'regproxy_cache_events_total\{name="bytes_from_cache"\} ([0-9.e+]+)', metrics
+    )
+    assert served is not None and float(served.group(1)) > 0
     proxy.stop()
     outcomes = {e.get("cache") for e in proxy.log_events() if e.get("endpoint") == "blob"}
     assert {"miss", "hit"} <= outcomes
