@@ -45,6 +45,23 @@ def _as_body_failure(failure: Failure) -> Failure:
     return Failure(CacheBodyFailed(getattr(failure.value, "kind", "body"), str(failure.value)))
 
 
+def _followed(source: Deferred[int], stop: Callable[[], None]) -> Deferred[int]:
+    """What a body's ``deliver`` returns for a producer's ``done``: the same outcome (a
+    failure as a ``CacheBodyFailed`` with its kind), and cancelling it stops the producer."""
+    done: Deferred[int] = Deferred(lambda _: stop())
+
+    def forward(result: int | Failure) -> None:
+        if done.called:
+            return
+        if isinstance(result, Failure):
+            done.errback(_as_body_failure(result))
+        else:
+            done.callback(result)
+
+    source.addBoth(forward)
+    return done
+
+
 class StoredBody:
     """Bytes ``[first, end)`` of a stored object: verified as they go when this process
     has not hashed the object yet, else ``sendfile`` on plain TCP."""
@@ -69,16 +86,11 @@ class StoredBody:
         producer = object_producer(
             request, self.obj, self.first, self.end, metrics=self._metrics, clock=self._clock
         )
-        done: Deferred[int] = Deferred(lambda _: producer.stopProducing())
+        done = _followed(producer.done, producer.stopProducing)
 
-        def counted(result: int | Failure) -> None:
+        def counted(result: object) -> object:
             self._metrics.count("bytes_from_cache", producer.sent)
-            if done.called:
-                return
-            if isinstance(result, Failure):
-                done.errback(_as_body_failure(result))
-            else:
-                done.callback(result)
+            return result
 
         producer.done.addBoth(counted)
         producer.start()
@@ -119,18 +131,7 @@ class DownloadBody:
     def deliver(self, consumer: IConsumer) -> Deferred[int]:
         reader = self.attach(consumer, self.first, self.last)
         self._used()
-        done: Deferred[int] = Deferred(lambda _: reader.stopProducing())
-
-        def forward(result: int | Failure) -> None:
-            if done.called:
-                return
-            if isinstance(result, Failure):
-                done.errback(_as_body_failure(result))
-            else:
-                done.callback(result)
-
-        reader.done.addBoth(forward)
-        return done
+        return _followed(reader.done, reader.stopProducing)
 
     def discard(self) -> None:
         self._used()
