@@ -33,9 +33,12 @@ HELD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 class StopCleanlyOnSigterm(Service):
     log = Logger()
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, *, deafen: Callable[[], None] | None = None) -> None:
         self.reactor = reactor
         self.stopping = False
+        # What makes the process deaf to further stop signals (tests pass their own: the
+        # real one would leave the test runner ignoring Ctrl-C).
+        self.deafen = deafen if deafen is not None else stop_hearing_stop_signals
 
     def startService(self) -> None:
         super().startService()
@@ -50,8 +53,22 @@ class StopCleanlyOnSigterm(Service):
         if self.stopping:
             return
         self.stopping = True
+        self.deafen()
         self.log.info("Received SIGTERM, shutting down.")
         self.reactor.callFromThread(self.reactor.stop)
+
+
+def stop_hearing_stop_signals() -> None:
+    """The process is stopping: further SIGTERM and SIGINT are ignored by the kernel.
+
+    A handler of ours ignores them too, but Python puts the default action back while the
+    interpreter shuts down (for every signal with a Python handler): a worker that heard
+    the stop directly and then, through the supervisor, once more during its last
+    moments, was killed by it and counted as unclean. An ignored signal stays ignored.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def ignore_repeated_stop_signals() -> None:
@@ -69,6 +86,7 @@ def ignore_repeated_stop_signals() -> None:
             nonlocal stopping
             if not stopping:
                 stopping = True
+                stop_hearing_stop_signals()
                 previous(signum, frame)
 
         return handler

@@ -78,12 +78,31 @@ class Reactor:
         pass
 
 
-def test_sigterm_stops_the_reactor_once() -> None:
+def test_sigterm_stops_the_reactor_once_and_deafens_the_process() -> None:
     reactor = Reactor()
-    stopper = StopCleanlyOnSigterm(reactor)
+    deafened: list[bool] = []
+    stopper = StopCleanlyOnSigterm(reactor, deafen=lambda: deafened.append(True))
     stopper.sigterm(15)
     stopper.sigterm(15)
     assert reactor.calls == [reactor.stop]
+    # Python restores the default action while it shuts down: only an ignored signal
+    # cannot kill a process that is already stopping.
+    assert deafened == [True]
+
+
+def test_deafening_ignores_stop_signals_at_the_kernel() -> None:
+    import signal
+
+    from regproxy.server.signals import stop_hearing_stop_signals
+
+    saved = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop_hearing_stop_signals()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
 
 
 def test_a_periodic_check_in_progress_is_cancelled_on_stop() -> None:
