@@ -174,8 +174,25 @@ def test_killed_worker_is_restarted_and_pulls_after_it_succeed(
     assert before == 4 and after == before + 3 * 4
 
 
-def _download(port: int, path: str) -> tuple[socket.socket, bytearray]:
-    client = socket.create_connection(("127.0.0.1", port))
+def _connect_to_each(port: int, workers: list[int]) -> list[socket.socket]:
+    """One connection held by each worker. The workers share one listening socket and the
+    kernel does not spread a burst between them: connections are opened one by one, and
+    one that lands on a worker already holding one is closed before it asks anything."""
+    held: dict[int, socket.socket] = {}
+    for _ in range(200):
+        if len(held) == len(workers):
+            break
+        client = socket.create_connection(("127.0.0.1", port))
+        owner = eventually(lambda c=client: socket_owner(port, c, workers), timeout=10)
+        if owner in held:
+            client.close()
+        else:
+            held[owner] = client
+    assert len(held) == len(workers), "connections did not reach every worker"
+    return list(held.values())
+
+
+def _download(client: socket.socket, path: str) -> tuple[socket.socket, bytearray]:
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     client.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     head = b""
@@ -194,14 +211,9 @@ def test_sigterm_finishes_transfers_on_every_worker_and_exits_0(
     proxy = start_workers(start_proxy, ["--upstream", registry.url, "--shutdown-grace", "30"])
     workers = children(proxy.pid)
     downloads: list[tuple[socket.socket, bytearray]] = []
-    owners: set[int | None] = set()
     try:
-        # Connections go to whichever worker accepts first: open them until both hold one.
-        while owners < set(workers) and len(downloads) < 16:
-            client, body = _download(proxy.port, f"/v2/drainw/blobs/{layer.digest}")
-            downloads.append((client, body))
-            owners.add(socket_owner(proxy.port, client, workers))
-        assert owners >= set(workers), "transfers did not reach both workers"
+        for client in _connect_to_each(proxy.port, workers):
+            downloads.append(_download(client, f"/v2/drainw/blobs/{layer.digest}"))
         keepalive = socket.create_connection(("127.0.0.1", proxy.port))
         keepalive.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert keepalive.recv(65536).startswith(b"HTTP/1.1 200")
