@@ -294,6 +294,12 @@ class Options(usage.Options):
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
+        # usage.Options joins an option's help and its coerce function's coerceDoc with
+        # ". ": help text that ends a sentence would read "hosts.. A number".
+        for name, (_, _, coerce) in self._coercers().items():
+            doc = self.docs.get(name)
+            if doc and getattr(coerce, "coerceDoc", "") and doc.endswith("."):
+                self.docs[name] = doc[:-1]
         self.environ = {**SYSTEMD_HANDOVER, **os.environ} if environ is None else dict(environ)
         self["port"] = []
         self["trusted-proxy"] = []
@@ -301,6 +307,15 @@ class Options(usage.Options):
         self.warnings: list[str] = []
         # The routes of --config, loaded (and so checked) while options are parsed.
         self.routes: RouteTable | None = None
+
+    @classmethod
+    def _coercers(cls) -> dict[str, tuple[object, object, object]]:
+        """Each parameter's (default, doc, coerce), by its long name."""
+        found: dict[str, tuple[object, object, object]] = {}
+        for entry in cls.optParameters:
+            if len(entry) >= 5:
+                found[entry[0]] = (entry[2], entry[3], entry[4])
+        return found
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """Under ``twist``, a usage error is one line, not the whole help.

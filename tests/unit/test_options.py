@@ -469,3 +469,14 @@ def test_zero_turns_the_scrub_and_abandoned_downloads_off(tmp_path: Path) -> Non
 )
 def test_bad_cache_values_name_their_option(tmp_path: Path, option: str, value: str) -> None:
     assert option in usage_error(["--cache-dir", str(tmp_path), option, value])
+
+
+def test_help_has_no_double_periods() -> None:
+    """usage.Options adds ". " and a coerce function's coerceDoc after an option's help."""
+    import re
+
+    text = Options(environ={}).getUsage()
+    assert re.findall(r"[^.]\.\.(?!\.)", text) == []
+    # The coerce functions' own sentences are still there, after one period.
+    flat = " ".join(text.split())
+    assert "to storage hosts. 'pass' hands redirects to clients" in flat
