@@ -87,8 +87,6 @@ class AccessMemory:
             self._public.pop(repository, None)
 
     def remembered(self, repository: Repository, credential: str) -> bool:
-        if credential == ANONYMOUS:
-            return False  # what anonymous clients may read is the public memory's business
         key = (*repository, credential)
         return self._admitted.get(key, 0.0) > self.clock.seconds()
 

@@ -218,8 +218,8 @@ class CachingFetcher:
             )
         answer = await self.inner.fetch(request)
         self._learn(asked, answer.status)
-        if answer.status not in (200, 206) or answer.body is None or answer.status == 206:
-            # A ranged part cannot be checked against the whole object's digest.
+        if answer.status != 200 or answer.body is None:
+            # Only a whole object can be checked against its digest (not a 206 part).
             return attrs.evolve(answer, cache="bypass")
         return attrs.evolve(answer, body=VerifyingBody(answer.body, digest), cache="bypass")
 
@@ -242,7 +242,8 @@ class CachingFetcher:
             # gets the upstream's answer.
             download.fail(Failure(OCIError("UPSTREAM_UNAVAILABLE", "no content upstream")))
             return answer
-        headers = answer.headers.copy()
+        # Only read from here on: joiners' answers are built from them.
+        headers = answer.headers
         if asked.is_manifest:
             content_type = answer.header(b"content-type")
             if content_type is not None and _TOKEN.match(content_type):

@@ -283,6 +283,8 @@ def test_a_blob_stored_for_one_repository_needs_the_upstreams_word_for_another(
 
     h = harness(made, answer, holds_credentials=True)
     stored(h, authorization=None)
+    # A hit for "app" keeps the verified bytes in memory: they are no key to "other".
+    assert result_of(h.fetch(h.request(BLOB_DIGEST))).cache == "hit"
     h.inner.answer = lambda sent: refused(404)  # "other" holds no such blob
     other = result_of(h.fetch(h.request(BLOB_DIGEST, name="other")))
     assert other.status == 404
@@ -319,3 +321,32 @@ def test_confirmations_for_another_repository_are_single_flight(made: list[Harne
     assert len(held) == 1  # one HEAD asks whether "other" holds it, for all three
     held[0].callback(ok(BLOB, head=True))
     assert [result_of(d).status for d in asked] == [200, 200, 200]
+
+
+def test_a_refused_credential_is_not_remembered_as_admitted(made: list[Harness]) -> None:
+    h = harness(made, by_credential({GOOD}))
+    stored(h)
+    # OTHER asks for something not cached and is refused by the upstream...
+    refused_get = result_of(h.fetch(h.request("sha256:" + "1" * 64, authorization=OTHER)))
+    assert refused_get.status == 401
+    # ...and is still asked (and refused) for what the cache holds.
+    assert result_of(h.fetch(h.request(BLOB_DIGEST, authorization=OTHER))).status == 401
+
+
+def test_a_store_that_cannot_write_still_never_completes_wrong_bytes(
+    made: list[Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from regproxy.cache.faults import StoreUnwritable
+
+    wrong = b"X" + BLOB[1:]
+    h = harness(made, lambda sent: ok(wrong, head=sent.method == b"HEAD"))
+
+    def full(digest: str) -> None:
+        raise StoreUnwritable("begin", OSError(28, "No space left on device"))
+
+    monkeypatch.setattr(h.store, "begin_write", full)
+    answer = result_of(h.fetch(h.request(BLOB_DIGEST, authorization=GOOD)))
+    assert answer.status == 200 and answer.cache == "bypass"
+    with pytest.raises(Exception) as cut:
+        h.read(answer)
+    assert getattr(cut.value, "kind", None) == "digest_mismatch"
