@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
 import attrs
@@ -162,6 +162,9 @@ class Route:
     namespace: str | None = None
     allow: tuple[str, ...] = ()
     cache: bool = True
+    # With ``[auth]``: who may pull what, first matching rule wins, no match denies. Empty
+    # means the route admits ``users`` only (closed by default); unused without ``[auth]``.
+    access: tuple[AccessRule, ...] = ()
     # Compiled once per route, not per request; derived from ``allow``, so not compared.
     _allow_re: re.Pattern[str] | None = attrs.field(
         init=False,
@@ -217,6 +220,82 @@ class Route:
         return "/".join([base, *parts])
 
 
+WINDOW_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+@attrs.frozen
+class RateLimit:
+    """``count`` requests per ``window`` seconds, written ``100/6h`` (units s, m, h, d)."""
+
+    count: int
+    window: float
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d*)\s*([smhd])\s*", text)
+        if match is None:
+            raise ValueError(f"{text!r} is not a rate: write COUNT/WINDOW, like 100/6h")
+        count, amount, unit = int(match[1]), int(match[2] or 1), match[3]
+        if count < 1 or amount < 1:
+            raise ValueError(f"{text!r}: the count and the window must be at least 1")
+        return cls(count, amount * WINDOW_UNITS[unit])
+
+    def __str__(self) -> str:
+        return f"{self.count};w={int(self.window)}"
+
+
+@attrs.frozen
+class LimitsConfig:
+    """``[limits]``: manifest GETs per client address (anonymous) and per principal."""
+
+    anonymous: RateLimit | None = None
+    users: RateLimit | None = None
+    # redis://host:port/db: exact limits shared by every replica.
+    redis: str | None = None
+
+
+@attrs.frozen
+class OIDCConfig:
+    """``[[auth.oidc]]``: a workload-identity issuer whose JWTs are accepted as passwords.
+
+    Clients log in with user name ``name``; the principal is ``<name>:<claim value>``.
+    """
+
+    name: str
+    issuer: str
+    audience: str
+    username_claim: str = "sub"
+    # PEM file of the CA that signed a private issuer's certificate; None: the system's.
+    ca: str | None = None
+
+
+@attrs.frozen
+class AccessRule:
+    """One ``[[routes.access]]`` entry: repositories (globs as ``allow``) and who may pull.
+
+    Principals: ``anonymous``, ``users`` (anyone authenticated), a user name, ``@group``,
+    ``<oidc name>:<subject glob>``.
+    """
+
+    repos: tuple[str, ...]
+    pull: tuple[str, ...]
+
+
+@attrs.frozen
+class AuthConfig:
+    """``[auth]`` (or ``--htpasswd``): the proxy authenticates its own clients."""
+
+    htpasswd: str | None = None
+    # EC P-256 private key (PEM) signing the proxy's tokens; None: one made at start-up
+    # (fine for one process; replicas and workers must share a file).
+    token_key: str | None = None
+    token_ttl: float = 300.0
+    groups: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+    oidc: tuple[OIDCConfig, ...] = ()
+    # Accept credentials over plain HTTP from anywhere (--insecure-auth).
+    insecure: bool = False
+
+
 DEFAULT_SCRUB_INTERVAL = 86400.0
 DEFAULT_PUBLIC_TTL = 600.0
 DEFAULT_ABANDONED_LIMIT = 1 << 30
@@ -255,6 +334,9 @@ class Config:
     # The TOML file the routes came from (--config): SIGHUP reads it again.
     routes_file: str | None = None
     cache: CacheConfig | None = None
+    # None: anyone who reaches the proxy pulls what its upstream credentials can read.
+    auth: AuthConfig | None = None
+    limits: LimitsConfig | None = None
 
     @property
     def default_route(self) -> Route:
