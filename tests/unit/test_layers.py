@@ -22,8 +22,9 @@ LAYER = {
     "upstream": 2,
     "cache": 3,
     "routing": 4,
-    "web": 5,
-    "server": 6,
+    "access": 5,
+    "web": 6,
+    "server": 7,
 }
 # The plugin's options and the wiring: they may import anything, nothing imports them.
 TOP = {"tap", "service", "environment", "option_values"}
