@@ -12,8 +12,10 @@ Time comes from the injected reactor, never ``time.time()``: the checks of ``exp
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +35,7 @@ MAX_TOKEN = 16384
 # Signature checks with the asymmetric algorithms only; PyJWT's own list (with HS* and
 # "none") is never consulted.
 _JWS = jwt.PyJWS(algorithms=list(ALGORITHMS))
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class OIDCVerifier:
@@ -99,6 +102,10 @@ def _header(token: str) -> tuple[str, str | None]:
     """The token's ``alg`` (an accepted one) and ``kid``, before any key is looked up."""
     if not isinstance(token, str) or len(token) > MAX_TOKEN or token.count(".") != 2:
         raise OIDCRefused("not a JWT")
+    if not all(_canonical(segment) for segment in token.split(".")):
+        # One token, one spelling: padding, stray characters and unused low bits would
+        # give a token other spellings that verify alike (PyJWT accepts '=' padding).
+        raise OIDCRefused("not a JWT (not canonical base64url)")
     try:
         header = _JWS.get_unverified_header(token)
     except jwt.InvalidTokenError:
@@ -112,6 +119,16 @@ def _header(token: str) -> tuple[str, str | None]:
         # RFC 7515 4.1.11: extensions marked critical must be understood; none are.
         raise OIDCRefused("critical header extensions are not supported")
     return alg, kid
+
+
+def _canonical(segment: str) -> bool:
+    if _BASE64URL.fullmatch(segment) is None:
+        return False
+    try:
+        decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except ValueError:
+        return False
+    return base64.urlsafe_b64encode(decoded).rstrip(b"=").decode("ascii") == segment
 
 
 def _payload(token: str, key: Key, alg: str) -> dict[str, Any]:
