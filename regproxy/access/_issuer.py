@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import CancelledError, TimeoutError, ensureDeferred
+from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -120,18 +120,24 @@ class IssuerKeys:
     async def _fetch_and_keep(self) -> None:
         self._fetching = True
         self._last_attempt = self._clock.seconds()
+        fetch = ensureDeferred(self._fetch())
+        # The whole refresh has a deadline. Cancelling it shows up as whatever the layer
+        # cancelled says (treq: ResponseNeverReceived), so the timer itself tells.
+        deadline = self._clock.callLater(self._timeout, fetch.cancel)
         try:
-            fetch = ensureDeferred(self._fetch()).addTimeout(self._timeout, self._clock)
             keys, lifetime = await fetch
-        except OIDCRefused as refused:
-            self._failed(refused.reason)
-        except TimeoutError:
-            self._failed(f"no answer within {self._timeout:g} s")
+        except (OIDCRefused, CancelledError) as error:
+            if deadline.active() and isinstance(error, OIDCRefused):
+                self._failed(error.reason)
+            else:
+                self._failed(f"no answer within {self._timeout:g} s")
         else:
             self._keys = keys
             self._expires = self._clock.seconds() + lifetime
         finally:
             self._fetching = False
+            if deadline.active():
+                deadline.cancel()
 
     def _failed(self, reason: str) -> None:
         self._last_failure = reason
