@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
@@ -180,9 +181,7 @@ class IssuerKeys:
         except CancelledError:
             raise
         except Exception as error:  # any failure to connect is the same to us
-            raise OIDCRefused(
-                f"the {what} could not be fetched ({type(error).__name__})"
-            ) from None
+            raise OIDCRefused(f"the {what} could not be fetched ({_why(error)})") from None
         if response.code != 200 or (
             response.length is not UNKNOWN_LENGTH and response.length > self._limit
         ):
@@ -195,5 +194,16 @@ class IssuerKeys:
         except CancelledError:
             raise
         except Exception as error:  # too large, stalled or cut off
-            raise OIDCRefused(f"the {what} could not be read ({type(error).__name__})") from None
+            raise OIDCRefused(f"the {what} could not be read ({_why(error)})") from None
         return body, response.headers
+
+
+def _why(error: Exception) -> str:
+    """The name of what went wrong, looking inside Twisted's wrappers (a TLS verification
+    failure arrives as ResponseNeverReceived around an SSL error): names only, which
+    hold no secret and no text from the other side."""
+    reasons = getattr(error, "reasons", None)
+    if isinstance(reasons, list) and reasons and isinstance(reasons[0], Failure):
+        inner = reasons[0].value
+        return f"{type(error).__name__}: {type(inner).__name__}"
+    return type(error).__name__
