@@ -115,13 +115,14 @@ def outcome(d: Deferred[Any]) -> Any:
 
 
 class Bench:
-    def __init__(self, config: OIDCConfig = CONFIG, *, leeway: float = 60.0) -> None:
+    def __init__(self, config: OIDCConfig = CONFIG, *, leeway: float | None = None) -> None:
         self.clock = Clock()
         self.clock.advance(START)
         self.mint = TokenMint(ISSUER)
         self.issuer = FakeIssuer(self.mint)
         self.http = Http(self.issuer)
-        self.verifier = OIDCVerifier(config, reactor=self.clock, http=self.http, leeway=leeway)
+        skew = {} if leeway is None else {"leeway": leeway}  # None: the verifier's default
+        self.verifier = OIDCVerifier(config, reactor=self.clock, http=self.http, **skew)
 
     def token(self, **kwargs: Any) -> str:
         return self.mint.mint(now=self.clock.seconds(), **kwargs)

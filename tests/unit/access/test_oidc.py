@@ -97,8 +97,8 @@ def test_time_is_the_injected_clock_not_the_wall_clock() -> None:
     assert bench.refused(bench.mint.mint(nbf=None)) == "issued in the future (iat)"  # now
 
 
-def test_expiry_has_the_leeway_and_no_more() -> None:
-    bench = Bench(leeway=60.0)
+def test_expiry_has_the_default_leeway_of_a_minute_and_no_more() -> None:
+    bench = Bench()
     token = bench.token(lifetime=100)
     bench.advance(159.5)
     assert bench.verify(token) == SUBJECT
