@@ -132,6 +132,11 @@ class IssuerKeys:
                 self._failed(error.reason)
             else:
                 self._failed(f"no answer within {self._timeout:g} s")
+        except Exception:
+            # A fault of regproxy's own, not the issuer's: logged with its traceback, and
+            # still a refusal for the client, never an unhandled error.
+            self.log.failure("OIDC issuer {issuer}: key refresh failed", issuer=self.issuer)
+            self._failed("internal error")
         else:
             self._keys = keys
             self._expires = self._clock.seconds() + lifetime

@@ -308,3 +308,17 @@ def test_a_document_of_exactly_the_limit_is_accepted() -> None:
     padded = document + b" " * (MAX_DOCUMENT - len(document))
     bench.issuer.answer = {JWKS_URI: (200, {}, padded)}
     assert bench.verify(bench.token()) == SUBJECT
+
+
+def test_a_fault_of_our_own_while_fetching_is_a_refusal_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bench = Bench()
+    monkeypatch.setattr("regproxy.access._issuer.parse_key_set", lambda document: 1 / 0)
+    errors: list[LogEvent] = []
+    globalLogPublisher.addObserver(errors.append)
+    try:
+        assert bench.refused(bench.token()) == "no keys from the issuer: internal error"
+    finally:
+        globalLogPublisher.removeObserver(errors.append)
+    assert any(e.get("log_failure") is not None for e in errors)
