@@ -585,6 +585,8 @@ def test_idle_timeout_help_names_the_request_deadline() -> None:
 def test_help_fits_the_terminal(width: int) -> None:
     lines = help_text(width).splitlines()
     assert max(len(line) for line in lines) <= width
+    # Wrapped at spaces only: option names and URLs in the help hold hyphens.
+    assert [line for line in lines if re.search(r"\w-$", line)] == []
     # The help of every option starts in one column, on the option's line or below it.
     starts = {
         len(match.group(1))
