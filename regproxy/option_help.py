@@ -143,7 +143,7 @@ def usage_text(options: usage.Options, width: int | None = None) -> str:
     sections = []
     longdesc = getattr(options, "longdesc", "")
     if longdesc:
-        sections.append("\n".join(textwrap.wrap(longdesc, width)))
+        sections.append("\n".join(textwrap.wrap(longdesc, width, break_on_hyphens=False)))
     for heading, rows in groups:
         sections.append(f"{heading}:\n" + _table(options, rows, column, width))
     return "\n" + "\n\n".join(sections) + "\n"
