@@ -153,6 +153,24 @@ def test_configuration_is_grouped_as_the_help_is() -> None:
         assert documented == [name for name, _ in group.entries() if name in names]
 
 
+def test_twist_help_shows_the_reference_s_groups() -> None:
+    """End to end, through twist itself: regproxy's usage line and the page's headings."""
+    result = subprocess.run(
+        [sys.executable, "-m", "twisted", "regproxy", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "80"},
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Usage: twist regproxy [options]"
+    shown = [line[:-1] for line in lines if re.fullmatch(r"\w[\w ]*:", line)]
+    assert shown == re.findall(r"^(\w[^\n]*)\n-{3,}$", page("configuration"), re.MULTILINE)
+    assert "--as-worker" not in result.stdout
+
+
 def _environment_variables() -> set[str]:
     """Every variable name regproxy/environment.py mentions: the ones regproxy reads."""
     tree = ast.parse((ROOT / "regproxy" / "environment.py").read_text())
