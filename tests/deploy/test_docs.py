@@ -184,7 +184,16 @@ def _environment_variables() -> set[str]:
 
 
 def test_configuration_describes_every_environment_variable_once() -> None:
-    variables = re.findall(r"^\s*\.\. envvar:: (\S+)$", page("configuration"), re.MULTILINE)
+    variables = []
+    column = None  # where a directive's further signatures (one per line) start
+    for line in page("configuration").splitlines():
+        if match := re.match(r"(\s*\.\. envvar:: )(\S+)$", line):
+            column = len(match.group(1))
+            variables.append(match.group(2))
+        elif column and re.fullmatch(rf" {{{column}}}(\S+)", line):
+            variables.append(line.strip())
+        else:
+            column = None
     assert len(variables) == len(set(variables))
     assert set(variables) == _environment_variables()
     assert {"PORT", "REGISTRY_HOST", "REGPROXY_WORKERS"} <= set(variables)
