@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 from twisted.application.service import IService
 from twisted.python import usage
 
-from . import SYSTEMD_HANDOVER, __version__, environment
+from . import SYSTEMD_HANDOVER, __version__, environment, option_help
 from . import option_values as values
 from .cache.sizes import default_max_size, parse_size
 from .config import (
@@ -52,40 +52,40 @@ def _named(option: str, coerce: Any) -> Any:
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
-        "Serve a container registry from your own host name: read-only, streaming, with "
-        "the upstream's name prefix and credentials kept out of clients' sight. Flags take "
-        "precedence over the environment variables of serverless-registry-proxy (PORT, HOST, "
-        "REGISTRY_HOST, REPO_PREFIX, AUTH_HEADER, DISABLE_BROWSER_REDIRECTS, "
-        "GOOGLE_APPLICATION_CREDENTIALS, TLS_CERT, TLS_KEY)."
+        "Serve a container registry from your own host name: read-only, streaming, with the "
+        "upstream's name prefix and credentials kept out of clients' sight. A flag wins over "
+        "its environment variable; those of serverless-registry-proxy keep their meaning."
     )
 
     optFlags = [
         [
             "cache-verify",
             None,
-            "Rehash the large objects of the cache once at start-up, in the background.",
+            "Rehash the cache's large objects once at start-up, in the background.",
         ],
         [
             "check",
             None,
-            "With --config: check the routes file, print every problem, exit 0 or 1.",
+            "With --config, check the routes file, print every problem and exit 0 if there is "
+            "none, else 1.",
         ],
         [
             "disable-browser-redirects",
             None,
-            "Answer 404 instead of sending browsers upstream (env DISABLE_BROWSER_REDIRECTS).",
+            "Answer 404 instead of sending browsers to the upstream's web pages (env "
+            "DISABLE_BROWSER_REDIRECTS, any value).",
         ],
         [
             "google-adc",
             None,
-            "Authenticate upstream with Google Application Default "
-            "Credentials (metadata server, workload identity).",
+            "Authenticate upstream with Google Application Default Credentials (the metadata "
+            "server, workload identity, gcloud on a workstation).",
         ],
         [
             "google-json-key",
             None,
-            "Send the Google key file itself as _json_key basic "
-            "credentials, as the original did, instead of access tokens.",
+            "Send the --google-credentials key file itself as _json_key basic credentials, as "
+            "serverless-registry-proxy did, instead of access tokens.",
         ],
     ]
 
@@ -94,14 +94,15 @@ class Options(usage.Options):
             "upstream",
             None,
             None,
-            f"Upstream registry URL (env REGISTRY_HOST; default {DOCKER_HUB_URL})",
+            f"Upstream registry, a URL such as https://gcr.io or http://127.0.0.1:5000 or a bare "
+            f"host meaning https (env REGISTRY_HOST; default {DOCKER_HUB_URL}).",
             _named("upstream", values.upstream_url),
         ],
         [
             "repo-prefix",
             None,
             None,
-            "Repository path prepended upstream (env REPO_PREFIX).",
+            "Repository path put in front of every name upstream (env REPO_PREFIX).",
             _named("repo-prefix", values.repository_prefix),
         ],
         [
@@ -115,128 +116,135 @@ class Options(usage.Options):
             "auth-header",
             None,
             None,
-            "Static Authorization value sent upstream (env "
-            "AUTH_HEADER). Prefer the environment: flags show in process lists.",
+            "Fixed Authorization value sent upstream (env AUTH_HEADER, better than the flag, "
+            "which process lists show).",
         ],
         [
             "upstream-username",
             None,
             None,
-            "Username for the upstream (env REGPROXY_UPSTREAM_USERNAME).",
+            "Username for the upstream, with --upstream-password-file (env "
+            "REGPROXY_UPSTREAM_USERNAME).",
         ],
         [
             "upstream-password-file",
             None,
             None,
-            "File holding the upstream password or access "
-            "token (env REGPROXY_UPSTREAM_PASSWORD_FILE).",
+            "File holding the upstream password or access token (env "
+            "REGPROXY_UPSTREAM_PASSWORD_FILE).",
             _named("upstream-password-file", values.readable_file),
         ],
         [
             "upstream-credentials-dir",
             None,
             None,
-            "Directory that may hold 'username' and 'password' files, such as a mounted "
-            "Kubernetes Secret (env REGPROXY_UPSTREAM_CREDENTIALS_DIR): both present mean "
-            "basic credentials, neither means none.",
+            "Directory that may hold files named username and password, such as a mounted "
+            "Kubernetes Secret, both meaning basic credentials and neither meaning none (env "
+            "REGPROXY_UPSTREAM_CREDENTIALS_DIR).",
             _named("upstream-credentials-dir", values.directory),
         ],
         [
             "google-credentials",
             None,
             None,
-            "Google service-account key file (env GOOGLE_APPLICATION_CREDENTIALS).",
+            "Google service-account key file (env GOOGLE_APPLICATION_CREDENTIALS, which is taken "
+            "only for a Google upstream).",
             _named("google-credentials", values.readable_file),
         ],
         [
             "public-url",
             None,
             None,
-            "The proxy's external base URL, used in rewritten realms "
-            "and Locations (env REGPROXY_PUBLIC_URL); default: from X-Forwarded-Proto and Host.",
+            "The proxy's external base URL, used in rewritten realms and Locations (env "
+            "REGPROXY_PUBLIC_URL; default: X-Forwarded-Proto and Host of each request).",
             _named("public-url", values.public_url),
         ],
         [
             "config",
             None,
             None,
-            "TOML file of routes, for many upstreams (env REGPROXY_CONFIG); replaces the "
-            "route options (--upstream, --repo-prefix, credentials ...). SIGHUP re-reads it.",
+            "TOML file of routes for many upstreams, re-read on SIGHUP, in place of the upstream "
+            "and credential options (env REGPROXY_CONFIG).",
             _named("config", values.readable_file),
         ],
         [
             "blob-redirects",
             None,
             None,
-            "pass|follow: what to do with blob redirects to storage hosts.",
+            "What to do with redirects to storage hosts, pass handing them to clients and follow "
+            "streaming the blob through the proxy (default pass).",
             _named("blob-redirects", values.blob_redirects),
         ],
         [
             "metrics-port",
             None,
             None,
-            "Separate endpoint for /metrics (then the main listener answers 404 there).",
+            "Serve /metrics on this port number or Twisted endpoint instead of the main "
+            "listeners.",
             _named("metrics-port", values.endpoint),
         ],
         [
             "shutdown-grace",
             None,
             30.0,
-            "Seconds in-flight transfers may take after SIGTERM (after the drain delay).",
+            "Seconds transfers in flight may take after SIGTERM, counted once the listeners "
+            "close (default 30).",
             _named("shutdown-grace", values.seconds),
         ],
         [
             "drain-delay",
             None,
             0.0,
-            "Seconds listeners keep accepting after SIGTERM while /readyz already answers "
-            "503, so load balancers stop sending first (replaces a preStop sleep).",
+            "Seconds the listeners keep accepting after SIGTERM while /readyz already answers "
+            "503, so that load balancers stop sending first (default 0).",
             _named("drain-delay", values.seconds),
         ],
         [
             "log-format",
             None,
             None,
-            "json|text (env REGPROXY_LOG_FORMAT); default: twist's choice, text on a "
-            "terminal, else one JSON object per line.",
+            "Log as json or text (env REGPROXY_LOG_FORMAT; default: text on a terminal, "
+            "otherwise one JSON object per line).",
             _named("log-format", values.log_format),
         ],
         [
             "upstream-timeout",
             None,
             30.0,
-            "Seconds to wait for upstream response headers.",
+            "Seconds to wait for an upstream's response headers (default 30).",
             _named("upstream-timeout", values.positive_seconds),
         ],
         [
             "idle-timeout",
             None,
             60.0,
-            "Seconds an upstream body may stall, or a client read nothing, before the "
-            "transfer is abandoned.",
+            "Seconds after which a transfer whose upstream or client stalls is abandoned, a "
+            "silent client connection is closed, and a request whose headers or body have not "
+            "all arrived is answered 408 (default 60).",
             _named("idle-timeout", values.positive_seconds),
         ],
         [
             "cache-dir",
             None,
             None,
-            "Keep a pull-through cache in this directory (env REGPROXY_CACHE_DIR); off by "
-            "default. Several processes may share it.",
+            "Keep a pull-through cache in this directory, made if missing and shareable by "
+            "several processes (env REGPROXY_CACHE_DIR; default: no cache).",
             _named("cache-dir", values.cache_directory),
         ],
         [
             "cache-max-size",
             None,
             None,
-            "Bound of the cache, like 50G or 500M (env REGPROXY_CACHE_MAX_SIZE; default 80 % "
-            "of the free space at start-up).",
+            "Bound of the cache, such as 50G or 500M (env REGPROXY_CACHE_MAX_SIZE; default 80 % "
+            "of the space free at start-up).",
             _named("cache-max-size", parse_size),
         ],
         [
             "cache-stale-max-age",
             None,
             7 * 86400.0,
-            "Seconds a tag's last known digest may be served while the upstream fails.",
+            "Seconds a tag's last known digest may still be served while the upstream fails "
+            "(default 604800, a week).",
             _named("cache-stale-max-age", values.seconds),
         ],
         [
@@ -244,16 +252,15 @@ class Options(usage.Options):
             None,
             0.0,
             "Seconds a tag is served from the cache without asking the upstream (default 0: "
-            "every request revalidates with a HEAD, shared by concurrent requests).",
+            "each request revalidates, with one HEAD shared by concurrent requests).",
             _named("cache-tag-ttl", values.seconds),
         ],
         [
             "cache-scrub-interval",
             None,
             DEFAULT_SCRUB_INTERVAL,
-            "Seconds over which every cached object is hashed again, spread out, in the "
-            "background, so that one corrupted on disk is found and removed (a day; 0: "
-            "never).",
+            "Seconds over which every cached object is hashed again in the background, so "
+            "that one corrupted on disk is found and removed (default 86400, a day; 0: never).",
             _named("cache-scrub-interval", values.seconds),
         ],
         [
@@ -261,26 +268,26 @@ class Options(usage.Options):
             None,
             DEFAULT_PUBLIC_TTL,
             "Seconds a repository found public is served by digest to anonymous clients "
-            "without asking the upstream again: one made private stops being served within "
-            "this time.",
+            "without asking the upstream, so one made private stops being served within this "
+            "time (default 600).",
             _named("cache-public-ttl", values.seconds),
         ],
         [
             "cache-abandoned-limit",
             None,
             DEFAULT_ABANDONED_LIMIT,
-            "Bytes in flight, in total, for downloads whose clients all left, like 1G or "
-            "500M (default 1G); beyond it such a download stops instead of finishing into "
-            "the cache. 0 stops each one when its last client leaves.",
+            "Bytes in flight, in total, for downloads whose clients all left, such as 1G or "
+            "500M, beyond which such a download stops instead of finishing into the cache "
+            "(default 1G; 0: each stops when its last client leaves).",
             _named("cache-abandoned-limit", values.byte_limit),
         ],
         [
             "workers",
             None,
             None,
-            "Worker processes serving every listener (default 1; 'auto': one per CPU; env "
-            "REGPROXY_WORKERS). Above 1, a supervisor binds the listeners and restarts "
-            "workers that die.",
+            "Worker processes serving every listener, or auto for one per CPU, a supervisor "
+            "binding the listeners and restarting workers that die (env REGPROXY_WORKERS; "
+            "default 1: one process, no supervisor).",
             _named("workers", worker_count),
         ],
         [
@@ -294,12 +301,6 @@ class Options(usage.Options):
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
-        # usage.Options joins an option's help and its coerce function's coerceDoc with
-        # ". ": help text that ends a sentence would read "hosts.. A number".
-        for name, (_, _, coerce) in self._coercers().items():
-            doc = self.docs.get(name)
-            if doc and getattr(coerce, "coerceDoc", "") and doc.endswith("."):
-                self.docs[name] = doc[:-1]
         self.environ = {**SYSTEMD_HANDOVER, **os.environ} if environ is None else dict(environ)
         self["port"] = []
         self["trusted-proxy"] = []
@@ -308,14 +309,13 @@ class Options(usage.Options):
         # The routes of --config, loaded (and so checked) while options are parsed.
         self.routes: RouteTable | None = None
 
-    @classmethod
-    def _coercers(cls) -> dict[str, tuple[object, object, object]]:
-        """Each parameter's (default, doc, coerce), by its long name."""
-        found: dict[str, tuple[object, object, object]] = {}
-        for entry in cls.optParameters:
-            if len(entry) >= 5:
-                found[entry[0]] = (entry[2], entry[3], entry[4])
-        return found
+    def getSynopsis(self) -> str:
+        """regproxy's own usage line, not twist's (``twist [options] plugin ...``)."""
+        return option_help.SYNOPSIS
+
+    def getUsage(self, width: int | None = None) -> str:
+        """The options under headings (``option_help.GROUPS``), internal ones left out."""
+        return option_help.usage_text(self, width)
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """Under ``twist``, a usage error is one line, not the whole help.
@@ -342,8 +342,9 @@ class Options(usage.Options):
         sys.exit(0)
 
     def opt_port(self, endpoint: str) -> None:
-        """Listen on this port number or Twisted endpoint (repeatable; default tcp:8080;
-        env PORT, HOST, TLS_CERT and TLS_KEY)."""
+        """Listen on this port number or Twisted endpoint, such as
+        tcp:8080:interface=127.0.0.1 (repeatable; default tcp:8080, every interface; env PORT,
+        HOST, TLS_CERT and TLS_KEY)."""
         try:
             self["port"].append(values.endpoint(endpoint))
         except ValueError as error:

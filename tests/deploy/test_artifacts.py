@@ -764,7 +764,7 @@ def test_deployment_docs_are_valid_restructuredtext() -> None:
 
 def test_deployment_docs_match_artifacts() -> None:
     """The numbers quoted in the prose are the ones in the files."""
-    text = (ROOT / "README.rst").read_text()
+    text = (ROOT / "docs" / "deployment.rst").read_text()
     pod = _pod_spec()
     grace = _option(_container()["args"], "--shutdown-grace")
     assert f"terminationGracePeriodSeconds: {pod['terminationGracePeriodSeconds']}" in text

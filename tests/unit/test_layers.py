@@ -27,7 +27,7 @@ LAYER = {
     "server": 7,
 }
 # The plugin's options and the wiring: they may import anything, nothing imports them.
-TOP = {"tap", "service", "environment", "option_values"}
+TOP = {"tap", "service", "environment", "option_values", "option_help"}
 
 
 def part_of(path: pathlib.Path) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from twisted.python import usage
 
+from regproxy import option_help
 from regproxy.config import BlobRedirects, CacheConfig, Config, Credentials, Route, Upstream
 from regproxy.tap import Options
 
@@ -471,12 +473,124 @@ def test_bad_cache_values_name_their_option(tmp_path: Path, option: str, value: 
     assert option in usage_error(["--cache-dir", str(tmp_path), option, value])
 
 
-def test_help_has_no_double_periods() -> None:
-    """usage.Options adds ". " and a coerce function's coerceDoc after an option's help."""
-    import re
+# --- --help ---------------------------------------------------------------------------
 
-    text = Options(environ={}).getUsage()
-    assert re.findall(r"[^.]\.\.(?!\.)", text) == []
-    # The coerce functions' own sentences are still there, after one period.
-    flat = " ".join(text.split())
-    assert "to storage hosts. 'pass' hands redirects to clients" in flat
+# Options other parts of regproxy add (issues 18 and 19): placed in the table beforehand.
+ANNOUNCED = {"htpasswd", "insecure-auth", "cache-store"}
+
+
+def help_text(width: int = 80) -> str:
+    return str(Options(environ={}).getUsage(width=width))
+
+
+def shown_options(text: str) -> dict[str, list[str]]:
+    """The long options the help shows under each heading, in order."""
+    found: dict[str, list[str]] = {}
+    heading = None
+    for line in text.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            heading = line[:-1]
+            found[heading] = []
+        elif heading is not None and (match := re.match(r" {2}(?:-\w, | {4})--([\w-]+)", line)):
+            found[heading].append(match.group(1))
+    return found
+
+
+def test_every_option_has_a_group() -> None:
+    """A new option must be placed under a heading, or the help would leave it out."""
+    assert option_help.ungrouped(Options(environ={})) == []
+
+
+def test_an_option_without_a_group_is_reported() -> None:
+    class More(Options):
+        optParameters = [*Options.optParameters, ["brand-new", None, None, "New."]]
+
+    assert option_help.ungrouped(More(environ={})) == ["brand-new"]
+
+
+def test_the_group_table_names_only_options() -> None:
+    names = option_help.option_names(Options(environ={}))
+    listed = {name for group in option_help.GROUPS for name, _ in group.entries()}
+    assert listed - set(names) <= ANNOUNCED
+
+
+def test_parameters_have_a_metavar_and_flags_have_none() -> None:
+    names = option_help.option_names(Options(environ={}))
+    for group in option_help.GROUPS:
+        for name, metavar in group.entries():
+            if name in names:
+                assert (metavar is not None) == names[name], name
+
+
+def test_help_shows_the_groups_in_order_each_option_once() -> None:
+    names = option_help.option_names(Options(environ={}))
+    expected = {
+        group.heading: [name for name, _ in group.entries() if name in names]
+        for group in option_help.GROUPS
+    }
+    assert shown_options(help_text()) == {h: shown for h, shown in expected.items() if shown}
+    assert list(expected) == [
+        "Listeners",
+        "Upstream",
+        "Credentials",
+        "Routes",
+        "Cache",
+        "Access",
+        "Operations",
+    ]
+
+
+def test_help_has_regprox_own_usage_line_under_twist() -> None:
+    class Twist(usage.Options):
+        subCommands = [["regproxy", None, Options, "regproxy"]]
+
+    parent = Twist()
+    options = Options(environ={})
+    options.parent, parent.subCommand = parent, "regproxy"
+    assert str(options).startswith("Usage: twist regproxy [options]\n\n")
+    assert "plugin" not in str(options).splitlines()[0]
+
+
+def test_internal_options_are_hidden_but_accepted() -> None:
+    assert "as-worker" not in help_text()
+    assert "as-worker" in option_help.option_names(Options(environ={}))
+
+
+def test_each_help_is_one_sentence_ending_once() -> None:
+    options = Options(environ={})
+    shown = {name for names in shown_options(help_text()).values() for name in names}
+    for name in shown:
+        sentence = option_help.help_sentence(options, name)
+        assert sentence[:1].isupper(), (name, sentence)
+        assert sentence.endswith(".") and not sentence.endswith(".."), (name, sentence)
+        # No sentence ends inside: no ". ", "? " or "! " before the last character.
+        assert re.search(r"[.!?]\s", sentence[:-1]) is None, (name, sentence)
+    assert re.findall(r"[^.]\.\.(?!\.)", help_text()) == []
+
+
+def test_help_says_each_default() -> None:
+    options = Options(environ={})
+    takes_value = option_help.option_names(options)
+    for name, default in options.defaults.items():
+        if takes_value[name] and default is not None:
+            assert "default" in option_help.help_sentence(options, name), name
+
+
+def test_idle_timeout_help_names_the_request_deadline() -> None:
+    sentence = option_help.help_sentence(Options(environ={}), "idle-timeout")
+    assert "headers" in sentence and "408" in sentence
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_help_fits_the_terminal(width: int) -> None:
+    lines = help_text(width).splitlines()
+    assert max(len(line) for line in lines) <= width
+    # Wrapped at spaces only: option names and URLs in the help hold hyphens.
+    assert [line for line in lines if re.search(r"\w-$", line)] == []
+    # The help of every option starts in one column, on the option's line or below it.
+    starts = {
+        len(match.group(1))
+        for line in lines
+        if (match := re.match(r"( {2}(?:-\w, | {4})--\S+ +)\S", line))
+    }
+    assert len(starts) == 1
