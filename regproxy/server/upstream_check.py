@@ -72,10 +72,11 @@ class PeriodicCheck(TimerService):
         self._running = self.check()
         return self._running.addErrback(self._unless_stopping)
 
-    def _unless_stopping(self, failure: Failure) -> Failure | None:
+    def _unless_stopping(self, failure: Failure) -> None:
         # A check cancelled by the stop ends in an error (CancelledError, inside
         # gatherResults' FirstError) that TimerService would log as unhandled.
-        return None if self._stopping else failure
+        if not self._stopping:
+            failure.raiseException()
 
     _stopping = False
 
