@@ -99,7 +99,44 @@ def is_all_interfaces(host: str) -> bool:
         return False
 
 
+ALL_INTERFACES_WITH_CREDENTIALS = (
+    "the proxy holds upstream credentials, so anyone who reaches this port pulls what they "
+    "can read; bind one interface (tcp:8080:interface=127.0.0.1) or put access control "
+    "in front"
+)
+
+
+def announce(
+    log: Logger,
+    *,
+    host: str | None,
+    where: str,
+    serves: str,
+    option: str,
+    description: str,
+    warn_all_interfaces: str | None = None,
+) -> None:
+    """The line saying a listener is bound (by a Listener, or by the ``--workers``
+    supervisor for all its workers), and the warning when it is every interface."""
+    log.info(
+        "listening on {address} ({serves}; {option} {description})",
+        address=where,
+        serves=serves,
+        option=option,
+        description=description,
+    )
+    if host is not None and is_all_interfaces(host) and warn_all_interfaces:
+        log.warn(
+            "{address} is every interface of this host: {why}",
+            address=where,
+            why=warn_all_interfaces,
+        )
+
+
 class Listener(Service):
+    """Binds ``endpoint`` and says where (``report``; False in a ``--workers`` worker,
+    whose supervisor said it once for all)."""
+
     log = Logger()
 
     def __init__(
@@ -113,6 +150,7 @@ class Listener(Service):
         serves: str = "registry API",
         close_delay: float = 0.0,
         warn_all_interfaces: str | None = None,
+        report: bool = True,
     ) -> None:
         self.option = option
         self.description = description
@@ -122,6 +160,7 @@ class Listener(Service):
         self.serves = serves
         self.close_delay = close_delay
         self.warn_all_interfaces = warn_all_interfaces
+        self.report = report
         self.port: IListeningPort | None = None
 
     def startService(self) -> None:
@@ -149,22 +188,20 @@ class Listener(Service):
             self.reactor.stop()
             return
         self.port = result
+        if not self.report:
+            return
         address = result.getHost()
         host = getattr(address, "host", None)
         where = f"{host}:{getattr(address, 'port', '')}" if host is not None else str(address)
-        self.log.info(
-            "listening on {address} ({serves}; {option} {description})",
-            address=where,
+        announce(
+            self.log,
+            host=host,
+            where=where,
             serves=self.serves,
             option=self.option,
             description=self.description,
+            warn_all_interfaces=self.warn_all_interfaces,
         )
-        if host is not None and is_all_interfaces(host) and self.warn_all_interfaces:
-            self.log.warn(
-                "{address} is every interface of this host: {why}",
-                address=where,
-                why=self.warn_all_interfaces,
-            )
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
