@@ -201,6 +201,28 @@ def test_workers_in_a_read_only_root_say_what_to_mount_in_one_line() -> None:
     assert "Traceback" not in result.stdout
 
 
+def test_check_names_the_file_once_per_line_and_refuses_what_the_flag_refuses(
+    tmp: Path,
+) -> None:
+    bad_url = tmp / "url.toml"
+    bad_url.write_text('[[routes]]\nname = "a"\nupstream = "not a url"\ncolour = 1\n')
+    result = twist("--config", str(bad_url), "--check")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f'{bad_url}: route "a": unknown key "colour"',
+        f"{bad_url}: route \"a\": upstream: 'not a url' is not a registry URL; give one such "
+        "as https://gcr.io",
+    ]
+    flag = twist("--upstream", "not a url")
+    assert "'not a url' is not a registry URL; give one such as https://gcr.io" in flag.stderr
+    broken = tmp / "broken.toml"
+    broken.write_text('[[routes]]\nname = "a\n')
+    result = twist("--config", str(broken), "--check")
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"{broken}: not valid TOML: ") and line.count(str(broken)) == 1
+
+
 def test_a_bare_port_number_is_a_tcp_port(prefixed_registry: SeededRegistry, tmp: Path) -> None:
     port = free_port()
     proxy = RegproxyProcess(
