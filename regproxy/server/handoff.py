@@ -85,6 +85,10 @@ class _Recorder:
         return _NotListening()
 
 
+class UnsharedListener(ValueError):
+    """A listener kind the supervisor cannot hand to its workers (``unix:``, ...)."""
+
+
 def listen_request(description: str) -> ListenRequest:
     recorder = _Recorder()
     failures: list[Failure] = []
@@ -95,7 +99,7 @@ def listen_request(description: str) -> ListenRequest:
         failures.append(Failure())
     if failures:
         if failures[0].check(AttributeError):
-            raise ValueError(
+            raise UnsharedListener(
                 f"{description!r}: with --workers above 1, use tcp:, ssl: or systemd: listeners"
             )
         failures[0].raiseException()

@@ -45,19 +45,27 @@ def parse_endpoint(
     handed_over = dict(os.environ if environ is None else environ)
     try:
         endpoint: IStreamServerEndpoint = endpoints.serverFromString(reactor, description)
-    except (IndexError, KeyError) as error:
-        if description.startswith("systemd:"):
-            raise StartupError(f"{option} {description}: {_systemd_hint(handed_over)}") from None
-        raise StartupError(f"{option} {description}: {error}; {ENDPOINT_HELP}") from None
     except Exception as error:  # any parse failure is a usage problem
-        kind, _, rest = description.partition(":")
-        port = rest.split(":", 1)[0]
-        if kind in ("tcp", "ssl", "tcp6") and not port.isdigit():
-            raise StartupError(
-                f"{option} {description}: {port!r} is not a port number; {ENDPOINT_HELP}"
-            ) from None
-        raise StartupError(f"{option} {description}: {error}; {ENDPOINT_HELP}") from None
+        raise endpoint_error(option, description, error, handed_over) from None
     return endpoint
+
+
+def endpoint_error(
+    option: str, description: str, error: Exception, environ: Mapping[str, str]
+) -> StartupError:
+    """What to say when Twisted's parser refuses ``description`` (here, or in the
+    ``--workers`` supervisor, which parses it the same way)."""
+    if isinstance(error, (IndexError, KeyError)):
+        if description.startswith("systemd:"):
+            return StartupError(f"{option} {description}: {_systemd_hint(environ)}")
+        return StartupError(f"{option} {description}: {error}; {ENDPOINT_HELP}")
+    kind, _, rest = description.partition(":")
+    port = rest.split(":", 1)[0]
+    if kind in ("tcp", "ssl", "tcp6") and not port.isdigit():
+        return StartupError(
+            f"{option} {description}: {port!r} is not a port number; {ENDPOINT_HELP}"
+        )
+    return StartupError(f"{option} {description}: {error}; {ENDPOINT_HELP}")
 
 
 def _systemd_hint(environ: Mapping[str, str]) -> str:

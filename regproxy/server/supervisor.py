@@ -33,8 +33,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import Config
-from .handoff import FIRST_CHILD_FD, Inherited, ListenRequest, WorkerSpec, bind, listen_request
-from .listen import ALL_INTERFACES_WITH_CREDENTIALS, announce, explain_listen_failure
+from .handoff import (
+    FIRST_CHILD_FD,
+    Inherited,
+    ListenRequest,
+    UnsharedListener,
+    WorkerSpec,
+    bind,
+    listen_request,
+)
+from .listen import (
+    ALL_INTERFACES_WITH_CREDENTIALS,
+    announce,
+    endpoint_error,
+    explain_listen_failure,
+)
 from .runtime_dir import RuntimeDirectory
 from .signals import HELD_SIGNALS, StopCleanlyOnSigterm, ignore_repeated_stop_signals
 from .startup import StartupError, StartupReport, holds_credentials
@@ -142,7 +155,7 @@ class Supervisor(Service):
         try:
             self.runtime = RuntimeDirectory.make(self.environ, workers=self.count)
             for option, description, _ in self._listeners():
-                sock, kind = _bound(option, description)
+                sock, kind = _bound(option, description, self.environ)
                 self._sockets.append(sock)
                 self._kinds.append(kind)
         except StartupError as error:
@@ -318,16 +331,16 @@ class Supervisor(Service):
         self.log.info("supervisor: every worker drained and exited")
 
 
-def _bound(option: str, description: str) -> tuple[socket.socket, str]:
+def _bound(option: str, description: str, environ: Mapping[str, str]) -> tuple[socket.socket, str]:
     """The listening socket for ``description`` and its kind, or a StartupError that
     names the option (a port in use, a TLS key that cannot be read, a kind workers cannot
-    share)."""
+    share), as a single process says it."""
     try:
         request: ListenRequest = listen_request(description)
-    except ValueError as error:  # says the description itself
+    except UnsharedListener as error:
         raise StartupError(f"{option} {error}") from None
     except Exception as error:  # Twisted's parser: a key file, a bad option, ...
-        raise StartupError(f"{option} {description}: {error}") from None
+        raise endpoint_error(option, description, error, environ) from None
     try:
         return bind(request), request.kind
     except (CannotListenError, OSError) as error:

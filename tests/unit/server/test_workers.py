@@ -320,7 +320,11 @@ def test_supervisor_reports_each_listener_once_for_all_workers(tmp_path: Path) -
         supervisor._remove_runtime()
 
 
-def test_listener_failures_under_workers_are_one_line_and_leave_nothing(tmp_path: Path) -> None:
+def test_listener_failures_under_workers_are_one_line_and_leave_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"):
+        monkeypatch.delenv(variable, raising=False)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -333,6 +337,9 @@ def test_listener_failures_under_workers_are_one_line_and_leave_nothing(tmp_path
             f"privateKey={tmp_path}/missing.key:certKey={tls.cert}: [Errno 2] No such file",
             f"unix:{tmp_path}/socket": f"Error: --port 'unix:{tmp_path}/socket': with --workers"
             " above 1, use tcp:, ssl: or systemd: listeners",
+            # As a single process says it (listen.parse_endpoint).
+            "systemd:domain=INET:index=0": "Error: --port systemd:domain=INET:index=0: the "
+            "supervisor passed no such socket; start regproxy through its .socket unit",
         }
         runtime = tmp_path / "runtime"
         runtime.mkdir()
