@@ -9,47 +9,29 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from urllib.parse import urlsplit
 
 from .cache.sizes import parse_size
-from .config import BlobRedirects, Upstream
-from .protocol.reference import NAME_RE
+from .routing.values import blob_redirects, readable_file, repository_prefix, upstream_url
 from .server.logs import LogFormat
 
-_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
-_HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
-
-
-def upstream_url(text: str) -> Upstream:
-    upstream = Upstream.from_url(text.strip())
-    host = upstream.host
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _HOST_NAME.fullmatch(host):
-            raise ValueError(
-                f"{text.strip()!r} is not a registry URL; give one such as https://gcr.io"
-            ) from None
-    return upstream
-
-
-upstream_url.coerceDoc = (  # type: ignore[attr-defined]
-    "A URL such as https://gcr.io or http://127.0.0.1:5000; a bare host means https."
-)
-
-
-def repository_prefix(text: str) -> str:
-    prefix = text.strip().strip("/")
-    if prefix and not NAME_RE.fullmatch(prefix):
-        raise ValueError(f"{prefix!r} is not a valid repository path")
-    return prefix
-
-
-def readable_file(text: str) -> str:
-    if not os.path.isfile(text) or not os.access(text, os.R_OK):
-        raise ValueError(f"{text!r} is not a readable file")
-    return text
+# A route's values (upstream_url, repository_prefix, readable_file, blob_redirects) are
+# routing.values' functions: a routes file's keys are read with the very same ones.
+__all__ = [
+    "blob_redirects",
+    "byte_limit",
+    "cache_directory",
+    "directory",
+    "endpoint",
+    "log_format",
+    "network",
+    "positive_seconds",
+    "public_url",
+    "readable_file",
+    "repository_prefix",
+    "seconds",
+    "upstream_url",
+]
 
 
 def directory(text: str) -> str:
@@ -91,16 +73,6 @@ def positive_seconds(text: str) -> float:
     if value == 0:
         raise ValueError("a positive number of seconds is required")
     return value
-
-
-def blob_redirects(text: str) -> BlobRedirects:
-    try:
-        return BlobRedirects(text.strip().lower())
-    except ValueError:
-        raise ValueError("use 'pass' or 'follow'") from None
-
-
-blob_redirects.coerceDoc = "'pass' hands redirects to clients; 'follow' streams them through."  # type: ignore[attr-defined]
 
 
 def endpoint(text: str) -> str:

@@ -25,7 +25,7 @@ from .server.cache_upkeep import CacheUpkeep
 from .server.drain import Drain
 from .server.endpoints import ListenerEndpoints
 from .server.handoff import WorkerSpec
-from .server.listen import Listener
+from .server.listen import ALL_INTERFACES_WITH_CREDENTIALS, Listener
 from .server.reload import RoutesReloader
 from .server.signals import StopCleanlyOnSigterm
 from .server.startup import StartupReport, holds_credentials
@@ -172,13 +172,6 @@ def build_cache(
     )
 
 
-ALL_INTERFACES_WITH_CREDENTIALS = (
-    "the proxy holds upstream credentials, so anyone who reaches this port pulls what they "
-    "can read; bind one interface (tcp:8080:interface=127.0.0.1) or put access control "
-    "in front"
-)
-
-
 def build_service(
     config: Config,
     reactor: Any,
@@ -239,8 +232,10 @@ def build_service(
     )
 
     top = MultiService()
-    # First, so that its lines come before the listeners'.
-    StartupReport(config, warnings=warnings).setServiceParent(top)
+    # First, so that its lines come before the listeners'. A worker's supervisor said it
+    # (and where the workers listen) once for all of them.
+    if worker is None:
+        StartupReport(config, warnings=warnings).setServiceParent(top)
     drain = Drain(
         site=site,
         readiness=readiness,
@@ -268,6 +263,7 @@ def build_service(
             reactor=reactor,
             close_delay=config.drain_delay,
             warn_all_interfaces=ALL_INTERFACES_WITH_CREDENTIALS if credentials_held else None,
+            report=worker is None,
         ).setServiceParent(top)
     if metrics_endpoint is not None:
         metrics_root = Resource()
@@ -286,6 +282,7 @@ def build_service(
             reactor=reactor,
             serves="metrics",
             close_delay=config.drain_delay,
+            report=worker is None,
         ).setServiceParent(top)
     if cache_store is not None and config.cache is not None:
         CacheUpkeep(

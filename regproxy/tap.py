@@ -555,13 +555,13 @@ def makeService(options: Options, reactor: Any = None, argv: list[str] | None = 
         from .server.supervisor import build_supervisor
 
         return build_supervisor(
+            config=config,
             count=options["workers"],
-            listen=[*config.listen, *filter(None, [config.metrics_listen])],
             # Workers run the supervisor's own twist command line (twist's options too).
             argv=sys.argv[1:] if argv is None else argv,
             environ=options.environ,
-            grace=config.shutdown_grace,
             reactor=reactor,
+            warnings=options.warnings,
         )
     from .service import build_service
 

@@ -1,9 +1,17 @@
 """Routes from a TOML file (``--config FILE``): read, check every key, report every error.
 
+Each table's keys are declared once, in a key table (``ROUTE_KEYS`` for ``[[routes]]``):
+the TOML type of each and the function that checks and converts its value. A key that a
+flag also sets is read with the flag's own function (``routing.values``), so the file
+refuses what the flag refuses, in the same words. ``read_table`` checks any table against
+its key table and reports every problem, unknown keys beside the others; a new key (or a
+new section, with a key table of its own) is a line in a table.
+
 Loading does all its file reading here, once: secrets (password and header files) are
 read into the frozen ``Credentials``, so a request never touches the disk for them and a
 file that is missing or unreadable is found at start-up (or at a reload), not at the
-first pull. Errors name the route and the key, never a secret.
+first pull. Errors name the route and the key, never a secret; they never name the routes
+file itself, which the caller does once (``--check``, a reload's log line).
 """
 
 from __future__ import annotations
@@ -16,8 +24,11 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..config import BlobRedirects, ConfigError, Credentials, Route, Upstream
+import attrs
+
+from ..config import BlobRedirects, ConfigError, Credentials, Route
 from ..protocol.reference import NAME_RE
+from . import values
 from .matching import RouteTable, conflicts
 
 if sys.version_info >= (3, 11):
@@ -32,38 +43,132 @@ HOST_RE = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*")
 NAMESPACE_RE = re.compile(r"[a-z0-9][a-z0-9.-]*(?::[0-9]+)?")
 GLOB_RE = re.compile(r"[a-z0-9._/*-]+")
 
-# Every key a [[routes]] table may have; README.rst documents each one.
-ROUTE_KEYS = (
-    "name",
-    "upstream",
-    "repo_prefix",
-    "host",
-    "path",
-    "namespace",
-    "allow",
-    "upstream_ca",
-    "blob_redirects",
-    "cache",
-    "username",
-    "password_file",
-    "auth_header_file",
-    "google_credentials",
-    "google_json_key",
-    "google_adc",
-)
+
+@attrs.frozen
+class Key:
+    """What one key of a table takes.
+
+    ``kind`` is its TOML type; ``coerce`` checks and converts a value of that type, raising
+    ``ValueError`` with a sentence that says what to give instead (for a key that a flag
+    also sets, the flag's own function); ``required`` is the error when the key is missing;
+    ``path``: the value names a file, relative to the routes file, and ``coerce`` gets
+    that path.
+    """
+
+    kind: type
+    coerce: Callable[[Any], Any] | None = None
+    required: str | None = None
+    path: bool = False
+
+
+def route_name(text: str) -> str:
+    if not ROUTE_NAME_RE.fullmatch(text):
+        raise ValueError(
+            f'{_q(text)} is not a valid route name (lower-case letters, digits and "-")'
+        )
+    return text
+
+
+def host_pattern(text: str) -> str:
+    host = text.lower()
+    if ":" in host:
+        raise ValueError(f"{_q(text)}: give the host name without a port (ports are ignored)")
+    if not HOST_RE.fullmatch(host):
+        raise ValueError(f"{_q(text)} is not a host name (or a pattern such as *.example.com)")
+    return host
+
+
+def path_component(text: str) -> str:
+    if "/" in text or not NAME_RE.fullmatch(text):
+        raise ValueError(f"{_q(text)} is not one repository name component (such as hub or ghcr)")
+    return text
+
+
+def namespace(text: str) -> str:
+    if not NAMESPACE_RE.fullmatch(text.lower()):
+        raise ValueError(f"{_q(text)} is not a registry host name such as docker.io")
+    return text.lower()
+
+
+def repository_patterns(patterns: list[Any]) -> tuple[str, ...]:
+    if not patterns:
+        raise ValueError("list at least one pattern, or leave allow out")
+    if not all(isinstance(pattern, str) for pattern in patterns):
+        raise ValueError("give a list of strings")
+    problems = [f"{_q(p)}: {problem}" for p in patterns if (problem := _glob_problem(p))]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return tuple(patterns)
+
+
+def _glob_problem(pattern: str) -> str | None:
+    if not GLOB_RE.fullmatch(pattern) or "***" in pattern:
+        return "use repository name characters with * (one component) and ** (any depth)"
+    if pattern.startswith("/") or pattern.endswith("/") or "//" in pattern:
+        return "no leading, trailing or double slashes"
+    return None
+
+
+def not_empty(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def secret(path: str) -> str:
+    """A secret's file, read now; the value never appears in an error."""
+    value = _read_text(path).strip()
+    if not value:
+        raise ValueError(f"{_q(path)} is empty")
+    return value
+
+
+# Every key a [[routes]] table may have; the documentation names each one.
+ROUTE_KEYS: dict[str, Key] = {
+    "name": Key(str, route_name, required="name is required"),
+    "upstream": Key(
+        str,
+        values.upstream_name,
+        required="upstream is required (a URL, a host name or a known name: docker.io, ...)",
+    ),
+    "repo_prefix": Key(str, values.repository_prefix),
+    "host": Key(str, host_pattern),
+    "path": Key(str, path_component),
+    "namespace": Key(str, namespace),
+    "allow": Key(list, repository_patterns),
+    "upstream_ca": Key(str, values.readable_file, path=True),
+    "blob_redirects": Key(str, values.blob_redirects),
+    "cache": Key(bool),
+    "username": Key(str, not_empty),
+    "password_file": Key(str, secret, path=True),
+    "auth_header_file": Key(str, secret, path=True),
+    "google_credentials": Key(str, values.readable_file, path=True),
+    "google_json_key": Key(bool),
+    "google_adc": Key(bool),
+}
 TOP_LEVEL_KEYS = ("routes",)
+# The kinds of upstream credentials and the keys of each: a route chooses one kind.
+CREDENTIAL_KINDS = (
+    ("username + password_file", ("username", "password_file")),
+    ("auth_header_file", ("auth_header_file",)),
+    ("google_credentials", ("google_credentials", "google_json_key")),
+    ("google_adc", ("google_adc",)),
+)
 
 
 def load_routes(path: str | os.PathLike[str]) -> RouteTable:
     """The routes of a TOML file; ConfigError lists every problem when it has any."""
     try:
-        text = _read_text(path)
-    except ValueError as error:
-        raise ConfigError([str(error)]) from None
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise ConfigError([f"cannot read the file: {error.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(["not UTF-8 text"]) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError([f"{path}: not valid TOML: {error}"]) from None
+        raise ConfigError([f"not valid TOML: {error}"]) from None
     return parse_routes(data, base=os.path.dirname(os.path.abspath(path)))
 
 
@@ -89,16 +194,91 @@ def parse_routes(data: Mapping[str, Any], base: str = ".") -> RouteTable:
     errors.extend(_duplicate_names(tables))
     routes, numbers = [], []
     for number, table in enumerate(tables, 1):
-        parser = _RouteParser(table, number, base)
-        route = parser.route()
-        errors.extend(parser.errors)
-        if route is not None:
-            routes.append(route)
+        name = table.get("name")
+        label = f"route {_q(name)}" if isinstance(name, str) else f"route #{number}"
+        route_errors: list[str] = []
+        read = read_table(table, ROUTE_KEYS, base=base, errors=route_errors)
+        route_errors.extend(_credential_errors(table))
+        errors.extend(f"{label}: {error}" for error in route_errors)
+        if not route_errors:
+            routes.append(_route(read))
             numbers.append(number)
     if errors:
         # Report conflicts among the routes that are right too: one run shows everything.
         raise ConfigError(list(dict.fromkeys(errors + conflicts(routes, numbers))))
     return RouteTable(tuple(routes))
+
+
+def read_table(
+    table: Mapping[str, Any], keys: Mapping[str, Key], *, base: str, errors: list[str]
+) -> dict[str, Any]:
+    """The values of ``table`` that are right, converted; an entry in ``errors`` for each
+    problem (an unknown key, a missing one, a wrong type, a value its function refuses),
+    all of them: none hides another."""
+    known = tuple(keys)
+    for key in table:
+        if key not in keys:
+            errors.append(f"unknown key {_q(key)}{_suggest(key, known)}")
+    read: dict[str, Any] = {}
+    for key, spec in keys.items():
+        value: Any = table.get(key)
+        if value is None:
+            if spec.required:
+                errors.append(spec.required)
+            continue
+        # bool is an int in Python, and "cache = 1" is no boolean in TOML.
+        if not isinstance(value, spec.kind) or (spec.kind is not bool and isinstance(value, bool)):
+            errors.append(f"{key} must be {_KIND_NAMES[spec.kind]}")
+            continue
+        if spec.path:
+            name = str(value)
+            if not name.strip():
+                errors.append(f"{key}: must not be empty")
+                continue
+            value = os.path.join(base, os.path.expanduser(name))
+        try:
+            read[key] = spec.coerce(value) if spec.coerce is not None else value
+        except ValueError as error:
+            errors.append(f"{key}: {error}")
+    return read
+
+
+def _credential_errors(table: Mapping[str, Any]) -> list[str]:
+    """How a route's credential keys go together (each key's own value is read_table's)."""
+    errors = []
+    kinds = [kind for kind, keys in CREDENTIAL_KINDS if any(key in table for key in keys)]
+    if len(kinds) > 1:
+        errors.append(f"choose one kind of credentials, not {' and '.join(kinds)}")
+    if ("username" in table) != ("password_file" in table):
+        errors.append("username and password_file go together")
+    if "google_json_key" in table and "google_credentials" not in table:
+        errors.append("google_json_key needs google_credentials")
+    return errors
+
+
+def _route(read: Mapping[str, Any]) -> Route:
+    """The route of a table that read_table found right."""
+    redirects = read.get("blob_redirects")
+    return Route(
+        upstream=read["upstream"],
+        prefix=read.get("repo_prefix") or "",
+        credentials=Credentials(
+            auth_header=read.get("auth_header_file"),
+            username=read.get("username"),
+            password=read.get("password_file"),
+            google_key_file=read.get("google_credentials"),
+            google_adc=bool(read.get("google_adc")),
+            google_json_key=bool(read.get("google_json_key")),
+        ),
+        blob_redirects=redirects if redirects is not None else BlobRedirects.PASS,
+        upstream_ca=read.get("upstream_ca"),
+        name=read["name"],
+        host=read.get("host"),
+        path=read.get("path"),
+        namespace=read.get("namespace"),
+        allow=read.get("allow", ()),
+        cache=read.get("cache", True),
+    )
 
 
 def _duplicate_names(tables: list[dict[str, Any]]) -> list[str]:
@@ -135,208 +315,8 @@ def _read_text(path: str | os.PathLike[str]) -> str:
         raise ValueError(f"{_q(str(path))} is not UTF-8 text") from None
 
 
-class _RouteParser:
-    """One ``[[routes]]`` table; collects its errors rather than stopping at the first."""
-
-    def __init__(self, table: Mapping[str, Any], number: int, base: str) -> None:
-        self.table = table
-        self.base = base
-        self.errors: list[str] = []
-        name = table.get("name")
-        self.label = f"route {_q(name)}" if isinstance(name, str) else f"route #{number}"
-
-    def error(self, message: str) -> None:
-        self.errors.append(f"{self.label}: {message}")
-
-    def get(self, key: str, kind: type, check: Callable[[Any], str | None] | None = None) -> Any:
-        """The value of ``key`` when present and right, else None (and an error if wrong)."""
-        value = self.table.get(key)
-        if value is None:
-            return None
-        # bool is an int in Python, and "cache = 1" is no boolean in TOML.
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            self.error(f"{key} must be {_KIND_NAMES[kind]}")
-            return None
-        problem = check(value) if check is not None else None
-        if problem:
-            self.error(f"{key}: {problem}")
-            return None
-        return value
-
-    def route(self) -> Route | None:
-        for key in self.table:
-            if key not in ROUTE_KEYS:
-                self.error(f"unknown key {_q(key)}{_suggest(key, ROUTE_KEYS)}")
-        name = self.get("name", str, _check_route_name)
-        if "name" not in self.table:
-            self.error("name is required")
-        upstream = self._upstream()
-        prefix = self.get("repo_prefix", str, _check_prefix)
-        host = self.get("host", str, _check_host)
-        path = self.get("path", str, _check_path)
-        namespace = self.get("namespace", str, _check_namespace)
-        allow = self._allow()
-        upstream_ca = self._file("upstream_ca")
-        redirects = self.get("blob_redirects", str, _check_blob_redirects)
-        cache = self.get("cache", bool)
-        credentials = self._credentials()
-        if self.errors or name is None or upstream is None or credentials is None:
-            return None
-        return Route(
-            upstream=upstream,
-            prefix=(prefix or "").strip("/"),
-            credentials=credentials,
-            blob_redirects=BlobRedirects(redirects) if redirects else BlobRedirects.PASS,
-            upstream_ca=upstream_ca,
-            name=name,
-            host=host.lower() if host else None,
-            path=path,
-            namespace=namespace.lower() if namespace else None,
-            allow=allow,
-            cache=True if cache is None else cache,
-        )
-
-    def _upstream(self) -> Upstream | None:
-        if "upstream" not in self.table:
-            self.error("upstream is required (a URL, a host name or a known name: docker.io, ...)")
-            return None
-        text = self.get("upstream", str)
-        if text is None:
-            return None
-        try:
-            return Upstream.from_name(text)
-        except ValueError as error:
-            self.error(f"upstream {_q(text)}: {error}")
-            return None
-
-    def _allow(self) -> tuple[str, ...]:
-        patterns = self.get("allow", list)
-        if patterns is None:
-            return ()
-        if not patterns:
-            self.error("allow is empty: list at least one pattern, or leave allow out")
-            return ()
-        for pattern in patterns:
-            if not isinstance(pattern, str):
-                self.error("allow must be a list of strings")
-                return ()
-            problem = _check_glob(pattern)
-            if problem:
-                self.error(f"allow {_q(pattern)}: {problem}")
-        return tuple(patterns)
-
-    def _path(self, key: str) -> str | None:
-        value = self.get(key, str, lambda text: None if text.strip() else "must not be empty")
-        if value is None:
-            return None
-        return os.path.join(self.base, os.path.expanduser(value))
-
-    def _file(self, key: str) -> str | None:
-        """A file the proxy reads later (a CA bundle, a Google key): it must be readable now."""
-        path = self._path(key)
-        if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-            self.error(f"{key}: {_q(path)} is not a readable file")
-            return None
-        return path
-
-    def _secret(self, key: str) -> str | None:
-        """A secret's file, read now; the value never appears in an error."""
-        path = self._path(key)
-        if path is None:
-            return None
-        try:
-            value = _read_text(path).strip()
-        except ValueError as error:
-            self.error(f"{key}: {error}")
-            return None
-        if not value:
-            self.error(f"{key}: {_q(path)} is empty")
-            return None
-        return value
-
-    def _credentials(self) -> Credentials | None:
-        kinds = [
-            kind
-            for kind, keys in (
-                ("username + password_file", ("username", "password_file")),
-                ("auth_header_file", ("auth_header_file",)),
-                ("google_credentials", ("google_credentials", "google_json_key")),
-                ("google_adc", ("google_adc",)),
-            )
-            if any(key in self.table for key in keys)
-        ]
-        if len(kinds) > 1:
-            self.error(f"choose one kind of credentials, not {' and '.join(kinds)}")
-            return None
-        username = self.get("username", str, lambda text: None if text else "must not be empty")
-        if ("username" in self.table) != ("password_file" in self.table):
-            self.error("username and password_file go together")
-            return None
-        if "google_json_key" in self.table and "google_credentials" not in self.table:
-            self.error("google_json_key needs google_credentials")
-            return None
-        before = len(self.errors)
-        credentials = Credentials(
-            auth_header=self._secret("auth_header_file"),
-            username=username,
-            password=self._secret("password_file"),
-            google_key_file=self._file("google_credentials"),
-            google_adc=bool(self.get("google_adc", bool)),
-            google_json_key=bool(self.get("google_json_key", bool)),
-        )
-        return credentials if len(self.errors) == before else None
-
-
 _KIND_NAMES: dict[type, str] = {
     str: "a string",
     bool: "true or false",
     list: "a list",
 }
-
-
-def _check_route_name(text: str) -> str | None:
-    if not ROUTE_NAME_RE.fullmatch(text):
-        return f'{_q(text)} is not a valid route name (lower-case letters, digits and "-")'
-    return None
-
-
-def _check_prefix(text: str) -> str | None:
-    prefix = text.strip("/")
-    if prefix and not NAME_RE.fullmatch(prefix):
-        return f"{_q(text)} is not a valid repository path"
-    return None
-
-
-def _check_host(text: str) -> str | None:
-    host = text.lower()
-    if ":" in host:
-        return f"{_q(text)}: give the host name without a port (ports are ignored)"
-    if not HOST_RE.fullmatch(host):
-        return f"{_q(text)} is not a host name (or a pattern such as *.example.com)"
-    return None
-
-
-def _check_path(text: str) -> str | None:
-    if "/" in text or not NAME_RE.fullmatch(text):
-        return f"{_q(text)} is not one repository name component (such as hub or ghcr)"
-    return None
-
-
-def _check_namespace(text: str) -> str | None:
-    if not NAMESPACE_RE.fullmatch(text.lower()):
-        return f"{_q(text)} is not a registry host name such as docker.io"
-    return None
-
-
-def _check_blob_redirects(text: str) -> str | None:
-    if text not in {mode.value for mode in BlobRedirects}:
-        return f'{_q(text)}: use "pass" or "follow"'
-    return None
-
-
-def _check_glob(pattern: str) -> str | None:
-    if not GLOB_RE.fullmatch(pattern) or "***" in pattern:
-        return "use repository name characters with * (one component) and ** (any depth)"
-    if pattern.startswith("/") or pattern.endswith("/") or "//" in pattern:
-        return "no leading, trailing or double slashes"
-    return None

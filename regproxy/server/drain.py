@@ -17,13 +17,21 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 
+class Channel(Protocol):
+    """An open client connection (``twisted.web.http.HTTPChannel``)."""
+
+    transport: Any
+
+    def loseConnection(self) -> None: ...
+
+
 class Serving(Protocol):
     """What the drain reads of the site: requests in flight and open client connections."""
 
     active: int
 
     @property
-    def open_channels(self) -> Collection[Any]: ...
+    def open_channels(self) -> Collection[Channel]: ...
 
 
 class Ready(Protocol):
@@ -89,9 +97,18 @@ class Drain(Service):
         # A finished request may still have its last bytes in the connection's write
         # buffer (a slow client): the reactor's shutdown would cut those connections at
         # once. Closing them gracefully first lets every buffer flush, within the grace.
+        # The channel's own loseConnection, not its transport's: the channel is the
+        # transport's registered producer, and a transport whose producer was paused by
+        # a full buffer only resumes it once the buffer has flushed, and never closes
+        # (the drain then waited out the whole grace after the last transfer).
         for channel in list(self.site.open_channels):
             if channel.transport is not None:
-                channel.transport.loseConnection()
+                channel.loseConnection()
         while self.site.open_channels and self.reactor.seconds() < deadline:
             await deferLater(self.reactor, 0.05, lambda: None)
+        if self.site.open_channels:
+            self.log.warn(
+                "grace period over with {count} client connections still flushing",
+                count=len(self.site.open_channels),
+            )
         await gatherResults([pool.closeCachedConnections() for pool in self.pools])

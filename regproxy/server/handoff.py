@@ -85,6 +85,10 @@ class _Recorder:
         return _NotListening()
 
 
+class UnsharedListener(ValueError):
+    """A listener kind the supervisor cannot hand to its workers (``unix:``, ...)."""
+
+
 def listen_request(description: str) -> ListenRequest:
     recorder = _Recorder()
     failures: list[Failure] = []
@@ -95,7 +99,7 @@ def listen_request(description: str) -> ListenRequest:
         failures.append(Failure())
     if failures:
         if failures[0].check(AttributeError):
-            raise ValueError(
+            raise UnsharedListener(
                 f"{description!r}: with --workers above 1, use tcp:, ssl: or systemd: listeners"
             )
         failures[0].raiseException()
@@ -131,24 +135,29 @@ class Inherited:
 @attrs.frozen
 class WorkerSpec:
     """What the supervisor tells a worker (``--as-worker``): its number, the supervisor's
-    pid, and the inherited listeners in the order of ``--port`` then ``--metrics-port``."""
+    pid, the inherited listeners in the order of ``--port`` then ``--metrics-port``, and
+    ``runtime_dir``, the supervisor's runtime directory (``runtime_dir.RuntimeDirectory``):
+    one writable directory every worker of the supervisor shares, removed when it exits."""
 
     number: int
     supervisor: int
     listeners: tuple[Inherited, ...]
+    runtime_dir: str = ""
 
     def argument(self) -> str:
         fds = ",".join(f"{one.kind}={one.fd}" for one in self.listeners)
-        return f"{self.number}:{self.supervisor}:{fds}"
+        # The path last: it is the one part that may hold a colon.
+        return f"{self.number}:{self.supervisor}:{fds}:{self.runtime_dir}"
 
     @classmethod
     def parse(cls, text: str) -> WorkerSpec:
         try:
-            number, supervisor, fds = text.split(":")
+            number, supervisor, fds, *rest = text.split(":", 3)
+            runtime_dir = rest[0] if rest else ""
             listeners = tuple(
                 Inherited(kind, int(fd))
                 for kind, fd in (item.split("=") for item in fds.split(",") if item)
             )
-            return cls(int(number), int(supervisor), listeners)
+            return cls(int(number), int(supervisor), listeners, runtime_dir)
         except ValueError:
             raise ValueError("set only by the --workers supervisor") from None

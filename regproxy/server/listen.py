@@ -45,19 +45,27 @@ def parse_endpoint(
     handed_over = dict(os.environ if environ is None else environ)
     try:
         endpoint: IStreamServerEndpoint = endpoints.serverFromString(reactor, description)
-    except (IndexError, KeyError) as error:
-        if description.startswith("systemd:"):
-            raise StartupError(f"{option} {description}: {_systemd_hint(handed_over)}") from None
-        raise StartupError(f"{option} {description}: {error}; {ENDPOINT_HELP}") from None
     except Exception as error:  # any parse failure is a usage problem
-        kind, _, rest = description.partition(":")
-        port = rest.split(":", 1)[0]
-        if kind in ("tcp", "ssl", "tcp6") and not port.isdigit():
-            raise StartupError(
-                f"{option} {description}: {port!r} is not a port number; {ENDPOINT_HELP}"
-            ) from None
-        raise StartupError(f"{option} {description}: {error}; {ENDPOINT_HELP}") from None
+        raise endpoint_error(option, description, error, handed_over) from None
     return endpoint
+
+
+def endpoint_error(
+    option: str, description: str, error: Exception, environ: Mapping[str, str]
+) -> StartupError:
+    """What to say when Twisted's parser refuses ``description`` (here, or in the
+    ``--workers`` supervisor, which parses it the same way)."""
+    if isinstance(error, (IndexError, KeyError)):
+        if description.startswith("systemd:"):
+            return StartupError(f"{option} {description}: {_systemd_hint(environ)}")
+        return StartupError(f"{option} {description}: {error}; {ENDPOINT_HELP}")
+    kind, _, rest = description.partition(":")
+    port = rest.split(":", 1)[0]
+    if kind in ("tcp", "ssl", "tcp6") and not port.isdigit():
+        return StartupError(
+            f"{option} {description}: {port!r} is not a port number; {ENDPOINT_HELP}"
+        )
+    return StartupError(f"{option} {description}: {error}; {ENDPOINT_HELP}")
 
 
 def _systemd_hint(environ: Mapping[str, str]) -> str:
@@ -99,7 +107,44 @@ def is_all_interfaces(host: str) -> bool:
         return False
 
 
+ALL_INTERFACES_WITH_CREDENTIALS = (
+    "the proxy holds upstream credentials, so anyone who reaches this port pulls what they "
+    "can read; bind one interface (tcp:8080:interface=127.0.0.1) or put access control "
+    "in front"
+)
+
+
+def announce(
+    log: Logger,
+    *,
+    host: str | None,
+    where: str,
+    serves: str,
+    option: str,
+    description: str,
+    warn_all_interfaces: str | None = None,
+) -> None:
+    """The line saying a listener is bound (by a Listener, or by the ``--workers``
+    supervisor for all its workers), and the warning when it is every interface."""
+    log.info(
+        "listening on {address} ({serves}; {option} {description})",
+        address=where,
+        serves=serves,
+        option=option,
+        description=description,
+    )
+    if host is not None and is_all_interfaces(host) and warn_all_interfaces:
+        log.warn(
+            "{address} is every interface of this host: {why}",
+            address=where,
+            why=warn_all_interfaces,
+        )
+
+
 class Listener(Service):
+    """Binds ``endpoint`` and says where (``report``; False in a ``--workers`` worker,
+    whose supervisor said it once for all)."""
+
     log = Logger()
 
     def __init__(
@@ -113,6 +158,7 @@ class Listener(Service):
         serves: str = "registry API",
         close_delay: float = 0.0,
         warn_all_interfaces: str | None = None,
+        report: bool = True,
     ) -> None:
         self.option = option
         self.description = description
@@ -122,6 +168,7 @@ class Listener(Service):
         self.serves = serves
         self.close_delay = close_delay
         self.warn_all_interfaces = warn_all_interfaces
+        self.report = report
         self.port: IListeningPort | None = None
 
     def startService(self) -> None:
@@ -149,22 +196,20 @@ class Listener(Service):
             self.reactor.stop()
             return
         self.port = result
+        if not self.report:
+            return
         address = result.getHost()
         host = getattr(address, "host", None)
         where = f"{host}:{getattr(address, 'port', '')}" if host is not None else str(address)
-        self.log.info(
-            "listening on {address} ({serves}; {option} {description})",
-            address=where,
+        announce(
+            self.log,
+            host=host,
+            where=where,
             serves=self.serves,
             option=self.option,
             description=self.description,
+            warn_all_interfaces=self.warn_all_interfaces,
         )
-        if host is not None and is_all_interfaces(host) and self.warn_all_interfaces:
-            self.log.warn(
-                "{address} is every interface of this host: {why}",
-                address=where,
-                why=self.warn_all_interfaces,
-            )
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()

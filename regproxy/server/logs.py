@@ -14,17 +14,24 @@ from __future__ import annotations
 import atexit
 import enum
 import json
+import re
 import time
 from collections.abc import Callable, MutableMapping
 from typing import IO, Any
 
 from twisted.logger import (
     FileLogObserver,
+    FilteringLogObserver,
+    ILogFilterPredicate,
+    ILogObserver,
     LogEvent,
     LogLevel,
+    PredicateResult,
     eventAsText,
+    formatEvent,
     textFileLogObserver,
 )
+from zope.interface import implementer
 
 
 class LogFormat(enum.Enum):
@@ -109,7 +116,7 @@ def jsonLineFileLogObserver(out: IO[Any]) -> FileLogObserver:
     return FileLogObserver(out, json_line)
 
 
-ObserverFactory = Callable[[IO[Any]], FileLogObserver]
+ObserverFactory = Callable[[IO[Any]], ILogObserver]
 
 
 class OncePerTurn:
@@ -175,14 +182,51 @@ def flushed_once_per_turn(out: IO[Any]) -> Any:
     return batched
 
 
-def json_lines_per_turn(out: IO[Any]) -> FileLogObserver:
-    """JSON lines (``jsonLineFileLogObserver``), flushed once per reactor turn."""
-    return jsonLineFileLogObserver(flushed_once_per_turn(out))
+# What Twisted says of listening ports and factories, which regproxy's own lines say
+# better ("listening on ... (registry API; --port ...)", the drain): tcp.Port's
+# "ProxySite starting on 8080" and "(TCP Port 8080 Closed)" through the legacy log, and
+# Factory's "Starting factory"/"Stopping factory" of factories left noisy (treq's).
+_TWISTED_PORT_LINES = re.compile(r"(?:\S.* starting on \S+|\((?:TCP|UNIX) Port \S+ Closed\))")
+_TWISTED_FACTORY_FORMATS = frozenset(
+    {"Starting factory {factory!r}", "Stopping factory {factory!r}"}
+)
 
 
-def text_lines_per_turn(out: IO[Any]) -> FileLogObserver:
-    """Twist's text lines (``textFileLogObserver``), flushed once per reactor turn."""
-    return textFileLogObserver(flushed_once_per_turn(out))
+# PredicateResult's constants (constantly has no types).
+_NO: object = PredicateResult.no
+_MAYBE: object = PredicateResult.maybe
+
+
+@implementer(ILogFilterPredicate)
+class TwistedEchoes:
+    """Drops Twisted's own lines about ports and factories; everything else passes."""
+
+    def __call__(self, event: LogEvent) -> object:
+        if event.get("log_format") in _TWISTED_FACTORY_FORMATS:
+            return _NO
+        if (
+            event.get("log_namespace") == "log_legacy"
+            and not event.get("isError")
+            and _TWISTED_PORT_LINES.fullmatch(formatEvent(event))
+        ):
+            return _NO
+        return _MAYBE
+
+
+def without_twisted_echoes(observer: ILogObserver) -> ILogObserver:
+    return FilteringLogObserver(observer, [TwistedEchoes()])
+
+
+def json_lines_per_turn(out: IO[Any]) -> ILogObserver:
+    """JSON lines (``jsonLineFileLogObserver``), flushed once per reactor turn, without
+    Twisted's echoes of regproxy's lines (``TwistedEchoes``)."""
+    return without_twisted_echoes(jsonLineFileLogObserver(flushed_once_per_turn(out)))
+
+
+def text_lines_per_turn(out: IO[Any]) -> ILogObserver:
+    """Twist's text lines (``textFileLogObserver``), flushed once per reactor turn, without
+    Twisted's echoes of regproxy's lines (``TwistedEchoes``)."""
+    return without_twisted_echoes(textFileLogObserver(flushed_once_per_turn(out)))
 
 
 def choose_twist_log_observer(

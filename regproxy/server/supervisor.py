@@ -10,17 +10,17 @@ builds from the same description.
 
 The supervisor never accepts a connection; it starts workers, restarts one that dies (with
 back-off), forwards SIGTERM (each worker drains within the grace) and SIGHUP, and owns the
-private directory where prometheus-client's multiprocess mode keeps every worker's metrics.
+runtime directory its workers share (``runtime_dir``), where prometheus-client's
+multiprocess mode keeps every worker's metrics. It also says, once for all its workers,
+where they listen (each worker's start-up is one line naming its pid).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,11 +28,29 @@ import attrs
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .handoff import FIRST_CHILD_FD, Inherited, WorkerSpec, bind, listen_request
+from ..config import Config
+from .handoff import (
+    FIRST_CHILD_FD,
+    Inherited,
+    ListenRequest,
+    UnsharedListener,
+    WorkerSpec,
+    bind,
+    listen_request,
+)
+from .listen import (
+    ALL_INTERFACES_WITH_CREDENTIALS,
+    announce,
+    endpoint_error,
+    explain_listen_failure,
+)
+from .runtime_dir import RuntimeDirectory
 from .signals import HELD_SIGNALS, StopCleanlyOnSigterm, ignore_repeated_stop_signals
+from .startup import StartupError, StartupReport, holds_credentials
 
 # The environment variable prometheus-client reads (at import) to switch to multiprocess mode.
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -88,16 +106,21 @@ class Supervisor(Service):
         reactor: Any,
         executable: str = sys.executable,
         signals: bool = True,
+        metrics_listen: str | None = None,
+        warn_all_interfaces: str | None = None,
     ) -> None:
         self.count = count
         self.listen = tuple(listen)
+        self.metrics_listen = metrics_listen
+        self.warn_all_interfaces = warn_all_interfaces
         self.argv = tuple(argv)
         self.environ = dict(environ)
         self.grace = grace
         self.reactor = reactor
         self.executable = executable
         self.signals = signals
-        self.metrics_dir: str | None = None
+        # Made when the service starts; its path is each worker's WorkerSpec.runtime_dir.
+        self.runtime: RuntimeDirectory | None = None
         self.workers: dict[int, _Worker] = {}
         self._sockets: list[socket.socket] = []
         self._kinds: list[str] = []
@@ -108,19 +131,57 @@ class Supervisor(Service):
         self._all_ended: Deferred[None] | None = None
         self._previous_hangup: Any = None
 
+    @property
+    def runtime_dir(self) -> str | None:
+        """The directory every worker shares (``WorkerSpec.runtime_dir`` in the workers)."""
+        return self.runtime.path if self.runtime is not None else None
+
+    @property
+    def metrics_dir(self) -> str | None:
+        return self.runtime.metrics if self.runtime is not None else None
+
+    def _listeners(self) -> list[tuple[str, str, str]]:
+        """(option, description, what it serves) of each listener, in the workers' order."""
+        metrics = [] if self.metrics_listen is None else [self.metrics_listen]
+        return [
+            *(("--port", description, "registry API") for description in self.listen),
+            *(("--metrics-port", description, "metrics") for description in metrics),
+        ]
+
     def startService(self) -> None:
+        """Make the runtime directory and bind every listener, or end twist with one
+        ``Error:`` line (logging has not begun: stderr is the whole story)."""
         super().startService()
-        requests = [listen_request(description) for description in self.listen]
-        self._sockets = [bind(request) for request in requests]
-        self._kinds = [request.kind for request in requests]
-        self.metrics_dir = tempfile.mkdtemp(prefix="regproxy-metrics-")
+        try:
+            self.runtime = RuntimeDirectory.make(self.environ, workers=self.count)
+            for option, description, _ in self._listeners():
+                sock, kind = _bound(option, description, self.environ)
+                self._sockets.append(sock)
+                self._kinds.append(kind)
+        except StartupError as error:
+            self._close_sockets()
+            self._remove_runtime()
+            raise SystemExit(f"Error: {error}") from None
+        for sock, (option, description, serves) in zip(
+            self._sockets, self._listeners(), strict=True
+        ):
+            host, where = _address(sock)
+            announce(
+                self.log,
+                host=host,
+                where=where,
+                serves=serves,
+                option=option,
+                description=description,
+                warn_all_interfaces=self.warn_all_interfaces if serves != "metrics" else None,
+            )
         if self.signals:
             self._previous_hangup = signal.signal(signal.SIGHUP, self._on_hangup)
             self.reactor.callWhenRunning(ignore_repeated_stop_signals)
         self.log.info(
             "supervisor: {count} workers on {listeners}",
             count=self.count,
-            listeners=", ".join(self.listen),
+            listeners=", ".join(description for _, description, _ in self._listeners()),
         )
         self.reactor.callWhenRunning(self._spawn_all)
 
@@ -131,19 +192,20 @@ class Supervisor(Service):
 
     def _spawn(self, number: int) -> None:
         self._restarts.pop(number, None)
+        assert self.runtime is not None
         spec = WorkerSpec(
             number,
             os.getpid(),
             tuple(
                 Inherited(kind, FIRST_CHILD_FD + index) for index, kind in enumerate(self._kinds)
             ),
+            self.runtime.path,
         )
         fds: dict[int, int | str] = {0: 0, 1: 1, 2: 2}
         for index, sock in enumerate(self._sockets):
             fds[FIRST_CHILD_FD + index] = sock.fileno()
         env = {k: v for k, v in self.environ.items() if k not in SYSTEMD_VARIABLES}
-        assert self.metrics_dir is not None
-        env[METRICS_DIR_VARIABLE] = self.metrics_dir
+        env[METRICS_DIR_VARIABLE] = self.runtime.metrics
         args = [self.executable, "-m", "twisted", *self.argv, "--as-worker", spec.argument()]
         holder: list[_Worker] = []
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
@@ -225,9 +287,7 @@ class Supervisor(Service):
         self._restarts.clear()
         # Our copies of the listening sockets go now; each closes for good when the last
         # worker has stopped listening, so clients are refused instead of left waiting.
-        for sock in self._sockets:
-            sock.close()
-        self._sockets = []
+        self._close_sockets()
         if self.signals and self._previous_hangup is not None:
             signal.signal(signal.SIGHUP, self._previous_hangup)
         ended: Deferred[None] = Deferred()
@@ -253,29 +313,74 @@ class Supervisor(Service):
             except Exception:
                 self.log.failure("killing worker {worker}", worker=worker.number)
 
+    def _close_sockets(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+
+    def _remove_runtime(self) -> None:
+        if self.runtime is not None:
+            self.runtime.remove()
+            self.runtime = None
+
     def _finish(self) -> None:
-        if self.metrics_dir is not None:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
-            self.metrics_dir = None
+        self._remove_runtime()
         if self._unclean:
             self.log.warn("supervisor: {count} workers did not stop cleanly", count=self._unclean)
             return
         self.log.info("supervisor: every worker drained and exited")
 
 
+def _bound(option: str, description: str, environ: Mapping[str, str]) -> tuple[socket.socket, str]:
+    """The listening socket for ``description`` and its kind, or a StartupError that
+    names the option (a port in use, a TLS key that cannot be read, a kind workers cannot
+    share), as a single process says it."""
+    try:
+        request: ListenRequest = listen_request(description)
+    except UnsharedListener as error:
+        raise StartupError(f"{option} {error}") from None
+    except Exception as error:  # Twisted's parser: a key file, a bad option, ...
+        raise endpoint_error(option, description, error, environ) from None
+    try:
+        return bind(request), request.kind
+    except (CannotListenError, OSError) as error:
+        raise StartupError(f"{option} {description}: {explain_listen_failure(error)}") from None
+
+
+def _address(sock: socket.socket) -> tuple[str | None, str]:
+    """(host, "host:port") of a bound socket, as a Listener reports its own."""
+    name = sock.getsockname()
+    if isinstance(name, tuple):
+        return str(name[0]), f"{name[0]}:{name[1]}"
+    return None, str(name)  # a UNIX socket systemd handed over
+
+
 def build_supervisor(
     *,
+    config: Config,
     count: int,
-    listen: Sequence[str],
     argv: Sequence[str],
     environ: Mapping[str, str],
-    grace: float,
     reactor: Any,
+    warnings: Sequence[str] = (),
 ) -> IService:
+    """The ``--workers`` supervisor, its start-up report (version, routes, warnings and
+    the listeners it binds) said once for all its workers."""
     top = MultiService()
+    # First, so that its lines come before the listeners'.
+    StartupReport(config, warnings=warnings).setServiceParent(top)
     # A drained stop exits 0 (see regproxy.server.signals), without twist's private exit signal.
     StopCleanlyOnSigterm(reactor).setServiceParent(top)
     Supervisor(
-        count=count, listen=listen, argv=argv, environ=environ, grace=grace, reactor=reactor
+        count=count,
+        listen=config.listen,
+        metrics_listen=config.metrics_listen,
+        argv=argv,
+        environ=environ,
+        grace=config.shutdown_grace,
+        reactor=reactor,
+        warn_all_interfaces=(
+            ALL_INTERFACES_WITH_CREDENTIALS if holds_credentials(config) else None
+        ),
     ).setServiceParent(top)
     return top

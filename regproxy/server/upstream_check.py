@@ -19,6 +19,7 @@ from collections.abc import Callable
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from ..config import Route
@@ -69,9 +70,18 @@ class PeriodicCheck(TimerService):
 
     def _run(self) -> Deferred[None]:
         self._running = self.check()
-        return self._running
+        return self._running.addErrback(self._unless_stopping)
+
+    def _unless_stopping(self, failure: Failure) -> None:
+        # A check cancelled by the stop ends in an error (CancelledError, inside
+        # gatherResults' FirstError) that TimerService would log as unhandled.
+        if not self._stopping:
+            failure.raiseException()
+
+    _stopping = False
 
     def stopService(self) -> Deferred[None]:
+        self._stopping = True
         if self._running is not None and not self._running.called:
             self._running.cancel()
         stopped: Deferred[None] = super().stopService()

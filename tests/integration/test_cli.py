@@ -25,7 +25,8 @@ from tests.support.oauth import OAuthEndpoint
 from tests.support.ports import free_port, port_open
 from tests.support.proxy import RegproxyProcess
 from tests.support.seed import SeededRegistry
-from tests.support.tools import systemd_socket_activate
+from tests.support.tls import make_ca_and_cert
+from tests.support.tools import require_capability, require_program, systemd_socket_activate
 from tests.support.waiting import eventually
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -112,6 +113,114 @@ def test_a_port_in_use_is_one_line() -> None:
         "stop what listens there or choose another port\n"
     )
     assert "Traceback" not in result.stdout
+
+
+def test_supervisor_start_up_failures_are_one_line(tmp: Path) -> None:
+    """Under --workers the supervisor binds: its failures read as a single process's do."""
+    tls = make_ca_and_cert(tmp)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            (
+                ["--port", f"tcp:{port}:interface=127.0.0.1"],
+                f"Error: --port tcp:{port}:interface=127.0.0.1: the address is already in use",
+            ),
+            (
+                ["--metrics-port", f"tcp:{port}:interface=127.0.0.1"],
+                f"Error: --metrics-port tcp:{port}:interface=127.0.0.1: the address is already",
+            ),
+            (
+                ["--port", f"ssl:0:privateKey={tmp}/missing.pem:certKey={tls.cert}"],
+                f"Error: --port ssl:0:privateKey={tmp}/missing.pem:certKey={tls.cert}: "
+                "[Errno 2] No such file or directory",
+            ),
+            (
+                ["--port", f"unix:{tmp}/socket"],
+                f"Error: --port 'unix:{tmp}/socket': with --workers above 1, use tcp:",
+            ),
+        ]
+        for args, error in cases:
+            result = twist(
+                "--workers",
+                "2",
+                "--port",
+                "tcp:0:interface=127.0.0.1",
+                *args,
+                env={"RUNTIME_DIRECTORY": str(tmp)},
+            )
+            assert result.returncode == 1
+            assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+            assert result.stderr.startswith(error), result.stderr
+            assert "Traceback" not in result.stdout
+    assert list(tmp.glob("regproxy-*")) == []  # the runtime directory went with it
+
+
+def test_workers_in_a_read_only_root_say_what_to_mount_in_one_line() -> None:
+    """podman run --read-only without --tmpfs: read-only /tmp, /dev/shm and /var/tmp (a
+    mount namespace of a user namespace makes them so, unprivileged)."""
+    unshare = require_program("unshare (Debian package util-linux)", "read-only mounts")
+    readonly = "for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs -o ro none $d; done"
+    probe = subprocess.run(
+        [unshare, "-rm", "sh", "-c", f"{readonly} && ! touch /tmp/x 2>/dev/null"],
+        capture_output=True,
+        check=False,
+    )
+    require_capability(probe.returncode == 0, "read-only mounts", "unshare -rm (user namespaces)")
+    env = environment()
+    for variable in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR", "TMPDIR"):
+        env.pop(variable, None)
+    command = [
+        sys.executable,
+        "-m",
+        "twisted",
+        "regproxy",
+        "--workers",
+        "2",
+        "--port",
+        "tcp:0:interface=127.0.0.1",
+    ]
+    result = subprocess.run(
+        [unshare, "-rm", "sh", "-c", f'{readonly} && exec "$@"', "sh", *command],
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: --workers 2: the workers need a writable directory to share, and none of "
+        "/dev/shm, /tmp, /var/tmp is writable (a read-only root?): mount a tmpfs at /tmp "
+        "(podman or docker run --tmpfs /tmp, an emptyDir volume in Kubernetes) or point "
+        "RUNTIME_DIRECTORY at a writable directory\n"
+    )
+    assert "Traceback" not in result.stdout
+
+
+def test_check_names_the_file_once_per_line_and_refuses_what_the_flag_refuses(
+    tmp: Path,
+) -> None:
+    bad_url = tmp / "url.toml"
+    bad_url.write_text('[[routes]]\nname = "a"\nupstream = "not a url"\ncolour = 1\n')
+    result = twist("--config", str(bad_url), "--check")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f'{bad_url}: route "a": unknown key "colour"',
+        f"{bad_url}: route \"a\": upstream: 'not a url' is not a registry URL; give one such "
+        "as https://gcr.io",
+    ]
+    flag = twist("--upstream", "not a url")
+    assert "'not a url' is not a registry URL; give one such as https://gcr.io" in flag.stderr
+    broken = tmp / "broken.toml"
+    broken.write_text('[[routes]]\nname = "a\n')
+    result = twist("--config", str(broken), "--check")
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"{broken}: not valid TOML: ") and line.count(str(broken)) == 1
 
 
 def test_a_bare_port_number_is_a_tcp_port(prefixed_registry: SeededRegistry, tmp: Path) -> None:

@@ -363,3 +363,43 @@ def test_sighup_reaches_every_worker_and_stops_none(
     )
     assert children(proxy.pid) == workers and proxy.running
     assert serving(proxy.url)
+
+
+def test_start_up_is_reported_once_and_each_worker_by_its_pid(
+    start_proxy, prefixed_registry: SeededRegistry
+) -> None:
+    metrics_port = free_port()
+    proxy = start_workers(
+        start_proxy,
+        [
+            "--upstream",
+            prefixed_registry.url,
+            "--metrics-port",
+            f"tcp:{metrics_port}:interface=127.0.0.1",
+        ],
+    )
+    workers = sorted(children(proxy.pid))
+    proxy.send_signal(signal.SIGTERM)
+    assert proxy.wait(30) == 0
+    messages = proxy.log_messages()
+    assert sum(") starting" in m and m.startswith("regproxy ") for m in messages) == 1
+    assert sum(m.startswith("route default: ") for m in messages) == 1
+    assert [m for m in messages if m.startswith("listening on ")] == [
+        f"listening on 127.0.0.1:{proxy.port} (registry API; --port "
+        f"tcp:{proxy.port}:interface=127.0.0.1)",
+        f"listening on 127.0.0.1:{metrics_port} (metrics; --metrics-port "
+        f"tcp:{metrics_port}:interface=127.0.0.1)",
+    ]
+    started = sorted(
+        int(match[1])
+        for m in messages
+        if (match := re.fullmatch(r"worker \d started \(pid (\d+)\)", m))
+    )
+    announced = sorted(
+        int(match[1])
+        for m in messages
+        if (match := re.fullmatch(r"worker \d \(pid (\d+)\) serving", m))
+    )
+    assert started == announced == workers
+    # Twisted's own lines about the same ports say nothing regproxy's did not.
+    assert not [m for m in messages if " starting on " in m or re.search(r"Port \d+ Closed", m)]

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from regproxy.server.drain import Drain
@@ -119,44 +124,126 @@ def test_a_periodic_check_in_progress_is_cancelled_on_stop() -> None:
     service.startService()
     assert len(checks) == 1 and not checks[0].called
     stopped: list[object] = []
-    service.stopService().addBoth(stopped.append)
+    errors: list[dict[str, Any]] = []
+    observer = lambda event: errors.append(event) if event.get("isError") else None  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        service.stopService().addBoth(stopped.append)
+    finally:
+        globalLogPublisher.removeObserver(observer)
     assert stopped == [None]
     assert checks[0].called  # cancelled, not waited for
-    checks[0].addErrback(lambda _: None)
+    assert errors == []  # the cancellation is no "Unhandled Error"
 
 
-class SlowClientTransport:
-    """A connection whose last bytes are still in its write buffer."""
+class SlowClient(FileDescriptor):
+    """A client connection with Twisted's own write buffer and producer logic
+    (``FileDescriptor``, what TCP and the stdlib TLS layer write through) over a socket that
+    takes only what the client has made room for."""
 
-    def __init__(self, channel: Any) -> None:
-        self.channel = channel
-        self.closing = False
-        self.aborted = False
+    def __init__(self, reactor: MemoryReactorClock) -> None:
+        super().__init__(reactor)
+        self.connected = 1
+        self.room = 0
+        self.received = bytearray()
+        self.closed = False
 
-    def loseConnection(self) -> None:
-        self.closing = True  # flushes first, closes later (see flushed)
+    def writeSomeData(self, data: bytes) -> int:
+        taken = min(len(data), self.room)
+        self.room -= taken
+        self.received += data[:taken]
+        return taken
 
-    def abortConnection(self) -> None:
-        self.aborted = True
+    def reads(self, count: int) -> None:
+        """The client reads ``count`` bytes; the reactor calls doWrite as it would."""
+        self.room += count
+        lost = self.doWrite()
+        if lost is not None and not self.closed:
+            self.closed = True
+            self.connectionLost(Failure(lost))
+            assert self.protocol is not None
+            self.protocol.connectionLost(Failure(lost))
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 40000)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 5000)
 
 
-def test_connections_are_closed_gracefully_so_their_buffers_flush() -> None:
-    service, clock, _, pool, site = drain(delay=0, grace=10)
+class Blob(Resource):
+    isLeaf = True
+    body = b"x" * 200_000  # more than a transport buffers before it pauses its producer
 
-    class Channel:
-        transport: Any = None
+    def render_GET(self, request: Any) -> bytes:
+        return self.body
 
-    channel = Channel()
-    channel.transport = SlowClientTransport(channel)
-    site.open_channels.add(channel)  # type: ignore[arg-type]
+
+def connected(site: ProxySite, clock: MemoryReactorClock) -> tuple[Any, SlowClient]:
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    assert channel is not None
+    channel.callLater = clock.callLater  # type: ignore[attr-defined]
+    transport = SlowClient(clock)
+    transport.protocol = channel
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def test_a_finished_download_s_connection_closes_once_its_buffer_flushes() -> None:
+    """The last bytes of a finished download still buffered (the transport paused its
+    producer, the channel): the drain ends when they are sent, not at the grace's end."""
+    clock, readiness, pool = MemoryReactorClock(), Readiness(), Pool()
+    site = ProxySite(Blob(), metrics=Metrics(), client_address=ClientAddress(()))
+    service = Drain(site=site, readiness=readiness, pools=[pool], grace=20, reactor=clock)
+    service.startService()
+    channel, client = connected(site, clock)
+    channel.dataReceived(b"GET /blob HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    assert site.active == 0  # answered: every byte is in the connection's buffer
+    assert client.producerPaused  # ... more than it holds before it pauses the channel
     done: list[object] = []
     service.stopService().addBoth(done.append)
-    assert channel.transport.closing and not channel.transport.aborted
-    clock.pump([0.05] * 20)
-    assert not done  # the buffer has not flushed yet: shutdown waits
-    site.open_channels.discard(channel)  # type: ignore[arg-type]  # flushed, closed
+    assert not done and not client.closed  # the buffer has not flushed yet: shutdown waits
+    client.reads(10**6)
+    assert client.closed
+    assert client.received.endswith(Blob.body)
     clock.advance(0.05)
     assert done == [None] and pool.closed
+
+
+def test_an_idle_keep_alive_connection_does_not_hold_the_drain() -> None:
+    clock, readiness, pool = MemoryReactorClock(), Readiness(), Pool()
+    site = ProxySite(Blob(), metrics=Metrics(), client_address=ClientAddress(()))
+    service = Drain(site=site, readiness=readiness, pools=[pool], grace=20, reactor=clock)
+    service.startService()
+    channel, client = connected(site, clock)
+    channel.dataReceived(b"GET /blob HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    client.reads(10**6)  # the whole answer read; the connection stays open, between requests
+    assert not client.closed and site.open_channels
+    done: list[object] = []
+    service.stopService().addBoth(done.append)
+    client.reads(0)  # the reactor finds the socket writable
+    assert client.closed and not site.open_channels
+    clock.advance(0.05)
+    assert done == [None] and pool.closed
+
+
+def test_connections_still_flushing_at_the_grace_s_end_are_said() -> None:
+    clock, readiness, pool = MemoryReactorClock(), Readiness(), Pool()
+    site = ProxySite(Blob(), metrics=Metrics(), client_address=ClientAddress(()))
+    service = Drain(site=site, readiness=readiness, pools=[pool], grace=1, reactor=clock)
+    service.startService()
+    channel, _client = connected(site, clock)
+    channel.dataReceived(b"GET /blob HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    done: list[object] = []
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        service.stopService().addBoth(done.append)
+        clock.pump([0.05] * 21)  # a client that never reads
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert done == [None] and pool.closed
+    assert any("still flushing" in (event.get("log_format") or "") for event in events)
 
 
 def test_every_upstream_pool_is_closed_follow_mode_s_too() -> None:

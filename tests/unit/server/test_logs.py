@@ -195,3 +195,42 @@ def test_log_lines_of_one_reactor_turn_leave_in_one_write() -> None:
     assert out.getvalue() == "a\nb\nc\n" and Counting.writes == 1
     batched.write("x" * 1000)  # past the limit: written at once, not held
     assert Counting.writes == 2 and clock.getDelayedCalls() == []
+
+
+def test_twisted_s_echoes_of_regproxy_s_lines_are_quiet() -> None:
+    """tcp.Port's "starting on" and "Port N Closed", a noisy factory's start and stop go;
+    errors through the same legacy log, and regproxy's own lines, stay."""
+    from twisted.internet.protocol import Factory
+    from twisted.logger import globalLogPublisher
+    from twisted.python import log as legacy
+
+    from regproxy.server.logs import without_twisted_echoes
+
+    captured: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(captured.append)
+    try:
+        # What twisted.internet.tcp.Port and unix.Port say, through the same call.
+        legacy.msg("ProxySite starting on 8080")
+        legacy.msg("ProxySite (TLS) starting on 8443")
+        legacy.msg("(TCP Port 8080 Closed)")
+        legacy.msg("(UNIX Port '/run/regproxy.sock' Closed)")
+        factory = Factory()
+        factory.noisy = True
+        factory.doStart()
+        factory.doStop()
+        legacy.msg("kept: something else")
+        legacy.err(RuntimeError("kept: starting on 1"), "Unhandled Error")
+        Logger(namespace="regproxy.server.listen.Listener").info(
+            "listening on {address} (registry API; --port tcp:8080)", address="0.0.0.0:8080"
+        )
+    finally:
+        globalLogPublisher.removeObserver(captured.append)
+    out = io.StringIO()
+    observer = without_twisted_echoes(jsonLineFileLogObserver(out))
+    for event in captured:
+        observer(event)
+    messages = [json.loads(line)["message"] for line in out.getvalue().splitlines()]
+    assert messages[0] == "kept: something else"
+    assert messages[1].startswith("Unhandled Error")
+    assert messages[2] == "listening on 0.0.0.0:8080 (registry API; --port tcp:8080)"
+    assert len(messages) == 3

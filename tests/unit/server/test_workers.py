@@ -4,6 +4,7 @@ back-off, signal forwarding and the drained exit (processes are recorded, never 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError, ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger, formatEvent
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -154,13 +156,18 @@ def end(entry: tuple[Any, ...], reason: Exception) -> None:
 
 
 @pytest.fixture
-def running() -> tuple[Reactor, Supervisor]:
+def running(tmp_path: Path) -> tuple[Reactor, Supervisor]:
     reactor = Reactor()
     supervisor = Supervisor(
         count=2,
         listen=["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"],
         argv=["--log-format", "json", "regproxy", "--workers", "2"],
-        environ={"LISTEN_FDS": "1", "LISTEN_PID": "1", "KEEP": "me"},
+        environ={
+            "LISTEN_FDS": "1",
+            "LISTEN_PID": "1",
+            "KEEP": "me",
+            "RUNTIME_DIRECTORY": str(tmp_path),
+        },
         grace=5.0,
         reactor=reactor,
         executable="/py",
@@ -173,22 +180,25 @@ def running() -> tuple[Reactor, Supervisor]:
         supervisor._stopping = True
         for sock in supervisor._sockets:
             sock.close()
-        if supervisor.metrics_dir:
-            os.rmdir(supervisor.metrics_dir)
+        supervisor._remove_runtime()
 
 
-def test_workers_get_the_listeners_and_a_private_metrics_directory(running) -> None:
+def test_workers_get_the_listeners_and_one_shared_runtime_directory(
+    running, tmp_path: Path
+) -> None:
     reactor, supervisor = running
+    assert supervisor.runtime_dir and Path(supervisor.runtime_dir).parent == tmp_path
     assert len(reactor.spawned) == 2
     for number, (_, args, env, fds, _) in enumerate(reactor.spawned, start=1):
         assert args[:3] == ["/py", "-m", "twisted"]
         assert args[3:8] == ["--log-format", "json", "regproxy", "--workers", "2"]
         spec = WorkerSpec.parse(args[args.index("--as-worker") + 1])
         assert spec.number == number and spec.supervisor == os.getpid()
+        assert spec.runtime_dir == supervisor.runtime_dir  # one for all the workers
         assert [one.fd for one in spec.listeners] == [FIRST_CHILD_FD, FIRST_CHILD_FD + 1]
         assert fds[FIRST_CHILD_FD] == supervisor._sockets[0].fileno()
         assert fds[FIRST_CHILD_FD + 1] == supervisor._sockets[1].fileno()
-        assert env[METRICS_DIR_VARIABLE] == supervisor.metrics_dir
+        assert env[METRICS_DIR_VARIABLE] == os.path.join(supervisor.runtime_dir, "metrics")
         assert "LISTEN_FDS" not in env and "LISTEN_PID" not in env and env["KEEP"] == "me"
     assert supervisor.metrics_dir and os.path.isdir(supervisor.metrics_dir)
 
@@ -239,10 +249,10 @@ def test_sigterm_is_forwarded_and_a_drained_stop_exits_0(running) -> None:
     stopped.addBoth(results.append)
     end(reactor.spawned[0], ProcessDone(0))
     assert results == []
-    metrics_dir = supervisor.metrics_dir
+    runtime_dir = supervisor.runtime_dir
     end(reactor.spawned[1], ProcessDone(0))
     assert results == [None]
-    assert metrics_dir and not os.path.exists(metrics_dir)
+    assert runtime_dir and not os.path.exists(runtime_dir)
     reactor.advance(60)
     assert len(reactor.spawned) == 2  # nothing restarted while stopping
 
@@ -281,3 +291,70 @@ def test_a_worker_stops_when_its_supervisor_is_gone() -> None:
     orphan.parent.startService()  # type: ignore[union-attr]
     reactor.advance(1)
     assert reactor.hasStopped
+
+
+def test_supervisor_reports_each_listener_once_for_all_workers(tmp_path: Path) -> None:
+    events: list[dict[str, Any]] = []
+    supervisor = Supervisor(
+        count=2,
+        listen=["tcp:0:interface=127.0.0.1"],
+        metrics_listen="tcp:0:interface=127.0.0.1",
+        argv=["regproxy", "--workers", "2"],
+        environ={"RUNTIME_DIRECTORY": str(tmp_path)},
+        grace=5.0,
+        reactor=Reactor(),
+        signals=False,
+    )
+    supervisor.log = Logger(observer=events.append)
+    supervisor.startService()
+    try:
+        lines = [formatEvent(event) for event in events]
+        ports = [sock.getsockname()[1] for sock in supervisor._sockets]
+        where = "tcp:0:interface=127.0.0.1"
+        assert lines[:2] == [
+            f"listening on 127.0.0.1:{ports[0]} (registry API; --port {where})",
+            f"listening on 127.0.0.1:{ports[1]} (metrics; --metrics-port {where})",
+        ]
+    finally:
+        supervisor._close_sockets()
+        supervisor._remove_runtime()
+
+
+def test_listener_failures_under_workers_are_one_line_and_leave_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"):
+        monkeypatch.delenv(variable, raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        tls = make_ca_and_cert(tmp_path)
+        cases = {
+            f"tcp:{port}:interface=127.0.0.1": f"Error: --port tcp:{port}:interface=127.0.0.1: "
+            "the address is already in use",
+            f"ssl:0:privateKey={tmp_path}/missing.key:certKey={tls.cert}": "Error: --port ssl:0:"
+            f"privateKey={tmp_path}/missing.key:certKey={tls.cert}: [Errno 2] No such file",
+            f"unix:{tmp_path}/socket": f"Error: --port 'unix:{tmp_path}/socket': with --workers"
+            " above 1, use tcp:, ssl: or systemd: listeners",
+            # As a single process says it (listen.parse_endpoint).
+            "systemd:domain=INET:index=0": "Error: --port systemd:domain=INET:index=0: the "
+            "supervisor passed no such socket; start regproxy through its .socket unit",
+        }
+        runtime = tmp_path / "runtime"
+        runtime.mkdir()
+        for description, expected in cases.items():
+            supervisor = Supervisor(
+                count=2,
+                listen=["tcp:0:interface=127.0.0.1", description],
+                argv=["regproxy", "--workers", "2"],
+                environ={"RUNTIME_DIRECTORY": str(runtime)},
+                grace=5.0,
+                reactor=Reactor(),
+                signals=False,
+            )
+            with pytest.raises(SystemExit) as caught:
+                supervisor.startService()
+            message = str(caught.value.code)
+            assert message.startswith(expected) and "\n" not in message, message
+            assert supervisor._sockets == [] and list(runtime.iterdir()) == []
