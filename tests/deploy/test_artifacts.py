@@ -748,6 +748,87 @@ def test_kubernetes_validate_needs_no_network() -> None:
     assert (strict / "deployment-apps-v1.json").is_file()
 
 
+# --- Kubernetes: the consistent-hashing overlay ------------------------------
+
+HASHING = KUBERNETES.parent / "overlays" / "consistent-hashing"
+NGINX_EXAMPLE = ROOT / "deploy" / "nginx" / "regproxy-consistent-hash.conf"
+
+
+def _map_block(text: str) -> list[str]:
+    """The ``map ... $regproxy_hash_key { ... }`` block, one stripped line each."""
+    match = re.search(r"^\s*(map \$uri \$regproxy_hash_key \{.*?^\s*\})", text, re.M | re.S)
+    assert match, "no map of $regproxy_hash_key"
+    return [" ".join(line.split()) for line in match.group(1).splitlines()]
+
+
+@pytest.mark.usefixtures("no_network")
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in HASHING.glob("*.yaml") if p.name != "kustomization.yaml"),
+    ids=lambda p: p.name,
+)
+def test_consistent_hashing_manifest_valid(path: Path) -> None:
+    for document in _documents(path):
+        _validate(document)
+
+
+def test_consistent_hashing_overlay_lists_every_manifest_but_examples() -> None:
+    resources = _kustomization(HASHING)["resources"]
+    assert resources[0] == "../../base"
+    expected = {
+        p.name
+        for p in HASHING.glob("*.yaml")
+        if p.name != "kustomization.yaml" and ".example." not in p.name
+    }
+    assert set(resources[1:]) == expected
+
+
+def test_consistent_hashing_overlay_renders_replicas_with_own_caches_behind_the_hash() -> None:
+    documents = _kubectl_kustomize(HASHING)
+    for document in documents:
+        _validate(document)
+    kinds = sorted(d["kind"] for d in documents)
+    assert kinds == sorted([*(d["kind"] for d in _rendered()), "Ingress", "NetworkPolicy"])
+    by_kind = {d["kind"]: d for d in documents}
+    pod = by_kind["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    # A cache per pod: the cache directory is an emptyDir, bounded below its size limit.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume = {v["name"]: v for v in pod["volumes"]}[mounts[_option(args, "--cache-dir")]]
+    limit = volume["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Gi") and _option(args, "--cache-max-size").endswith("G")
+    assert int(_option(args, "--cache-max-size")[:-1]) * 1000**3 < int(limit[:-2]) * 1024**3
+    assert container["resources"]["requests"]["ephemeral-storage"] == limit
+    assert _option(args, "--trusted-proxy")
+    # The hash of the digest-or-path key, over the pods themselves (not the cluster IP).
+    ingress = by_kind["Ingress"]
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$regproxy_hash_key"
+    assert annotations["nginx.ingress.kubernetes.io/service-upstream"] == "false"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    service = by_kind["Service"]
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    # Only the ingress controller reaches the registry port (it alone is trusted).
+    policy = by_kind["NetworkPolicy"]["spec"]
+    labels = by_kind["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    (registry_port,) = [
+        r for r in policy["ingress"] if {"port": "http", "protocol": "TCP"} in r["ports"]
+    ]
+    assert [peer["namespaceSelector"] for peer in registry_port["from"]] == [
+        {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}
+    ]
+
+
+def test_ingress_hash_key_is_the_nginx_example_map() -> None:
+    """One key for both balancers: the ingress-nginx snippet is the documented nginx map."""
+    configmap = next(_documents(HASHING / "ingress-nginx-configmap.example.yaml"))
+    assert _map_block(configmap["data"]["http-snippet"]) == _map_block(NGINX_EXAMPLE.read_text())
+
+
 # --- documentation ----------------------------------------------------------
 
 
