@@ -59,6 +59,8 @@ def test_docs_build_without_warnings(tmp_path: Path) -> None:
     require_module("sphinx", "documentation build", "pip install sphinx")
     source = tmp_path / "docs"
     shutil.copytree(DOCS, source, ignore=shutil.ignore_patterns("_build"))
+    # Pages include example files from the deployment artifacts beside docs/.
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
     for name in PAGES_TO_COME:
         if not (source / f"{name}.rst").exists():
             (source / f"{name}.rst").write_text(f":orphan:\n\n{name}\n{'=' * len(name)}\n")
