@@ -124,9 +124,14 @@ class CachingFetcher:
                     return served
         download = cache.downloads.get(digest)
         if download is not None:
-            if not (holds or cache.download_repository.get(download) == asked.repository):
-                return await self._bypass(request)
-            if not await self._admitted(asked, digest):
+            if holds or cache.download_repository.get(download) == asked.repository:
+                admitted = await self._admitted(asked, digest)
+            else:
+                # Downloading for another repository: R joins it once the upstream says R
+                # holds the digest (a HEAD, which is also this client's access check), so a
+                # layer shared by many repositories is still fetched once.
+                admitted = await self._upstream_confirms(asked, digest)
+            if not admitted:
                 return await self._bypass(request)
             if cache.downloads.get(digest) is not download:
                 # It finished (or failed) while the upstream was asked about this client:

@@ -60,6 +60,7 @@ class Sent:
     reference: str
     authorization: bytes | None
     whole: bool
+    name: str = ""
 
 
 class ScriptedFetcher:
@@ -72,7 +73,11 @@ class ScriptedFetcher:
 
     async def fetch(self, request: RegistryRequest) -> Answer:
         sent = Sent(
-            request.method, request.target.reference, request.authorization, request.whole_object
+            request.method,
+            request.target.reference,
+            request.authorization,
+            request.whole_object,
+            request.target.name,
         )
         self.sent.append(sent)
         result = self.answer(sent)

@@ -19,6 +19,7 @@ from .scripted import (
     BLOB,
     BLOB_DIGEST,
     OCI,
+    Collector,
     Harness,
     ScriptedFetcher,
     Sent,
@@ -350,3 +351,52 @@ def test_a_store_that_cannot_write_still_never_completes_wrong_bytes(
     with pytest.raises(Exception) as cut:
         h.read(answer)
     assert getattr(cut.value, "kind", None) == "digest_mismatch"
+
+
+def test_a_download_for_one_repository_is_joined_by_another_the_upstream_confirms(
+    made: list[Harness],
+) -> None:
+    held: list[Deferred[Answer]] = []
+
+    def answer(sent: Sent) -> Any:
+        if sent.method == b"GET":
+            d: Deferred[Answer] = Deferred()
+            held.append(d)  # the first repository's download waits for its upstream answer
+            return d
+        return ok(BLOB, head=True)
+
+    h = harness(made, answer, holds_credentials=True)
+    leader = h.fetch(h.request(BLOB_DIGEST))
+    other = h.fetch(h.request(BLOB_DIGEST, name="other"))
+    assert [s.method for s in h.inner.sent] == [b"GET", b"HEAD"]  # asked, not fetched again
+    held[0].callback(ok(BLOB))
+    joined = result_of(other)
+    assert joined.cache == "coalesced"
+    readers = [Collector(), Collector()]
+    for answered, reader in zip((joined, result_of(leader)), readers, strict=True):
+        assert answered.body is not None
+        answered.body.deliver(reader)
+    h.clock.advance(0)
+    assert [reader.data for reader in readers] == [BLOB, BLOB]
+    assert [s.method for s in h.inner.sent].count(b"GET") == 1
+
+
+def test_a_download_is_not_joined_for_a_repository_the_upstream_denies(
+    made: list[Harness],
+) -> None:
+    held: list[Deferred[Answer]] = []
+
+    def answer(sent: Sent) -> Any:
+        if sent.name == "other":
+            return refused(404)
+        if sent.method == b"GET":
+            d: Deferred[Answer] = Deferred()
+            held.append(d)
+            return d
+        return ok(BLOB, head=True)
+
+    h = harness(made, answer, holds_credentials=True)
+    h.fetch(h.request(BLOB_DIGEST))
+    other = result_of(h.fetch(h.request(BLOB_DIGEST, name="other")))
+    assert other.status == 404
+    assert len(held) == 1
