@@ -1,0 +1,146 @@
+"""The Redis protocol (RESP2), just what counting needs: commands out, replies in order.
+
+Why our own and not a library: the one Twisted Redis client (txredisapi) is barely kept, and
+the async ones are asyncio's; counting sends one command (EVAL) and reads integers, errors and
+the odd status line. Sixty lines on a Twisted ``Protocol`` keep the reactor free and the
+timeouts ours.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import cast
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+# Replies here are short: a server that sends more is not one we should trust.
+MAX_REPLY = 1 << 20
+
+Reply = int | bytes | str | None | list["Reply"]
+
+
+class RedisError(Exception):
+    """An error reply (``-ERR ...``): the command failed, the connection is fine."""
+
+
+class RedisProtocolError(Exception):
+    """Bytes that are not RESP, or more than we asked for: the connection is dropped."""
+
+
+def encode(*args: bytes) -> bytes:
+    """A command as RESP: an array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+def parse(buffer: bytes | bytearray, start: int = 0) -> tuple[Reply | RedisError, int] | None:
+    """The reply at ``start`` and where it ends; None while it is incomplete."""
+    end = buffer.find(b"\r\n", start)
+    if end < 0:
+        if len(buffer) - start > MAX_REPLY:
+            raise RedisProtocolError("a reply line is too long")
+        return None
+    kind, line, after = buffer[start : start + 1], bytes(buffer[start + 1 : end]), end + 2
+    if kind == b"+":
+        return line.decode("utf-8", "replace"), after
+    if kind == b"-":
+        return RedisError(line.decode("utf-8", "replace")), after
+    try:
+        number = int(line)
+    except ValueError:
+        raise RedisProtocolError(f"not a number after {kind!r}") from None
+    if kind == b":":
+        return number, after
+    if kind == b"$":
+        if number < 0:
+            return None, after
+        if number > MAX_REPLY:
+            raise RedisProtocolError("a bulk reply is too long")
+        if len(buffer) < after + number + 2:
+            return None
+        return bytes(buffer[after : after + number]), after + number + 2
+    if kind == b"*":
+        if number < 0:
+            return None, after
+        if number > MAX_REPLY:
+            raise RedisProtocolError("an array reply is too long")
+        items: list[Reply] = []
+        for _ in range(number):
+            parsed = parse(buffer, after)
+            if parsed is None:
+                return None
+            item, after = parsed
+            items.append(str(item) if isinstance(item, RedisError) else item)
+        return items, after
+    raise RedisProtocolError(f"unknown reply type {kind!r}")
+
+
+class RESPProtocol(Protocol):
+    """Commands pipelined on one connection; each answered by its reply, in order.
+
+    ``lost`` fires once the connection has ended, ``why`` then says why in a few words; calls
+    pending then fail with its reason.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: collections.deque[Deferred[Reply]] = collections.deque()
+        self._buffer = bytearray()
+        self.lost: Deferred[None] = Deferred()
+        self.why = ""
+
+    def abort(self, why: str) -> None:
+        """Drop the connection now, for the reason given."""
+        self.why = self.why or why
+        self._transport().abortConnection()
+
+    def call(self, *args: bytes) -> Deferred[Reply]:
+        answer: Deferred[Reply] = Deferred()
+        self._waiting.append(answer)
+        self._transport().write(encode(*args))
+        return answer
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        try:
+            while self._buffer:
+                parsed = parse(self._buffer)
+                if parsed is None:
+                    return
+                reply, end = parsed
+                del self._buffer[:end]
+                if not self._waiting:
+                    raise RedisProtocolError("a reply to no command")
+                answer = self._waiting.popleft()
+                # A call whose caller gave up (a timeout) has been called already.
+                if answer.called:
+                    continue
+                if isinstance(reply, RedisError):
+                    answer.errback(reply)
+                else:
+                    answer.callback(reply)
+        except RedisProtocolError as error:
+            self._buffer.clear()
+            self.abort(f"not a Redis reply: {error}")
+
+    def close(self) -> None:
+        """Close the connection once what was written has gone."""
+        self._transport().loseConnection()
+
+    def _transport(self) -> ITCPTransport:
+        # Every transport this protocol gets (TCP, TLS over TCP, tests' StringTransport)
+        # can abort; ``Protocol`` types it as a plain, optional ITransport.
+        return cast(ITCPTransport, self.transport)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        self.why = self.why or f"connection lost: {reason.getErrorMessage()}"
+        waiting, self._waiting = self._waiting, collections.deque()
+        for answer in waiting:
+            if not answer.called:
+                answer.errback(reason)
+        self.lost.callback(None)
