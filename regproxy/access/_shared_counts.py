@@ -81,8 +81,9 @@ class SharedCounts:
         db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
-            # The counts are worth nothing after a power loss: never wait for the disk.
-            db.execute("PRAGMA synchronous=OFF")
+            # In WAL mode NORMAL syncs at checkpoints only, not at every commit: as fast as
+            # OFF here (measured), and a power loss cannot leave a corrupt file behind.
+            db.execute("PRAGMA synchronous=NORMAL")
             db.execute(_SCHEMA)
         except sqlite3.Error:
             db.close()
