@@ -89,8 +89,8 @@ class MemoryCounts:
 
     def __init__(self, capacity: int = MAX_MEMORY_KEYS) -> None:
         self.capacity = capacity
-        # key -> (start, length, count); in order of last use.
-        self._counts: collections.OrderedDict[str, tuple[int, int, int]] = (
+        # (key, window length) -> (window start, count), in order of last use.
+        self._counts: collections.OrderedDict[tuple[str, int], tuple[int, int]] = (
             collections.OrderedDict()
         )
 
@@ -98,14 +98,14 @@ class MemoryCounts:
         return len(self._counts)
 
     def increment(self, slot: Slot, now: float) -> Deferred[int]:
-        counts = self._counts
-        current = counts.pop(slot.key, None)
-        if current is None or current[:2] != (slot.start, slot.length):
+        counts, key = self._counts, (slot.key, slot.length)
+        current = counts.pop(key, None)
+        if current is None or current[0] != slot.start:
             count = 1
             self._make_room(now)
         else:
-            count = current[2] + 1
-        counts[slot.key] = (slot.start, slot.length, count)
+            count = current[1] + 1
+        counts[key] = (slot.start, count)
         return succeed(count)
 
     def _make_room(self, now: float) -> None:
@@ -114,7 +114,7 @@ class MemoryCounts:
         # The least recently used come first: drop those whose window is over, then, when
         # still full, the least recently used even if its window runs on.
         while counts:
-            start, length, _ = next(iter(counts.values()))
+            (_, length), (start, _) = next(iter(counts.items()))
             if start + length > at and len(counts) < self.capacity:
                 break
             counts.popitem(last=False)

@@ -180,16 +180,18 @@ class RedisCounts:
         self._attempt = None
         self._why = f"cannot connect: {_reason(reason)}"
         self._release_waiters(None)
-        if not self._closed:
-            self._retry = self.clock.callLater(self._delay, self._connect)
-            self._delay = min(self._delay * 2, MAX_DELAY)
+        self._reconnect()
 
     def _lost(self, _: None, protocol: RESPProtocol) -> None:
         if self._protocol is protocol:
             self._protocol = None
             self._why = protocol.why
-            if not self._closed:
-                self._retry = self.clock.callLater(self._delay, self._connect)
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        if not self._closed:
+            self._retry = self.clock.callLater(self._delay, self._connect)
+            self._delay = min(self._delay * 2, MAX_DELAY)
 
     def _release_waiters(self, protocol: RESPProtocol | None) -> None:
         waiters, self._waiters = self._waiters or [], None
