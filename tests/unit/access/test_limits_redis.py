@@ -33,7 +33,8 @@ from .limits_fakes import FakeEndpoint, FakeRedis, FakeRedisTransport
 
 LIMIT = RateLimit.parse("3/1m")
 KEY = "principal:alice"
-NOW = 1_700_000_000.0
+# One second into KEY's window: a test that waits a little stays in it.
+NOW = Slot.of(KEY, 60, 1_700_000_000.0).start / 1000 + 1
 
 
 class Setup:
