@@ -1,9 +1,9 @@
 """Counts shared by the ``--workers`` of one proxy: one SQLite file in their shared directory.
 
 Why SQLite: each take is one statement (an UPSERT that answers the new count), atomic across
-processes by SQLite's own locking, a few tens of microseconds in WAL mode where a commit does
-not wait for the disk. Its locks are fcntl locks, which the kernel releases when a process dies, so a dead
-worker cannot wedge the others; a worker that is stopped while it holds the write lock (or a
+processes by SQLite's own locking, a few tens of microseconds in WAL mode when a commit does
+not wait for the disk. Its locks are fcntl locks, which the kernel releases when a process
+dies, so a dead worker cannot wedge the others; a worker that is stopped while it holds the write lock (or a
 full disk, a broken file) makes the others wait at most ``BUSY_TIMEOUT`` once, after which
 they count in their own memory for ``RETRY_AFTER`` seconds before trying the file again.
 
@@ -15,6 +15,7 @@ seen in the current windows.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -63,10 +64,9 @@ class SharedCounts:
         self._retry_at = 0.0
         self._last_error = ""
         self._prune_at = 0.0
-        try:
+        # On failure, the first take tries again, falls back and says why.
+        with contextlib.suppress(sqlite3.Error):
             self._open(OPEN_TIMEOUT)
-        except sqlite3.Error:
-            pass  # tried again by the first take, which falls back and says why
 
     def increment(self, slot: Slot, now: float) -> Deferred[int]:
         if now < self._retry_at:
