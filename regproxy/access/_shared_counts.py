@@ -3,9 +3,10 @@
 Why SQLite: each take is one statement (an UPSERT that answers the new count), atomic across
 processes by SQLite's own locking, a few tens of microseconds in WAL mode when a commit does
 not wait for the disk. Its locks are fcntl locks, which the kernel releases when a process
-dies, so a dead worker cannot wedge the others; a worker that is stopped while it holds the write lock (or a
-full disk, a broken file) makes the others wait at most ``BUSY_TIMEOUT`` once, after which
-they count in their own memory for ``RETRY_AFTER`` seconds before trying the file again.
+dies, so a dead worker cannot wedge the others; a worker that is stopped while it holds the
+write lock (or a full disk, a broken file) makes the others wait at most ``BUSY_TIMEOUT`` once,
+after which they count in their own memory for ``RETRY_AFTER`` seconds before trying the file
+again.
 
 The calls block the reactor, for the time of one small write; a thread would cost more than
 the write. One row per key and window length, overwritten when its window turns over; rows
