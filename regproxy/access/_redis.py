@@ -1,11 +1,13 @@
 """Counts in Redis, shared by every replica: one atomic script per request, bounded in time.
 
 A Redis that is down, or that accepts the connection and never answers, must not hold up a
-request: every take has ``timeout`` seconds in all (waiting for the first connection
-included); past that the connection is dropped and the caller falls back. Reconnection runs
-in the background with back-off, and a connection counts as up only once the very script a
-take runs has answered on it (a stopped server still completes TCP handshakes, a read-only
-replica accepts connections but refuses writes), so an outage is not mistaken for a recovery.
+request: a take waits at most ``timeout`` seconds for its answer (and, only while the very
+first connection is being made, up to ``timeout`` more for it); past that the connection is
+dropped and the caller falls back. While there is no connection, takes fail at once (the
+caller falls back). Reconnection runs in the background with back-off, and a connection
+counts as up only once the very script a take runs has answered on it (a stopped server
+still completes TCP handshakes, a read-only replica accepts connections but refuses writes),
+so an outage is not mistaken for a recovery.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ import attrs
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._counts import Slot
-from ._resp import RedisError, RESPProtocol
+from ._resp import RedisError, RedisUnavailable, Reply, RESPProtocol
 
 DEFAULT_PORT = 6379
 # Seconds a take may wait for Redis, in all.
@@ -80,14 +81,8 @@ class RedisAddress:
         )
 
 
-class RedisUnavailable(Exception):
-    """Not connected to Redis now (the last connection's or attempt's end says why)."""
-
-
 class RedisCounts:
     """Counters in one Redis, over one pipelined connection kept open and reconnected."""
-
-    log = Logger()
 
     def __init__(
         self,
@@ -118,34 +113,25 @@ class RedisCounts:
         return self._protocol is not None
 
     def increment(self, slot: Slot, now: float) -> Deferred[int]:
-        counted = ensureDeferred(self._increment(slot, now))
-        counted.addTimeout(self.timeout, self.clock, onTimeoutCancel=self._timed_out)
-        return counted
-
-    async def _increment(self, slot: Slot, now: float) -> int:
-        protocol = self._protocol or await self._first_connection()
         expiry = slot.end - int(now * 1000) + EXPIRY_MARGIN
-        reply = await _run_script(protocol, slot, expiry)
-        return reply
-
-    def _first_connection(self) -> Deferred[RESPProtocol]:
+        if self._protocol is not None:
+            return _run_script(self._protocol, slot, expiry)
         if self._waiters is None:
             return fail(RedisUnavailable(self._why))
         waiter: Deferred[RESPProtocol] = Deferred()
         self._waiters.append(waiter)
-        return waiter
+        waiter.addTimeout(self.timeout, self.clock, onTimeoutCancel=self._not_yet)
+        return waiter.addCallback(_run_script, slot, expiry)
 
-    def _timed_out(self, result: object, timeout: float) -> None:
-        # Replies come in order: one that is late would answer the next command. Start over.
-        if self._protocol is not None:
-            self._protocol.abort(f"no answer within {timeout} s")
-        raise RedisUnavailable(f"no answer within {timeout} s")
+    def _not_yet(self, result: object, timeout: float) -> RESPProtocol:
+        raise RedisUnavailable(f"not connected within {timeout} s")
 
     # -- the connection ----------------------------------------------------------------------
 
     def _connect(self) -> None:
         self._retry = None
-        connecting = self.endpoint.connect(Factory.forProtocol(RESPProtocol))
+        factory = Factory.forProtocol(lambda: RESPProtocol(self.clock, self.timeout))
+        connecting = self.endpoint.connect(factory)
         attempt = connecting.addCallback(lambda protocol: ensureDeferred(self._prepare(protocol)))
         attempt.addTimeout(self.connect_timeout, self.clock)
         attempt.addCallbacks(self._connected, self._failed)
@@ -217,9 +203,13 @@ class RedisCounts:
         return lost
 
 
-async def _run_script(protocol: RESPProtocol, slot: Slot, expiry: int) -> int:
+def _run_script(protocol: RESPProtocol, slot: Slot, expiry: int) -> Deferred[int]:
     key = KEY_PREFIX + slot.name.encode()
-    reply = await protocol.call(b"EVAL", SCRIPT, b"1", key, b"%d" % max(1, expiry))
+    reply = protocol.call(b"EVAL", SCRIPT, b"1", key, b"%d" % max(1, expiry))
+    return reply.addCallback(_count)
+
+
+def _count(reply: Reply) -> int:
     if not isinstance(reply, int):
         raise RedisError(f"the script answered {type(reply).__name__}, not a number")
     return reply

@@ -11,9 +11,9 @@ from __future__ import annotations
 import collections
 from typing import cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
@@ -81,15 +81,26 @@ def parse(buffer: bytes | bytearray, start: int = 0) -> tuple[Reply | RedisError
     raise RedisProtocolError(f"unknown reply type {kind!r}")
 
 
+class RedisUnavailable(Exception):
+    """No answer from Redis now: the connection is gone (or never was); says why."""
+
+
 class RESPProtocol(Protocol):
     """Commands pipelined on one connection; each answered by its reply, in order.
 
-    ``lost`` fires once the connection has ended, ``why`` then says why in a few words; calls
-    pending then fail with its reason.
+    A command not answered within ``timeout`` seconds drops the connection (a late reply
+    would answer the next command), failing every pending one: one timer per connection, for
+    the oldest command, as replies come in order. ``lost`` fires once the connection has
+    ended, ``why`` then says why in a few words.
     """
 
-    def __init__(self) -> None:
-        self._waiting: collections.deque[Deferred[Reply]] = collections.deque()
+    def __init__(self, clock: IReactorTime, timeout: float) -> None:
+        self.clock = clock
+        self.timeout = timeout
+        # (when sent, its answer), oldest first.
+        self._waiting: collections.deque[tuple[float, Deferred[Reply]]] = collections.deque()
+        self._watchdog: IDelayedCall | None = None
+        self._overdue: Deferred[Reply] | None = None
         self._buffer = bytearray()
         self.lost: Deferred[None] = Deferred()
         self.why = ""
@@ -100,10 +111,30 @@ class RESPProtocol(Protocol):
         self._transport().abortConnection()
 
     def call(self, *args: bytes) -> Deferred[Reply]:
+        if self.why:
+            return fail(RedisUnavailable(self.why))
         answer: Deferred[Reply] = Deferred()
-        self._waiting.append(answer)
+        self._waiting.append((self.clock.seconds(), answer))
+        if self._watchdog is None:
+            self._watchdog = self.clock.callLater(self.timeout, self._check)
         self._transport().write(encode(*args))
         return answer
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if not self._waiting:
+            return
+        sent, oldest = self._waiting[0]
+        left = sent + self.timeout - self.clock.seconds()
+        if left > 0:
+            self._watchdog = self.clock.callLater(left, self._check)
+        elif self._overdue is not oldest:
+            # The reactor runs timers before it reads: when it was busy past the deadline,
+            # the answer may be waiting in the socket. Read once more before giving up.
+            self._overdue = oldest
+            self._watchdog = self.clock.callLater(0, self._check)
+        else:
+            self.abort(f"no answer within {self.timeout} s")
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
@@ -116,10 +147,7 @@ class RESPProtocol(Protocol):
                 del self._buffer[:end]
                 if not self._waiting:
                     raise RedisProtocolError("a reply to no command")
-                answer = self._waiting.popleft()
-                # A call whose caller gave up (a timeout) has been called already.
-                if answer.called:
-                    continue
+                _, answer = self._waiting.popleft()
                 if isinstance(reply, RedisError):
                     answer.errback(reply)
                 else:
@@ -139,8 +167,10 @@ class RESPProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         self.why = self.why or f"connection lost: {reason.getErrorMessage()}"
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         waiting, self._waiting = self._waiting, collections.deque()
-        for answer in waiting:
-            if not answer.called:
-                answer.errback(reason)
+        for _, answer in waiting:
+            answer.errback(RedisUnavailable(self.why))
         self.lost.callback(None)

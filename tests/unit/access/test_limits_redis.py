@@ -25,7 +25,14 @@ from regproxy.access._redis import (
     RedisAddress,
     RedisCounts,
 )
-from regproxy.access._resp import RedisError, RedisProtocolError, RESPProtocol, encode, parse
+from regproxy.access._resp import (
+    RedisError,
+    RedisProtocolError,
+    RedisUnavailable,
+    RESPProtocol,
+    encode,
+    parse,
+)
 from regproxy.access.limits import Verdict, WindowLimiter
 from regproxy.config import RateLimit
 
@@ -131,7 +138,7 @@ def test_takes_wait_for_the_first_connection() -> None:
     setup = Setup(stall=True)
     pending = setup.take()
     assert not pending.called
-    protocol = RESPProtocol()
+    protocol = RESPProtocol(setup.clock, TIMEOUT)
     transport = FakeRedisTransport(setup.server)
     transport.protocol = protocol
     protocol.makeConnection(transport)
@@ -333,9 +340,57 @@ def test_bad_replies_raise_protocol_errors() -> None:
         parse(b"!3\r\nabc\r\n")
 
 
-def connected() -> tuple[RESPProtocol, Any]:
-    protocol = RESPProtocol()
+def connected(clock: Clock | None = None) -> tuple[RESPProtocol, Any]:
+    protocol = RESPProtocol(clock or Clock(), TIMEOUT)
     transport = StringTransportWithDisconnection()
     transport.protocol = protocol
     protocol.makeConnection(transport)
     return protocol, transport
+
+
+def test_each_command_has_the_timeout_from_when_it_was_sent_with_one_timer() -> None:
+    clock = Clock()
+    protocol, transport = connected(clock)
+    first = protocol.call(b"PING")
+    clock.advance(0.2)
+    second = [protocol.call(b"PING") for _ in range(100)][-1]
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0.04)
+    protocol.dataReceived(b"+PONG\r\n" * 100)  # the first 100 answered in time
+    assert now(first) == "PONG"  # type: ignore[comparison-overlap]
+    clock.advance(TIMEOUT - 0.04 - 0.001)  # 0.449: the last one sent 0.249 ago
+    assert transport.connected and not second.called
+    clock.advance(0.001)
+    assert not transport.connected
+    failures: list[Any] = []
+    second.addErrback(failures.append)
+    assert isinstance(failures[0].value, RedisUnavailable)
+    assert str(failures[0].value) == f"no answer within {TIMEOUT} s"
+    late: list[Any] = []
+    protocol.call(b"PING").addErrback(late.append)  # fails at once
+    assert isinstance(late[0].value, RedisUnavailable)
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_busy_connection_answering_in_time_is_kept() -> None:
+    clock = Clock()
+    protocol, transport = connected(clock)
+    for _ in range(40):
+        protocol.call(b"PING")
+        clock.advance(TIMEOUT * 0.9)
+        protocol.dataReceived(b"+PONG\r\n")
+    assert transport.connected
+    clock.advance(10)
+    assert transport.connected  # nothing pending, nothing to time out
+
+
+def test_an_answer_that_came_while_the_reactor_was_busy_is_read_before_giving_up() -> None:
+    clock = Clock()
+    protocol, transport = connected(clock)
+    answer = protocol.call(b"PING")
+    # The reactor is busy for a second; the reply is read at its first look at the socket,
+    # which comes before the timers it schedules meanwhile (here: queued first at 1.0).
+    clock.callLater(1.0, protocol.dataReceived, b"+PONG\r\n")
+    clock.advance(1.0)
+    assert transport.connected
+    assert now(answer) == "PONG"  # type: ignore[comparison-overlap]
