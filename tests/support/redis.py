@@ -99,7 +99,8 @@ class RedisServer:
 
     def cli(self, *args: str) -> str:
         """A redis-cli command's output (for checks)."""
-        command = ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port)]
+        cli = require_program("redis-cli (Debian package redis-tools)", "Redis")
+        command = [cli, "-h", "127.0.0.1", "-p", str(self.port)]
         env = dict(os.environ, REDISCLI_AUTH=self.password) if self.password else None
         done = subprocess.run([*command, *args], capture_output=True, timeout=10, env=env)
         return done.stdout.decode().strip()
