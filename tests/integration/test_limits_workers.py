@@ -4,6 +4,7 @@ file's lock wedges nobody."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sqlite3
 import subprocess
@@ -92,7 +93,7 @@ def test_a_process_killed_while_it_holds_the_lock_wedges_nobody(tmp_path: Path) 
         def counted_in_the_file_again() -> bool:
             clock.advance(1.0)
             remaining()
-            with sqlite3.connect(tmp_path / SHARED_FILE) as db:
+            with contextlib.closing(sqlite3.connect(tmp_path / SHARED_FILE)) as db:
                 [(count,)] = db.execute("SELECT count FROM counts").fetchall()
             return bool(count >= 2)
 

@@ -3,6 +3,7 @@ when the file is locked or broken (the worker counts in memory meanwhile, logged
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ def workers(tmp_path: Path, count: int = 2) -> tuple[list[Worker], Clock, Path]:
 
 
 def rows(path: Path) -> list[tuple[str, int, int, int]]:
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db:
         return sorted(db.execute("SELECT key, length, start, count FROM counts"))
 
 
