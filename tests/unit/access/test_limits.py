@@ -209,3 +209,12 @@ def test_the_limiter_is_closed_when_the_reactor_shuts_down(tmp_path: Path) -> No
 def test_a_bad_redis_address_is_refused_with_a_sentence() -> None:
     with pytest.raises(ValueError, match=r"redis: only redis:// addresses"):
         build_limiter(LimitsConfig(redis="http://127.0.0.1:6379"), MemoryReactorClock(), None)
+
+
+def test_memory_counts_forget_ended_windows_even_with_room_to_spare() -> None:
+    counts, clock = MemoryCounts(), Clock()
+    limits = WindowLimiter(counts, clock)
+    result(limits.take("old", RateLimit.parse("3/1s")))
+    clock.advance(1.0)
+    result(limits.take("new", LIMIT))
+    assert len(counts) == 1

@@ -118,3 +118,23 @@ def test_ended_windows_are_forgotten_before_running_ones() -> None:
     guard.failed("new")
     assert len(guard) == 2
     assert not guard.allowed("blocked")
+
+
+def test_after_a_window_has_passed_ten_more_failures_refuse_again() -> None:
+    guard, clock = throttle()
+    for _ in range(10):
+        guard.failed(ADDRESS)
+    clock.advance(WINDOW)
+    for _ in range(9):
+        guard.failed(ADDRESS)
+    assert guard.allowed(ADDRESS)
+    guard.failed(ADDRESS)
+    assert not guard.allowed(ADDRESS)
+
+
+def test_ended_windows_are_forgotten_even_with_room_to_spare() -> None:
+    guard, clock = throttle()
+    guard.failed("a")
+    clock.advance(WINDOW)
+    guard.failed("b")
+    assert len(guard) == 1
