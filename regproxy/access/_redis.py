@@ -25,7 +25,7 @@ from ._counts import Slot
 from ._resp import RedisError, RedisUnavailable, Reply, RESPProtocol
 
 DEFAULT_PORT = 6379
-# Seconds a take may wait for Redis, in all.
+# Seconds a take waits for Redis's answer (see above for the first connection).
 TIMEOUT = 0.25
 # Seconds to connect, authenticate and see the script answer.
 CONNECT_TIMEOUT = 2.0

@@ -1,9 +1,9 @@
 """The Redis protocol (RESP2), just what counting needs: commands out, replies in order.
 
-Why our own and not a library: the one Twisted Redis client (txredisapi) is barely kept, and
-the async ones are asyncio's; counting sends one command (EVAL) and reads integers, errors and
-the odd status line. Sixty lines on a Twisted ``Protocol`` keep the reactor free and the
-timeouts ours.
+Why our own and not a library: redis-py blocks or needs asyncio; txredisapi (on Twisted)
+is a whole client with its own connection handling, where counting sends one command (EVAL)
+and reads integers, errors and the odd status line, and where the time bound must be ours
+(one watchdog per connection, see ``RESPProtocol``).
 """
 
 from __future__ import annotations
