@@ -1,6 +1,6 @@
 """Packages by job, imports down the layers: read from the source (no import needed).
 
-server -> web -> routing -> cache -> upstream -> protocol, with tls (the TLS layer) and
+server -> web -> access -> routing -> cache -> upstream -> protocol, with tls (the TLS layer) and
 config (the frozen configuration) at the bottom. Two packages never import each other, and a
 module never imports a package above its own.
 """
