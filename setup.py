@@ -34,7 +34,7 @@ def ranges() -> list[str]:
     config = configparser.ConfigParser()
     config.read(HERE / "setup.cfg")
     lines = config["options"]["install_requires"].splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return [line for line in map(str.strip, lines) if line and not line.startswith("#")]
 
 
 def locked() -> list[str]:
