@@ -53,7 +53,7 @@ RUN if [ -n "${EXTRA_CA_CERTS}" ]; then \
     && /opt/build-tools/bin/pip install --require-hashes --no-deps \
         -r requirements/build.txt \
     && python3 -m venv --without-pip /opt/regproxy \
-    && /opt/build-tools/bin/pip --python /opt/regproxy/bin/python install \
+    && /opt/build-tools/bin/pip --python /opt/regproxy/bin/python install --no-compile \
         --require-hashes --no-deps --only-binary=:all: -r requirements/runtime.txt \
     && find /opt/regproxy/lib -depth -type d \( -name test -o -name tests \) \
         -path '*/site-packages/*' -exec rm -rf {} +
@@ -71,7 +71,7 @@ COPY deploy/docker/slim-root deploy/docker/check-root /usr/local/sbin/
 # was removed, in /runtime alone, as the user it runs as.
 RUN /opt/build-tools/bin/pip wheel --no-deps --no-build-isolation \
         --wheel-dir /tmp/wheels . \
-    && /opt/build-tools/bin/pip --python /opt/regproxy/bin/python install \
+    && /opt/build-tools/bin/pip --python /opt/regproxy/bin/python install --no-compile \
         --no-deps --no-index /tmp/wheels/regproxy-*.whl \
     && find /opt/regproxy/lib -name __pycache__ -prune -exec rm -rf {} + \
     && python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/regproxy/lib \
