@@ -1,20 +1,29 @@
-# regproxy container image (see README.rst, "The container image").
+# regproxy container image (docs/image.rst).
 #
 #   docker build -t registry.example.com/tools/regproxy:0.1.0 \
 #       --build-arg REVISION="$(git rev-parse HEAD)" .
+#   podman build --format docker ...       (the same; see docs/image.rst)
 #
 # Two stages. The build stage installs the Python dependencies from
 # requirements/runtime.txt, a lock file with hashes (pip --require-hashes,
 # wheels only), and regproxy itself into a virtual environment at
 # /opt/regproxy, which has no pip, setuptools or wheel of its own; the
-# dependencies' test suites are removed and the Twisted plugin cache is built.
-# The runtime stage copies that environment onto the same base, removes the
-# base's own pip, setuptools and wheel, and runs as the numeric user 10001
-# with nothing to write (bytecode and plugin cache are made here), so a
-# read-only root file system works.
+# dependencies' test suites are removed, everything is compiled to bytecode
+# once and the Twisted plugin cache is built last. deploy/docker/slim-root then
+# copies what that environment needs to run (the interpreter, the standard
+# library without its tests and tools, the shared libraries, the CA
+# certificates, a passwd file) into /runtime. The runtime stage starts from
+# scratch with /runtime and the environment, two layers, and runs as the
+# numeric user 10001 with nothing to write: a read-only root works.
+#
+# No RUN line needs a SHELL option (podman and buildah build OCI images by
+# default, where SHELL is ignored): no pipes, every step joined with &&.
 #
 # Base image: the tag for people, the digest for machines; both change
-# together with deploy/docker/update-base-image (README.rst says how).
+# together with deploy/docker/update-base-image. Without access to it, any
+# Python 3.11 image with venv and pip will do, a mirrored copy or a local one
+# (deploy/docker/standin-base builds one from a Debian mirror):
+#   --build-arg PYTHON_IMAGE=mirror.example.com/library/python:3.11-slim-bookworm
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
 
 FROM ${PYTHON_IMAGE} AS build
@@ -29,43 +38,55 @@ ARG EXTRA_CA_CERTS=""
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_ROOT_USER_ACTION=ignore
-
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+    PIP_ROOT_USER_ACTION=ignore \
+    PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
 COPY requirements/build.txt requirements/runtime.txt requirements/
 
 RUN if [ -n "${EXTRA_CA_CERTS}" ]; then \
-        printf '%s\n' "${EXTRA_CA_CERTS}" \
-            | cat /etc/ssl/certs/ca-certificates.crt - > /tmp/ca-bundle.pem; \
-        export PIP_CERT=/tmp/ca-bundle.pem; \
+        printf '%s\n' "${EXTRA_CA_CERTS}" > /tmp/extra-ca.pem \
+        && cat /etc/ssl/certs/ca-certificates.crt /tmp/extra-ca.pem > /tmp/ca-bundle.pem \
+        && export PIP_CERT=/tmp/ca-bundle.pem; \
     fi \
-    && python -m venv /opt/build-tools \
+    && python3 -m venv /opt/build-tools \
     && /opt/build-tools/bin/pip install --require-hashes --no-deps \
         -r requirements/build.txt \
-    && python -m venv --without-pip /opt/regproxy \
-    && /opt/build-tools/bin/pip --python /opt/regproxy/bin/python install \
-        --require-hashes --no-deps --only-binary=:all: -r requirements/runtime.txt
+    && python3 -m venv --without-pip /opt/regproxy \
+    && /opt/build-tools/bin/pip --python /opt/regproxy/bin/python install --no-compile \
+        --require-hashes --no-deps --only-binary=:all: -r requirements/runtime.txt \
+    && find /opt/regproxy/lib -depth -type d \( -name test -o -name tests \) \
+        -path '*/site-packages/*' -exec rm -rf {} +
 
 COPY setup.cfg setup.py pyproject.toml README.rst ./
 COPY regproxy/ regproxy/
 COPY twisted/ twisted/
+COPY deploy/docker/slim-root deploy/docker/check-root /usr/local/sbin/
 
 # `twist` finds `regproxy` through twisted/plugins/dropin.cache; build the
-# cache now, because at run time its directory is read-only. The last step
-# proves the environment starts without what was removed.
+# cache now, because at run time its directory is read-only. Twisted rebuilds
+# (and tries to write) the cache when a plugin module is not strictly older
+# than it, in whole seconds as image layers keep them: so the modules are
+# dated 1980 first. The last steps prove the environment starts without what
+# was removed, in /runtime alone, as the user it runs as.
 RUN /opt/build-tools/bin/pip wheel --no-deps --no-build-isolation \
         --wheel-dir /tmp/wheels . \
-    && /opt/build-tools/bin/pip --python /opt/regproxy/bin/python install \
+    && /opt/build-tools/bin/pip --python /opt/regproxy/bin/python install --no-compile \
         --no-deps --no-index /tmp/wheels/regproxy-*.whl \
-    && find /opt/regproxy/lib -depth -type d \( -name test -o -name tests \) \
-        -path '*/site-packages/*' -exec rm -rf {} + \
+    && find /opt/regproxy/lib -name __pycache__ -prune -exec rm -rf {} + \
+    && python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/regproxy/lib \
+    && find /opt/regproxy/lib -path '*/twisted/plugins/*.py' -exec touch -d 1980-01-01T00:00:00Z {} + \
     && /opt/regproxy/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
-    && /opt/regproxy/bin/twist regproxy --version
+    && python3 /usr/local/sbin/slim-root /opt/regproxy /runtime 10001 \
+    && mkdir /runtime/opt \
+    && cp -a /opt/regproxy /runtime/opt/ \
+    && chroot --userspec=10001:10001 /runtime /opt/regproxy/bin/twist regproxy --version \
+    && cp /usr/local/sbin/check-root /runtime/opt/ \
+    && chroot --userspec=10001:10001 /runtime /opt/regproxy/bin/python /opt/check-root \
+    && rm -rf /runtime/opt
 
 
-FROM ${PYTHON_IMAGE}
+FROM scratch
 
 ARG VERSION=0.1.0
 ARG REVISION=""
@@ -82,22 +103,16 @@ LABEL org.opencontainers.image.title="regproxy" \
       org.opencontainers.image.source="${SOURCE}" \
       org.opencontainers.image.base.name="${PYTHON_IMAGE}"
 
-ENV PATH=/opt/regproxy/bin:$PATH \
+# The interpreter, its libraries, CA certificates, /etc/passwd, /tmp; then
+# the environment, the layer that changes with each release.
+COPY --from=build /runtime /
+COPY --from=build /opt/regproxy /opt/regproxy
+
+ENV PATH=/opt/regproxy/bin:/usr/local/bin:/usr/bin:/bin \
+    LANG=C.UTF-8 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PORT=8080
-
-# The base's pip, setuptools and wheel are not needed to run; nor is a user
-# with a home, a login shell or an entry in the lastlog database.
-RUN PIP_ROOT_USER_ACTION=ignore python -m pip uninstall --yes --quiet --quiet \
-        pip setuptools wheel \
-    && rm -rf /usr/local/lib/python3.11/ensurepip /usr/local/bin/pip* \
-    && groupadd --gid 10001 regproxy \
-    && useradd --uid 10001 --gid 10001 --no-log-init \
-       --home-dir /nonexistent --no-create-home \
-       --shell /usr/sbin/nologin regproxy
-
-COPY --from=build /opt/regproxy /opt/regproxy
 
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading
 # /etc/passwd.
@@ -106,7 +121,9 @@ USER 10001:10001
 EXPOSE 8080
 
 # No HEALTHCHECK: Kubernetes and Cloud Run ignore it and probe /healthz and
-# /readyz themselves; under plain Docker add one that matches your --port.
+# /readyz themselves. The image has no shell and no curl; under plain Docker
+# use Python, with your --port:
+#   HEALTHCHECK CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
 
 # Logs: one JSON object per line when stdout is not a terminal (the case in
 # a container); --log-format text (an argument like any other) for text.
