@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import standin
 from tests.support.images import build_image, push, skopeo_binary, skopeo_copy
 from tests.support.ports import free_port, port_open
 from tests.support.registry import RegistryServer, registry_binary
@@ -65,11 +66,7 @@ def _podman(*args: str, timeout: float = 60) -> str:
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The image's ID, built from this checkout on the stand-in base."""
-    base = subprocess.run(
-        ["sh", str(STANDIN)], capture_output=True, text=True, timeout=900, check=False
-    )
-    assert base.returncode == 0, base.stderr
-    build_args = ["--build-arg", f"PYTHON_IMAGE={base.stdout.split()[-1]}"]
+    build_args = ["--build-arg", f"PYTHON_IMAGE={standin.base_image()}"]
     cas = "".join(path.read_text() for path in sorted(LOCAL_CAS.glob("*.crt")))
     if cas:
         build_args += ["--build-arg", f"EXTRA_CA_CERTS={cas}"]

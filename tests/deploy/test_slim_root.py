@@ -77,13 +77,11 @@ def test_copy_path_of_a_directory_creates_it_empty(tmp_path: Path) -> None:
         "lib2to3",
         "turtle.py",
         "distutils",
-        "sqlite3",
         "site-packages",
         "config-3.11-x86_64-linux-gnu",
         "unittest/test",
         "test",
         "lib-dynload/_testcapi.cpython-311-x86_64-linux-gnu.so",
-        "lib-dynload/_sqlite3.cpython-311-x86_64-linux-gnu.so",
         "lib-dynload/readline.cpython-311-x86_64-linux-gnu.so",
     ],
 )
@@ -107,6 +105,8 @@ def test_left_out_of_the_standard_library(relative: str) -> None:
         "lib-dynload/_hashlib.cpython-311-x86_64-linux-gnu.so",
         "lib-dynload/_ctypes.cpython-311-x86_64-linux-gnu.so",
         "lib-dynload/_asyncio.cpython-311-x86_64-linux-gnu.so",
+        "sqlite3",
+        "lib-dynload/_sqlite3.cpython-311-x86_64-linux-gnu.so",
     ],
 )
 def test_kept_in_the_standard_library(relative: str) -> None:
