@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
+import attrs
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -22,6 +23,7 @@ from .config import (
     DEFAULT_PUBLIC_TTL,
     DEFAULT_SCRUB_INTERVAL,
     DOCKER_HUB_URL,
+    AuthConfig,
     BlobRedirects,
     CacheConfig,
     Config,
@@ -31,6 +33,7 @@ from .config import (
     Upstream,
 )
 from .routing.load import load_routes
+from .routing.load_access import read_htpasswd
 from .routing.matching import RouteTable
 from .server.cpus import worker_count
 from .server.handoff import WorkerSpec
@@ -74,6 +77,13 @@ class Options(usage.Options):
             "disable-browser-redirects",
             None,
             "Answer 404 instead of sending browsers upstream (env DISABLE_BROWSER_REDIRECTS).",
+        ],
+        [
+            "insecure-auth",
+            None,
+            "Accept credentials over plain HTTP from anywhere (with [auth] or --htpasswd); "
+            "without it only TLS, loopback, or a --trusted-proxy saying X-Forwarded-Proto: "
+            "https may carry them.",
         ],
         [
             "google-adc",
@@ -147,6 +157,15 @@ class Options(usage.Options):
             None,
             "Google service-account key file (env GOOGLE_APPLICATION_CREDENTIALS).",
             _named("google-credentials", values.readable_file),
+        ],
+        [
+            "htpasswd",
+            None,
+            None,
+            "Serve only the users of this Apache htpasswd file (bcrypt entries): the proxy "
+            "becomes their token service, every repository needs a login. With --config, "
+            "use [auth] in the file.",
+            _named("htpasswd", values.readable_file),
         ],
         [
             "public-url",
@@ -307,6 +326,7 @@ class Options(usage.Options):
         self.warnings: list[str] = []
         # The routes of --config, loaded (and so checked) while options are parsed.
         self.routes: RouteTable | None = None
+        self.auth: AuthConfig | None = None
 
     @classmethod
     def _coercers(cls) -> dict[str, tuple[object, object, object]]:
@@ -375,6 +395,28 @@ class Options(usage.Options):
             self["disable-browser-redirects"] = True
         if not self["port"]:
             self["port"] = [environment.listen_description(self.environ)]
+        self.auth = self._auth()
+
+    def _auth(self) -> AuthConfig | None:
+        """[auth] of the routes file, or --htpasswd; --insecure-auth applies to either."""
+        if self["htpasswd"] is not None:
+            try:
+                users = read_htpasswd(self["htpasswd"])
+            except ValueError as error:
+                raise usage.UsageError(f"--htpasswd: {error}") from None
+            auth: AuthConfig | None = AuthConfig(htpasswd=self["htpasswd"], users=users)
+        else:
+            auth = self.routes.auth if self.routes is not None else None
+        if auth is None:
+            if self["insecure-auth"]:
+                raise usage.UsageError("--insecure-auth goes with --htpasswd or an [auth] table")
+            return None
+        if self["workers"] > 1 and auth.token_key_pem is None:
+            raise usage.UsageError(
+                "--workers with access control: every worker must sign with one key; give "
+                "[auth] token_key = FILE (an EC P-256 key) in the routes file"
+            )
+        return attrs.evolve(auth, insecure=bool(self["insecure-auth"]))
 
     def _route_options(self) -> None:
         """The one route of the flags and the original's environment variables."""
@@ -510,6 +552,8 @@ class Options(usage.Options):
             trusted_proxies=tuple(self["trusted-proxy"]),
             upstream_timeout=self["upstream-timeout"],
             idle_timeout=self["idle-timeout"],
+            auth=self.auth,
+            limits=self.routes.limits if self.routes is not None else None,
         )
 
 
@@ -528,6 +572,7 @@ ROUTE_OPTIONS = (
     "google-adc",
     "google-json-key",
     "blob-redirects",
+    "htpasswd",
 )
 
 

@@ -16,8 +16,11 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
+
 from ..config import BlobRedirects, ConfigError, Credentials, Route, Upstream
 from ..protocol.reference import NAME_RE
+from .load_access import AccessTables
 from .matching import RouteTable, conflicts
 
 if sys.version_info >= (3, 11):
@@ -50,8 +53,10 @@ ROUTE_KEYS = (
     "google_credentials",
     "google_json_key",
     "google_adc",
+    "pull",
+    "access",
 )
-TOP_LEVEL_KEYS = ("routes",)
+TOP_LEVEL_KEYS = ("routes", "auth", "limits")
 
 
 def load_routes(path: str | os.PathLike[str]) -> RouteTable:
@@ -87,18 +92,21 @@ def parse_routes(data: Mapping[str, Any], base: str = ".") -> RouteTable:
         errors.append("routes must be [[routes]] tables")
         raise ConfigError(errors)
     errors.extend(_duplicate_names(tables))
+    access = AccessTables(data, base)
     routes, numbers = [], []
     for number, table in enumerate(tables, 1):
         parser = _RouteParser(table, number, base)
         route = parser.route()
+        rules = access.route_access(table, parser.label, _check_glob)
         errors.extend(parser.errors)
         if route is not None:
-            routes.append(route)
+            routes.append(attrs.evolve(route, access=rules))
             numbers.append(number)
+    errors.extend(access.errors)
     if errors:
         # Report conflicts among the routes that are right too: one run shows everything.
         raise ConfigError(list(dict.fromkeys(errors + conflicts(routes, numbers))))
-    return RouteTable(tuple(routes))
+    return RouteTable(tuple(routes), auth=access.auth, limits=access.limits)
 
 
 def _duplicate_names(tables: list[dict[str, Any]]) -> list[str]:

@@ -1,6 +1,6 @@
 """Packages by job, imports down the layers: read from the source (no import needed).
 
-server -> web -> routing -> cache -> upstream -> protocol, with tls (the TLS layer) and
+server -> web -> access -> routing -> cache -> upstream -> protocol, with tls (the TLS layer) and
 config (the frozen configuration) at the bottom. Two packages never import each other, and a
 module never imports a package above its own.
 """
@@ -22,8 +22,9 @@ LAYER = {
     "upstream": 2,
     "cache": 3,
     "routing": 4,
-    "web": 5,
-    "server": 6,
+    "access": 5,
+    "web": 6,
+    "server": 7,
 }
 # The plugin's options and the wiring: they may import anything, nothing imports them.
 TOP = {"tap", "service", "environment", "option_values"}
