@@ -11,7 +11,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
-import attrs
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -23,7 +22,6 @@ from .config import (
     DEFAULT_PUBLIC_TTL,
     DEFAULT_SCRUB_INTERVAL,
     DOCKER_HUB_URL,
-    AuthConfig,
     BlobRedirects,
     CacheConfig,
     Config,
@@ -33,7 +31,7 @@ from .config import (
     Upstream,
 )
 from .routing.load import load_routes
-from .routing.load_access import read_htpasswd
+from .routing.load_access import access_options
 from .routing.matching import RouteTable
 from .server.cpus import worker_count
 from .server.handoff import WorkerSpec
@@ -78,13 +76,7 @@ class Options(usage.Options):
             None,
             "Answer 404 instead of sending browsers upstream (env DISABLE_BROWSER_REDIRECTS).",
         ],
-        [
-            "insecure-auth",
-            None,
-            "Accept credentials over plain HTTP from anywhere (with [auth] or --htpasswd); "
-            "without it only TLS, loopback, or a --trusted-proxy saying X-Forwarded-Proto: "
-            "https may carry them.",
-        ],
+        ["insecure-auth", None, "Accept credentials over plain HTTP (not only TLS/loopback)."],
         [
             "google-adc",
             None,
@@ -162,9 +154,7 @@ class Options(usage.Options):
             "htpasswd",
             None,
             None,
-            "Serve only the users of this Apache htpasswd file (bcrypt entries): the proxy "
-            "becomes their token service, every repository needs a login. With --config, "
-            "use [auth] in the file.",
+            "Only these users (htpasswd, bcrypt) may pull; the proxy issues their tokens.",
             _named("htpasswd", values.readable_file),
         ],
         [
@@ -326,7 +316,6 @@ class Options(usage.Options):
         self.warnings: list[str] = []
         # The routes of --config, loaded (and so checked) while options are parsed.
         self.routes: RouteTable | None = None
-        self.auth: AuthConfig | None = None
 
     @classmethod
     def _coercers(cls) -> dict[str, tuple[object, object, object]]:
@@ -395,28 +384,10 @@ class Options(usage.Options):
             self["disable-browser-redirects"] = True
         if not self["port"]:
             self["port"] = [environment.listen_description(self.environ)]
-        self.auth = self._auth()
-
-    def _auth(self) -> AuthConfig | None:
-        """[auth] of the routes file, or --htpasswd; --insecure-auth applies to either."""
-        if self["htpasswd"] is not None:
-            try:
-                users = read_htpasswd(self["htpasswd"])
-            except ValueError as error:
-                raise usage.UsageError(f"--htpasswd: {error}") from None
-            auth: AuthConfig | None = AuthConfig(htpasswd=self["htpasswd"], users=users)
-        else:
-            auth = self.routes.auth if self.routes is not None else None
-        if auth is None:
-            if self["insecure-auth"]:
-                raise usage.UsageError("--insecure-auth goes with --htpasswd or an [auth] table")
-            return None
-        if self["workers"] > 1 and auth.token_key_pem is None:
-            raise usage.UsageError(
-                "--workers with access control: every worker must sign with one key; give "
-                "[auth] token_key = FILE (an EC P-256 key) in the routes file"
-            )
-        return attrs.evolve(auth, insecure=bool(self["insecure-auth"]))
+        try:
+            self.auth = access_options(self, getattr(self.routes, "auth", None))
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from None
 
     def _route_options(self) -> None:
         """The one route of the flags and the original's environment variables."""
@@ -553,7 +524,7 @@ class Options(usage.Options):
             upstream_timeout=self["upstream-timeout"],
             idle_timeout=self["idle-timeout"],
             auth=self.auth,
-            limits=self.routes.limits if self.routes is not None else None,
+            limits=getattr(self.routes, "limits", None),
         )
 
 

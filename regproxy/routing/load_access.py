@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
+
 from ..config import AccessRule, AuthConfig, LimitsConfig, OIDCConfig, RateLimit
 
 AUTH_KEYS = ("htpasswd", "token_key", "token_ttl", "groups", "oidc")
@@ -311,3 +313,26 @@ class AccessTables:
         if not USER_RE.fullmatch(principal):
             return "not a user name, @group, anonymous, users, or <oidc name>:<subject>"
         return None
+
+
+def access_options(options: Mapping[str, Any], from_file: AuthConfig | None) -> AuthConfig | None:
+    """The access control of the command line: ``--htpasswd`` (single-upstream mode, every
+    repository for ``users``) or the file's [auth], with ``--insecure-auth`` on either.
+    ``options`` are the parsed options; ValueError says what is wrong, naming the option."""
+    auth = from_file
+    htpasswd: str | None = options["htpasswd"]
+    if htpasswd is not None:
+        try:
+            auth = AuthConfig(htpasswd=htpasswd, users=read_htpasswd(htpasswd))
+        except ValueError as error:
+            raise ValueError(f"--htpasswd: {error}") from None
+    if auth is None:
+        if options["insecure-auth"]:
+            raise ValueError("--insecure-auth goes with --htpasswd or an [auth] table")
+        return None
+    if options["workers"] > 1 and auth.token_key_pem is None:
+        raise ValueError(
+            "--workers with access control: every worker must sign with one key; give "
+            "[auth] token_key = FILE (an EC P-256 key) in a routes file"
+        )
+    return attrs.evolve(auth, insecure=bool(options["insecure-auth"]))
