@@ -31,7 +31,7 @@ from .tokens import InvalidToken, access_claims, refresh_claims
 # user and their password's mark, so a removed user or a changed password ends it sooner.
 REFRESH_TTL = 30 * 86400.0
 
-log = Logger(namespace="regproxy.access")
+log = Logger(namespace="regproxy.access.tokens")
 
 
 @attrs.frozen
