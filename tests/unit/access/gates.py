@@ -41,7 +41,7 @@ RULES = (
 
 def route(**changes: Any) -> Route:
     defaults: dict[str, Any] = {"upstream": Upstream("https", "upstream.example"), "name": "own"}
-    defaults["access"] = RULES + (AccessRule(("**",), ("users",)),)
+    defaults["access"] = (*RULES, AccessRule(("**",), ("users",)))
     defaults.update(changes)
     return Route(**defaults)
 

@@ -107,7 +107,7 @@ def test_the_password_grant_answers_with_a_refresh_token_that_works() -> None:
     first = run(gate, parse_ask([], form, None))
     assert "refresh_token" in first
     refresh = [("grant_type", "refresh_token"), ("refresh_token", first["refresh_token"])]
-    second = run(gate, parse_ask([], refresh + [("scope", "repository:team-a/app:pull")], None))
+    second = run(gate, parse_ask([], [*refresh, ("scope", "repository:team-a/app:pull")], None))
     assert granted(gate, second) == {"team-a/app"}
 
 
@@ -133,7 +133,7 @@ def test_a_refresh_token_of_a_removed_user_is_refused() -> None:
     later = gate.__class__(
         RouteTable(gate.table.routes, auth=attrs.evolve(gate.auth, users=users)),
         key=gate.key,
-        users=type(gate.users)(users, lambda work: gate.users._run(work)),  # noqa: SLF001
+        users=type(gate.users)(users, lambda work: gate.users._run(work)),
         issuers={},
         clock=gate.clock,
         throttle=gate.throttle,

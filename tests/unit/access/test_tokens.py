@@ -51,7 +51,7 @@ def test_the_header_names_es256_and_the_key() -> None:
 
 
 def test_the_kid_is_the_same_for_the_same_key() -> None:
-    pem = KEY._private.private_bytes(  # noqa: SLF001 - the test's own key
+    pem = KEY._private.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
