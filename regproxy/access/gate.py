@@ -73,6 +73,7 @@ class Client:
     secure: bool
 
 
+MAX_DECISIONS = 10_000
 # How authentications ended, for /metrics: ok, failed, throttled, plain_http, invalid_token.
 CountAuthentication = Callable[[str], None]
 
@@ -107,7 +108,8 @@ class Gate:
         self.verifier = Verifier(key, clock)
         self.token_ttl = self.auth.token_ttl if self.auth is not None else 300.0
         self._groups = memberships(self.auth.groups) if self.auth is not None else {}
-        self._rules = {route.name: RouteRules.of(route) for route in table.routes}
+        self._rules = {route.name: (route, RouteRules.of(route)) for route in table.routes}
+        self._decisions: dict[tuple[str, str, str], bool] = {}
         self._namespaces = tuple(route.namespace for route in table.routes if route.namespace)
 
     @property
@@ -129,12 +131,24 @@ class Gate:
         return principal in self.users
 
     def admits(self, route: Route, principal: str, name: str) -> bool:
-        """Whether ``principal`` may pull ``name`` (named within the route) now."""
-        rules = self._rules.get(route.name)
-        if rules is None:
-            # A route of another snapshot: only its own rules could say.
-            rules = self._rules[route.name] = RouteRules.of(route)
-        return rules.admits(principal, self.groups(principal), name)
+        """Whether ``principal`` may pull ``name`` (named within the route) now.
+
+        Decisions are remembered: users, groups and rules do not change within a gate
+        (a reload makes a new one), and a manifest GET must cost little.
+        """
+        key = (route.name, principal, name)
+        decided = self._decisions.get(key)
+        if decided is not None:
+            return decided
+        known = self._rules.get(route.name)
+        if known is None or known[0] is not route:
+            # A route of another snapshot: only its own rules can say, and are not kept.
+            return RouteRules.of(route).admits(principal, self.groups(principal), name)
+        decided = known[1].admits(principal, self.groups(principal), name)
+        if len(self._decisions) >= MAX_DECISIONS:
+            self._decisions.clear()
+        self._decisions[key] = decided
+        return decided
 
     def may_pull(self, principal: str, host: str, client_name: str) -> bool:
         """At token time: whether some route this client may reach admits the name.

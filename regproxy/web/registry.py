@@ -174,7 +174,12 @@ class RegistryAPI(Resource):
         )
         fetcher = routing.fetcher
         rate = None
-        if gate is not None and target.kind is Kind.MANIFEST and request.method == b"GET":
+        if (
+            gate is not None
+            and gate.limiter is not None
+            and target.kind is Kind.MANIFEST
+            and request.method == b"GET"
+        ):
             rate = gate.rate(principal, client_of(request).address)
 
         async def answer() -> None:
