@@ -26,6 +26,7 @@ from tests.support.images import push, skopeo_copy, skopeo_env, verify_layout
 from tests.support.proxy import RegproxyProcess
 from tests.support.registry import RegistryServer, write_htpasswd
 from tests.support.seed import StandardImages
+from tests.support.tools import require_programs
 from tests.support.waiting import eventually
 
 USERS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2"}
@@ -208,8 +209,7 @@ def test_htpasswd_on_the_command_line(
 def podman() -> Iterator[list[str]]:
     """podman with its own storage, run root, registries.conf and auth file (in a short
     directory: podman refuses a run root over 50 characters)."""
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not installed")
+    require_programs("podman (Debian package podman)", what="podman")
     home = Path(tempfile.mkdtemp(prefix="rp-podman-"))
     (home / "registries.conf").write_text("unqualified-search-registries = []\n")
     (home / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
@@ -294,8 +294,7 @@ def test_podman_login_and_pull(podman: list[str], proxy: RegproxyProcess, images
 
 @pytest.fixture(scope="module")
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
-    if shutil.which("containerd") is None or shutil.which("ctr") is None:
-        pytest.skip("containerd is not installed")
+    require_programs("containerd (Debian package containerd)", "ctr", what="containerd")
     with Containerd(tmp_path_factory.mktemp("containerd-access")) as daemon:
         yield daemon
 
