@@ -120,30 +120,13 @@ def test_offline_token_on_get_asks_for_a_refresh_token() -> None:
 
 
 def test_a_refresh_token_of_a_removed_user_is_refused() -> None:
-    import attrs
-
-    from regproxy.access.gate import Gates  # noqa: F401 - the gate's own type
-    from regproxy.routing.matching import RouteTable
-
     gate = make_gate()
     form = [("grant_type", "password"), ("username", "alice"), ("password", PASSWORDS["alice"])]
     refresh = run(gate, parse_ask([], form, None))["refresh_token"]
     assert gate.auth is not None
     users = {k: v for k, v in gate.auth.users.items() if k != "alice"}
-    later = gate.__class__(
-        RouteTable(gate.table.routes, auth=attrs.evolve(gate.auth, users=users)),
-        key=gate.key,
-        users=type(gate.users)(users, lambda work: gate.users._run(work)),
-        issuers={},
-        clock=gate.clock,
-        throttle=gate.throttle,
-        limiter=None,
-        count=lambda result: None,
-    )
-    error = refused(
-        later, parse_ask([], [("grant_type", "refresh_token"), ("refresh_token", refresh)], None)
-    )
-    assert error.status == 401
+    asked = parse_ask([], [("grant_type", "refresh_token"), ("refresh_token", refresh)], None)
+    assert refused(_gate_with_users(gate, users), asked).status == 401
 
 
 def test_a_wrong_password_and_an_unknown_user_get_the_same_answer() -> None:
@@ -249,3 +232,54 @@ def test_secrets_never_reach_a_log_line_or_an_error_body() -> None:
 def test_issuers_are_the_configured_ones() -> None:
     assert make_gate(clock=Clock()).issuers == {}
     assert OIDCConfig(name="ci", issuer="https://i", audience="a").username_claim == "sub"
+
+
+def _gate_with_users(gate: Gate, users: dict[str, bytes]) -> Gate:
+    import attrs
+
+    from regproxy.access.users import Users
+    from regproxy.routing.matching import RouteTable
+    from tests.unit.access.gates import at_once
+
+    assert gate.auth is not None
+    return Gate(
+        RouteTable(gate.table.routes, auth=attrs.evolve(gate.auth, users=users)),
+        key=gate.key,
+        users=Users(users, at_once),
+        issuers={},
+        clock=gate.clock,
+        throttle=gate.throttle,
+        limiter=None,
+        count=lambda result: None,
+    )
+
+
+def test_a_changed_password_ends_the_refresh_tokens_issued_before() -> None:
+    import bcrypt
+
+    gate = make_gate()
+    form = [("grant_type", "password"), ("username", "alice"), ("password", PASSWORDS["alice"])]
+    refresh = run(gate, parse_ask([], form, None))["refresh_token"]
+    assert gate.auth is not None
+    users = dict(gate.auth.users)
+    same = _gate_with_users(gate, users)
+    asked = parse_ask([], [("grant_type", "refresh_token"), ("refresh_token", refresh)], None)
+    run(same, asked)  # the same hash: still good
+    users["alice"] = bcrypt.hashpw(b"a new password", bcrypt.gensalt(4))
+    assert refused(_gate_with_users(gate, users), asked).status == 401
+
+
+def test_anonymous_clients_get_no_refresh_token() -> None:
+    gate = make_gate()
+    assert "refresh_token" not in run(gate, parse_ask([("offline_token", "true")], None, None))
+
+
+def test_insecure_auth_of_the_command_line_outlives_reloads() -> None:
+    from regproxy.access.gate import Gates
+    from regproxy.routing.matching import RouteTable
+    from tests.unit.access.gates import at_once, auth, route
+
+    gates = Gates(clock=Clock(), run_blocking=at_once, issuers_for=lambda c: {}, insecure=True)
+    gate = gates(RouteTable((route(),), auth=auth()))
+    assert gate is not None and gate.insecure
+    run(gate, parse_ask([], None, basic("alice", PASSWORDS["alice"])), client=PLAIN)

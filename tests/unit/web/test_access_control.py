@@ -23,6 +23,7 @@ from regproxy.web.health import Readiness
 from regproxy.web.observe import ClientAddress, Metrics
 from regproxy.web.site import ProxySite
 from tests.support.inmemory import (
+    JSON_HEADERS,
     MANIFEST,
     OCI_MANIFEST,
     Answer,
@@ -297,3 +298,31 @@ class RateLimitTests(AccessCase):
     def test_anonymous_clients_are_counted_by_address(self) -> None:
         self.request("GET", "/v2/public/x/manifests/v1")
         self.assertEqual([key for key, _ in self.limiter.taken], ["anonymous:127.0.0.1"])
+
+
+class UpstreamTokenTests(AccessCase):
+    """A route without credentials in front of a token-auth upstream: with [auth] the
+    client's credentials are the proxy's own, so the proxy fetches the upstream's anonymous
+    token itself, sending no credentials to the realm."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        challenge = b'Bearer realm="https://upstream.example/token",service="up"'
+
+        def manifest(request: Any) -> Answer:
+            if request.getHeader(b"authorization") == b"Bearer upstream-token":
+                return MANIFEST_ANSWER
+            return Answer(401, {b"www-authenticate": [challenge], **JSON_HEADERS}, b"{}")
+
+        self.registry.on("/v2/team-a/app/manifests/v1", manifest)
+        self.registry.on("/token", Answer(200, JSON_HEADERS, b'{"token":"upstream-token"}'))
+
+    def test_the_proxy_does_the_anonymous_token_dance_upstream(self) -> None:
+        token = self.token("team-a/app", credentials=basic("alice", PASSWORDS["alice"]))
+        reply = self.request(
+            "GET", "/v2/team-a/app/manifests/v1", {"Authorization": f"Bearer {token}"}
+        )
+        self.assertEqual((reply.status, reply.body), (200, MANIFEST))
+        [asked] = [seen for seen in self.registry.seen if seen.path == "/token"]
+        self.assertIsNone(asked.headers.getRawHeaders(b"authorization"))
+        self.assertIn(("scope", "repository:team-a/app:pull"), asked.query)
