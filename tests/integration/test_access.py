@@ -202,6 +202,20 @@ def test_htpasswd_on_the_command_line(
     assert not anonymous.ok and "unauthorized" in anonymous.stderr
 
 
+def test_a_token_auth_upstream_behind_access_control(
+    start_proxy, seeded_token_registry, tmp_path: Path
+) -> None:
+    """The client's credentials are the proxy's own; the upstream's anonymous tokens are
+    fetched by the proxy (the real registry checks every scope)."""
+    write_htpasswd(tmp_path / "users", USERS)
+    proxy = start_proxy(
+        ["--upstream", seeded_token_registry.url, "--htpasswd", str(tmp_path / "users")]
+    )
+    copied = skopeo_copy(f"{proxy.host_port}/app:v1", tmp_path / "a", creds=("bob", USERS["bob"]))
+    assert copied.digest == seeded_token_registry["app:v1"]
+    verify_layout(tmp_path / "a")
+
+
 # -- podman --------------------------------------------------------------------------------------
 
 
