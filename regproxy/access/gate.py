@@ -10,7 +10,7 @@ throttle, OIDC key caches, a token key made at start-up) lives in :class:`Gates`
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -39,7 +39,10 @@ class Verdict(Protocol):
 
 
 class RateLimiter(Protocol):
-    def take(self, key: str, limit: RateLimit) -> Deferred[Verdict]: ...
+    """``regproxy.access.limits.RateLimiter``; its Deferred fires with a :class:`Verdict`
+    (typed Any here: Deferred is invariant, and the limiter's Verdict is its own class)."""
+
+    def take(self, key: str, limit: RateLimit) -> Deferred[Any]: ...
 
 
 class LoginThrottle(Protocol):

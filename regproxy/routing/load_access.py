@@ -134,6 +134,12 @@ class AccessTables:
             errors.append(f"auth: token_ttl must be a number of seconds, 1 to {MAX_TOKEN_TTL:g}")
             ttl = 300
         oidc = self._oidc(table.get("oidc", []))
+        for issuer in oidc:
+            if issuer.name in users:
+                # Logging in with that name means the issuer's JWT: the user could not.
+                errors.append(
+                    f"auth.oidc {_q(issuer.name)}: the htpasswd file has a user of that name"
+                )
         groups = self._groups(table.get("groups", {}), oidc)
         return AuthConfig(
             htpasswd=htpasswd,

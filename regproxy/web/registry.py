@@ -15,7 +15,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..access.admission import admit
-from ..access.gate import Gate, Gates
+from ..access.gate import Gate, Gates, Verdict
 from ..protocol.errors import OCIError
 from ..protocol.fetch import RegistryRequest
 from ..protocol.reference import Kind, parse_v2_path
@@ -184,7 +184,7 @@ class RegistryAPI(Resource):
 
         async def answer() -> None:
             if rate is not None and gate is not None and gate.limiter is not None:
-                verdict = await gate.limiter.take(*rate)
+                verdict: Verdict = await gate.limiter.take(*rate)
                 if not verdict.allowed:
                     raise OCIError(
                         "TOOMANYREQUESTS",

@@ -264,3 +264,11 @@ def test_config_error_type(tmp_path: Path) -> None:
         load_routes(
             write(tmp_path, '[auth]\nfoo = 1\n[[routes]]\nname = "a"\nupstream = "docker.io"\n')
         )
+
+
+def test_an_oidc_name_that_is_also_a_user_is_refused(files: Path) -> None:
+    text = ISSUE_EXAMPLE.replace('name = "github"', 'name = "alice"').replace(
+        "github:repo", "alice:repo"
+    )
+    errors = check_config(write(files, text))
+    assert errors == ['auth.oidc "alice": the htpasswd file has a user of that name']
