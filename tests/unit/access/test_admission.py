@@ -121,8 +121,12 @@ def test_a_token_of_another_key_is_refused() -> None:
 
 
 def test_basic_credentials_do_not_open_v2() -> None:
-    error = refused(make_gate(), "team-a/app", b"Basic YWxpY2U6YWxpY2Utc2VjcmV0LXB3")
-    assert error.status == 401
+    counted: list[str] = []
+    error = refused(
+        make_gate(counted=counted), "team-a/app", b"Basic YWxpY2U6YWxpY2Utc2VjcmV0LXB3"
+    )
+    assert (error.status, error.message) == (401, "use a token from the realm")
+    assert counted == []  # no token was tried
 
 
 def test_a_reload_that_removes_the_rule_closes_issued_tokens() -> None:

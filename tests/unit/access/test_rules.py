@@ -43,6 +43,7 @@ EXAMPLE = rules(
         ("ci:repo:acme/a:ref:refs/heads/main", "team-a/app", True),  # * spans / and :
         ("ci:repo:acme/b:ref:refs/heads/main", "team-a/app", False),
         ("other:repo:acme/a:main", "team-a/app", False),  # another issuer's subject
+        ("gh:repo:acme/a:main", "team-a/app", False),  # ... with a name as long as "ci"
         ("alice", "nobody/x", False),
         ("carol", "anything/else", True),
         (ANONYMOUS, "anything/else", False),

@@ -326,3 +326,15 @@ class UpstreamTokenTests(AccessCase):
         [asked] = [seen for seen in self.registry.seen if seen.path == "/token"]
         self.assertIsNone(asked.headers.getRawHeaders(b"authorization"))
         self.assertIn(("scope", "repository:team-a/app:pull"), asked.query)
+
+
+class UpstreamBasicTests(AccessCase):
+    def test_a_basic_challenge_upstream_is_not_answered_without_credentials(self) -> None:
+        """The proxy holds no credentials for the route: it has nothing to answer Basic
+        with (an empty Authorization would be a credential of sorts)."""
+        challenge = {b"www-authenticate": [b'Basic realm="upstream"'], **JSON_HEADERS}
+        self.registry.on("/v2/public/x/manifests/v1", Answer(401, challenge, b"{}"))
+        reply = self.request("GET", "/v2/public/x/manifests/v1")
+        self.assertEqual(reply.status, 401)
+        [seen] = self.registry.seen
+        self.assertIsNone(seen.headers.getRawHeaders(b"authorization"))
