@@ -103,6 +103,7 @@ def build_root(
     root = Root(BrowserRedirect(browser_route, not config.disable_browser_redirects))
     root.routing = current
     root.routing_factory = factory
+    root.gates = gates
     root.putChild(b"v2", RegistryAPI(current, base, gates))
     root.putChild(b"_token", TokenProxy(routing=current, public_base=base, gates=gates))
     root.putChild(b"healthz", Health())
@@ -326,7 +327,7 @@ def build_service(
         ).setServiceParent(top)
     if config.routes_file is not None:
         RoutesReloader(
-            config.routes_file, root.routing, root.routing_factory, reactor
+            config.routes_file, root.routing, root.routing_factory, reactor, root.gates
         ).setServiceParent(top)
     if checks_upstreams(worker):
         upstream_checks(root.routing, metrics, clock=reactor).setServiceParent(top)
