@@ -5,6 +5,7 @@ repository the rules refuse and for a wrong password."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.support.containerd import Containerd
-from tests.support.images import push, skopeo_copy, skopeo_env, verify_layout
+from tests.support.images import OCI_MANIFEST, push, skopeo_copy, skopeo_env, verify_layout
 from tests.support.proxy import RegproxyProcess
 from tests.support.registry import RegistryServer, write_htpasswd
 from tests.support.seed import StandardImages
@@ -214,6 +215,50 @@ def test_a_token_auth_upstream_behind_access_control(
     copied = skopeo_copy(f"{proxy.host_port}/app:v1", tmp_path / "a", creds=("bob", USERS["bob"]))
     assert copied.digest == seeded_token_registry["app:v1"]
     verify_layout(tmp_path / "a")
+
+
+def test_tokens_of_one_worker_open_every_worker(
+    start_proxy, registry: RegistryServer, images: str, tmp_path: Path
+) -> None:
+    """--workers share the token key: a token from one is good at the others."""
+    write_htpasswd(tmp_path / "users.htpasswd", USERS)
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "token-key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    routes = tmp_path / "routes.toml"
+    routes.write_text(ROUTES.format(upstream=registry.url))
+    proxy = start_proxy(["--config", str(routes), "--workers", "2"])
+    request = urllib.request.Request(
+        f"{proxy.url}/_token?service={proxy.host_port}&scope=repository:team-a/app:pull",
+        headers={"Authorization": basic("alice", USERS["alice"])},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        token = json.loads(answer.read())["token"]
+
+    def workers_that_admitted() -> set[object]:
+        # A new connection each time: the workers share the listening socket.
+        asked = urllib.request.Request(
+            f"{proxy.url}/v2/team-a/app/manifests/v1",
+            headers={"Authorization": f"Bearer {token}", "Accept": OCI_MANIFEST},
+        )
+        with urllib.request.urlopen(asked, timeout=10) as answer:
+            assert answer.status == 200
+        return {
+            event.get("worker")
+            for event in access_events(proxy)
+            if event.get("user") == "alice" and event.get("status") == 200
+        }
+
+    eventually(lambda: len(workers_that_admitted()) == 2, 60, what="both workers admitting")
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 # -- podman --------------------------------------------------------------------------------------
