@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import shutil
 import statistics
 import tempfile
 import timeit
@@ -75,12 +76,8 @@ def admission_microseconds(count: int = 20000) -> float:
     return 1e6 * timeit.timeit(once, number=count) / count
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--repeats", type=int, default=5)
-    options = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="regproxy-bench-access-"))
+def _measure(work: Path, seconds: float, repeats: int) -> dict[str, list[float]]:
+    """CPU ms per manifest GET of each row, *repeats* alternating runs of *seconds*."""
     write_htpasswd(work / "users", {"bench": PASSWORD})
     with RegistryServer(directory=work / "registry") as registry:
         small = push_small_image(registry.url, work / "layout", f"{PREFIX}/small", "latest")
@@ -100,15 +97,28 @@ def main() -> None:
                 load.run_wrk(
                     f"{proxy.url}/v2/small/manifests/{small.digest}", 4, 1, headers=headers
                 )
-            for _ in range(options.repeats):
+            for _ in range(repeats):
                 for label, (proxy, headers) in rows.items():
                     before = load.process_cpu_seconds(proxy.pid)
                     url = f"{proxy.url}/v2/small/manifests/{small.digest}"
-                    result = load.run_wrk(url, 16, options.seconds, headers=headers)
+                    result = load.run_wrk(url, 16, seconds, headers=headers)
                     cpu = load.process_cpu_seconds(proxy.pid) - before
                     if result["errors"] or result["non2xx"]:
                         raise RuntimeError(f"{label}: errors under load {result}")
                     figures[label].append(1000 * cpu / result["requests"])
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    options = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="regproxy-bench-access-"))
+    try:
+        figures = _measure(work, options.seconds, options.repeats)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     medians = {label: statistics.median(values) for label, values in figures.items()}
     for label, value in medians.items():
         print(f"{label:16} {value:.4f} ms CPU per manifest GET (runs: {figures[label]})")
