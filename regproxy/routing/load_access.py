@@ -58,9 +58,9 @@ def read_htpasswd(path: str) -> dict[str, bytes]:
             raise ValueError(f"{where}: not a user:hash line, or a reserved user name")
         if not BCRYPT_RE.fullmatch(hashed):
             # The kind only: a hash is a secret too.
-            kind = "MD5 (apr1)" if hashed.startswith(b"$apr1$") else "not bcrypt"
+            kind = "an MD5 (apr1)" if hashed.startswith(b"$apr1$") else "a non-bcrypt"
             raise ValueError(
-                f"{where}: user {_q(name)} has a {kind} entry; only bcrypt is accepted"
+                f"{where}: user {_q(name)} has {kind} entry; only bcrypt is accepted"
                 " (htpasswd -B)"
             )
         if name in users:

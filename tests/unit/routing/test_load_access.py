@@ -180,8 +180,8 @@ def test_every_error_of_the_file_at_once(tmp_path: Path) -> None:
     ("line", "kind"),
     [
         ("alice:$apr1$abcdefgh$0123456789012345678901", "MD5 (apr1)"),
-        ("alice:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=", "not bcrypt"),
-        ("alice:plaintext", "not bcrypt"),
+        ("alice:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=", "non-bcrypt"),
+        ("alice:plaintext", "non-bcrypt"),
     ],
 )
 def test_htpasswd_entries_other_than_bcrypt_are_refused_naming_the_line(
