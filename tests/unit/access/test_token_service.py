@@ -283,3 +283,15 @@ def test_insecure_auth_of_the_command_line_outlives_reloads() -> None:
     gate = gates(RouteTable((route(),), auth=auth()))
     assert gate is not None and gate.insecure
     run(gate, parse_ask([], None, basic("alice", PASSWORDS["alice"])), client=PLAIN)
+
+
+def test_scopes_of_path_routes_follow_their_routes_rules() -> None:
+    from regproxy.config import AccessRule
+    from tests.unit.access.gates import route
+
+    hub = route(name="hub", path="hub", access=(AccessRule(("library/*",), ("anonymous",)),))
+    gate = make_gate(routes=[route(), hub])
+    answer = run(
+        gate, parse_ask(scopes("hub/library/alpine", "hub/acme/x", "public/y"), None, None)
+    )
+    assert granted(gate, answer) == {"hub/library/alpine", "public/y"}
