@@ -60,8 +60,7 @@ def read_htpasswd(path: str) -> dict[str, bytes]:
             # The kind only: a hash is a secret too.
             kind = "an MD5 (apr1)" if hashed.startswith(b"$apr1$") else "a non-bcrypt"
             raise ValueError(
-                f"{where}: user {_q(name)} has {kind} entry; only bcrypt is accepted"
-                " (htpasswd -B)"
+                f"{where}: user {_q(name)} has {kind} entry; only bcrypt is accepted (htpasswd -B)"
             )
         if name in users:
             raise ValueError(f"{where}: user {_q(name)} appears twice")

@@ -75,7 +75,7 @@ class ReloadTests(ProxyCase):
         self,
     ) -> None:
         self.reloader.prepare = self.root.gates
-        self.file.write_text(SECOND + '\n[auth]\n')
+        self.file.write_text(SECOND + "\n[auth]\n")
         self.assertTrue(self.reloader.reload())
         gate = self.root.gates(self.root.routing().table)
         self.assertIsNotNone(gate)
