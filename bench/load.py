@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,11 @@ def parse_wrk(output: str) -> dict[str, float]:
 
 
 def run_wrk(
-    url: str, connections: int, duration: float, accept: str = OCI_MANIFEST
+    url: str,
+    connections: int,
+    duration: float,
+    accept: str = OCI_MANIFEST,
+    headers: Sequence[str] = (),
 ) -> dict[str, float]:
     threads = min(2, connections)
     argv = [
@@ -197,6 +202,7 @@ def run_wrk(
         "10s",
         "-H",
         f"Accept: {accept}",
+        *(arg for header in headers for arg in ("-H", header)),
         url,
     ]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)

@@ -294,6 +294,10 @@ class AuthConfig:
     oidc: tuple[OIDCConfig, ...] = ()
     # Accept credentials over plain HTTP from anywhere (--insecure-auth).
     insecure: bool = False
+    # Read when the configuration is loaded (never at a request): user name -> bcrypt hash
+    # of the htpasswd file, and the token key's PEM. Secrets: never shown.
+    users: Mapping[str, bytes] = attrs.field(factory=dict, repr=False, eq=False)
+    token_key_pem: bytes | None = attrs.field(default=None, repr=False, eq=False)
 
 
 DEFAULT_SCRUB_INTERVAL = 86400.0

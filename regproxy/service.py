@@ -13,12 +13,13 @@ from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from .access.gate import Gates, IdentityIssuer
 from .cache.budget import OrphanBudget
 from .cache.download import Downloads
 from .cache.state import Cache
 from .cache.store import CacheStore, open_store
 from .cache.tail import RemoteDownloads, inotify_notifier
-from .config import Config, Route, Upstream
+from .config import Config, OIDCConfig, Route, Upstream
 from .routing.matching import RouteTable
 from .routing.snapshot import CurrentRouting, RoutingFactory
 from .server.cache_upkeep import CacheUpkeep
@@ -28,7 +29,7 @@ from .server.handoff import WorkerSpec
 from .server.listen import ALL_INTERFACES_WITH_CREDENTIALS, Listener
 from .server.reload import RoutesReloader
 from .server.signals import StopCleanlyOnSigterm
-from .server.startup import StartupReport, holds_credentials
+from .server.startup import StartupError, StartupReport, holds_credentials
 from .server.upstream_check import checks_upstreams, upstream_checks
 from .server.upstream_health import HealthReport, UpstreamHealthLog
 from .server.worker import WorkerRole
@@ -59,6 +60,7 @@ def build_root(
     http_for: Callable[[Route], HTTPClient] | None = None,
     follow_for: Callable[[Route], HTTPClient] | None = None,
     cache: Cache | None = None,
+    gates: Gates | None = None,
 ) -> Root:
     """The whole resource tree, wired to ``client`` (tests hand in an in-memory one).
 
@@ -83,7 +85,13 @@ def build_root(
         health=health,
         cache=cache,
     )
-    current = CurrentRouting(factory.build(RouteTable(config.routes)))
+    current = CurrentRouting(
+        factory.build(RouteTable(config.routes, auth=config.auth, limits=config.limits))
+    )
+    if gates is None:
+        gates = access_gates(config, clock, metrics, run_in_thread)
+    # Built now, so that a configuration that cannot be served fails at start-up.
+    gates(current().table)
 
     def browser_route(request: Request, path: str) -> tuple[Route, str] | None:
         host = request.requestHeaders.getRawHeaders(b"host", [b""])[0].decode("latin-1")
@@ -95,8 +103,9 @@ def build_root(
     root = Root(BrowserRedirect(browser_route, not config.disable_browser_redirects))
     root.routing = current
     root.routing_factory = factory
-    root.putChild(b"v2", RegistryAPI(current, base))
-    root.putChild(b"_token", TokenProxy(routing=current, public_base=base))
+    root.gates = gates
+    root.putChild(b"v2", RegistryAPI(current, base, gates))
+    root.putChild(b"_token", TokenProxy(routing=current, public_base=base, gates=gates))
     root.putChild(b"healthz", Health())
     root.putChild(b"readyz", Health(readiness))
     # With a metrics listener of its own, the public one keeps /metrics free.
@@ -104,6 +113,26 @@ def build_root(
         b"metrics", MetricsPage(metrics) if config.metrics_listen is None else NotFound()
     )
     return root
+
+
+def access_gates(
+    config: Config, clock: IReactorTime, metrics: Metrics, run_blocking: Any
+) -> Gates:
+    """The access state of each routing snapshot ([auth] and [limits] of the routes)."""
+    return Gates(
+        clock=clock.seconds,
+        run_blocking=run_blocking,
+        issuers_for=oidc_issuers,
+        insecure=config.auth is not None and config.auth.insecure,
+        count=metrics.authentication,
+    )
+
+
+def oidc_issuers(configs: Sequence[OIDCConfig]) -> dict[str, IdentityIssuer]:
+    """[[auth.oidc]] issuers: regproxy.access.oidc (wired when that module is in)."""
+    if configs:
+        raise StartupError("[[auth.oidc]] is not supported by this build yet")
+    return {}
 
 
 def client_factories(
@@ -253,7 +282,8 @@ def build_service(
         # runs, and a SIGTERM held since its start must reach that handler.
         # A routes file means SIGHUP reloads (RoutesReloader); otherwise the worker takes it.
         WorkerRole(worker, reactor, hangup=config.routes_file is None).attach(top)
-    credentials_held = holds_credentials(config)
+    # With [auth] the proxy decides who pulls: listening everywhere is what it is for.
+    credentials_held = holds_credentials(config) and config.auth is None
     for endpoint, description in listen_endpoints:
         Listener(
             option="--port",
@@ -294,7 +324,7 @@ def build_service(
         ).setServiceParent(top)
     if config.routes_file is not None:
         RoutesReloader(
-            config.routes_file, root.routing, root.routing_factory, reactor
+            config.routes_file, root.routing, root.routing_factory, reactor, root.gates
         ).setServiceParent(top)
     if checks_upstreams(worker):
         upstream_checks(root.routing, metrics, clock=reactor).setServiceParent(top)

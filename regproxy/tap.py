@@ -31,6 +31,7 @@ from .config import (
     Upstream,
 )
 from .routing.load import load_routes
+from .routing.load_access import access_options
 from .routing.matching import RouteTable
 from .server.cpus import worker_count
 from .server.handoff import WorkerSpec
@@ -75,6 +76,7 @@ class Options(usage.Options):
             "Answer 404 instead of sending browsers to the upstream's web pages (env "
             "DISABLE_BROWSER_REDIRECTS, any value).",
         ],
+        ["insecure-auth", None, "Accept credentials over plain HTTP (not only TLS/loopback)."],
         [
             "google-adc",
             None,
@@ -150,6 +152,13 @@ class Options(usage.Options):
             "Google service-account key file (env GOOGLE_APPLICATION_CREDENTIALS, which is taken "
             "only for a Google upstream).",
             _named("google-credentials", values.readable_file),
+        ],
+        [
+            "htpasswd",
+            None,
+            None,
+            "Only these users (htpasswd, bcrypt) may pull; the proxy issues their tokens.",
+            _named("htpasswd", values.readable_file),
         ],
         [
             "public-url",
@@ -376,6 +385,10 @@ class Options(usage.Options):
             self["disable-browser-redirects"] = True
         if not self["port"]:
             self["port"] = [environment.listen_description(self.environ)]
+        try:
+            self.auth = access_options(self, getattr(self.routes, "auth", None))
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from None
 
     def _route_options(self) -> None:
         """The one route of the flags and the original's environment variables."""
@@ -511,6 +524,8 @@ class Options(usage.Options):
             trusted_proxies=tuple(self["trusted-proxy"]),
             upstream_timeout=self["upstream-timeout"],
             idle_timeout=self["idle-timeout"],
+            auth=self.auth,
+            limits=getattr(self.routes, "limits", None),
         )
 
 
@@ -529,6 +544,7 @@ ROUTE_OPTIONS = (
     "google-adc",
     "google-json-key",
     "blob-redirects",
+    "htpasswd",
 )
 
 

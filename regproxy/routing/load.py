@@ -29,6 +29,7 @@ import attrs
 from ..config import BlobRedirects, ConfigError, Credentials, Route
 from ..protocol.reference import NAME_RE
 from . import values
+from .load_access import AccessTables
 from .matching import RouteTable, conflicts
 
 if sys.version_info >= (3, 11):
@@ -145,8 +146,11 @@ ROUTE_KEYS: dict[str, Key] = {
     "google_credentials": Key(str, values.readable_file, path=True),
     "google_json_key": Key(bool),
     "google_adc": Key(bool),
+    # Who may pull (with [auth]); load_access reads these two.
+    "pull": Key(list),
+    "access": Key(list),
 }
-TOP_LEVEL_KEYS = ("routes",)
+TOP_LEVEL_KEYS = ("routes", "auth", "limits")
 # The kinds of upstream credentials and the keys of each: a route chooses one kind.
 CREDENTIAL_KINDS = (
     ("username + password_file", ("username", "password_file")),
@@ -192,6 +196,7 @@ def parse_routes(data: Mapping[str, Any], base: str = ".") -> RouteTable:
         errors.append("routes must be [[routes]] tables")
         raise ConfigError(errors)
     errors.extend(_duplicate_names(tables))
+    access = AccessTables(data, base)
     routes, numbers = [], []
     for number, table in enumerate(tables, 1):
         name = table.get("name")
@@ -200,13 +205,15 @@ def parse_routes(data: Mapping[str, Any], base: str = ".") -> RouteTable:
         read = read_table(table, ROUTE_KEYS, base=base, errors=route_errors)
         route_errors.extend(_credential_errors(table))
         errors.extend(f"{label}: {error}" for error in route_errors)
+        rules = access.route_access(table, label, _glob_problem)
         if not route_errors:
-            routes.append(_route(read))
+            routes.append(attrs.evolve(_route(read), access=rules))
             numbers.append(number)
+    errors.extend(access.errors)
     if errors:
         # Report conflicts among the routes that are right too: one run shows everything.
         raise ConfigError(list(dict.fromkeys(errors + conflicts(routes, numbers))))
-    return RouteTable(tuple(routes))
+    return RouteTable(tuple(routes), auth=access.auth, limits=access.limits)
 
 
 def read_table(

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from ..config import ConfigError, Route
+from ..config import AuthConfig, ConfigError, LimitsConfig, Route
 from ..protocol.errors import OCIError
 from ..protocol.mount import Mount
 from ..protocol.scope import Scope, split_scopes
@@ -127,6 +127,9 @@ class RouteTable:
     """Every route of the running configuration, and the rule that picks one per request."""
 
     routes: tuple[Route, ...]
+    # The file's [auth] and [limits] (or --htpasswd): reloaded with the routes they govern.
+    auth: AuthConfig | None = attrs.field(default=None, kw_only=True)
+    limits: LimitsConfig | None = attrs.field(default=None, kw_only=True)
     _by_name: dict[str, Route] = attrs.field(init=False, eq=False, repr=False)
     _by_path: dict[str, Route] = attrs.field(init=False, eq=False, repr=False)
     _by_namespace: dict[str, Route] = attrs.field(init=False, eq=False, repr=False)

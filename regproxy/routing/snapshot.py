@@ -24,7 +24,12 @@ from ..config import Route
 from ..protocol.fetch import Fetcher
 from ..upstream.auth import UpstreamAuth
 from ..upstream.client import HealthObserver, UpstreamClient
-from ..upstream.credentials import RunInThread, credential_source
+from ..upstream.credentials import (
+    AnonymousTokens,
+    CredentialSource,
+    RunInThread,
+    credential_source,
+)
 from ..upstream.fetcher import UpstreamFetcher
 from ..upstream.realm import RealmCache
 from .matching import RouteTable
@@ -66,11 +71,16 @@ class RoutingFactory:
             health=self.health,
             per_route=clients,
         )
-        sources = {
+        sources: dict[str, CredentialSource] = {
             route.name: source
             for route in table.routes
             if (source := credential_source(route.credentials, self.run_in_thread)) is not None
         }
+        if table.auth is not None:
+            # Client credentials never go upstream with [auth]: the proxy fetches the
+            # anonymous tokens of routes that hold no credentials itself.
+            for route in table.routes:
+                sources.setdefault(route.name, AnonymousTokens())
         auth = UpstreamAuth(upstream=upstream, sources=sources, on_fetch=self.on_token_fetch)
         follow = {route.name: self.follow_for(route) for route in table.routes}
         fetcher: Fetcher = UpstreamFetcher(upstream=upstream, auth=auth, follow_http=follow)

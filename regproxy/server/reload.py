@@ -8,6 +8,7 @@ naming every problem, and the routes in force stay.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -15,6 +16,7 @@ from twisted.logger import Logger
 
 from ..config import ConfigError
 from ..routing.load import load_routes
+from ..routing.matching import RouteTable
 from ..routing.snapshot import CurrentRouting, RoutingFactory
 
 
@@ -22,12 +24,20 @@ class RoutesReloader(Service):
     log = Logger()
 
     def __init__(
-        self, path: str, current: CurrentRouting, factory: RoutingFactory, reactor: Any
+        self,
+        path: str,
+        current: CurrentRouting,
+        factory: RoutingFactory,
+        reactor: Any,
+        prepare: Callable[[RouteTable], object] = lambda table: None,
     ) -> None:
         self.path = path
         self.current = current
         self.factory = factory
         self.reactor = reactor
+        # Builds what else a table needs before it is in force (the access state): a
+        # table it cannot serve is refused like one that does not load.
+        self.prepare = prepare
         self._previous: Any = None
 
     def startService(self) -> None:
@@ -55,5 +65,15 @@ class RoutesReloader(Service):
                 errors="; ".join(error.errors),
             )
             return False
-        self.current.swap(self.factory.build(table))
+        routing = self.factory.build(table)
+        try:
+            self.prepare(table)
+        except Exception as error:
+            self.log.error(
+                "reload of {path} refused, the routes in force stay: {error}",
+                path=self.path,
+                error=str(error) or type(error).__name__,
+            )
+            return False
+        self.current.swap(routing)
         return True

@@ -80,5 +80,16 @@ class StartupReport(Service):
                 upstream=route.upstream.origin,
                 prefix=route.prefix,
             )
+        auth = self.config.auth
+        if auth is not None:
+            self.log.info(
+                "access control: {users} users, {groups} groups, {issuers} OIDC issuers;"
+                " clients get their tokens from this proxy (/_token); credentials over plain"
+                " HTTP {plain}",
+                users=len(auth.users),
+                groups=len(auth.groups),
+                issuers=len(auth.oidc),
+                plain="accepted (--insecure-auth)" if auth.insecure else "refused",
+            )
         for warning in self.warnings:
             self.log.warn("{line}", line=warning)

@@ -22,7 +22,7 @@ from ..protocol import challenge
 from ..protocol.errors import OCIError
 from ..protocol.headers import user_agent
 from .client import UpstreamClient, UpstreamFailure
-from .credentials import CredentialSource
+from .credentials import AnonymousTokens, CredentialSource
 from .realm import credential_may_go_to
 from .singleflight import SingleFlight
 
@@ -106,9 +106,12 @@ class UpstreamAuth:
                     return item
                 self._refuse_realm(route, realm)
         for item in challenges:
-            if item.scheme.lower() == "basic":
+            if item.scheme.lower() == "basic" and not self._anonymous(route):
                 return item
         return None
+
+    def _anonymous(self, route: Route) -> bool:
+        return isinstance(self._sources.get(route.name), AnonymousTokens)
 
     def _refuse_realm(self, route: Route, realm: str) -> None:
         host = urlsplit(realm).hostname or "?"
@@ -163,12 +166,10 @@ class UpstreamAuth:
         if scope:
             params.append(("scope", scope))
         url = realm + (("&" if "?" in realm else "?") + urlencode(params) if params else "")
-        headers = Headers(
-            {
-                b"authorization": [await self._credential(route, source)],
-                b"user-agent": [user_agent(b"-")],
-            }
-        )
+        headers = Headers({b"user-agent": [user_agent(b"-")]})
+        credential = await self._credential(route, source)
+        if credential:  # none for AnonymousTokens
+            headers.setRawHeaders(b"authorization", [credential])
         try:
             response, body = await self._upstream.fetch(
                 "GET", url, headers=headers, route=route.name, limit=MAX_TOKEN_RESPONSE

@@ -57,6 +57,17 @@ class BasicCredentials:
         return self._header
 
 
+class AnonymousTokens:
+    """No credentials, yet the proxy answers the upstream's token challenges itself: with
+    access control ([auth]) the client's credentials are the proxy's own and never go
+    upstream, so the anonymous token dance is the proxy's to do."""
+
+    description = "anonymous token requests"
+
+    async def authorization(self) -> bytes:
+        return b""
+
+
 class GoogleAccessTokens:
     """Google OAuth2 access tokens, sent as ``oauth2accesstoken`` basic credentials.
 

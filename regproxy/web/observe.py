@@ -86,6 +86,19 @@ class Metrics:
             ("route", "outcome"),
             registry=self.registry,
         )
+        self.authentications = Counter(
+            "regproxy_authentications",
+            "Authentications with [auth], by result: ok, failed, throttled, plain_http, "
+            "invalid_token.",
+            ("result",),
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "regproxy_rate_limited",
+            "Manifest requests refused with 429 by [limits].",
+            ("route",),
+            registry=self.registry,
+        )
         self._children: dict[tuple[str, str, str, int], tuple[Any, Any, Any, Any]] = {}
         self._outcomes: dict[tuple[str, str], Any] = {}
         self.upstream_up = Gauge(
@@ -116,6 +129,9 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemostrecent",
         )
+
+    def authentication(self, result: str) -> None:
+        self.authentications.labels(result).inc()
 
     def cache_outcome(self, route: str, outcome: str) -> None:
         # Labelled children looked up once: resolving labels costs more than counting.

@@ -26,6 +26,8 @@ class RequestRecord:
     error_kind: str | None = None
     # With a cache: hit, miss, coalesced, stale or bypass.
     cache: str | None = None
+    # With [auth]: the principal admitted (a user, <oidc name>:<subject>); None: anonymous.
+    user: str | None = None
 
     def took(self, answer: Answer) -> None:
         """The answer being written: how it was obtained."""

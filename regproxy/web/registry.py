@@ -14,15 +14,19 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from ..access.admission import admit
+from ..access.gate import Gate, Gates, Verdict
 from ..protocol.errors import OCIError
 from ..protocol.fetch import RegistryRequest
 from ..protocol.reference import Kind, parse_v2_path
 from ..routing.matching import MatchedBy, RouteMatch, RouteTable, unknown_name
 from .answer import abort_client, write_answer
+from .clients import client_of
 from .record import record_of
 from .respond import API_VERSION, API_VERSION_HEADER, write_body, write_error
 
 if TYPE_CHECKING:
+    from ..config import Route
     from ..routing.snapshot import Routing
 
 # The service the proxy names in its own challenge; /_token replaces it with the upstream's.
@@ -86,6 +90,16 @@ def proxy_answers_pings(table: RouteTable) -> bool:
     return table.default is None or any(route.path for route in table.routes)
 
 
+def authorization_of(request: Request) -> bytes | None:
+    values = request.requestHeaders.getRawHeaders(b"authorization")
+    return values[0] if values else None
+
+
+def service_of(base: str) -> str:
+    """The proxy's own token service name: its public host (and port), as clients reach it."""
+    return base.partition("://")[2]
+
+
 def namespace_of(request: Request) -> str | None:
     """containerd's ``?ns=`` (the registry a mirror request is for), if any."""
     query = request.uri.partition(b"?")[2]
@@ -104,11 +118,16 @@ class RegistryAPI(Resource):
     log = Logger()
 
     def __init__(
-        self, routing: Callable[[], Routing], public_base: Callable[[Request], str]
+        self,
+        routing: Callable[[], Routing],
+        public_base: Callable[[Request], str],
+        gates: Gates | None = None,
     ) -> None:
         super().__init__()
         self.routing = routing
         self.public_base = public_base
+        # Access control and rate limits, when the configuration has [auth] or [limits].
+        self.gates = gates
 
     def render(self, request: Request) -> int | bytes:
         request.defaultContentType = None
@@ -125,12 +144,19 @@ class RegistryAPI(Resource):
             record.endpoint = ENDPOINTS[target.kind]
             host = request.requestHeaders.getRawHeaders(b"host", [b""])[0].decode("latin-1")
             match = routing.table.match(host, namespace_of(request), target.name or None)
+            gate = self.gates(routing.table) if self.gates is not None else None
+            if target.kind is Kind.BASE and gate is not None and gate.authenticates:
+                self._own_ping(request, gate)
+                return NOT_DONE_YET
             if target.kind is Kind.BASE and self._answers_ping(routing, match):
                 self._ping(request)
                 return NOT_DONE_YET
             if match is None or not match.allowed:
                 # A repository no route serves and one the allow-list hides look alike.
                 raise unknown_name(target.name)
+            principal = None
+            if gate is not None:
+                principal = self._admit(request, gate, match.route, match.name, target.name)
         except OCIError as error:
             write_error(request, error)
             return NOT_DONE_YET
@@ -147,8 +173,27 @@ class RegistryAPI(Resource):
             base_url=lambda: self.public_base(request),
         )
         fetcher = routing.fetcher
+        rate = None
+        if (
+            gate is not None
+            and gate.limiter is not None
+            and target.kind is Kind.MANIFEST
+            and request.method == b"GET"
+        ):
+            rate = gate.rate(principal, client_of(request).address)
 
         async def answer() -> None:
+            if rate is not None and gate is not None and gate.limiter is not None:
+                verdict: Verdict = await gate.limiter.take(*rate)
+                if not verdict.allowed:
+                    raise OCIError(
+                        "TOOMANYREQUESTS",
+                        "too many manifest requests; see Retry-After",
+                        headers=tuple(verdict.headers()),
+                        kind="rate_limited",
+                    )
+                for name, value in verdict.headers():
+                    request.responseHeaders.setRawHeaders(name, [value])
             await write_answer(request, await fetcher.fetch(asked))
 
         return run_async(request, answer, self.log)
@@ -165,6 +210,46 @@ class RegistryAPI(Resource):
         return match is None or (
             proxy_answers_pings(routing.table) and match.by is MatchedBy.DEFAULT
         )
+
+    def _admit(
+        self, request: Request, gate: Gate, route: Route, name: str, client_name: str
+    ) -> str:
+        """Who is asking, if the rules admit them (else the OCIError to answer)."""
+        record = record_of(request)
+        authorization = authorization_of(request)
+        base = self.public_base(request)
+        admitted = admit(
+            gate,
+            route=route,
+            name=name,
+            client_name=client_name,
+            authorization=authorization,
+            client=client_of(request),
+            realm=base + "/_token",
+            service=service_of(base),
+        )
+        record.user = admitted.principal or None
+        if authorization is not None and gate.authenticates:
+            # The client's credentials are the proxy's own tokens: they never go upstream,
+            # where the route's own credentials (or none) are used.
+            request.requestHeaders.removeHeader(b"authorization")
+        return admitted.principal
+
+    def _own_ping(self, request: Request, gate: Gate) -> None:
+        """``/v2/`` with [auth]: the proxy is the registry its clients authenticate to."""
+        base = self.public_base(request)
+        admitted = admit(
+            gate,
+            route=None,
+            name="",
+            client_name="",
+            authorization=authorization_of(request),
+            client=client_of(request),
+            realm=base + "/_token",
+            service=service_of(base),
+        )
+        record_of(request).user = admitted.principal or None
+        write_body(request, 200, b"{}", b"application/json; charset=utf-8")
 
     def _ping(self, request: Request) -> None:
         realm = self.public_base(request) + "/_token"

@@ -11,6 +11,7 @@ from ..protocol.errors import OCIError
 from .respond import write_error
 
 if TYPE_CHECKING:
+    from ..access.gate import Gates
     from ..routing.snapshot import CurrentRouting, RoutingFactory
 
 
@@ -20,6 +21,8 @@ class Root(Resource):
     # The routing in force and how to build another (a reload); set by the service.
     routing: CurrentRouting
     routing_factory: RoutingFactory
+    # The access state of each routing snapshot ([auth], [limits]).
+    gates: Gates
 
     def __init__(self, fallback: Resource) -> None:
         super().__init__()

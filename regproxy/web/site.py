@@ -34,10 +34,13 @@ ACCESS_FIELDS = (
     "error_kind",
     "complete",
     "cache",
+    "user",
 )
 ACCESS_FIELDS_WORKER = (*ACCESS_FIELDS, "worker")
 # Error kinds that are the client's doing (see regproxy.upstream.body and run_async).
 CLIENT_KINDS = frozenset({"client_gone", "client_stalled"})
+# The error kind of a manifest request refused by [limits] (regproxy.web.registry).
+RATE_LIMITED = "rate_limited"
 CONNECTION_DONE = Failure(ConnectionDone())
 # Seconds a client connection may stay silent between requests (nginx's keepalive_timeout
 # is 75, its client_header_timeout 60); --idle-timeout sets it.
@@ -176,6 +179,9 @@ class ProxyRequest(Request):
         upstream_error = exchange.error_kind
         if upstream_error in CLIENT_KINDS:
             upstream_error = None  # the client's doing, not the upstream's
+        elif upstream_error == RATE_LIMITED:
+            metrics.rate_limited.labels(exchange.route or "none").inc()
+            upstream_error = None  # [limits] refused it; the upstream was not asked
         # 499 only when the client closed first; when the proxy cut the connection because
         # the upstream failed mid-body, the event keeps the status that was sent.
         status = self.code if result is None or upstream_error is not None else 499
@@ -205,6 +211,8 @@ class ProxyRequest(Request):
         failure = f" error={exchange.error_kind}" if exchange.error_kind else ""
         if exchange.cache:
             failure += f" cache={exchange.cache}"
+        if exchange.user:
+            failure += f" user={exchange.user}"
         # --workers: which worker answered (absent in a single process).
         extra = {} if site.worker is None else {"worker": site.worker}
         worker = "" if site.worker is None else f" worker={site.worker}"
@@ -227,6 +235,8 @@ class ProxyRequest(Request):
             error_kind=exchange.error_kind,
             complete=result is None,
             cache=exchange.cache,
+            # The principal with [auth] (never a password or a token).
+            user=exchange.user,
             # Every field above is a plain JSON value: the JSON observer takes them as they
             # are instead of sorting through the whole event (a few per cent of a hit's CPU).
             plain_fields=ACCESS_FIELDS if site.worker is None else ACCESS_FIELDS_WORKER,

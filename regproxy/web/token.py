@@ -1,4 +1,5 @@
-"""``/_token``: the client's token request, forwarded to the upstream realm with every
+"""``/_token``: with [auth], the proxy's own token service (``regproxy.access.token_service``);
+otherwise the client's token request, forwarded to the upstream realm with every
 repository scope rewritten to the upstream's (prefixed) name, pull only."""
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from ..access.gate import Gate, Gates
+from ..access.token_service import issue, parse_ask
 from ..protocol.errors import OCIError
 from ..protocol.headers import user_agent
 from ..protocol.mount import Mount
 from ..protocol.rewrite import ResponseRewriter
 from ..upstream.fetcher import Exchanged, answer_of, send
 from .answer import write_answer
+from .clients import client_of
+from .public import request_host
 from .record import record_of
-from .registry import PROXY_SERVICE, proxy_answers_pings, run_async
+from .registry import PROXY_SERVICE, authorization_of, proxy_answers_pings, run_async, service_of
 from .respond import write_body, write_error
 
 if TYPE_CHECKING:
@@ -69,10 +74,12 @@ class TokenProxy(Resource):
         *,
         routing: Callable[[], Routing],
         public_base: Callable[[Request], str],
+        gates: Gates | None = None,
     ) -> None:
         super().__init__()
         self.routing = routing
         self.public_base = public_base
+        self.gates = gates
 
     def render(self, request: Request) -> int:
         request.defaultContentType = None
@@ -84,6 +91,9 @@ class TokenProxy(Resource):
             )
             return NOT_DONE_YET
         routing = self.routing()
+        gate = self.gates(routing.table) if self.gates is not None else None
+        if gate is not None and gate.authenticates:
+            return self._own_token(request, gate)
         try:
             query, form = self._parameters(request)
             rest = request.path.partition(b"/_token")[2].decode("ascii")
@@ -100,6 +110,33 @@ class TokenProxy(Resource):
         return run_async(
             request, lambda: self._token(request, routing, mount, query, form), self.log
         )
+
+    def _own_token(self, request: Request, gate: Gate) -> int:
+        """[auth]: the proxy signs the token itself, for what the rules admit."""
+        record = record_of(request)
+        try:
+            query, form = self._parameters(request)
+            ask = parse_ask(query, form, authorization_of(request))
+        except (UnicodeDecodeError, OCIError) as error:
+            if not isinstance(error, OCIError):
+                error = OCIError("REQUEST_INVALID", "malformed token request")
+            write_error(request, error, allow=b"GET, POST")
+            return NOT_DONE_YET
+        base = self.public_base(request)
+
+        async def answer() -> None:
+            issued = await issue(
+                gate,
+                ask,
+                client=client_of(request),
+                host=request_host(request),
+                service=service_of(base),
+            )
+            record.user = issued.principal or None
+            request.setHeader(b"cache-control", b"no-store")
+            write_body(request, 200, issued.body, b"application/json")
+
+        return run_async(request, answer, self.log)
 
     @staticmethod
     def _parameters(

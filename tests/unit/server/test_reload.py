@@ -62,6 +62,26 @@ class ReloadTests(ProxyCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
+    def test_a_table_whose_access_state_cannot_be_built_is_refused(self) -> None:
+        def refuse(table: Any) -> None:
+            raise ValueError("the limiter's store is unreachable")
+
+        self.reloader.prepare = refuse
+        self.file.write_text(SECOND)
+        self.assertFalse(self.reloader.reload())
+        self.assertEqual([r.name for r in self.root.routing().table.routes], ["one"])
+
+    def test_the_access_state_of_a_reloaded_table_is_built_before_it_is_in_force(
+        self,
+    ) -> None:
+        self.reloader.prepare = self.root.gates
+        self.file.write_text(SECOND + "\n[auth]\n")
+        self.assertTrue(self.reloader.reload())
+        gate = self.root.gates(self.root.routing().table)
+        self.assertIsNotNone(gate)
+        assert gate is not None
+        self.assertTrue(gate.authenticates)
+
     def test_a_reload_adds_a_route_for_new_requests(self) -> None:
         self.registry.on("/v2/app/manifests/v1", Answer(200, {}, b"{}"))
         self.assertEqual(self.get("/v2/two/app/manifests/v1").status, 404)  # no such repo yet

@@ -41,3 +41,25 @@ def test_a_route_that_opts_out_of_the_cache_says_so() -> None:
     kept, passed = route_lines(config)
     assert kept.startswith("route kept:") and kept.endswith("cache on")
     assert passed.startswith("route passed:") and passed.endswith("cache off")
+
+
+def report_lines(config: Config) -> list[str]:
+    events: list[dict[str, Any]] = []
+    report = StartupReport(config)
+    report.log = Logger(observer=events.append)
+    report.startService()
+    return [formatEvent(event) for event in events]
+
+
+def test_access_control_is_reported_without_a_secret() -> None:
+    from regproxy.config import AuthConfig
+
+    auth = AuthConfig(users={"alice": b"$2b$04$secret-hash"}, groups={"ops": ("alice",)})
+    lines = report_lines(Config(routes=(Route(UPSTREAM),), auth=auth))
+    [line] = [line for line in lines if line.startswith("access control:")]
+    assert line.startswith("access control: 1 users, 1 groups, 0 OIDC issuers;")
+    assert line.endswith("credentials over plain HTTP refused")
+    assert "secret-hash" not in "".join(lines)
+    assert not [
+        line for line in report_lines(Config(routes=(Route(UPSTREAM),))) if "access" in line
+    ]
