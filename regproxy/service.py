@@ -14,6 +14,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from .access.gate import Gates, IdentityIssuer
+from .access.limits import LoginThrottle, build_limiter
+from .access.oidc import oidc_verifiers
 from .cache.budget import OrphanBudget
 from .cache.download import Downloads
 from .cache.state import Cache
@@ -29,7 +31,7 @@ from .server.handoff import WorkerSpec
 from .server.listen import ALL_INTERFACES_WITH_CREDENTIALS, Listener
 from .server.reload import RoutesReloader
 from .server.signals import StopCleanlyOnSigterm
-from .server.startup import StartupError, StartupReport, holds_credentials
+from .server.startup import StartupReport, holds_credentials
 from .server.upstream_check import checks_upstreams, upstream_checks
 from .server.upstream_health import HealthReport, UpstreamHealthLog
 from .server.worker import WorkerRole
@@ -61,6 +63,8 @@ def build_root(
     follow_for: Callable[[Route], HTTPClient] | None = None,
     cache: Cache | None = None,
     gates: Gates | None = None,
+    shared_directory: str | None = None,
+    pool: UpstreamPool | None = None,
 ) -> Root:
     """The whole resource tree, wired to ``client`` (tests hand in an in-memory one).
 
@@ -89,7 +93,9 @@ def build_root(
         factory.build(RouteTable(config.routes, auth=config.auth, limits=config.limits))
     )
     if gates is None:
-        gates = access_gates(config, clock, metrics, run_in_thread)
+        gates = access_gates(
+            config, clock, metrics, run_in_thread, shared_directory=shared_directory, pool=pool
+        )
     # Built now, so that a configuration that cannot be served fails at start-up.
     gates(current().table)
 
@@ -116,23 +122,45 @@ def build_root(
 
 
 def access_gates(
-    config: Config, clock: IReactorTime, metrics: Metrics, run_blocking: Any
+    config: Config,
+    reactor: Any,
+    metrics: Metrics,
+    run_blocking: Any,
+    *,
+    shared_directory: str | None = None,
+    pool: UpstreamPool | None = None,
 ) -> Gates:
-    """The access state of each routing snapshot ([auth] and [limits] of the routes)."""
+    """The access state of each routing snapshot ([auth] and [limits] of the routes).
+
+    ``shared_directory`` is the one the workers of a supervisor share: their rate-limit
+    counts are kept there, so the limits hold for the proxy as a whole.
+    """
     return Gates(
-        clock=clock.seconds,
+        clock=reactor.seconds,
         run_blocking=run_blocking,
-        issuers_for=oidc_issuers,
+        issuers_for=OIDCIssuers(reactor, pool),
+        throttle=LoginThrottle(reactor),
+        limiter_for=lambda limits: build_limiter(limits, reactor, shared_directory),
         insecure=config.auth is not None and config.auth.insecure,
         count=metrics.authentication,
     )
 
 
-def oidc_issuers(configs: Sequence[OIDCConfig]) -> dict[str, IdentityIssuer]:
-    """[[auth.oidc]] issuers: regproxy.access.oidc (wired when that module is in)."""
-    if configs:
-        raise StartupError("[[auth.oidc]] is not supported by this build yet")
-    return {}
+class OIDCIssuers:
+    """[[auth.oidc]] verifiers, one per provider configuration for the process's life, so
+    a reload that keeps a provider keeps its cached keys."""
+
+    def __init__(self, reactor: Any, pool: UpstreamPool | None) -> None:
+        self._reactor = reactor
+        self._pool = pool
+        self._verifiers: dict[OIDCConfig, IdentityIssuer] = {}
+
+    def __call__(self, configs: Sequence[OIDCConfig]) -> dict[str, IdentityIssuer]:
+        for config in configs:
+            if config not in self._verifiers:
+                made = oidc_verifiers([config], self._reactor, pool=self._pool)
+                self._verifiers[config] = made[config.name]
+        return {config.name: self._verifiers[config] for config in configs}
 
 
 def client_factories(
@@ -251,6 +279,8 @@ def build_service(
         health=HealthReport(health_log, upstream_of),
         cache=cache,
         run_in_thread=thread_pool,
+        shared_directory=(worker.runtime_dir or None) if worker is not None else None,
+        pool=pool,
     )
     routing.append(root.routing)
     site = ProxySite(
