@@ -189,7 +189,9 @@ def test_the_101st_manifest_get_across_two_workers_is_refused(
         for connection in connections:
             connection.close()
     by_worker = eventually(
-        lambda: (counts := manifest_gets_by_worker(proxy)) and sum(counts.values()) == 105 and counts,
+        lambda: (
+            (counts := manifest_gets_by_worker(proxy)) and sum(counts.values()) == 105 and counts
+        ),
         10,
         what="the access log of every manifest GET",
     )

@@ -191,6 +191,8 @@ def test_the_subject_opens_no_other_repository(
     assert isinstance(good, str)
     assert manifest_status(proxy, good, ALLOWED)[0] == 200
     assert manifest_status(proxy, good, OTHER)[0] == 403
+    # The access log names the principal refused, as it does the one admitted.
+    assert f"github:{SUBJECT_A}" in access_users(proxy, OTHER)
 
 
 def test_the_subject_glob_is_not_a_prefix(

@@ -44,10 +44,10 @@ if __name__ == "__main__":
     raise SystemExit(0)
 
 
-import signal as _signal  # noqa: E402
+import signal as _signal
 
-from .proxy import RegproxyProcess  # noqa: E402
-from .waiting import eventually  # noqa: E402
+from .proxy import RegproxyProcess
+from .waiting import eventually
 
 
 class ShiftedProxy(RegproxyProcess):
