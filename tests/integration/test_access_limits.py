@@ -11,6 +11,7 @@ tests/integration/test_workers.py does), alternating, so both workers count for 
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import socket
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tests.support.images import OCI_MANIFEST, push
 from tests.support.proxy import RegproxyProcess
 from tests.support.redis import RedisServer
-from tests.support.registry import RegistryServer
+from tests.support.registry import RegistryServer, write_htpasswd
 from tests.support.seed import StandardImages
 from tests.support.waiting import eventually
 
@@ -99,8 +100,13 @@ class Answer:
         return str(json.loads(self.body)["errors"][0]["code"])
 
 
-def ask(connection: http.client.HTTPConnection, method: str, path: str) -> Answer:
-    connection.request(method, path, headers={"Accept": OCI_MANIFEST})
+def ask(
+    connection: http.client.HTTPConnection, method: str, path: str, token: str | None = None
+) -> Answer:
+    headers = {"Accept": OCI_MANIFEST}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    connection.request(method, path, headers=headers)
     return Answer(connection.getresponse())
 
 
@@ -275,3 +281,49 @@ def test_two_proxies_sharing_redis_hold_one_limit_and_survive_its_loss(
     for proxy in proxies:
         proxy.stop()
         assert PASSWORD not in proxy.log_text()
+
+
+def test_users_are_counted_per_principal_apart_from_their_address(
+    start_proxy, registry: RegistryServer, image: tuple[str, str], tmp_path: Path
+) -> None:
+    """``users`` counts each principal, whatever address it comes from; the anonymous count
+    of that address is another."""
+    users = {"erin": "erin-Limits-Secret-5", "frank": "frank-Limits-Secret-6"}
+    write_htpasswd(tmp_path / "users.htpasswd", users)
+    config = routes(tmp_path, registry.url, 4, auth=True)
+    config.write_text(
+        config.read_text()
+        .replace("[limits]\n", '[limits]\nusers = "2/1h"\n')
+        .replace("[auth]\n", '[auth]\nhtpasswd = "users.htpasswd"\n')
+    )
+    proxy = start_proxy(["--config", str(config)])
+    manifest = f"/v2/{NAME}/manifests/v1"
+    connection = fresh(proxy)
+    try:
+        tokens = {user: token_of(connection, user, password) for user, password in users.items()}
+        for user in users:
+            for remaining in (1, 0):
+                answer = ask(connection, "GET", manifest, tokens[user])
+                assert answer.status == 200, answer.body
+                assert answer.header("RateLimit-Limit") == "2;w=3600"
+                assert answer.header("RateLimit-Remaining") == f"{remaining};w=3600"
+            refused = ask(connection, "GET", manifest, tokens[user])
+            assert refused.status == 429 and refused.code == "TOOMANYREQUESTS"
+            assert 0 < int(refused.header("Retry-After") or "0") <= 3600
+        # The same address without credentials has its own, untouched count.
+        assert_counted(ask(connection, "GET", manifest), 4, 3)
+    finally:
+        connection.close()
+
+
+def token_of(connection: http.client.HTTPConnection, user: str, password: str) -> str:
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    connection.request(
+        "GET",
+        f"/_token?scope=repository:{NAME}:pull",
+        headers={"Authorization": f"Basic {basic}"},
+    )
+    answer = Answer(connection.getresponse())
+    assert answer.status == 200, answer.body
+    token: str = json.loads(answer.body)["token"]
+    return token
