@@ -35,6 +35,14 @@ PLAIN_HTTP = (
 
 
 @attrs.frozen
+class Denied(OCIError):
+    """``403 DENIED``: credentials the rules do not admit. ``principal`` names them for the
+    access log (who was refused what), never for the client."""
+
+    principal: str = attrs.field(default="", eq=False)
+
+
+@attrs.frozen
 class Admitted:
     """Who is asking; ``principal`` is "" for anonymous."""
 
@@ -98,7 +106,12 @@ def admit(
         raise refusal(realm, service, scope, "token lacks this repository", "insufficient_scope")
     if principal is None or principal == ANONYMOUS:
         raise refusal(realm, service, scope, "authentication required")
-    raise OCIError("DENIED", "access to this repository is denied", {"name": client_name[:300]})
+    raise Denied(
+        "DENIED",
+        "access to this repository is denied",
+        {"name": client_name[:300]},
+        principal=principal,
+    )
 
 
 def _principal(

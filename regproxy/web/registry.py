@@ -14,7 +14,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ..access.admission import admit
+from ..access.admission import Denied, admit
 from ..access.gate import Gate, Gates, Verdict
 from ..protocol.errors import OCIError
 from ..protocol.fetch import RegistryRequest
@@ -218,16 +218,21 @@ class RegistryAPI(Resource):
         record = record_of(request)
         authorization = authorization_of(request)
         base = self.public_base(request)
-        admitted = admit(
-            gate,
-            route=route,
-            name=name,
-            client_name=client_name,
-            authorization=authorization,
-            client=client_of(request),
-            realm=base + "/_token",
-            service=service_of(base),
-        )
+        try:
+            admitted = admit(
+                gate,
+                route=route,
+                name=name,
+                client_name=client_name,
+                authorization=authorization,
+                client=client_of(request),
+                realm=base + "/_token",
+                service=service_of(base),
+            )
+        except Denied as denied:
+            # Who was refused is what an operator looks for in the access log.
+            record.user = denied.principal or None
+            raise
         record.user = admitted.principal or None
         if authorization is not None and gate.authenticates:
             # The client's credentials are the proxy's own tokens: they never go upstream,

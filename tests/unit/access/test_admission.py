@@ -7,7 +7,7 @@ from typing import Any
 import attrs
 import pytest
 
-from regproxy.access.admission import admit
+from regproxy.access.admission import Denied, admit
 from regproxy.access.gate import Client, Gate
 from regproxy.access.tokens import TokenKey, access_claims
 from regproxy.config import AccessRule, AuthConfig
@@ -91,6 +91,9 @@ def test_credentials_the_rules_do_not_admit_are_a_403() -> None:
     gate = make_gate()
     error = refused(gate, "team-a/app", token(gate, "carol", "team-a/app"))
     assert (error.status, error.code) == (403, "DENIED")
+    # Named for the access log (who was refused), not in the body the client sees.
+    assert isinstance(error, Denied) and error.principal == "carol"
+    assert b"carol" not in error.body()
 
 
 def test_an_anonymous_token_for_a_closed_repository_is_a_401() -> None:
