@@ -137,3 +137,13 @@ def byte_limit(text: str) -> int:
 
 
 byte_limit.coerceDoc = "A size such as 1G, 500M or 1048576 (bytes), or 0."  # type: ignore[attr-defined]
+
+
+def store_location(text: str) -> str:
+    """An object store location, ``s3://BUCKET/PREFIX`` (normalised)."""
+    from .cache.s3.settings import StoreLocation
+
+    return str(StoreLocation.parse(text.strip()))
+
+
+store_location.coerceDoc = "An s3://BUCKET/PREFIX location."  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -225,6 +226,16 @@ class Options(usage.Options):
             _named("cache-dir", values.cache_directory),
         ],
         [
+            "cache-store",
+            None,
+            None,
+            "Keep the cache in an S3-compatible object store shared by every replica, "
+            "s3://BUCKET/PREFIX (also cache_store in the routes file); endpoint and "
+            "credentials from the AWS variables and files. --cache-dir is then a local tier "
+            "in front (default: a temporary directory).",
+            _named("cache-store", values.store_location),
+        ],
+        [
             "cache-max-size",
             None,
             None,
@@ -367,7 +378,9 @@ class Options(usage.Options):
         else:
             self._route_options()
         environment.fill(self, self.environ, environment.SERVER)
-        if self["cache-max-size"] is not None and self["cache-dir"] is None:
+        if self["cache-store"] is None and self.routes is not None:
+            self["cache-store"] = self.routes.cache_store
+        if self["cache-max-size"] is not None and self["cache-dir"] is self["cache-store"] is None:
             raise usage.UsageError("--cache-max-size goes with --cache-dir")
         if self["workers"] is None:
             self["workers"] = 1
@@ -482,10 +495,15 @@ class Options(usage.Options):
         return self._server_config((route,))
 
     def _cache_config(self) -> CacheConfig | None:
-        directory = self["cache-dir"]
+        directory, store = self["cache-dir"], self["cache-store"]
+        if directory is None and store is not None:
+            # The local tier objects in flight pass through (and hot ones stay in).
+            directory = tempfile.mkdtemp(prefix="regproxy-tier-")
         if directory is None:
             return None
         return CacheConfig(
+            store=store,
+            lease_ttl=float(self.environ.get("REGPROXY_CACHE_LEASE_TTL", "30")),
             directory=directory,
             max_size=self["cache-max-size"] or default_max_size(directory),
             stale_max_age=self["cache-stale-max-age"],

@@ -51,7 +51,7 @@ ROUTE_KEYS = (
     "google_json_key",
     "google_adc",
 )
-TOP_LEVEL_KEYS = ("routes",)
+TOP_LEVEL_KEYS = ("routes", "cache_store")
 
 
 def load_routes(path: str | os.PathLike[str]) -> RouteTable:
@@ -98,7 +98,10 @@ def parse_routes(data: Mapping[str, Any], base: str = ".") -> RouteTable:
     if errors:
         # Report conflicts among the routes that are right too: one run shows everything.
         raise ConfigError(list(dict.fromkeys(errors + conflicts(routes, numbers))))
-    return RouteTable(tuple(routes))
+    store = data.get("cache_store")
+    if store is not None and not (isinstance(store, str) and store.startswith("s3://")):
+        raise ConfigError([f"cache_store must be a string s3://BUCKET/PREFIX, not {store!r}"])
+    return RouteTable(tuple(routes), cache_store=store)
 
 
 def _duplicate_names(tables: list[dict[str, Any]]) -> list[str]:
@@ -330,7 +333,7 @@ def _check_namespace(text: str) -> str | None:
 
 def _check_blob_redirects(text: str) -> str | None:
     if text not in {mode.value for mode in BlobRedirects}:
-        return f'{_q(text)}: use "pass" or "follow"'
+        return f'{_q(text)}: use "pass", "follow" or "store"'
     return None
 
 

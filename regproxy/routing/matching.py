@@ -127,6 +127,7 @@ class RouteTable:
     """Every route of the running configuration, and the rule that picks one per request."""
 
     routes: tuple[Route, ...]
+    cache_store: str | None = attrs.field(default=None, kw_only=True)  # top-level cache_store
     _by_name: dict[str, Route] = attrs.field(init=False, eq=False, repr=False)
     _by_path: dict[str, Route] = attrs.field(init=False, eq=False, repr=False)
     _by_namespace: dict[str, Route] = attrs.field(init=False, eq=False, repr=False)

@@ -173,7 +173,7 @@ class S3Client:
             raise StoreUnreachable(f"{method} {key}: {error!r}") from error
         return response
 
-    async def _read(self, response: IResponse) -> bytes:
+    async def read_body(self, response: IResponse) -> bytes:
         length = response.length
         if isinstance(length, int) and length > SMALL_LIMIT:
             response.deliverBody(Abandon())
@@ -186,7 +186,7 @@ class S3Client:
 
     async def _check(self, response: IResponse, *ok: int) -> bytes:
         """The body of an answer with one of the ``ok`` statuses; raises otherwise."""
-        data = await self._read(response)
+        data = await self.read_body(response)
         if response.code in ok:
             return data
         raise self._error(response.code, data)
@@ -217,7 +217,7 @@ class S3Client:
         response = await self.request("GET", key, headers=headers)
         if response.code in (200, 206):
             return response
-        data = await self._read(response)
+        data = await self.read_body(response)
         if response.code == 404:
             return None
         raise self._error(response.code, data)
@@ -230,11 +230,11 @@ class S3Client:
         if isinstance(response.length, int) and response.length > limit:
             response.deliverBody(Abandon())
             raise S3Error(response.code, "TooLarge", f"{key}: {response.length} bytes")
-        return await self._read(response)
+        return await self.read_body(response)
 
     async def head(self, key: str) -> ObjectInfo | None:
         response = await self.request("HEAD", key)
-        await self._read(response)
+        await self.read_body(response)
         if response.code == 404:
             return None
         if response.code != 200:
