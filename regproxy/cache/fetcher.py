@@ -147,6 +147,9 @@ class CachingFetcher(SharedPaths):
             answer = await self._shared_miss(asked, digest, holds, retried=retried)
             if answer is not None:
                 return answer
+            if cache.downloads.get(digest) is not None:
+                # Started by another client while the store was asked: join it.
+                return await self._by_digest(asked, digest, retried=True)
         if request.method == b"HEAD":
             return await self._bypass(request)
         try:

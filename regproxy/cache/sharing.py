@@ -68,6 +68,7 @@ class SharedPaths:
         async def _download(self, asked: Asked, download: Download, digest: str) -> Answer: ...
         async def _admitted(self, asked: Asked, digest: str) -> bool: ...
         async def _upstream_confirms(self, asked: Asked, digest: str) -> bool: ...
+        async def _join(self, asked: Asked, download: Download, digest: str) -> Answer | None: ...
         async def _bypass(self, request: Any) -> Answer: ...
         def _reading(
             self,
@@ -141,6 +142,9 @@ class SharedPaths:
     # -- this replica fetches for the cluster -------------------------------------------------
 
     async def _lease_download(self, asked: Asked, digest: str, lease: HeldLease) -> Answer | None:
+        running = self.cache.downloads.get(digest)
+        if running is not None:
+            return await self._join(asked, running, digest)
         download = self.cache.downloads.start(digest)
         if download is None:
             # The local tier cannot take it: fetched without the store (others take over).
@@ -209,24 +213,29 @@ class SharedPaths:
             headers = _blob_headers(digest)
             headers.setRawHeaders(b"content-length", [b"%d" % size])
             return Answer(200, headers, BytesBody(b""), cache="hit")
-        download = self.cache.downloads.start(digest, expected_size=size)
+        running = self.cache.downloads.get(digest)
+        if running is not None:
+            # Another client of this replica started reading it from the store meanwhile.
+            return await self._join(asked, running, digest)
+        cache = self.cache
+        download = cache.downloads.start(digest, expected_size=size)
+        headers = _blob_headers(digest)
+        if download is not None:
+            # Shared at once (before the store answers): this replica's other clients join.
+            cache.download_repository[download] = asked.repository
+            cache.download_headers[download] = headers
+            download.done.addBoth(self._download_over, download)
+            download.done.addCallback(self._committed, asked, digest)
         response = await shared.open(digest)
         if response is None:
             if download is not None:
                 download.fail(Failure(OCIError("UPSTREAM_UNAVAILABLE", "store read failed")))
             return None
-        body = UpstreamBody(response, self.cache.clock, self.cache.idle_timeout)
+        body = UpstreamBody(response, cache.clock, cache.idle_timeout)
+        self._count(asked, "hit")
         if download is None:
             # The local tier cannot keep it: straight from the store, verified on the way.
-            self._count(asked, "hit")
-            return Answer(200, _blob_headers(digest), VerifyingBody(body, digest), cache="hit")
-        cache = self.cache
-        cache.download_repository[download] = asked.repository
-        download.done.addBoth(self._download_over, download)
-        headers = _blob_headers(digest)
-        cache.download_headers[download] = headers
-        download.done.addCallback(self._committed, asked, digest)
-        self._count(asked, "hit")
+            return Answer(200, headers, VerifyingBody(body, digest), cache="hit")
 
         def flow() -> None:
             self._feed(download, body)
