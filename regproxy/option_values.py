@@ -97,10 +97,13 @@ def blob_redirects(text: str) -> BlobRedirects:
     try:
         return BlobRedirects(text.strip().lower())
     except ValueError:
-        raise ValueError("use 'pass' or 'follow'") from None
+        raise ValueError("use 'pass', 'follow' or 'store'") from None
 
 
-blob_redirects.coerceDoc = "'pass' hands redirects to clients; 'follow' streams them through."  # type: ignore[attr-defined]
+blob_redirects.coerceDoc = (  # type: ignore[attr-defined]
+    "'pass' hands redirects to clients; 'follow' streams them through; 'store' answers "
+    "blobs the object store holds with a redirect to it."
+)
 
 
 def endpoint(text: str) -> str:

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from ..config import Route
+from ..config import BlobRedirects, Route
 from ..protocol.errors import OCIError
 from ..protocol.fetch import Answer, BytesBody, Fetcher, RegistryRequest
 from ..protocol.mapping import upstream_name_of
@@ -103,6 +103,10 @@ class CachingFetcher(SharedPaths):
         holds = self.index.repository_holds(asked.route, asked.name, digest)
         if not holds and cache.shared_index is not None:
             holds = await self._shared_holds(asked, digest)  # what another replica learned
+        if cache.shared is not None and request.route.blob_redirects is BlobRedirects.STORE:
+            redirected = await self._redirect(asked, digest, holds)
+            if redirected is not None:
+                return redirected
         hot = cache.hot.get(digest) if holds else None
         if hot is not None:
             # Verified bytes in memory: no system call, the same access rules.

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from ..config import BlobRedirects
 from ..protocol.errors import OCIError
 from ..protocol.fetch import Answer, Body, BytesBody
 from ..upstream.body import UpstreamBody
@@ -47,6 +48,10 @@ if TYPE_CHECKING:
     from .s3.index import SharedIndex
     from .s3.shared import SharedStore
     from .state import Cache
+
+IN_STORE_MEMORY = 60.0
+"""Seconds a digest found in the store is redirected to without asking the store again
+(objects never change; only a bucket lifecycle rule removes them)."""
 
 REDIRECT_EXPIRY = 300
 """Seconds a presigned URL of a blob redirect is valid: enough to start a pull, short enough
@@ -199,20 +204,68 @@ class SharedPaths:
 
     # -- reading what the store holds --------------------------------------------------------
 
+    async def _redirect(self, asked: Asked, digest: str, holds: bool) -> Answer | None:
+        """A blob GET on a ``blob_redirects = "store"`` route: 307 to the store when it holds
+        the object (whatever the local tier holds: the bytes do not pass through here), after
+        the same access check as a hit; None: answer as without redirects."""
+        shared = self._shared
+        if (
+            shared is None
+            or asked.is_manifest
+            or asked.request.method != b"GET"
+            or not await self._in_store(shared, digest)
+        ):
+            return None
+        if not (
+            await self._admitted(asked, digest)
+            if holds
+            else await self._upstream_confirms(asked, digest)
+        ):
+            return await self._bypass(asked.request)
+        return await self._presigned(asked, digest)
+
+    async def _in_store(self, shared: SharedStore, digest: str) -> bool:
+        known = self.cache.in_store
+        seen = known.get(digest)
+        now = self.cache.clock.seconds()
+        if seen is not None and now - seen < IN_STORE_MEMORY:
+            return True
+        if await shared.find(digest) is None:
+            return False
+        if len(known) > 100_000:
+            known.clear()
+        known[digest] = now
+        return True
+
+    async def _presigned(self, asked: Asked, digest: str) -> Answer | None:
+        shared = self._shared
+        assert shared is not None
+        try:
+            url = await shared.presign(digest, REDIRECT_EXPIRY)
+        except Exception:
+            self.log.failure("presigning {digest}", digest=digest)
+            return None
+        self._count(asked, "redirect")
+        headers = Headers(
+            {
+                b"location": [url.encode()],
+                DIGEST_HEADER: [digest.encode()],
+                b"content-type": [b"text/plain"],
+            }
+        )
+        return Answer(307, headers, BytesBody(b""), cache="redirect")
+
     async def _from_store(self, asked: Asked, digest: str, size: int) -> Answer | None:
         shared = self._shared
         assert shared is not None
         if asked.is_manifest:
             return await self._manifest_from_store(asked, digest, size)
-        if asked.request.route.blob_redirects.value == "store":
-            url = await shared.presign(digest, REDIRECT_EXPIRY)
-            self._count(asked, "redirect")
-            headers = Headers({b"location": [url.encode()], DIGEST_HEADER: [digest.encode()]})
-            return Answer(307, headers, BytesBody(b""), cache="hit")
         if asked.request.method == b"HEAD":
             headers = _blob_headers(digest)
             headers.setRawHeaders(b"content-length", [b"%d" % size])
             return Answer(200, headers, BytesBody(b""), cache="hit")
+        if asked.request.route.blob_redirects is BlobRedirects.STORE:
+            return await self._presigned(asked, digest)
         running = self.cache.downloads.get(digest)
         if running is not None:
             # Another client of this replica started reading it from the store meanwhile.

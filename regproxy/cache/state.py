@@ -120,6 +120,8 @@ class Cache:
         # Leases this replica holds, and the downloads they are uploaded with.
         self.leases: dict[str, HeldLease] = {}
         self.uploading: dict[Download, HeldLease] = {}
+        # Digest -> when the shared store was last seen to hold it (blob redirects).
+        self.in_store: dict[str, float] = {}
         # One wait for another replica's download per digest.
         self.waiting: SingleFlight[str, Waited] = SingleFlight()
 

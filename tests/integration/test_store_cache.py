@@ -195,3 +195,34 @@ def test_the_store_stopped_mid_run_pulls_go_on(
     proxy.stop()
     warnings = [m for m in proxy.log_messages() if "object store" in m and "failing" in m]
     assert 1 <= len(warnings) <= 2  # logged once per streak, not per request
+
+
+def test_blob_redirects_to_the_store(
+    cluster: Cluster, upstream: SeededRegistry, tmp: Path
+) -> None:
+    first = cluster.replica()
+    skopeo_copy(f"{first.host_port}/big:v1", tmp / "warm", tag="v1")
+    eventually(lambda: cluster.keys("cache/leases/") == [], 10, what="leases released")
+    before = upstream_gets(upstream, "sha256")
+    redirecting = cluster.replica("--blob-redirects", "store")
+    result = skopeo_copy(f"{redirecting.host_port}/big:v1", tmp / "redirected", tag="v1")
+    assert result.digest == upstream["big:v1"]
+    assert upstream_gets(upstream, "sha256") == before
+    layer = max(
+        cluster.rgw.client().list_objects(cluster.bucket, "cache/blobs/", recursive=True),  # type: ignore[attr-defined]
+        key=lambda o: o.size,
+    )
+    digest = "sha256:" + layer.object_name.rsplit("/", 1)[1]
+    answer = curl(f"{redirecting.url}/v2/big/blobs/{digest}")
+    assert answer.status == 307 and answer.body == b""
+    location = answer.header("Location") or ""
+    assert location.startswith(cluster.rgw.endpoint + f"/{cluster.bucket}/cache/blobs/")
+    assert "X-Amz-Expires=300" in location and "X-Amz-Signature=" in location
+    followed = curl(location)
+    assert hashlib.sha256(followed.body).hexdigest() == digest[7:]
+    # Manifests are always served by the proxy.
+    manifest = curl(f"{redirecting.url}/v2/big/manifests/{upstream['big:v1']}")
+    assert manifest.status == 200
+    redirecting.stop()
+    blobs = [e for e in redirecting.log_events() if e.get("endpoint") == "blob"]
+    assert blobs and {e.get("status") for e in blobs} == {307}
