@@ -19,6 +19,7 @@ from tests.support.images import build_image, push, skopeo_copy
 from tests.support.registry import RegistryServer
 from tests.support.rgw import RGWServer
 from tests.support.seed import SeededRegistry, StandardImages, seed_registry
+from tests.support.tcp_relay import TCPRelay
 from tests.support.waiting import eventually
 
 
@@ -186,7 +187,28 @@ def test_a_killed_leaseholder_is_taken_over(
     assert blob_gets(upstream, layer.digest) == 2
 
 
-def test_the_store_stopped_mid_run_pulls_go_on(
+def test_the_store_cut_mid_run_pulls_go_on(
+    cluster: Cluster, upstream: SeededRegistry, tmp: Path
+) -> None:
+    with TCPRelay(("127.0.0.1", cluster.rgw.rgw_port)) as relay:
+        proxy = cluster.replica(env={"AWS_ENDPOINT_URL": relay.endpoint})
+        assert (
+            skopeo_copy(f"{proxy.host_port}/app:v1", tmp / "a", tag="v1").digest
+            == (upstream["app:v1"])
+        )
+        eventually(lambda: cluster.keys("cache/leases/") == [], 10, what="leases released")
+        assert cluster.keys() != []
+        relay.cut()
+        for ref in ("big:v1", "app:v1", "team/app:v1"):
+            result = skopeo_copy(f"{proxy.host_port}/{ref}", tmp / f"cut-{ref}", tag="v1")
+            assert result.digest == upstream[ref]
+    proxy.stop()
+    warnings = [m for m in proxy.log_messages() if "object store" in m and "failing" in m]
+    assert 1 <= len(warnings) <= 3, warnings  # once per streak, not once per request
+    assert cluster.check_every_object() >= 1
+
+
+def test_an_unreachable_store_fails_no_pull(
     cluster: Cluster, upstream: SeededRegistry, tmp: Path
 ) -> None:
     proxy = cluster.replica(env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})  # nothing there
