@@ -19,6 +19,7 @@ serve never fails because of the store.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -113,8 +114,8 @@ class SharedPaths:
         """The answer through the shared store, or None: go on as without it."""
         shared = self._shared
         cache = self.cache
-        if shared is None or shared.down:
-            return None
+        if shared is None or shared.down or asked.request.method == b"HEAD":
+            return None  # a HEAD the store could answer is the upstream's, as before
         held = cache.leases.get(digest)
         if held is not None and not held.released:
             # This replica won the lease a moment ago (for another of its clients): fetch.
@@ -128,7 +129,7 @@ class SharedPaths:
             ):
                 return await self._bypass(asked.request)
             return await self._from_store(asked, digest, info.size)
-        if asked.request.method == b"HEAD" or retried:
+        if retried:
             return None
 
         async def settle() -> Waited:
@@ -260,10 +261,6 @@ class SharedPaths:
         assert shared is not None
         if asked.is_manifest:
             return await self._manifest_from_store(asked, digest, size)
-        if asked.request.method == b"HEAD":
-            headers = _blob_headers(digest)
-            headers.setRawHeaders(b"content-length", [b"%d" % size])
-            return Answer(200, headers, BytesBody(b""), cache="hit")
         if asked.request.route.blob_redirects is BlobRedirects.STORE:
             return await self._presigned(asked, digest)
         running = self.cache.downloads.get(digest)
@@ -323,10 +320,12 @@ class SharedPaths:
             return
         try:
             pending.write(data)
-            pending.commit()
+            pending.commit().close()
         except Exception:
-            self.log.failure("keeping {digest} in the local tier", digest=digest)
-            pending.abort()
+            # Served all the same; the local tier only misses it (a full volume, say).
+            self.log.info("could not keep {digest} in the local tier", digest=digest)
+            with contextlib.suppress(Exception):
+                pending.abort()
 
 
 def _hex(data: bytes) -> str:

@@ -23,18 +23,28 @@ from twisted.logger import Logger
 from ..index import CacheIndex, TagRecord
 from .shared import SharedStore
 
+MAX_PENDING = 1000
+"""Index writes to the store in flight at most; beyond, they are dropped."""
+
 
 class SharedIndex:
     """A ``RepositoryIndex``: ``local`` in front, ``shared`` behind."""
 
     log = Logger()
 
-    def __init__(self, local: CacheIndex, shared: SharedStore) -> None:
+    def __init__(
+        self, local: CacheIndex, shared: SharedStore, *, confirm_every: float = 30.0
+    ) -> None:
         self.local = local
         self.shared = shared
         self.pending = 0
+        self.confirm_every = confirm_every
+        self._confirmed: dict[tuple[str, ...], tuple[str, float]] = {}
 
     def _background(self, work: Coroutine[Any, Any, object]) -> None:
+        if self.pending >= MAX_PENDING:
+            work.close()  # a slow store: this fact costs a later question, not memory
+            return
         self.pending += 1
 
         def over(result: object) -> None:
@@ -62,7 +72,16 @@ class SharedIndex:
         self, route: str, repository: str, tag: str, accept_key: str, digest: str
     ) -> object:
         record = self.local.record_tag(route, repository, tag, accept_key, digest)
-        self._background(self.shared.record_tag(route, repository, tag, accept_key, digest))
+        # Every tag request confirms it upstream; the store hears of it when it changed, or
+        # at most every ``confirm_every`` seconds (a PUT per pull would cost more than it
+        # tells other replicas).
+        key, now = (route, repository, tag, accept_key), self.shared.clock.seconds()
+        last = self._confirmed.get(key)
+        if last is None or last[0] != digest or now - last[1] >= self.confirm_every:
+            if len(self._confirmed) > 100_000:
+                self._confirmed.clear()
+            self._confirmed[key] = (digest, now)
+            self._background(self.shared.record_tag(route, repository, tag, accept_key, digest))
         return record
 
     def media_type(self, digest: str) -> bytes | None:

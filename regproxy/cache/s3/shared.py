@@ -8,10 +8,11 @@ Keys under the location's prefix::
     index/tags/<key(route, repository)>/<key(tag, accept key)>   {"digest", "confirmed_at"}
     index/media/<hex>                the Content-Type a manifest was served with
 
-Faults: a store that does not answer (refused, reset, past the request deadline) or answers
-5xx is *down* for ``retry_after`` seconds: every call then answers at once as if the store
-held nothing and took no lease, so pulls go on from the upstream; the first failure of a
-streak is logged, and the first success after it. Nothing here raises at a caller.
+Faults: a store that does not answer (refused, reset, past the request deadline), answers
+5xx or refuses our credentials (401/403), or credentials that cannot be had, is *down* for
+``retry_after`` seconds: every call then answers at once as if the store held nothing and
+took no lease, so pulls go on from the upstream; the first failure of a streak is logged,
+and the first success after it. Nothing here raises at a caller.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from twisted.web.iweb import IResponse
 
 from ..index import TagRecord
 from ..objects import sha256_hex
-from .client import ObjectInfo, PreconditionFailed, S3Client, S3Error, StoreUnreachable
+from .client import ObjectInfo, PreconditionFailed, S3Client, S3Error
 
 T = TypeVar("T")
 
@@ -101,9 +102,17 @@ class SharedStore:
             return absent
         try:
             result = await call()
-        except (StoreUnreachable, S3Error) as error:
-            if isinstance(error, S3Error) and error.status < 500 and error.status != 403:
-                raise  # an answer about this request (412, 404...): the caller's business
+        except Exception as error:
+            if (
+                isinstance(error, S3Error)
+                and error.status < 500
+                and error.status not in (401, 403)
+            ):
+                # An answer about this one request (400, 416...): not the store failing.
+                self.log.info("object store: {what}: {error}", what=what, error=str(error))
+                return absent
+            # Unreachable, failing, refusing us, or no credentials (a ValueError of the
+            # provider chain): left alone for a while.
             self.failures += 1
             if self._down_until is None:
                 self.log.warn(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import Clock
 
 from regproxy.cache.index import CacheIndex, TagRecord
 from regproxy.cache.s3.index import SharedIndex
@@ -16,6 +17,7 @@ DIGEST = "sha256:" + "cd" * 32
 
 class RecordingShared:
     def __init__(self) -> None:
+        self.clock = Clock()
         self.facts: set[tuple[str, ...]] = set()
         self.tags: dict[tuple[str, ...], TagRecord] = {}
         self.media: dict[str, bytes] = {}
@@ -79,3 +81,16 @@ def test_tags_and_media_types_are_shared(tmp_path: Path) -> None:
     one.record_media_type(DIGEST, b"application/vnd.oci.image.manifest.v1+json")
     assert done(two.media_type_shared(DIGEST)) == b"application/vnd.oci.image.manifest.v1+json"
     assert two.media_type(DIGEST) == b"application/vnd.oci.image.manifest.v1+json"
+
+
+def test_tag_confirmations_reach_the_store_when_they_change_or_age(tmp_path: Path) -> None:
+    shared = RecordingShared()
+    one = index(tmp_path, "one", shared)
+    for _ in range(50):  # every pull confirms the tag upstream
+        one.record_tag("r", "app", "v1", "accept", DIGEST)
+    assert shared.writes == 1
+    one.record_tag("r", "app", "v1", "accept", "sha256:" + "ef" * 32)  # moved: at once
+    assert shared.writes == 2
+    shared.clock.advance(30.0)
+    one.record_tag("r", "app", "v1", "accept", "sha256:" + "ef" * 32)  # aged: refreshed
+    assert shared.writes == 3
