@@ -54,6 +54,9 @@ IN_STORE_MEMORY = 60.0
 """Seconds a digest found in the store is redirected to without asking the store again
 (objects never change; only a bucket lifecycle rule removes them)."""
 
+UNCLAIMED_LEASE = 5.0
+"""Seconds a lease won for clients that then did not start its download is kept."""
+
 REDIRECT_EXPIRY = 300
 """Seconds a presigned URL of a blob redirect is valid: enough to start a pull, short enough
 that a leaked URL is soon worthless."""
@@ -136,6 +139,9 @@ class SharedPaths:
             outcome, lease = await wait(shared, digest)
             if lease is not None:
                 cache.leases[digest] = lease
+                # Its download starts at once, unless every client of it was refused or
+                # left: then it must not be renewed for nobody.
+                cache.clock.callLater(UNCLAIMED_LEASE, self._unclaimed, digest, lease)
             return outcome
 
         outcome = await cache.waiting.run(digest, settle)
@@ -156,6 +162,7 @@ class SharedPaths:
             # The local tier cannot take it: fetched without the store (others take over).
             self._drop_lease(digest, lease)
             return None
+        lease.claimed = True
         self.cache.uploading[download] = lease
         download.done.addBoth(self._upload_not_started, download)
         return await self._download(asked, download, digest)
@@ -165,6 +172,10 @@ class SharedPaths:
         if lease is not None:  # the upstream never sent the object: free the lease now
             self._drop_lease(download.digest, lease)
         return result
+
+    def _unclaimed(self, digest: str, lease: HeldLease) -> None:
+        if not lease.claimed:
+            self._drop_lease(digest, lease)
 
     def _drop_lease(self, digest: str, lease: HeldLease) -> None:
         if self.cache.leases.get(digest) is lease:

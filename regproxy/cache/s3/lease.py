@@ -47,6 +47,7 @@ class HeldLease:
         self.digest = digest
         self.etag: str | None = etag
         self.released = False
+        self.claimed = False  # a download took it
         self._renewal = LoopingCall(self._renew)
         self._renewal.clock = shared.clock
         self._renewal.start(max(shared.lease_ttl / 3, 0.05), now=False)
