@@ -58,6 +58,8 @@ class BlobRedirects(enum.Enum):
 
     PASS = "pass"
     FOLLOW = "follow"
+    # Blobs the shared object store holds: 307 to a presigned URL of the object.
+    STORE = "store"
 
 
 @attrs.frozen
@@ -320,6 +322,10 @@ class CacheConfig:
     public_ttl: float = DEFAULT_PUBLIC_TTL
     # Bytes in flight, in total, for downloads whose last client left; beyond, they stop.
     abandoned_limit: int = DEFAULT_ABANDONED_LIMIT
+    # The shared object store behind the directory (s3://BUCKET/PREFIX); None: none.
+    store: str | None = None
+    # Seconds without renewal after which a replica's lease on a download is dead.
+    lease_ttl: float = 30.0
 
 
 @attrs.frozen

@@ -12,13 +12,21 @@ import os
 from urllib.parse import urlsplit
 
 from .cache.sizes import parse_size
-from .routing.values import blob_redirects, readable_file, repository_prefix, upstream_url
+from .routing.values import (
+    blob_redirects,
+    credentials_directory,
+    readable_file,
+    repository_prefix,
+    store_location,
+    upstream_url,
+)
 from .server.logs import LogFormat
 
 # A route's values (upstream_url, repository_prefix, readable_file, blob_redirects) are
 # routing.values' functions: a routes file's keys are read with the very same ones.
 __all__ = [
     "blob_redirects",
+    "credentials_directory",
     "byte_limit",
     "cache_directory",
     "directory",
@@ -30,6 +38,7 @@ __all__ = [
     "readable_file",
     "repository_prefix",
     "seconds",
+    "store_location",
     "upstream_url",
 ]
 

@@ -3,6 +3,9 @@ process services of ``regproxy.server`` around them (listeners, drain, checks, r
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,10 +21,14 @@ from .access.limits import LoginThrottle, build_limiter
 from .access.oidc import oidc_verifiers
 from .cache.budget import OrphanBudget
 from .cache.download import Downloads
+from .cache.s3.client import s3_client
+from .cache.s3.index import SharedIndex
+from .cache.s3.settings import StoreLocation
+from .cache.s3.shared import SharedStore
 from .cache.state import Cache
 from .cache.store import CacheStore, open_store
 from .cache.tail import RemoteDownloads, inotify_notifier
-from .config import Config, OIDCConfig, Route, Upstream
+from .config import CacheConfig, Config, OIDCConfig, Route, Upstream
 from .routing.matching import RouteTable
 from .routing.snapshot import CurrentRouting, RoutingFactory
 from .server.cache_upkeep import CacheUpkeep
@@ -214,9 +221,12 @@ def build_cache(
         run_blocking=thread_pool,
         orphan_budget=OrphanBudget(settings.abandoned_limit),
     )
+    shared, shared_index = _shared_store(settings, store, reactor)
     return store, Cache(
         store,
         downloads,
+        shared=shared,
+        shared_index=shared_index,
         clock=reactor,
         tag_ttl=settings.tag_ttl,
         stale_max_age=settings.stale_max_age,
@@ -227,6 +237,18 @@ def build_cache(
             store, downloads, clock=reactor, notifier=inotify_notifier(reactor)
         ),
     )
+
+
+def _shared_store(
+    settings: CacheConfig, store: CacheStore, reactor: Any
+) -> tuple[SharedStore | None, SharedIndex | None]:
+    """The object store of --cache-store behind the directory's store, if given."""
+    if settings.store is None:
+        return None, None
+    client = s3_client(reactor, StoreLocation.parse(settings.store))
+    replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    shared = SharedStore(client, clock=reactor, replica=replica, lease_ttl=settings.lease_ttl)
+    return shared, SharedIndex(store.index, shared)
 
 
 def build_service(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -241,6 +242,16 @@ class Options(usage.Options):
             _named("cache-dir", values.cache_directory),
         ],
         [
+            "cache-store",
+            None,
+            None,
+            "Keep the cache in an S3-compatible object store shared by every replica, "
+            "s3://BUCKET/PREFIX, with endpoint and credentials from the AWS variables and "
+            "files and --cache-dir as a local tier in front (also cache_store in the routes "
+            "file; default: no object store).",
+            _named("cache-store", values.store_location),
+        ],
+        [
             "cache-max-size",
             None,
             None,
@@ -377,7 +388,9 @@ class Options(usage.Options):
         else:
             self._route_options()
         environment.fill(self, self.environ, environment.SERVER)
-        if self["cache-max-size"] is not None and self["cache-dir"] is None:
+        if self["cache-store"] is None and self.routes is not None:
+            self["cache-store"] = self.routes.cache_store
+        if self["cache-max-size"] is not None and self["cache-dir"] is self["cache-store"] is None:
             raise usage.UsageError("--cache-max-size goes with --cache-dir")
         if self["workers"] is None:
             self["workers"] = 1
@@ -438,36 +451,19 @@ class Options(usage.Options):
         self.warnings.extend(environment.ignored_with_routes_file(self.environ))
 
     def _credentials_from_directory(self) -> None:
-        """Username and password from one directory, so that they come and go together.
-
-        A Kubernetes Secret mounted as an optional volume is an empty directory until the
-        Secret exists; reading both files from it means a Secret without a matching setting
-        (or a setting without its Secret) cannot stop the pods from starting.
-        """
         directory = self["upstream-credentials-dir"]
-        if directory is None:
-            return
-        username = os.path.join(directory, "username")
-        password = os.path.join(directory, "password")
-        present = [os.path.isfile(path) for path in (username, password)]
-        if not any(present):
-            return
         option = "--upstream-credentials-dir"
-        if not all(present):
-            missing = "password" if present[0] else "username"
-            raise usage.UsageError(f"{option}: {directory} has no {missing!r} file")
+        try:
+            found = values.credentials_directory(directory) if directory else None
+        except ValueError as error:
+            raise usage.UsageError(f"{option}: {error}") from None
+        if found is None:
+            return
         if self["upstream-username"] or self["upstream-password-file"]:
             raise usage.UsageError(
                 f"{option} and --upstream-username/--upstream-password-file: choose one"
             )
-        try:
-            with open(username, encoding="utf-8") as handle:
-                self["upstream-username"] = handle.read().strip()
-            self["upstream-password-file"] = values.readable_file(password)
-        except (OSError, ValueError) as error:
-            raise usage.UsageError(f"{option}: {error}") from None
-        if not self["upstream-username"]:
-            raise usage.UsageError(f"{option}: {username} is empty")
+        self["upstream-username"], self["upstream-password-file"] = found
 
     def credentials(self) -> Credentials:
         password = None
@@ -496,10 +492,15 @@ class Options(usage.Options):
         return self._server_config((route,))
 
     def _cache_config(self) -> CacheConfig | None:
-        directory = self["cache-dir"]
+        directory, store = self["cache-dir"], self["cache-store"]
+        if directory is None and store is not None:
+            # The local tier objects in flight pass through (and hot ones stay in).
+            directory = tempfile.mkdtemp(prefix="regproxy-tier-")
         if directory is None:
             return None
         return CacheConfig(
+            store=store,
+            lease_ttl=float(self.environ.get("REGPROXY_CACHE_LEASE_TTL", "30")),
             directory=directory,
             max_size=self["cache-max-size"] or default_max_size(directory),
             stale_max_age=self["cache-stale-max-age"],

@@ -24,17 +24,18 @@ from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from ..config import Route
+from ..config import BlobRedirects, Route
 from ..protocol.errors import OCIError
-from ..protocol.fetch import Answer, Body, BytesBody, Fetcher, RegistryRequest
+from ..protocol.fetch import Answer, BytesBody, Fetcher, RegistryRequest
 from ..protocol.mapping import upstream_name_of
 from ..protocol.reference import Kind
 from .access import ANONYMOUS, accept_key, credential_key
 from .answers import BLOB_TYPE, DIGEST_HEADER, reading_answer, stored_answer
-from .bodies import DownloadFeed, VerifyingBody
+from .bodies import VerifyingBody
 from .download import Download, DownloadFailed, DownloadReader
 from .manifests import MANIFEST_LIMIT, manifest_media_type, referenced_digests
 from .objects import is_cacheable
+from .sharing import SharedPaths
 from .state import Asked, Cache, Revalidated, announced_headers, guarded
 from .store import StoredObject
 
@@ -44,7 +45,7 @@ CACHED_KINDS = frozenset({Kind.BLOB, Kind.MANIFEST})
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
-class CachingFetcher:
+class CachingFetcher(SharedPaths):
     """A :class:`Fetcher` that answers blobs and manifests from a :class:`Cache` and
     everything else (and what it will not serve) through ``inner``."""
 
@@ -100,6 +101,12 @@ class CachingFetcher:
         cache = self.cache
         request = asked.request
         holds = self.index.repository_holds(asked.route, asked.name, digest)
+        if not holds and cache.shared_index is not None:
+            holds = await self._shared_holds(asked, digest)  # what another replica learned
+        if cache.shared is not None and request.route.blob_redirects is BlobRedirects.STORE:
+            redirected = await self._redirect(asked, digest, holds)
+            if redirected is not None:
+                return redirected
         hot = cache.hot.get(digest) if holds else None
         if hot is not None:
             # Verified bytes in memory: no system call, the same access rules.
@@ -145,6 +152,13 @@ class CachingFetcher:
             if retried:
                 return await self._verified_pass_through(asked, digest)
             return await self._by_digest(asked, digest, retried=True)
+        if cache.shared is not None:
+            answer = await self._shared_miss(asked, digest, holds, retried=retried)
+            if answer is not None:
+                return answer
+            if cache.downloads.get(digest) is not None:
+                # Started by another client while the store was asked: join it.
+                return await self._by_digest(asked, digest, retried=True)
         if request.method == b"HEAD":
             return await self._bypass(request)
         try:
@@ -205,13 +219,6 @@ class CachingFetcher:
             self._feed(download, body)
 
         ensureDeferred(fetch()).addErrback(download.fail)
-
-    @staticmethod
-    def _feed(download: Download, body: Body) -> None:
-        """The upstream body into the download (its readers are fed as bytes arrive)."""
-        body.deliver(DownloadFeed(download)).addCallbacks(
-            lambda _: download.finish(), lambda failure: download.fail(failure)
-        )
 
     async def _verified_pass_through(self, asked: Asked, digest: str) -> Answer:
         request = asked.request
@@ -453,6 +460,8 @@ class CachingFetcher:
         tag = request.target.reference
         accepts = accept_key(request.headers.getRawHeaders(b"accept", []))
         record = self.index.tag(asked.route, asked.name, tag, accepts)
+        if record is None and cache.shared_index is not None:
+            record = await cache.shared_index.tag_shared(asked.route, asked.name, tag, accepts)
         now = cache.clock.seconds()
         if (
             record is not None

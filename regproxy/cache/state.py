@@ -6,7 +6,7 @@ passes around. One ``Cache`` serves the fetchers of every routing snapshot, so a
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -23,6 +23,11 @@ from .download import Download, Downloads
 from .hot import HotObjects
 from .storage import ObjectStore
 from .tail import RemoteDownloads
+
+if TYPE_CHECKING:
+    from .s3.index import SharedIndex
+    from .s3.lease import HeldLease, Waited
+    from .s3.shared import SharedStore
 
 
 class RouteCounts(Protocol):
@@ -83,11 +88,13 @@ class Cache:
         public_ttl: float = 600.0,
         counts: RouteCounts | None = None,
         remote: RemoteDownloads | None = None,
+        shared: SharedStore | None = None,
+        shared_index: SharedIndex | None = None,
     ) -> None:
         # Downloads of other processes on the same directory, read along their files.
         self.remote = remote
         self.store = store
-        self.index = store.index
+        self.index: Any = store.index if shared_index is None else shared_index
         self.downloads = downloads
         self.clock = clock
         self.tag_ttl = tag_ttl
@@ -107,6 +114,16 @@ class Cache:
         self.children_recorded: set[tuple[str, str, str]] = set()
         # Manifest digest -> its Content-Type (the upstream's, else from its bytes).
         self.media_types: dict[str, bytes] = {}
+        # The shared object store (--cache-store) behind the local tier, and its index.
+        self.shared = shared
+        self.shared_index = shared_index
+        # Leases this replica holds, and the downloads they are uploaded with.
+        self.leases: dict[str, HeldLease] = {}
+        self.uploading: dict[Download, HeldLease] = {}
+        # Digest -> when the shared store was last seen to hold it (blob redirects).
+        self.in_store: dict[str, float] = {}
+        # One wait for another replica's download per digest.
+        self.waiting: SingleFlight[str, Waited] = SingleFlight()
 
 
 def announced_headers(answer: Answer) -> list[tuple[bytes, bytes]]:

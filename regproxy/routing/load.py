@@ -150,7 +150,7 @@ ROUTE_KEYS: dict[str, Key] = {
     "pull": Key(list),
     "access": Key(list),
 }
-TOP_LEVEL_KEYS = ("routes", "auth", "limits")
+TOP_LEVEL_KEYS = ("routes", "auth", "limits", "cache_store")
 # The kinds of upstream credentials and the keys of each: a route chooses one kind.
 CREDENTIAL_KINDS = (
     ("username + password_file", ("username", "password_file")),
@@ -197,6 +197,7 @@ def parse_routes(data: Mapping[str, Any], base: str = ".") -> RouteTable:
         raise ConfigError(errors)
     errors.extend(_duplicate_names(tables))
     access = AccessTables(data, base)
+    store = _cache_store(data.get("cache_store"), errors)
     routes, numbers = [], []
     for number, table in enumerate(tables, 1):
         name = table.get("name")
@@ -213,7 +214,21 @@ def parse_routes(data: Mapping[str, Any], base: str = ".") -> RouteTable:
     if errors:
         # Report conflicts among the routes that are right too: one run shows everything.
         raise ConfigError(list(dict.fromkeys(errors + conflicts(routes, numbers))))
-    return RouteTable(tuple(routes), auth=access.auth, limits=access.limits)
+    return RouteTable(tuple(routes), auth=access.auth, limits=access.limits, cache_store=store)
+
+
+def _cache_store(value: Any, errors: list[str]) -> str | None:
+    """The top-level ``cache_store``, checked as ``--cache-store`` is."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        errors.append("cache_store must be a string")
+        return None
+    try:
+        return values.store_location(value)
+    except ValueError as error:
+        errors.append(f"cache_store: {error}")
+        return None
 
 
 def read_table(

@@ -130,6 +130,7 @@ class RouteTable:
     # The file's [auth] and [limits] (or --htpasswd): reloaded with the routes they govern.
     auth: AuthConfig | None = attrs.field(default=None, kw_only=True)
     limits: LimitsConfig | None = attrs.field(default=None, kw_only=True)
+    cache_store: str | None = attrs.field(default=None, kw_only=True)  # top-level cache_store
     _by_name: dict[str, Route] = attrs.field(init=False, eq=False, repr=False)
     _by_path: dict[str, Route] = attrs.field(init=False, eq=False, repr=False)
     _by_namespace: dict[str, Route] = attrs.field(init=False, eq=False, repr=False)

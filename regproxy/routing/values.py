@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 
+from ..cache.s3.settings import StoreLocation
 from ..config import BlobRedirects, Upstream, known_upstream
 from ..protocol.reference import NAME_RE
 
@@ -61,7 +62,44 @@ def blob_redirects(text: str) -> BlobRedirects:
     try:
         return BlobRedirects(text.strip().lower())
     except ValueError:
-        raise ValueError("use 'pass' or 'follow'") from None
+        raise ValueError("use 'pass', 'follow' or 'store'") from None
 
 
-blob_redirects.coerceDoc = "'pass' hands redirects to clients; 'follow' streams them through."  # type: ignore[attr-defined]
+blob_redirects.coerceDoc = (  # type: ignore[attr-defined]
+    "'pass' hands redirects to clients; 'follow' streams them through; 'store' answers "
+    "blobs the object store holds with a redirect to it."
+)
+
+
+def store_location(text: str) -> str:
+    """An object store location, ``s3://BUCKET/PREFIX`` (normalised)."""
+    return str(StoreLocation.parse(text.strip()))
+
+
+store_location.coerceDoc = "An s3://BUCKET/PREFIX location."  # type: ignore[attr-defined]
+
+
+def credentials_directory(directory: str) -> tuple[str, str] | None:
+    """Username and password file from one directory, so that they come and go together:
+    ``(username, password file)``, or None when the directory holds neither.
+
+    A Kubernetes Secret mounted as an optional volume is an empty directory until the
+    Secret exists; reading both files from it means a Secret without a matching setting
+    (or a setting without its Secret) cannot stop the pods from starting.
+    """
+    username = os.path.join(directory, "username")
+    password = os.path.join(directory, "password")
+    present = [os.path.isfile(path) for path in (username, password)]
+    if not any(present):
+        return None
+    if not all(present):
+        missing = "password" if present[0] else "username"
+        raise ValueError(f"{directory} has no {missing!r} file")
+    try:
+        with open(username, encoding="utf-8") as handle:
+            name = handle.read().strip()
+    except OSError as error:
+        raise ValueError(str(error)) from None
+    if not name:
+        raise ValueError(f"{username} is empty")
+    return name, readable_file(password)

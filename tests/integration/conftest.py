@@ -16,6 +16,8 @@ import pytest
 from tests.support.images import skopeo_binary
 from tests.support.proxy import RegproxyProcess
 from tests.support.registry import RegistryServer, registry_binary
+from tests.support.rgw import RGWServer
+from tests.support.rgw import missing_programs as rgw_missing_programs
 from tests.support.seed import SeededRegistry, StandardImages, build_standard_images, seed_registry
 from tests.support.tls import TLSFiles, make_ca_and_cert
 from tests.support.tokens import TokenIssuer
@@ -268,3 +270,15 @@ def prefixed_tls_registry(
     tls_registry: RegistryServer, standard_images: StandardImages
 ) -> SeededRegistry:
     return seed_registry(tls_registry, standard_images, prefix="proj")
+
+
+# -- object storage (issue 19) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rgw() -> Iterator[RGWServer]:
+    """A Ceph RGW (S3) on loopback for the session (~13 s to start); each test takes a bucket
+    of its own (``rgw.new_bucket()``)."""
+    require_tools(rgw_missing_programs(), "Ceph RGW")
+    with RGWServer() as server:
+        yield server

@@ -202,7 +202,7 @@ def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
         'route "c": namespace: "no/slash" is not a registry host name such as docker.io',
         'route "c": allow: "Library/*": use repository name characters with * (one component) '
         "and ** (any depth)",
-        "route \"c\": blob_redirects: use 'pass' or 'follow'",
+        "route \"c\": blob_redirects: use 'pass', 'follow' or 'store'",
         'route "c": cache must be true or false',
     ]
 
