@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.blob_size = args.cold_size = 16 * MiB
+        args.blob_size = args.cold_size = 4 * MiB
+        args.clients = 5
         args.repeats = 1
     result = run(args)
     if args.json:
