@@ -8,12 +8,14 @@ import concurrent.futures
 import hashlib
 import re
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.cache import SlowRelay
 from tests.support.curl import curl
 from tests.support.images import build_image, push, skopeo_copy
 from tests.support.registry import RegistryServer
@@ -52,12 +54,14 @@ class Cluster:
         self.bucket = rgw.new_bucket()
         self.replicas: list[Any] = []
 
-    def replica(self, *extra: str, env: dict[str, str] | None = None) -> Any:
+    def replica(
+        self, *extra: str, env: dict[str, str] | None = None, upstream: str | None = None
+    ) -> Any:
         number = len(self.replicas)
         proxy = self.start_proxy(
             [
                 "--upstream",
-                self.upstream.url,
+                upstream or self.upstream.url,
                 "--cache-store",
                 f"s3://{self.bucket}/cache",
                 "--cache-dir",
@@ -165,26 +169,44 @@ def test_twenty_clients_on_three_replicas_cost_one_upstream_get(
 def test_a_killed_leaseholder_is_taken_over(
     cluster: Cluster, upstream: SeededRegistry, tmp: Path
 ) -> None:
-    image = build_image(tmp / "cold", layers=(24 * 1024 * 1024,), tag="cold", compress=False)
+    image = build_image(tmp / "cold", layers=(8 * 1024 * 1024,), tag="cold", compress=False)
     push(tmp / "cold", "cold", f"{upstream.host_port}/cold:v1")
     layer = image.layers[0]
-    # A slow first client keeps the leaseholder mid-download when it is killed.
-    holder = cluster.replica(env={"REGPROXY_CACHE_LEASE_TTL": "2"})
-    other = cluster.replica(env={"REGPROXY_CACHE_LEASE_TTL": "2"})
-    slow = concurrent.futures.ThreadPoolExecutor(1).submit(
-        curl, f"{holder.url}/v2/cold/blobs/{layer.digest}", "--limit-rate", "2M"
-    )
-    eventually(lambda: cluster.keys("cache/leases/") != [], 10, what="a lease")
-    waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
-        curl, f"{other.url}/v2/cold/blobs/{layer.digest}"
-    )
-    holder.send_signal(signal.SIGKILL)
-    answer = waiting.result(timeout=60)
-    assert answer.status == 200
-    assert hashlib.sha256(answer.body).hexdigest() == layer.digest[7:]
-    slow.result(timeout=30)  # cut off with its replica; its bytes are never a whole body
-    assert cluster.check_every_object() == 1
-    assert blob_gets(upstream, layer.digest) == 2
+    # An upstream at 2 MB/s: the leaseholder is surely mid-download when it is killed,
+    # however fast or slow the machine (8 MiB take about four seconds).
+    relay = SlowRelay(upstream.registry.port, 2e6)
+    try:
+        slow_upstream = f"http://127.0.0.1:{relay.port}"
+        env = {"REGPROXY_CACHE_LEASE_TTL": "2"}
+        holder = cluster.replica(env=env, upstream=slow_upstream)
+        other = cluster.replica(env=env, upstream=slow_upstream)
+        since = time.monotonic()
+        first = concurrent.futures.ThreadPoolExecutor(1).submit(
+            curl, f"{holder.url}/v2/cold/blobs/{layer.digest}", cut_ok=True
+        )
+        eventually(lambda: cluster.keys("cache/leases/") != [], 10, what="a lease")
+        eventually(
+            lambda: relay.answers_since(layer.digest, since) != [],
+            10,
+            what="the leaseholder's download under way",
+        )
+        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
+            curl, f"{other.url}/v2/cold/blobs/{layer.digest}", timeout=60
+        )
+        holder.send_signal(signal.SIGKILL)
+        answer = waiting.result(timeout=90)
+        assert answer.status == 200
+        assert hashlib.sha256(answer.body).hexdigest() == layer.digest[7:]
+        # Cut off with its replica (before or after its headers): never a whole body.
+        try:
+            cut = first.result(timeout=30).body
+        except AssertionError:  # curl: no answer at all
+            cut = b""
+        assert hashlib.sha256(cut).hexdigest() != layer.digest[7:]
+        assert cluster.check_every_object() == 1
+        assert blob_gets(upstream, layer.digest) == 2
+    finally:
+        relay.close()
 
 
 def test_the_store_cut_mid_run_pulls_go_on(
