@@ -150,7 +150,10 @@ def test_one_replica_evicts_at_a_time(
         n = 0
         while holding.is_set():
             n += 1
-            bucket.put("cache/leases/evict", json.dumps({"holder": "test", "n": n}).encode())
+            bucket.put(
+                "cache/leases/evict",
+                json.dumps({"holder": "test", "expires": time.time() + 3, "n": n}).encode(),
+            )
             time.sleep(1.0)
 
     renewer = threading.Thread(target=hold, daemon=True)

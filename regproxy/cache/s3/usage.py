@@ -21,14 +21,16 @@ rule removed (both only make the next eviction run start sooner or later).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from .client import PreconditionFailed
+from .client import PreconditionFailed, S3Error
 from .shared import SharedStore
 
 MAX_PENDING = 1000
@@ -37,6 +39,10 @@ REMEMBERED = 100_000
 """Digests whose last served write is remembered; beyond, the memory starts over."""
 ATTEMPTS = 8
 """Conditional writes of the total tried before giving up (the next recount corrects it)."""
+RETRY_DELAY = 0.05
+"""Seconds before an index request the store answered 5xx is tried again (times the try)."""
+
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -76,9 +82,9 @@ class StoreUsage:
         if len(self._written) >= REMEMBERED:
             self._written.clear()
         self._written[digest] = now
-        key = self.shared.served_key(digest)
+        key, put, clock = self.shared.served_key(digest), self.shared.client.put, self.shared.clock
         self._background(
-            self.shared.guarded("served", lambda: self.shared.client.put(key, b""), "")
+            self.shared.guarded("served", lambda: _retrying(clock, lambda: put(key, b"")), "")
         )
 
     def uploaded(self, digest: str) -> None:
@@ -105,20 +111,20 @@ class StoreUsage:
 
     async def total(self) -> SizeRecord | None:
         """The counter, or None: never counted (or unreadable, or the store failing)."""
+        clock = self.shared.clock
+        return await self.shared.guarded("size", lambda: _retrying(clock, self._read), None)
 
-        async def read() -> SizeRecord | None:
-            response = await self.shared.client.get(self.size_key)
-            if response is None:
-                return None
-            etag = response.headers.getRawHeaders(b"etag", [b""])[0].decode().strip('"')
-            data = await self.shared.client.read_body(response)
-            try:
-                fields = json.loads(data)
-                return SizeRecord(int(fields["bytes"]), float(fields["counted_at"]), etag)
-            except (ValueError, KeyError, TypeError):
-                return SizeRecord(0, 0.0, etag)  # unreadable: counted again soon
-
-        return await self.shared.guarded("size", read, None)
+    async def _read(self) -> SizeRecord | None:
+        response = await self.shared.client.get(self.size_key)
+        if response is None:
+            return None
+        etag = response.headers.getRawHeaders(b"etag", [b""])[0].decode().strip('"')
+        data = await self.shared.client.read_body(response)
+        try:
+            fields = json.loads(data)
+            return SizeRecord(int(fields["bytes"]), float(fields["counted_at"]), etag)
+        except (ValueError, KeyError, TypeError):
+            return SizeRecord(0, 0.0, etag)  # unreadable: counted again soon
 
     async def add(self, delta: int) -> int | None:
         """Add ``delta`` bytes to the total; the new total, or None (not written)."""
@@ -147,20 +153,26 @@ class StoreUsage:
     async def _rewrite(
         self, change: Callable[[SizeRecord | None], tuple[int, float]]
     ) -> int | None:
-        client = self.shared.client
+        client, clock = self.shared.client, self.shared.clock
 
         async def attempts() -> int | None:
-            for _ in range(ATTEMPTS):
-                current = await self.total()
-                value, counted_at = change(current)
-                data = json.dumps({"bytes": value, "counted_at": counted_at}).encode()
+            for attempt in range(ATTEMPTS):
                 try:
+                    current = await self._read()
+                    value, counted_at = change(current)
+                    data = json.dumps({"bytes": value, "counted_at": counted_at}).encode()
                     if current is None:
                         await client.put(self.size_key, data, if_none_match=True)
                     else:
                         await client.put(self.size_key, data, if_match=current.etag)
                 except PreconditionFailed:
                     continue  # another replica wrote it meanwhile: again, on its value
+                except S3Error as error:
+                    if error.status < 500 or attempt == ATTEMPTS - 1:
+                        raise
+                    # RGW answers 500 to a request racing a write of the same key: again.
+                    await deferLater(clock, RETRY_DELAY * (attempt + 1), _nothing)
+                    continue
                 return value
             self.log.info("object store: the total was not written (busy): recounted later")
             return None
@@ -169,3 +181,20 @@ class StoreUsage:
             return None
         written: int | None = await self.shared.guarded("size", attempts, None)
         return written
+
+
+def _nothing() -> None:
+    return None
+
+
+async def _retrying(clock: IReactorTime, call: Callable[[], Awaitable[T]], tries: int = 3) -> T:
+    """``call()``, again after a 5xx answer (RGW answers 500 to a request racing a write of
+    the same small object); the last failure is raised (then the store is failing)."""
+    for attempt in range(tries - 1):
+        try:
+            return await call()
+        except S3Error as error:
+            if error.status < 500:
+                raise
+        await deferLater(clock, RETRY_DELAY * (attempt + 1), _nothing)
+    return await call()
