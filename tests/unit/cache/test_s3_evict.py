@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
-from regproxy.cache.s3.client import ObjectInfo, PreconditionFailed
+from regproxy.cache.s3.client import ObjectInfo, PreconditionFailed, S3Error
 from regproxy.cache.s3.evict import Stored, StoreEvictor, plan
 from regproxy.cache.s3.settings import StoreLocation
 from regproxy.cache.s3.shared import SharedStore
@@ -383,3 +383,23 @@ def test_plan_is_least_recently_served_first_and_never_touches_the_protected(
         assert all(objects[h].last_served >= newest_evicted for h in evictable_kept)
     if total_size > bound and chosen.remaining > target:
         assert evictable_kept == []  # everything left over is protected
+
+
+def test_a_500_racing_write_of_the_total_is_retried_without_marking_the_store_down() -> None:
+    clock = Clock()
+    s3 = MemoryS3(clock)
+    one = Replica(s3, clock, "one")
+    run(one.usage.add(MIB))
+    failures = [S3Error(500, "UnknownError")] * 2
+
+    async def racing(key: str) -> None:
+        if failures:
+            s3.before_put = racing
+            raise failures.pop()
+
+    s3.before_put = racing
+    adding = ensureDeferred(one.usage.add(MIB))
+    for _ in range(10):
+        clock.advance(0.1)  # the retries' short delays
+    assert result(adding) == 2 * MIB
+    assert not one.shared.down and total(s3) == 2 * MIB
