@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 
 IN_STORE_MEMORY = 60.0
 """Seconds a digest found in the store is redirected to without asking the store again
-(objects never change; only a bucket lifecycle rule removes them)."""
+(objects never change; eviction spares what was served in the last 20 minutes, which covers
+this, and a lifecycle rule removes them after days)."""
 
 UNCLAIMED_LEASE = 5.0
 """Seconds a lease won for clients that then did not start its download is kept."""
