@@ -25,6 +25,7 @@ from .storage import ObjectStore
 from .tail import RemoteDownloads
 
 if TYPE_CHECKING:
+    from .s3.evict import StoreEvictor
     from .s3.index import SharedIndex
     from .s3.lease import HeldLease, Waited
     from .s3.shared import SharedStore
@@ -130,7 +131,7 @@ class Cache:
         # eviction runs (``s3.evict``: set when the store has a bound), and the digests this
         # replica reads from the store right now (never evicted under it).
         self.usage = usage
-        self.store_evictor: Any = None
+        self.store_evictor: StoreEvictor | None = None
         self.store_reads: dict[str, int] = {}
 
     def busy_in_store(self, digest: str) -> bool:

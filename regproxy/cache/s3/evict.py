@@ -43,7 +43,7 @@ from ..layout import is_hex
 from .client import ObjectInfo
 from .lease import HeldLease
 from .shared import SharedStore
-from .usage import SizeRecord, StoreUsage
+from .usage import StoreUsage
 
 RECOUNT_EVERY = 86400.0
 """Seconds after which the total is counted again by a listing even below the bound."""
@@ -189,7 +189,7 @@ class StoreEvictor(Service):
             or record.bytes > self.max_size
             or now - record.counted_at >= self.recount_every
         ):
-            return await self.run(record)
+            return await self.run()
         return None
 
     def over(self, total: int | None) -> None:
@@ -202,18 +202,18 @@ class StoreEvictor(Service):
 
     # -- a run ---------------------------------------------------------------------------------
 
-    async def run(self, before: SizeRecord | None = None) -> Plan | None:
+    async def run(self) -> Plan | None:
         """One eviction run if this replica gets the lease (None otherwise, or when the store
         fails); one at a time in this replica."""
-        return await self._runs.run("evict", lambda: self._leased(before))
+        return await self._runs.run("evict", self._leased)
 
-    async def _leased(self, before: SizeRecord | None) -> Plan | None:
+    async def _leased(self) -> Plan | None:
         lease = await self._take()
         if lease is None:
             return None
         self.lease = lease
         try:
-            return await self._evict(lease, before)
+            return await self._evict(lease)
         finally:
             self.lease = None
             await lease.release()
@@ -238,9 +238,11 @@ class StoreEvictor(Service):
         self._seen = None
         return HeldLease(shared, "eviction", etag, key=self.lease_key)
 
-    async def _evict(self, lease: HeldLease, before: SizeRecord | None) -> Plan | None:
+    async def _evict(self, lease: HeldLease) -> Plan | None:
         shared = self.shared
-        before = await self.usage.total() if before is None else before
+        # Read again under the lease, just before listing: what is added from now on is
+        # kept on top of the count (``usage.counted``).
+        before = await self.usage.total()
         prefix = shared.prefix
         blobs = await shared.guarded("list", lambda: shared.client.list(prefix + "blobs/"), None)
         served = await shared.guarded(
