@@ -308,6 +308,18 @@ DEFAULT_ABANDONED_LIMIT = 1 << 30
 
 
 @attrs.frozen
+class StoreTiming:
+    """When the shared store's eviction bookkeeping happens (seconds; see cache/s3/evict)."""
+
+    # A replica rewrites a digest's served record at most this often.
+    served_every: float = 600.0
+    # Every replica checks the store's total this often (spread 0.8x-1.2x).
+    evict_every: float = 300.0
+    # Nothing served more recently than this is evicted.
+    evict_min_idle: float = 1200.0
+
+
+@attrs.frozen
 class CacheConfig:
     """``--cache-dir`` and its settings: the pull-through cache."""
 
@@ -326,6 +338,10 @@ class CacheConfig:
     store: str | None = None
     # Seconds without renewal after which a replica's lease on a download is dead.
     lease_ttl: float = 30.0
+    # The bound of the shared store (--cache-max-size with --cache-store); None: its
+    # bucket's lifecycle rules bound it.
+    store_max_size: int | None = None
+    store_timing: StoreTiming = StoreTiming()
 
 
 @attrs.frozen

@@ -20,6 +20,7 @@ from twisted.python import usage
 
 from . import option_values as values
 from .cache.sizes import parse_size
+from .config import StoreTiming
 from .protocol.hosts import is_google_registry
 from .server.cpus import worker_count
 
@@ -132,3 +133,21 @@ def ignored_with_routes_file(environ: Mapping[str, str]) -> list[str]:
         for name in ROUTE_VARIABLES
         if environ.get(name)
     ]
+
+
+# The shared store's eviction timing (tests and unusual stores; the defaults suit most).
+STORE_TIMING = (
+    Variable("REGPROXY_CACHE_SERVED_EVERY", "served_every", values.seconds),
+    Variable("REGPROXY_CACHE_EVICT_EVERY", "evict_every", values.positive_seconds),
+    Variable("REGPROXY_CACHE_EVICT_MIN_IDLE", "evict_min_idle", values.seconds),
+)
+
+
+def store_timing(environ: Mapping[str, str]) -> StoreTiming:
+    """``StoreTiming`` with what the ``REGPROXY_CACHE_*`` variables set."""
+    found = {
+        variable.option: _coerced(variable.name, variable.coerce, environ[variable.name])
+        for variable in STORE_TIMING
+        if environ.get(variable.name)
+    }
+    return StoreTiming(**found)

@@ -26,9 +26,9 @@ from .server.logs import LogFormat
 # routing.values' functions: a routes file's keys are read with the very same ones.
 __all__ = [
     "blob_redirects",
-    "credentials_directory",
     "byte_limit",
     "cache_directory",
+    "credentials_directory",
     "directory",
     "endpoint",
     "log_format",

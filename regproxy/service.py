@@ -22,9 +22,11 @@ from .access.oidc import oidc_verifiers
 from .cache.budget import OrphanBudget
 from .cache.download import Downloads
 from .cache.s3.client import s3_client
+from .cache.s3.evict import StoreEvictor
 from .cache.s3.index import SharedIndex
 from .cache.s3.settings import StoreLocation
 from .cache.s3.shared import SharedStore
+from .cache.s3.usage import StoreUsage
 from .cache.state import Cache
 from .cache.store import CacheStore, open_store
 from .cache.tail import RemoteDownloads, inotify_notifier
@@ -208,6 +210,7 @@ def build_cache(
     if config.cache is None:
         return None, None
     settings = config.cache
+    timing = settings.store_timing
     store = open_store(
         settings.directory,
         max_size=settings.max_size,
@@ -222,11 +225,19 @@ def build_cache(
         orphan_budget=OrphanBudget(settings.abandoned_limit),
     )
     shared, shared_index = _shared_store(settings, store, reactor)
-    return store, Cache(
+    # Served records and the total are kept only for a bound: without one, the bucket's
+    # lifecycle rules bound the store and they would be PUTs for nothing.
+    usage = (
+        StoreUsage(shared, served_every=timing.served_every)
+        if shared is not None and settings.store_max_size is not None
+        else None
+    )
+    cache = Cache(
         store,
         downloads,
         shared=shared,
         shared_index=shared_index,
+        usage=usage,
         clock=reactor,
         tag_ttl=settings.tag_ttl,
         stale_max_age=settings.stale_max_age,
@@ -237,6 +248,17 @@ def build_cache(
             store, downloads, clock=reactor, notifier=inotify_notifier(reactor)
         ),
     )
+    if shared is not None and usage is not None and settings.store_max_size is not None:
+        cache.store_evictor = StoreEvictor(
+            shared,
+            usage,
+            max_size=settings.store_max_size,
+            busy=cache.busy_in_store,
+            on_evicted=cache.evicted_from_store,
+            every=timing.evict_every,
+            min_idle=timing.evict_min_idle,
+        )
+    return store, cache
 
 
 def _shared_store(
@@ -374,6 +396,8 @@ def build_service(
             verify=config.cache.verify,
             scrub_interval=config.cache.scrub_interval,
         ).setServiceParent(top)
+    if cache is not None and cache.store_evictor is not None:
+        cache.store_evictor.setServiceParent(top)
     if config.routes_file is not None:
         RoutesReloader(
             config.routes_file, root.routing, root.routing_factory, reactor, root.gates

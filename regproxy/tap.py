@@ -17,7 +17,7 @@ from twisted.python import usage
 
 from . import SYSTEMD_HANDOVER, __version__, environment, option_help
 from . import option_values as values
-from .cache.sizes import default_max_size, parse_size
+from .cache.sizes import parse_size, tier_max_size
 from .config import (
     DEFAULT_ABANDONED_LIMIT,
     DEFAULT_PUBLIC_TTL,
@@ -256,7 +256,7 @@ class Options(usage.Options):
             None,
             None,
             "Bound of the cache, such as 50G or 500M (env REGPROXY_CACHE_MAX_SIZE; default 80 % "
-            "of the space free at start-up).",
+            "of the space free); with --cache-store, of the store (default: its lifecycle rules).",
             _named("cache-max-size", parse_size),
         ],
         [
@@ -501,8 +501,10 @@ class Options(usage.Options):
         return CacheConfig(
             store=store,
             lease_ttl=float(self.environ.get("REGPROXY_CACHE_LEASE_TTL", "30")),
+            store_timing=environment.store_timing(self.environ),
             directory=directory,
-            max_size=self["cache-max-size"] or default_max_size(directory),
+            max_size=tier_max_size(self["cache-max-size"], directory, store=store is not None),
+            store_max_size=self["cache-max-size"] if store is not None else None,
             stale_max_age=self["cache-stale-max-age"],
             tag_ttl=self["cache-tag-ttl"],
             verify=bool(self["cache-verify"]),

@@ -377,6 +377,7 @@ class CachingFetcher(SharedPaths):
         if obj.data is not None:
             self.cache.hot.put(digest, obj.data)
         self._count(asked, outcome)
+        self._note_served(digest)
         return stored_answer(
             obj,
             digest,

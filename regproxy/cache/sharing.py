@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import ensureDeferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 
 IN_STORE_MEMORY = 60.0
 """Seconds a digest found in the store is redirected to without asking the store again
-(objects never change; only a bucket lifecycle rule removes them)."""
+(objects never change; eviction spares what was served in the last 20 minutes, which covers
+this, and a lifecycle rule removes them after days)."""
 
 UNCLAIMED_LEASE = 5.0
 """Seconds a lease won for clients that then did not start its download is kept."""
@@ -104,6 +105,13 @@ class SharedPaths:
     @property
     def _shared(self) -> SharedStore | None:
         return self.cache.shared
+
+    def _note_served(self, digest: str) -> None:
+        """``digest`` is being served (any tier, or a redirect): the store's eviction keeps
+        the least recently served last."""
+        usage = self.cache.usage
+        if usage is not None:
+            usage.served(digest)
 
     async def _shared_holds(self, asked: Asked, digest: str) -> bool:
         index: SharedIndex | None = self.cache.shared_index
@@ -202,17 +210,27 @@ class SharedPaths:
             else:
                 download.finish()
                 finishing = feed.upload.finish(download.received)
-            _spawn(self._finish_upload(finishing, download.digest, lease), self.log, "upload")
+            size = download.received
+            _spawn(
+                self._finish_upload(finishing, download.digest, lease, size), self.log, "upload"
+            )
 
         body.deliver(feed).addBoth(ended)
 
     async def _finish_upload(
-        self, finishing: Coroutine[Any, Any, object], digest: str, lease: HeldLease
+        self, finishing: Coroutine[Any, Any, object], digest: str, lease: HeldLease, size: int
     ) -> None:
         try:
-            await finishing
+            stored = await finishing
         finally:
             self._drop_lease(digest, lease)
+        usage, evictor = self.cache.usage, self.cache.store_evictor
+        if stored is True and usage is not None:
+            # The store's total grows by it; past the bound, eviction runs now.
+            usage.uploaded(digest)
+            total = await usage.add(size)
+            if evictor is not None:
+                evictor.over(total)
 
     # -- reading what the store holds --------------------------------------------------------
 
@@ -258,6 +276,7 @@ class SharedPaths:
             self.log.failure("presigning {digest}", digest=digest)
             return None
         self._count(asked, "redirect")
+        self._note_served(digest)
         headers = Headers(
             {
                 b"location": [url.encode()],
@@ -287,16 +306,29 @@ class SharedPaths:
             cache.download_headers[download] = headers
             download.done.addBoth(self._download_over, download)
             download.done.addCallback(self._committed, asked, digest)
+        # Read from the store from now until its body is over: this replica never evicts it
+        # meanwhile (``s3.evict``).
+        reads = cache.store_reads
+        reads[digest] = reads.get(digest, 0) + 1
+        over = _once(lambda: _unread(reads, digest))
+        if download is not None:
+            download.done.addBoth(_after, over)
         response = await shared.open(digest)
         if response is None:
+            # The store failed, or the object is gone since ``find`` (evicted by another
+            # replica): a failed download, whose clients start over, and this one goes on
+            # as without the store (the upstream).
             if download is not None:
                 download.fail(Failure(OCIError("UPSTREAM_UNAVAILABLE", "store read failed")))
+            over()
             return None
         body = UpstreamBody(response, cache.clock, cache.idle_timeout)
         self._count(asked, "hit")
+        self._note_served(digest)
         if download is None:
             # The local tier cannot keep it: straight from the store, verified on the way.
-            return Answer(200, headers, VerifyingBody(body, digest), cache="hit")
+            direct = EndingBody(VerifyingBody(body, digest), over)
+            return Answer(200, headers, direct, cache="hit")
 
         def flow() -> None:
             self._feed(download, body)
@@ -352,6 +384,56 @@ def _blob_headers(digest: str) -> Headers:
             b"accept-ranges": [b"bytes"],
         }
     )
+
+
+def _after(result: object, action: Callable[[], None]) -> object:
+    action()
+    return result
+
+
+def _unread(reads: dict[str, int], digest: str) -> None:
+    left = reads.get(digest, 0) - 1
+    if left > 0:
+        reads[digest] = left
+    else:
+        reads.pop(digest, None)
+
+
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    done: list[bool] = []
+
+    def once() -> None:
+        if not done:
+            done.append(True)
+            action()
+
+    return once
+
+
+@attrs.define
+class EndingBody:
+    """A body that calls ``on_end`` once it was delivered, failed or discarded."""
+
+    inner: Body
+    on_end: Callable[[], None]
+
+    @property
+    def length(self) -> int | None:
+        return self.inner.length
+
+    def deliver(self, consumer: IConsumer) -> Deferred[int]:
+        delivered = self.inner.deliver(consumer)
+
+        def ended(result: object) -> object:
+            self.on_end()
+            return result
+
+        delivered.addBoth(ended)
+        return delivered
+
+    def discard(self) -> None:
+        self.inner.discard()
+        self.on_end()
 
 
 def _spawn(work: Any, log: Logger, what: str) -> None:

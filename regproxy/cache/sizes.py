@@ -34,3 +34,14 @@ def default_max_size(directory: str, fraction: float = DEFAULT_FREE_SPACE_FRACTI
     """
     stats = os.statvfs(directory)
     return max(1, int(stats.f_bavail * stats.f_frsize * fraction))
+
+
+def tier_max_size(max_size: int | None, directory: str, *, store: bool) -> int:
+    """The bound of ``directory``: ``max_size`` (``--cache-max-size``), else the default.
+    With a shared store ``max_size`` bounds the store; the local tier in front of it keeps
+    the default, but never more than the whole cache may hold: a tier larger than the
+    store's bound would only keep what the store already evicted."""
+    default = default_max_size(directory)
+    if max_size is None:
+        return default
+    return min(max_size, default) if store else max_size

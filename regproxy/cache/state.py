@@ -25,9 +25,11 @@ from .storage import ObjectStore
 from .tail import RemoteDownloads
 
 if TYPE_CHECKING:
+    from .s3.evict import StoreEvictor
     from .s3.index import SharedIndex
     from .s3.lease import HeldLease, Waited
     from .s3.shared import SharedStore
+    from .s3.usage import StoreUsage
 
 
 class RouteCounts(Protocol):
@@ -90,6 +92,7 @@ class Cache:
         remote: RemoteDownloads | None = None,
         shared: SharedStore | None = None,
         shared_index: SharedIndex | None = None,
+        usage: StoreUsage | None = None,
     ) -> None:
         # Downloads of other processes on the same directory, read along their files.
         self.remote = remote
@@ -124,6 +127,19 @@ class Cache:
         self.in_store: dict[str, float] = {}
         # One wait for another replica's download per digest.
         self.waiting: SingleFlight[str, Waited] = SingleFlight()
+        # When objects are served and what the store holds (eviction's bookkeeping), the
+        # eviction runs (``s3.evict``: set when the store has a bound), and the digests this
+        # replica reads from the store right now (never evicted under it).
+        self.usage = usage
+        self.store_evictor: StoreEvictor | None = None
+        self.store_reads: dict[str, int] = {}
+
+    def busy_in_store(self, digest: str) -> bool:
+        """Whether this replica reads ``digest`` from the store, or downloads it, now."""
+        return digest in self.store_reads or self.downloads.get(digest) is not None
+
+    def evicted_from_store(self, digest: str) -> None:
+        self.in_store.pop(digest, None)
 
 
 def announced_headers(answer: Answer) -> list[tuple[bytes, bytes]]:

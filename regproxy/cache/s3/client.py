@@ -66,12 +66,21 @@ class ObjectInfo:
     key: str
     size: int
     etag: str  # without quotes
+    modified: float = 0.0  # Last-Modified (the service's clock, POSIX seconds); 0: not known
 
 
 def _etag(value: bytes | str | None) -> str:
     if isinstance(value, bytes):
         value = value.decode("latin-1")
     return (value or "").strip().strip('"')
+
+
+def _modified(text: str) -> float:
+    """A listing's LastModified (``2026-12-07T04:32:40.123Z``) as POSIX seconds; 0: unreadable."""
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _strip(tag: str) -> str:
@@ -281,7 +290,10 @@ class S3Client:
             for item in _children(root, "Contents"):
                 found.append(
                     ObjectInfo(
-                        _text(item, "Key"), int(_text(item, "Size")), _etag(_text(item, "ETag"))
+                        _text(item, "Key"),
+                        int(_text(item, "Size")),
+                        _etag(_text(item, "ETag")),
+                        _modified(_text(item, "LastModified")),
                     )
                 )
             token = _text(root, "NextContinuationToken")

@@ -38,13 +38,17 @@ class Waited(enum.Enum):
 
 
 class HeldLease:
-    """A lease this replica holds: renewed until ``release``."""
+    """A lease this replica holds: renewed until ``release``. ``key``: a lease that is not a
+    digest's (``leases/evict``); ``digest`` then only names it in logs."""
 
     log = Logger()
 
-    def __init__(self, shared: SharedStore, digest: str, etag: str) -> None:
+    def __init__(
+        self, shared: SharedStore, digest: str, etag: str, key: str | None = None
+    ) -> None:
         self.shared = shared
         self.digest = digest
+        self.key = key
         self.etag: str | None = etag
         self.released = False
         self.claimed = False  # a download took it
@@ -55,7 +59,10 @@ class HeldLease:
     async def _renew_once(self) -> None:
         if self.etag is None or self.released:
             return
-        etag = await self.shared.renew_lease(self.digest, self.etag)
+        if self.key is None:
+            etag = await self.shared.renew_lease(self.digest, self.etag)
+        else:
+            etag = await self.shared.take_lease_at(self.key, over=self.etag)
         if etag is None and not self.released and not self.shared.down:
             self.log.warn(
                 "lost the lease on {digest} (renewed too late?): another replica may fetch it",
@@ -68,6 +75,11 @@ class HeldLease:
             lambda f: self.log.failure("renewing a lease", f)
         )
 
+    @property
+    def lost(self) -> bool:
+        """Taken over by another replica (or a renewal failed): no longer this one's."""
+        return self.etag is None and not self.released
+
     async def release(self) -> None:
         if self.released:
             return
@@ -75,7 +87,10 @@ class HeldLease:
         if self._renewal.running:
             self._renewal.stop()
         if self.etag is not None:
-            await self.shared.release_lease(self.digest)
+            if self.key is None:
+                await self.shared.release_lease(self.digest)
+            else:
+                await self.shared.release_lease_at(self.key)
 
 
 async def wait(

@@ -4,9 +4,12 @@ Keys under the location's prefix::
 
     blobs/sha256/ab/<hex>            an object, only ever completed by a verifier
     leases/sha256/<hex>              who downloads <hex> from the upstream now (JSON)
+    leases/evict                     who evicts now (JSON; ``evict``)
     index/repos/<key(route, repository)>/<hex>     R is known to hold <hex> (empty)
     index/tags/<key(route, repository)>/<key(tag, accept key)>   {"digest", "confirmed_at"}
     index/media/<hex>                the Content-Type a manifest was served with
+    index/served/<hex>               rewritten when <hex> is served (its Last-Modified says when)
+    index/size                       the bytes under blobs/ as counted ({"bytes", "counted_at"})
 
 Faults: a store that does not answer (refused, reset, past the request deadline), answers
 5xx or refuses our credentials (401/403), or credentials that cannot be had, is *down* for
@@ -78,6 +81,9 @@ class SharedStore:
 
     def lease_key(self, digest: str) -> str:
         return f"{self.prefix}leases/sha256/{sha256_hex(digest)}"
+
+    def served_key(self, digest: str) -> str:
+        return f"{self.prefix}index/served/{sha256_hex(digest)}"
 
     def _repo_key(self, route: str, repository: str, digest: str) -> str:
         return f"{self.prefix}index/repos/{index_key(route, repository)}/{sha256_hex(digest)}"
@@ -157,7 +163,11 @@ class SharedStore:
     async def take_lease(self, digest: str, *, over: str | None = None) -> str | None:
         """The new lease's ETag, or None: another replica holds it (or took it first).
         ``over``: take over the lease that has this ETag (its holder stopped renewing)."""
-        key, body = self.lease_key(digest), self._lease_body()
+        return await self.take_lease_at(self.lease_key(digest), over=over)
+
+    async def take_lease_at(self, key: str, *, over: str | None = None) -> str | None:
+        """``take_lease`` of any lease key (``leases/evict``)."""
+        body = self._lease_body()
 
         async def put() -> str | None:
             try:
@@ -174,8 +184,11 @@ class SharedStore:
         return await self.take_lease(digest, over=etag)
 
     async def read_lease(self, digest: str) -> LeaseState | None:
+        return await self.read_lease_at(self.lease_key(digest))
+
+    async def read_lease_at(self, key: str) -> LeaseState | None:
         async def read() -> LeaseState | None:
-            response = await self.client.get(self.lease_key(digest))
+            response = await self.client.get(key)
             if response is None:
                 return None
             etag = (response.headers.getRawHeaders(b"etag", [b""])[0]).decode().strip('"')
@@ -189,7 +202,10 @@ class SharedStore:
         return await self.guarded("lease", read, None)
 
     async def release_lease(self, digest: str) -> None:
-        await self.guarded("lease", lambda: self.client.delete(self.lease_key(digest)), None)
+        await self.release_lease_at(self.lease_key(digest))
+
+    async def release_lease_at(self, key: str) -> None:
+        await self.guarded("lease", lambda: self.client.delete(key), None)
 
     # -- the index ---------------------------------------------------------------------------
 
