@@ -317,6 +317,8 @@ class StoreTiming:
     evict_every: float = 300.0
     # Nothing served more recently than this is evicted.
     evict_min_idle: float = 1200.0
+    # A download lease not renewed for this long is taken over by a waiting replica.
+    lease_ttl: float = 30.0
 
 
 @attrs.frozen
@@ -336,8 +338,6 @@ class CacheConfig:
     abandoned_limit: int = DEFAULT_ABANDONED_LIMIT
     # The shared object store behind the directory (s3://BUCKET/PREFIX); None: none.
     store: str | None = None
-    # Seconds without renewal after which a replica's lease on a download is dead.
-    lease_ttl: float = 30.0
     # The bound of the shared store (--cache-max-size with --cache-store); None: its
     # bucket's lifecycle rules bound it.
     store_max_size: int | None = None

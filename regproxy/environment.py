@@ -135,11 +135,13 @@ def ignored_with_routes_file(environ: Mapping[str, str]) -> list[str]:
     ]
 
 
-# The shared store's eviction timing (tests and unusual stores; the defaults suit most).
+# The shared store's lease and eviction timing (tests and unusual stores; the defaults
+# suit most).
 STORE_TIMING = (
     Variable("REGPROXY_CACHE_SERVED_EVERY", "served_every", values.seconds),
     Variable("REGPROXY_CACHE_EVICT_EVERY", "evict_every", values.positive_seconds),
     Variable("REGPROXY_CACHE_EVICT_MIN_IDLE", "evict_min_idle", values.seconds),
+    Variable("REGPROXY_CACHE_LEASE_TTL", "lease_ttl", values.positive_seconds),
 )
 
 

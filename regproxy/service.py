@@ -269,7 +269,9 @@ def _shared_store(
         return None, None
     client = s3_client(reactor, StoreLocation.parse(settings.store))
     replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-    shared = SharedStore(client, clock=reactor, replica=replica, lease_ttl=settings.lease_ttl)
+    shared = SharedStore(
+        client, clock=reactor, replica=replica, lease_ttl=settings.store_timing.lease_ttl
+    )
     return shared, SharedIndex(store.index, shared)
 
 

@@ -500,7 +500,6 @@ class Options(usage.Options):
             return None
         return CacheConfig(
             store=store,
-            lease_ttl=float(self.environ.get("REGPROXY_CACHE_LEASE_TTL", "30")),
             store_timing=environment.store_timing(self.environ),
             directory=directory,
             max_size=tier_max_size(self["cache-max-size"], directory, store=store is not None),

@@ -49,8 +49,13 @@ def test_eviction_timing_from_the_environment(tmp_path: Path) -> None:
         "REGPROXY_CACHE_SERVED_EVERY": "0",
         "REGPROXY_CACHE_EVICT_EVERY": "2",
         "REGPROXY_CACHE_EVICT_MIN_IDLE": "0",
+        "REGPROXY_CACHE_LEASE_TTL": "2",
     }
     cache = parse(store, environ).cache
-    assert cache is not None and cache.store_timing == StoreTiming(0.0, 2.0, 0.0)
+    assert cache is not None and cache.store_timing == StoreTiming(0.0, 2.0, 0.0, 2.0)
     with pytest.raises(usage.UsageError, match="REGPROXY_CACHE_EVICT_EVERY"):
         parse(store, {"REGPROXY_CACHE_EVICT_EVERY": "0"})
+    # A lease that never expires, or a typo, is a one-line start-up error, not a traceback.
+    for wrong in ("0", "soon"):
+        with pytest.raises(usage.UsageError, match="REGPROXY_CACHE_LEASE_TTL"):
+            parse(store, {"REGPROXY_CACHE_LEASE_TTL": wrong})
