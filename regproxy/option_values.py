@@ -7,9 +7,14 @@ sentence that says what to give instead (the caller adds the option's or variabl
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import os
+import shutil
+import tempfile
 from urllib.parse import urlsplit
+
+from twisted.python import usage
 
 from .cache.sizes import parse_size
 from .routing.values import (
@@ -118,3 +123,17 @@ def byte_limit(text: str) -> int:
 
 
 byte_limit.coerceDoc = "A size such as 1G, 500M or 1048576 (bytes), or 0."  # type: ignore[attr-defined]
+
+
+def temporary_tier() -> str:
+    """The local tier of ``--cache-store`` without ``--cache-dir``: a private directory,
+    removed when the process exits (what it holds is in the store)."""
+    try:
+        directory = tempfile.mkdtemp(prefix="regproxy-tier-")
+    except OSError as error:
+        raise usage.UsageError(
+            f"--cache-store needs a local tier and no temporary directory is writable "
+            f"({error.strerror}): give --cache-dir, or mount a tmpfs at /tmp"
+        ) from None
+    atexit.register(shutil.rmtree, directory, True)
+    return directory

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -495,7 +494,7 @@ class Options(usage.Options):
         directory, store = self["cache-dir"], self["cache-store"]
         if directory is None and store is not None:
             # The local tier objects in flight pass through (and hot ones stay in).
-            directory = tempfile.mkdtemp(prefix="regproxy-tier-")
+            directory = values.temporary_tier()
         if directory is None:
             return None
         return CacheConfig(

@@ -3,6 +3,7 @@ keeps the default bound, never more than the store's; eviction timing from the e
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,25 @@ def test_eviction_timing_from_the_environment(tmp_path: Path) -> None:
     for wrong in ("0", "soon"):
         with pytest.raises(usage.UsageError, match="REGPROXY_CACHE_LEASE_TTL"):
             parse(store, {"REGPROXY_CACHE_LEASE_TTL": wrong})
+
+
+def test_the_temporary_tier_is_private_and_removed_at_exit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import atexit
+
+    removals: list[tuple[object, ...]] = []
+    monkeypatch.setattr(atexit, "register", lambda *call: removals.append(call))
+    cache = parse(["--cache-store", "s3://bucket/p"]).cache
+    assert cache is not None and os.path.isdir(cache.directory)
+    assert os.stat(cache.directory).st_mode & 0o077 == 0
+    assert [call[1] for call in removals] == [cache.directory]
+    os.rmdir(cache.directory)
+
+
+def test_no_writable_temporary_directory_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", "/proc/no-such-directory")
+    with pytest.raises(usage.UsageError, match="give --cache-dir, or mount a tmpfs at /tmp"):
+        parse(["--cache-store", "s3://bucket/p"])
