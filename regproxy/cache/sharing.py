@@ -390,8 +390,8 @@ class TeeFeed(DownloadFeed):
                 self._hold("download", True)
 
     def unregisterProducer(self) -> None:
-        # The body is over: its transport must not be paused any more (the connection may
-        # be back in the pool, serving another request), whatever the upload still sends.
+        # The body is over: nothing to pause any more, whatever the upload still sends (the
+        # upstream connection ignores it too, being back in the pool: upstream._connection).
         super().unregisterProducer()
         self._push = None
 
