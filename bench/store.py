@@ -4,7 +4,9 @@ Every figure is a ratio from one run on this machine:
 
 1. store-hit blob throughput: a replica whose local tier is empty serves a blob another
    replica put in the store (curl through regproxy) / the same object GET straight from RGW
-   (curl on a presigned URL); median of ``--repeats``, a fresh replica each time;
+   (curl on a presigned URL); median of ``--repeats``, a fresh replica each time, with its
+   CPU time. ``--baseline DIR`` (a checkout of another revision, e.g. from ``git archive``)
+   also runs replicas of that code, interleaved with these, for a before/after in one run;
 2. a cold blob behind an upstream slower than the clients (a relay at ``--rate``): upstream
    GETs, every body verified, and the wall time of ``--clients`` clients spread over three
    replicas on one bucket against one client alone on a cold blob of the same size;
@@ -49,8 +51,12 @@ class Replicas:
         self.bucket = bucket
         self.started: list[RegproxyProcess] = []
 
-    def start(self, *extra: str) -> RegproxyProcess:
+    def start(self, *extra: str, source: Path | None = None) -> RegproxyProcess:
+        """A replica; ``source``: the root of another checkout to run instead of this one."""
         number = len(self.started)
+        env = self.rgw.env()
+        if source is not None:
+            env["PYTHONPATH"] = str(source)
         proxy = RegproxyProcess(
             [
                 "--upstream",
@@ -61,8 +67,9 @@ class Replicas:
                 str(self.work / f"tier{number}"),
                 *extra,
             ],
-            env=self.rgw.env(),
+            env=env,
             directory=self.work / f"proxy{number}",
+            cwd=source,
         )
         self.started.append(proxy)
         return proxy.start()
@@ -87,18 +94,34 @@ def store_hits(args: argparse.Namespace, replicas: Replicas, image: BlobImage) -
     eventually(lambda: not replicas.leases_left(), 60, what="the upload completed")
     key = f"cache/blobs/sha256/{blob.digest[7:9]}/{blob.digest[7:]}"
     client: Any = replicas.rgw.client()
-    direct, through = [], []
+    sources: dict[str, Path | None] = {"regproxy": None}
+    if args.baseline is not None:
+        sources["baseline"] = args.baseline
+    direct: list[float] = []
+    through: dict[str, list[tuple[float, float]]] = {name: [] for name in sources}
     for _ in range(args.repeats):
         url = client.presigned_get_object(replicas.bucket, key)
         direct.append(curl_download(url, blob.size))
-        fresh = replicas.start()
-        through.append(
-            curl_download(endpoint(fresh).url(image.name, "blobs", blob.digest), blob.size)
-        )
-        fresh.stop()
+        for name, source in sources.items():
+            fresh = replicas.start(source=source)
+            point = endpoint(fresh)
+            before = point.cpu_seconds()
+            speed = curl_download(point.url(image.name, "blobs", blob.digest), blob.size)
+            through[name].append((speed, point.cpu_seconds() - before))
+            fresh.stop()
     rgw_mb_s = statistics.median(direct) / MiB
-    proxy_mb_s = statistics.median(through) / MiB
-    return {"rgw_mb_s": rgw_mb_s, "regproxy_mb_s": proxy_mb_s, "ratio": proxy_mb_s / rgw_mb_s}
+    result: dict[str, Any] = {"rgw_mb_s": rgw_mb_s, "rgw_runs": [d / MiB for d in direct]}
+    for name, runs in through.items():
+        mb_s = statistics.median(speed for speed, _ in runs) / MiB
+        result[name] = {
+            "mb_s": mb_s,
+            "ratio": mb_s / rgw_mb_s,
+            "cpu_s_per_gib": statistics.median(cpu for _, cpu in runs) * (1 << 30) / blob.size,
+            "runs": [speed / MiB for speed, _ in runs],
+        }
+    result["regproxy_mb_s"] = result["regproxy"]["mb_s"]
+    result["ratio"] = result["regproxy"]["ratio"]
+    return result
 
 
 def cold_over_replicas(
@@ -190,13 +213,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 name: push_blob_image(registry.url, name, "v1", random_file(work / name, size))
                 for name, size in (
                     ("hot", args.blob_size),
-                    ("cold", args.cold_size),
-                    ("alone", args.cold_size),
+                    *(() if args.only_hits else (("cold", args.cold_size),)),
+                    *(() if args.only_hits else (("alone", args.cold_size),)),
                 )
             }
             replicas = Replicas(work, rgw, registry.url, rgw.new_bucket("bench"))
             try:
                 result["store_hit"] = store_hits(args, replicas, images["hot"])
+                if args.only_hits:
+                    return result
                 result["redirects"] = redirect_cpu(args, replicas, images["hot"])
                 result["cold"] = cold_over_replicas(
                     args, replicas, registry, images["cold"], images["alone"]
@@ -209,12 +234,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(result: dict[str, Any]) -> str:
-    hit, cold, red = result["store_hit"], result["cold"], result["redirects"]
+    hit = result["store_hit"]
+    lines = [f"RGW start: {result['rgw_start_s']:.1f} s"]
+    lines += [
+        f"store-hit blob: {name} {hit[name]['mb_s']:.0f} MB/s"
+        f" ({hit[name]['cpu_s_per_gib']:.2f} CPU s/GiB), RGW direct {hit['rgw_mb_s']:.0f}"
+        f" MB/s: {hit[name]['ratio']:.2f}x"
+        for name in ("regproxy", "baseline")
+        if name in hit
+    ]
+    if "cold" not in result:
+        return "\n".join(lines)
+    cold, red = result["cold"], result["redirects"]
     return "\n".join(
         [
-            f"RGW start: {result['rgw_start_s']:.1f} s",
-            f"store-hit blob: regproxy {hit['regproxy_mb_s']:.0f} MB/s, RGW direct"
-            f" {hit['rgw_mb_s']:.0f} MB/s: {hit['ratio']:.2f}x",
+            *lines,
             f"cold blob ({cold['blob_bytes'] // MiB} MiB, upstream {cold['upstream_mb_s']} MB/s),"
             f" {cold['clients']} clients over {cold['replicas']} replicas:"
             f" {cold['upstream_gets']} upstream GET(s), verified {cold['all_verified']},"
@@ -235,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="upstream MB/s (cold blob)")
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="root of another checkout: its store hits are measured too, interleaved",
+    )
+    parser.add_argument("--only-hits", action="store_true", help="measure store hits only")
     args = parser.parse_args(argv)
     if args.smoke:
         args.blob_size = args.cold_size = 4 * MiB

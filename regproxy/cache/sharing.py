@@ -58,6 +58,10 @@ this, and a lifecycle rule removes them after days)."""
 UNCLAIMED_LEASE = 5.0
 """Seconds a lease won for clients that then did not start its download is kept."""
 
+HOT_WINDOW = 600.0
+"""Seconds after a blob was streamed from the store within which a second whole GET of it
+is read into the local tier (it is hot: later hits are served from disk)."""
+
 REDIRECT_EXPIRY = 300
 """Seconds a presigned URL of a blob redirect is valid: enough to start a pull, short enough
 that a leaked URL is soon worthless."""
@@ -298,8 +302,19 @@ class SharedPaths:
             # Another client of this replica started reading it from the store meanwhile.
             return await self._join(asked, running, digest)
         cache = self.cache
-        download = cache.downloads.start(digest, expected_size=size)
         headers = _blob_headers(digest)
+        if self._first_whole_hit(asked, digest):
+            # Straight from the store to the client, hashed on the way and its last chunk
+            # held back until the digest matched: no local file to write and read back (on
+            # a busy machine the page-cache copy of a write alone cost more than the rest
+            # of the hit). A second whole GET of it soon after is read into the tier.
+            streamed = await shared.open(digest)
+            if streamed is None:
+                return None
+            self._count(asked, "hit")
+            body = UpstreamBody(streamed, cache.clock, cache.idle_timeout)
+            return Answer(200, headers, VerifyingBody(body, digest), cache="hit")
+        download = cache.downloads.start(digest, expected_size=size)
         if download is not None:
             # Shared at once (before the store answers): this replica's other clients join.
             cache.download_repository[download] = asked.repository
@@ -335,6 +350,22 @@ class SharedPaths:
 
         reading = self._reading(asked, download, digest, headers, size, on_use=flow)
         return attrs.evolve(reading, cache="hit")
+
+    def _first_whole_hit(self, asked: Asked, digest: str) -> bool:
+        """Whether this whole-blob GET is the first of ``digest`` here for a while (then it
+        is streamed past the local tier). Ranges read the whole object into the tier, so
+        that each is verified before its last byte; so do hot blobs."""
+        if asked.request.header(b"range") is not None:
+            return False
+        streamed = self.cache.streamed
+        now = self.cache.clock.seconds()
+        seen = streamed.get(digest)
+        if seen is not None and now - seen < HOT_WINDOW:
+            return False
+        if len(streamed) > 100_000:
+            streamed.clear()
+        streamed[digest] = now
+        return True
 
     async def _manifest_from_store(self, asked: Asked, digest: str, size: int) -> Answer | None:
         shared = self._shared
@@ -472,8 +503,8 @@ class TeeFeed(DownloadFeed):
                 self._hold("download", True)
 
     def unregisterProducer(self) -> None:
-        # The body is over: its transport must not be paused any more (the connection may
-        # be back in the pool, serving another request), whatever the upload still sends.
+        # The body is over: nothing to pause any more, whatever the upload still sends (the
+        # upstream connection ignores it too, being back in the pool: upstream._connection).
         super().unregisterProducer()
         self._push = None
 

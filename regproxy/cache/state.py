@@ -125,6 +125,8 @@ class Cache:
         self.uploading: dict[Download, HeldLease] = {}
         # Digest -> when the shared store was last seen to hold it (blob redirects).
         self.in_store: dict[str, float] = {}
+        # Digest -> when a whole blob was last streamed from the store past the local tier.
+        self.streamed: dict[str, float] = {}
         # One wait for another replica's download per digest.
         self.waiting: SingleFlight[str, Waited] = SingleFlight()
         # When objects are served and what the store holds (eviction's bookkeeping), the

@@ -163,19 +163,21 @@ class UpstreamResponse:
 
 @implementer(IPushProducer)
 class _BodyTransport:
-    """What the body protocol holds as its ``transport``: flow control of the body."""
+    """What the body protocol holds as its ``transport``: flow control of one body. Once
+    it ended, its reader's pause, resume or stop (a consumer's buffer filling after the
+    last bytes) is ignored: the connection is idle or carries another exchange."""
 
     def __init__(self, connection: ClientConnection) -> None:
         self._connection = connection
 
     def pauseProducing(self) -> None:
-        self._connection.pause_body()
+        self._connection.pause_body(self)
 
     def resumeProducing(self) -> None:
-        self._connection.resume_body()
+        self._connection.resume_body(self)
 
     def stopProducing(self) -> None:
-        self._connection.stop_body()
+        self._connection.stop_body(self)
 
 
 class _BodyWriter:
@@ -250,6 +252,7 @@ class ClientConnection(Protocol):
         self._response: UpstreamResponse | None = None
         self._held: list[bytes] = []
         self._body: Any = None
+        self._body_transport: _BodyTransport | None = None  # None once the body ended
         self._body_paused = False
         self._socket_paused = False
         self._stopped = False
@@ -461,7 +464,8 @@ class ClientConnection(Protocol):
         if self._body is not None or self._stopped:
             raise RuntimeError("the body of this answer is already being delivered")
         self._body = protocol
-        protocol.makeConnection(_BodyTransport(self))
+        self._body_transport = _BodyTransport(self)
+        protocol.makeConnection(self._body_transport)
         self._deliver()
 
     def _deliver(self) -> None:
@@ -478,7 +482,7 @@ class ClientConnection(Protocol):
             return
         end = self._body_end
         if end is not None:
-            self._body = None
+            self._body, self._body_transport = None, None
             self._stopped = True
             if self._complete and self.state == RECEIVING:
                 self._finish_exchange()
@@ -486,22 +490,24 @@ class ClientConnection(Protocol):
         elif not self._body_paused:
             self._resume_socket()
 
-    def pause_body(self) -> None:
-        self._body_paused = True
-        self._pause_socket()
+    def pause_body(self, of: _BodyTransport) -> None:
+        if of is self._body_transport:
+            self._body_paused = True
+            self._pause_socket()
 
-    def resume_body(self) -> None:
-        self._body_paused = False
-        self._deliver()
-        if not self._body_paused and not self._complete:
-            self._resume_socket()
+    def resume_body(self, of: _BodyTransport) -> None:
+        if of is self._body_transport:
+            self._body_paused = False
+            self._deliver()
+            if not self._body_paused and not self._complete:
+                self._resume_socket()
 
-    def stop_body(self) -> None:
+    def stop_body(self, of: _BodyTransport) -> None:
         """The reader wants no more: the connection is closed, the body ends failed."""
-        if self._stopped or self._body is None:
+        if self._stopped or self._body is None or of is not self._body_transport:
             return
         self._stopped = True
-        body, self._body = self._body, None
+        body, self._body, self._body_transport = self._body, None, None
         self._held = []
         self.state = ABORTED
         self._abort()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import io
 import re
 import signal
 import time
@@ -137,12 +138,55 @@ def test_ranges_of_a_blob_from_the_store(
     digest = "sha256:" + layer.object_name.rsplit("/", 1)[1]
     second = cluster.replica()
     before = upstream_gets(upstream, "sha256")
+    # A range first: the object is read into the tier (never streamed whole past it).
+    part = curl(f"{second.url}/v2/big/blobs/{digest}", "-H", "Range: bytes=10-99")
     whole = curl(f"{second.url}/v2/big/blobs/{digest}")
     assert whole.status == 200 and hashlib.sha256(whole.body).hexdigest() == digest[7:]
-    part = curl(f"{second.url}/v2/big/blobs/{digest}", "-H", "Range: bytes=10-99")
     assert part.status == 206 and part.body == whole.body[10:100]
     assert part.header("Content-Range") == f"bytes 10-99/{len(whole.body)}"
     assert upstream_gets(upstream, "sha256") == before
+
+
+def largest_blob(cluster: Cluster) -> Any:
+    client: Any = cluster.rgw.client()
+    return max(
+        client.list_objects(cluster.bucket, "cache/blobs/", recursive=True), key=lambda o: o.size
+    )
+
+
+def test_a_first_hit_streams_past_the_local_tier_and_a_second_one_keeps_it(
+    cluster: Cluster, tmp: Path
+) -> None:
+    first = cluster.replica()
+    skopeo_copy(f"{first.host_port}/big:v1", tmp / "warm", tag="v1")
+    eventually(lambda: cluster.keys("cache/leases/") == [], 10, what="leases released")
+    hex_ = largest_blob(cluster).object_name.rsplit("/", 1)[1]
+    second = cluster.replica()
+    kept = tmp / "tier1" / "blobs" / "sha256" / hex_[:2] / hex_
+    url = f"{second.url}/v2/big/blobs/sha256:{hex_}"
+    once = curl(url)
+    assert once.status == 200 and hashlib.sha256(once.body).hexdigest() == hex_
+    assert not kept.exists()  # straight from the store to the client
+    again = curl(url)
+    assert again.status == 200 and again.body == once.body
+    eventually(kept.exists, 10, what="a blob asked for again kept in the local tier")
+    assert hashlib.sha256(kept.read_bytes()).hexdigest() == hex_
+
+
+def test_wrong_bytes_in_the_store_never_reach_a_client_whole(cluster: Cluster, tmp: Path) -> None:
+    first = cluster.replica()
+    skopeo_copy(f"{first.host_port}/big:v1", tmp / "warm", tag="v1")
+    eventually(lambda: cluster.keys("cache/leases/") == [], 10, what="leases released")
+    layer = largest_blob(cluster)
+    hex_ = layer.object_name.rsplit("/", 1)[1]
+    wrong = bytes(layer.size)  # the right length, the wrong bytes
+    client: Any = cluster.rgw.client()
+    client.put_object(cluster.bucket, layer.object_name, io.BytesIO(wrong), len(wrong))
+    second = cluster.replica()
+    url = f"{second.url}/v2/big/blobs/sha256:{hex_}"
+    for _ in range(2):  # streamed past the tier, then read into it: neither whole
+        got = curl(url, cut_ok=True)
+        assert not got.complete and len(got.body) < layer.size
 
 
 def test_twenty_clients_on_three_replicas_cost_one_upstream_get(
