@@ -23,11 +23,15 @@ from twisted.internet.defer import Deferred, fail, succeed
 
 from ._counts import Slot
 
-BUSY_TIMEOUT = 0.05
+# Long enough that a busy machine, where the worker holding the lock for its few
+# microseconds is merely not scheduled for a while, never splits the count (50 ms did, in a
+# full test run on two loaded cores: two workers each admitted the whole limit); short
+# enough that a worker stopped while holding it costs the others one pause per RETRY_AFTER.
+BUSY_TIMEOUT = 0.5
 # Opening may wait longer: workers that start together all set the file up at once (the
 # switch to WAL needs the file to themselves), before any request.
 OPEN_TIMEOUT = 5.0
-RETRY_AFTER = 1.0
+RETRY_AFTER = 5.0
 PRUNE_INTERVAL = 60.0
 
 _SCHEMA = """

@@ -120,7 +120,7 @@ def test_the_least_recently_served_are_evicted_and_refetched(
     eventually(lambda: served in bucket.keys("cache/index/served/"), 10, what="served record")
     time.sleep(1.1)
     pull(proxy, e, de)  # 3.4 MiB: the completed upload runs eviction
-    eventually(lambda: evictions(proxy) != [], 20, what="an eviction")
+    eventually(lambda: evictions(proxy) != [], 60, what="an eviction")
     eventually(lambda: set(bucket.blobs()) == {da, dd, de}, 10, what="b and c evicted")
     total = sum(bucket.blobs().values())
     assert total <= BOUND
