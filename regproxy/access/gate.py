@@ -200,7 +200,8 @@ class Gates:
         self._clock = clock
         self._run_blocking = run_blocking
         self._issuers_for = issuers_for
-        self._throttle = throttle or NoThrottle()
+        # `is None`, not `or`: an empty LoginThrottle has len() 0, and is falsy.
+        self._throttle = throttle if throttle is not None else NoThrottle()
         self._limiter_for = limiter_for
         self._limiters: dict[LimitsConfig, RateLimiter] = {}
         self._count = count

@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock as TaskClock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from regproxy.access.gate import Client, Gate
+from regproxy.access.limits import LoginThrottle
 from regproxy.access.token_service import TokenAsk, issue, parse_ask
 from regproxy.config import OIDCConfig
 from regproxy.protocol.errors import OCIError
@@ -295,3 +297,13 @@ def test_scopes_of_path_routes_follow_their_routes_rules() -> None:
         gate, parse_ask(scopes("hub/library/alpine", "hub/acme/x", "public/y"), None, None)
     )
     assert granted(gate, answer) == {"hub/library/alpine", "public/y"}
+
+
+def test_the_login_throttle_given_is_the_one_used_even_while_empty() -> None:
+    # LoginThrottle has a len(), 0 at start-up: `throttle or NoThrottle()` dropped it.
+    throttle = LoginThrottle(TaskClock())  # type: ignore[arg-type]
+    assert len(throttle) == 0
+    gate = make_gate(throttle=throttle)
+    for _ in range(10):
+        refused(gate, parse_ask([], None, basic("alice", "nope")))
+    assert refused(gate, parse_ask([], None, basic("alice", "nope"))).status == 429
