@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import math
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -40,6 +41,10 @@ class LoginThrottle:
 
     A success forgives nothing: with an account of their own, an attacker could otherwise
     interleave good logins with guesses at someone else's password.
+
+    A password being checked counts as a failure until it is known not to be one
+    (:meth:`attempt`): guesses sent in parallel would otherwise all pass the check before
+    the first of them had failed.
     """
 
     def __init__(
@@ -56,21 +61,48 @@ class LoginThrottle:
         self.capacity = capacity
         # client -> (start of its window, failures in it); the earliest start first.
         self._failed: collections.OrderedDict[str, tuple[float, int]] = collections.OrderedDict()
+        # client -> passwords of it being checked now (bounded by the requests in flight).
+        self._checking: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._failed)
 
     def allowed(self, address: str) -> bool:
-        """May this address try a password now? (Ask before checking it.)"""
+        """Would this address be let try a password now?"""
+        key = client_key(address)
+        return self._failures(key) + self._checking.get(key, 0) < self.failures
+
+    def attempt(self, address: str) -> bool:
+        """May this address try a password now? If so, the password counts as a failure
+        until :meth:`failed` or :meth:`succeeded` says how its check ended (call one)."""
+        key = client_key(address)
+        checking = self._checking.get(key, 0)
+        if self._failures(key) + checking >= self.failures:
+            return False
+        self._checking[key] = checking + 1
+        return True
+
+    def retry_after(self, address: str) -> int:
+        """Whole seconds until a refused address may try again (at least 1)."""
         entry = self._failed.get(client_key(address))
-        if entry is None:
-            return True
-        start, count = entry
-        return count < self.failures or self.clock.seconds() >= start + self.window
+        left = entry[0] + self.window - self.clock.seconds() if entry is not None else 0.0
+        return max(1, math.ceil(left))
+
+    def _failures(self, key: str) -> int:
+        entry = self._failed.get(key)
+        if entry is None or self.clock.seconds() >= entry[0] + self.window:
+            return 0
+        return entry[1]
+
+    def _checked(self, key: str) -> None:
+        checking = self._checking.pop(key, 0)
+        if checking > 1:
+            self._checking[key] = checking - 1
 
     def failed(self, address: str) -> None:
         """A password from this address was wrong."""
         key, now = client_key(address), self.clock.seconds()
+        self._checked(key)
         entry = self._failed.get(key)
         if entry is not None and now < entry[0] + self.window:
             self._failed[key] = (entry[0], entry[1] + 1)
@@ -80,7 +112,9 @@ class LoginThrottle:
         self._failed[key] = (now, 1)
 
     def succeeded(self, address: str) -> None:
-        """A login from this address succeeded: nothing changes (see the class)."""
+        """A login from this address succeeded: its check no longer counts, and no failure
+        is forgiven (see the class)."""
+        self._checked(client_key(address))
 
     def _make_room(self, now: float) -> None:
         entries = self._failed

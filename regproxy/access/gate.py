@@ -46,9 +46,12 @@ class RateLimiter(Protocol):
 
 
 class LoginThrottle(Protocol):
-    """Failed logins per client address (``regproxy.access.limits.LoginThrottle``)."""
+    """Failed logins per client address (``regproxy.access.limits.LoginThrottle``):
+    ``attempt`` before checking a password, then ``failed`` or ``succeeded``, always."""
 
-    def allowed(self, address: str) -> bool: ...
+    def attempt(self, address: str) -> bool: ...
+
+    def retry_after(self, address: str) -> int: ...
 
     def failed(self, address: str) -> None: ...
 
@@ -56,8 +59,11 @@ class LoginThrottle(Protocol):
 
 
 class NoThrottle:
-    def allowed(self, address: str) -> bool:
+    def attempt(self, address: str) -> bool:
         return True
+
+    def retry_after(self, address: str) -> int:
+        return 1
 
     def failed(self, address: str) -> None:
         pass

@@ -138,3 +138,29 @@ def test_ended_windows_are_forgotten_even_with_room_to_spare() -> None:
     clock.advance(WINDOW)
     guard.failed("b")
     assert len(guard) == 1
+
+
+def test_a_password_being_checked_counts_until_its_check_ends() -> None:
+    guard, clock = throttle(failures=2)
+    assert guard.attempt(ADDRESS) and guard.attempt("::ffff:" + ADDRESS)
+    assert not guard.attempt(ADDRESS) and not guard.allowed(ADDRESS)
+    assert guard.retry_after(ADDRESS) == 1
+    guard.succeeded(ADDRESS)
+    assert guard.allowed(ADDRESS)
+    guard.failed(ADDRESS)
+    assert guard.attempt(ADDRESS)
+    guard.failed(ADDRESS)
+    assert not guard.attempt(ADDRESS)
+    clock.advance(WINDOW - 0.5)
+    assert guard.retry_after(ADDRESS) == 1
+    clock.advance(0.5)
+    # Nothing left in flight: a fresh window lets two guesses through again.
+    assert guard.attempt(ADDRESS) and guard.attempt(ADDRESS) and not guard.attempt(ADDRESS)
+
+
+def test_the_limit_counts_failures_and_checks_together() -> None:
+    guard, _ = throttle(failures=3)
+    guard.failed(ADDRESS)
+    assert guard.attempt(ADDRESS) and guard.attempt(ADDRESS)
+    assert not guard.attempt(ADDRESS)
+    assert guard.retry_after(ADDRESS) == WINDOW

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock as TaskClock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from regproxy.access.gate import Client, Gate
 from regproxy.access.limits import LoginThrottle
-from regproxy.access.token_service import TokenAsk, issue, parse_ask
+from regproxy.access.token_service import Issued, TokenAsk, issue, parse_ask
 from regproxy.config import OIDCConfig
 from regproxy.protocol.errors import OCIError
 from tests.unit.access.gates import (
@@ -28,6 +29,7 @@ from tests.unit.access.gates import (
 )
 
 HOST = "proxy.example"
+PLAIN_SAFE = Client("192.0.2.66", secure=True)
 
 
 def basic(user: str, password: str) -> bytes:
@@ -297,6 +299,86 @@ def test_scopes_of_path_routes_follow_their_routes_rules() -> None:
         gate, parse_ask(scopes("hub/library/alpine", "hub/acme/x", "public/y"), None, None)
     )
     assert granted(gate, answer) == {"hub/library/alpine", "public/y"}
+
+
+def test_parallel_guesses_from_one_address_check_at_most_the_limit() -> None:
+    # The throttle must count a guess while bcrypt checks it: were it counted only once
+    # checked, fifty guesses sent at once would all pass the throttle first.
+    held: list[tuple[Deferred[bool], Callable[[], bool]]] = []
+
+    def hold(work: Callable[[], bool]) -> Deferred[bool]:
+        held.append((Deferred(), work))
+        return held[-1][0]
+
+    clock = TaskClock()
+    gate = make_gate(throttle=LoginThrottle(clock), run_blocking=hold)  # type: ignore[arg-type]
+    ends: list[Any] = []
+    for _ in range(50):
+        ask = parse_ask([], None, basic("alice", "nope"))
+        issuing = ensureDeferred(issue(gate, ask, client=PLAIN_SAFE, host=HOST, service=SERVICE))
+        issuing.addBoth(ends.append)
+    assert len(held) == 10
+    for deferred, work in held:
+        deferred.callback(work())
+    errors = [end.value for end in ends]
+    assert sorted(error.status for error in errors) == [401] * 10 + [429] * 40
+    # Refused while the ten were checked: any of them might have succeeded.
+    assert {
+        dict(error.headers).get(b"retry-after") for error in errors if error.status == 429
+    } == {b"1"}
+    # The window counts from the first failure: after it, the address may try again.
+    again = refused(gate, parse_ask([], None, basic("alice", "nope")), PLAIN_SAFE)
+    assert (again.status, dict(again.headers)[b"retry-after"]) == (429, b"60")
+    clock.advance(59.5)
+    again = refused(gate, parse_ask([], None, basic("alice", "nope")), PLAIN_SAFE)
+    assert (again.status, dict(again.headers)[b"retry-after"]) == (429, b"1")
+    clock.advance(0.5)
+    held.clear()
+    ask = parse_ask([], None, basic("alice", "nope"))
+    ensureDeferred(issue(gate, ask, client=PLAIN_SAFE, host=HOST, service=SERVICE)).addBoth(
+        ends.append
+    )
+    held[0][0].callback(held[0][1]())
+    assert ends[-1].value.status == 401
+
+
+def test_logins_in_flight_hold_their_place_only_until_they_end() -> None:
+    # Good passwords checked in parallel take a place while checked, none after: a busy
+    # address of real users is never throttled for logging in.
+    held: list[tuple[Deferred[bool], Callable[[], bool]]] = []
+
+    def hold(work: Callable[[], bool]) -> Deferred[bool]:
+        held.append((Deferred(), work))
+        return held[-1][0]
+
+    gate = make_gate(throttle=LoginThrottle(TaskClock()), run_blocking=hold)  # type: ignore[arg-type]
+    ends: list[Any] = []
+    for _ in range(3):
+        for _ in range(10):
+            ask = parse_ask([], None, basic("alice", PASSWORDS["alice"]))
+            issuing = ensureDeferred(issue(gate, ask, client=SAFE, host=HOST, service=SERVICE))
+            issuing.addBoth(ends.append)
+        for deferred, work in held:
+            deferred.callback(work())
+        held.clear()
+    assert [type(end) for end in ends] == [Issued] * 30
+
+
+def test_a_check_that_never_ends_is_counted_as_a_failure() -> None:
+    # A client that hangs up while bcrypt runs must not get its guess for free.
+    held: list[Deferred[bool]] = []
+
+    def hold(work: Callable[[], bool]) -> Deferred[bool]:
+        held.append(Deferred())
+        return held[-1]
+
+    throttle = LoginThrottle(TaskClock(), failures=1)  # type: ignore[arg-type]
+    gate = make_gate(throttle=throttle, run_blocking=hold)
+    ask = parse_ask([], None, basic("alice", PASSWORDS["alice"]))
+    issuing = ensureDeferred(issue(gate, ask, client=SAFE, host=HOST, service=SERVICE))
+    issuing.addErrback(lambda failure: None)
+    issuing.cancel()
+    assert not throttle.allowed(SAFE.address)
 
 
 def test_the_login_throttle_given_is_the_one_used_even_while_empty() -> None:
