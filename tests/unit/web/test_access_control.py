@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 from treq.testing import RequestTraversalAgent
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -34,6 +34,7 @@ from tests.support.inmemory import (
 from tests.unit.access.gates import PASSWORDS, at_once, auth, make_gates, route
 
 ROUTE = route()
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 MANIFEST_ANSWER = Answer(
     200,
     {b"content-type": [OCI_MANIFEST.encode()], b"docker-content-digest": [b"sha256:" + b"0" * 64]},
@@ -109,14 +110,20 @@ class AccessCase(SynchronousTestCase):
         )
 
     def request(
-        self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | list[tuple[str, str]] | None = None,
+        body: bytes = b"",
     ) -> Reply:
-        address = IPv4Address("TCP", self.peer, 4321)
+        kind = IPv6Address if ":" in self.peer else IPv4Address
+        address = kind("TCP", self.peer, 4321)
         channel = self.site.buildProtocol(address)
         transport = StringTransport(peerAddress=address)
         channel.makeConnection(transport)
         lines = [f"{method} {path} HTTP/1.1", "Host: proxy.example", "Connection: close"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        pairs = headers.items() if isinstance(headers, dict) else headers or []
+        lines += [f"{k}: {v}" for k, v in pairs]
         if body:
             lines.append(f"Content-Length: {len(body)}")
         channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
@@ -253,6 +260,49 @@ class PlainHTTPTests(AccessCase):
     def test_anonymous_tokens_are_fine(self) -> None:
         self.token("public/x")
 
+    def test_an_untrusted_peer_saying_https_is_not_believed(self) -> None:
+        headers = {
+            "Authorization": basic("alice", PASSWORDS["alice"]),
+            "X-Forwarded-Proto": "https",
+        }
+        reply = self.request("GET", "/_token", headers)
+        self.assertEqual(reply.status, 403)
+        self.assertIn(b"--insecure-auth", reply.body)
+        self.assertEqual(self.counted, ["plain_http"])
+
+    def refresh_token(self) -> str:
+        """One got over loopback, as a client on the proxy's host would."""
+        self.peer, peer = "127.0.0.1", self.peer
+        form = f"grant_type=password&username=alice&password={PASSWORDS['alice']}"
+        reply = self.request("POST", "/_token", FORM, (form + "&access_type=offline").encode())
+        self.peer = peer
+        self.counted.clear()
+        return str(reply.json()["refresh_token"])
+
+    def test_the_refresh_token_grant_over_plain_http_is_refused(self) -> None:
+        form = f"grant_type=refresh_token&refresh_token={self.refresh_token()}"
+        form += "&scope=repository:team-a/app:pull"
+        reply = self.request("POST", "/_token", FORM, form.encode())
+        self.assertEqual(reply.status, 403)
+        self.assertIn(b"--insecure-auth", reply.body)
+        self.assertEqual(self.counted, ["plain_http"])
+
+    def test_a_bearer_token_over_plain_http_opens_nothing(self) -> None:
+        self.peer, peer = "127.0.0.1", self.peer
+        token = self.token("team-a/app", credentials=basic("alice", PASSWORDS["alice"]))
+        self.peer = peer
+        self.counted.clear()
+        for bearer in (token, self.refresh_token()):
+            reply = self.request(
+                "GET", "/v2/team-a/app/manifests/v1", {"Authorization": f"Bearer {bearer}"}
+            )
+            self.assertIn(reply.status, (401, 403))
+        access = self.request("GET", "/v2/", {"Authorization": f"Bearer {token}"})
+        self.assertEqual(access.status, 403)
+        # The access token: refused for the channel; the refresh token: no access token.
+        self.assertEqual(self.counted, ["plain_http", "invalid_token", "plain_http"])
+        self.assertEqual(self.registry.seen, [])
+
 
 class TrustedProxyTests(AccessCase):
     peer = "10.0.0.5"
@@ -271,6 +321,29 @@ class TrustedProxyTests(AccessCase):
             "X-Forwarded-Proto": "http",
         }
         self.assertEqual(self.request("GET", "/_token", headers).status, 403)
+
+
+class LoopbackProxyTests(AccessCase):
+    """A trusted proxy on the proxy's own host: its requests are from afar, and only what it
+    says of them counts, never that it is itself on loopback."""
+
+    peer = "127.0.0.1"
+    trusted = ("127.0.0.1/32",)
+
+    def test_a_loopback_proxy_saying_http_or_nothing_may_not_carry_credentials(self) -> None:
+        credentials = ("Authorization", basic("alice", PASSWORDS["alice"]))
+        for said in ([("X-Forwarded-Proto", "http")], []):
+            self.assertEqual(self.request("GET", "/_token", [credentials, *said]).status, 403)
+        https = [credentials, ("X-Forwarded-Proto", "https")]
+        self.assertEqual(self.request("GET", "/_token", https).status, 200)
+
+    def test_an_untrusted_loopback_peer_is_safe_whatever_it_says(self) -> None:
+        self.site.client_address = ClientAddress(())
+        headers = {
+            "Authorization": basic("alice", PASSWORDS["alice"]),
+            "X-Forwarded-Proto": "http",
+        }
+        self.assertEqual(self.request("GET", "/_token", headers).status, 200)
 
 
 class RateLimitTests(AccessCase):
