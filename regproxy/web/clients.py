@@ -38,8 +38,10 @@ def client_of(request: Request) -> Client:
     if addresses.is_trusted(peer):
         # A trusted proxy's requests each say whom they are for, and how they came.
         forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
-        proto = request.requestHeaders.getRawHeaders(b"x-forwarded-proto", [b""])[0]
-        secure = request.isSecure() or proto.split(b",")[0].strip().lower() == b"https"
+        # What the trusted proxy added: the last value (one that appends keeps the client's
+        # own in front), as X-Forwarded-For is read from the right.
+        proto = request.requestHeaders.getRawHeaders(b"x-forwarded-proto", [b""])[-1]
+        secure = request.isSecure() or proto.split(b",")[-1].strip().lower() == b"https"
         return Client(addresses.resolve(peer, forwarded), secure)
     # Nothing of the request counts: the same for every request of the connection.
     client = Client(peer, request.isSecure() or is_loopback(peer))

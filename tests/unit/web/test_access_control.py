@@ -322,6 +322,20 @@ class TrustedProxyTests(AccessCase):
         }
         self.assertEqual(self.request("GET", "/_token", headers).status, 403)
 
+    def test_the_proto_is_the_one_the_trusted_proxy_added_last(self) -> None:
+        # A proxy that appends keeps what the client sent in front of its own value.
+        credentials = ("Authorization", basic("alice", PASSWORDS["alice"]))
+        for protos, status in (
+            (["https, http"], 403),
+            (["https", "http"], 403),
+            (["https,http"], 403),
+            (["http, https"], 200),
+            (["http", "https"], 200),
+            (["http", "x, https"], 200),
+        ):
+            headers = [credentials] + [("X-Forwarded-Proto", proto) for proto in protos]
+            self.assertEqual(self.request("GET", "/_token", headers).status, status, protos)
+
 
 class LoopbackProxyTests(AccessCase):
     """A trusted proxy on the proxy's own host: its requests are from afar, and only what it
