@@ -4,13 +4,12 @@ whether credentials may travel on this connection."""
 from __future__ import annotations
 
 import functools
-import ipaddress
 from typing import Any
 
 from twisted.web.server import Request
 
 from ..access.gate import Client
-from .observe import ClientAddress
+from .observe import ClientAddress, ip_of
 
 _NOBODY_TRUSTED = ClientAddress(())
 _KEPT = "_regproxy_client"
@@ -18,10 +17,8 @@ _KEPT = "_regproxy_client"
 
 @functools.lru_cache(maxsize=1024)
 def is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+    ip = ip_of(address)
+    return ip is not None and ip.is_loopback
 
 
 def client_of(request: Request) -> Client:

@@ -360,6 +360,30 @@ class LoopbackProxyTests(AccessCase):
         self.assertEqual(self.request("GET", "/_token", headers).status, 200)
 
 
+class MappedLoopbackTests(AccessCase):
+    """A dual-stack listener sees 127.0.0.1 as ::ffff:127.0.0.1."""
+
+    peer = "::ffff:127.0.0.1"
+
+    def test_ipv4_mapped_loopback_is_loopback(self) -> None:
+        self.token("team-a/app", credentials=basic("alice", PASSWORDS["alice"]))
+
+
+class MappedTrustedProxyTests(AccessCase):
+    peer = "::ffff:10.0.0.5"
+    trusted = ("10.0.0.0/8",)
+
+    def test_an_ipv4_mapped_trusted_proxy_is_trusted(self) -> None:
+        headers = {
+            "Authorization": basic("alice", PASSWORDS["alice"]),
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-For": "198.51.100.4, ::ffff:10.0.0.6",
+        }
+        self.assertEqual(self.request("GET", "/_token", headers).status, 200)
+        [event] = [e for e in self.access_events() if e["path"].startswith("/_token")]
+        self.assertIn("198.51.100.4", formatEvent(event))
+
+
 class RateLimitTests(AccessCase):
     limits = LimitsConfig(anonymous=RateLimit.parse("2/1m"), users=RateLimit.parse("2/1m"))
 
