@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 
 from ..config import AuthConfig, LimitsConfig, OIDCConfig, RateLimit, Route
 from ..routing.matching import RouteTable
+from ._throttle import client_key
 from .rules import ANONYMOUS, RouteRules, memberships
 from .tokens import TokenKey, Verifier
 from .users import RunBlocking, Users
@@ -185,7 +186,8 @@ class Gate:
             key = f"principal:{principal}"
         else:
             limit = self.limits.anonymous
-            key = f"anonymous:{address}"
+            # As the login throttle counts clients: an IPv6 /64 is one (anyone holds one).
+            key = f"anonymous:{client_key(address)}"
         return None if limit is None else (key, limit)
 
 

@@ -410,6 +410,21 @@ class RateLimitTests(AccessCase):
         self.request("GET", "/v2/public/x/manifests/v1")
         self.assertEqual([key for key, _ in self.limiter.taken], ["anonymous:127.0.0.1"])
 
+    def test_anonymous_clients_are_counted_as_the_login_throttle_counts_them(self) -> None:
+        # Anyone holds a whole IPv6 /64: counted by address, each of its addresses would
+        # have a limit of its own.
+        self.limiter.count = 1
+        self.peer = "2001:db8::1"
+        self.assertEqual(self.request("GET", "/v2/public/x/manifests/v1").status, 200)
+        self.peer = "2001:db8::2"
+        self.assertEqual(self.request("GET", "/v2/public/x/manifests/v1").status, 429)
+        self.peer = "::ffff:127.0.0.1"
+        self.request("GET", "/v2/public/x/manifests/v1")
+        self.assertEqual(
+            [key for key, _ in self.limiter.taken],
+            ["anonymous:2001:db8::/64"] * 2 + ["anonymous:127.0.0.1"],
+        )
+
 
 class UpstreamTokenTests(AccessCase):
     """A route without credentials in front of a token-auth upstream: with [auth] the
