@@ -60,7 +60,9 @@ def parse_ask(
     params = list(query) + list(form or ())
     scopes = tuple(split_scopes(v for k, v in params if k == "scope"))
     first: dict[str, str] = {}
-    for key, value in params:
+    # A POST's grant and credentials come from its body only: a password in the URL would
+    # end up in the logs of every proxy on the way.
+    for key, value in form if form is not None else query:
         first.setdefault(key, value)
     if form is not None:
         grant = first.get("grant_type", "")

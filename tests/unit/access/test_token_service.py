@@ -389,3 +389,25 @@ def test_the_login_throttle_given_is_the_one_used_even_while_empty() -> None:
     for _ in range(10):
         refused(gate, parse_ask([], None, basic("alice", "nope")))
     assert refused(gate, parse_ask([], None, basic("alice", "nope"))).status == 429
+
+
+def test_a_post_takes_its_grant_and_credentials_from_the_form_only() -> None:
+    # A password in the URL ends up in the logs of every proxy on the way.
+    gate = make_gate()
+    secret = PASSWORDS["alice"]
+    in_query = [("grant_type", "password"), ("username", "alice"), ("password", secret)]
+    form = [("grant_type", "password"), ("username", "alice"), ("password", "nope")]
+    ask = parse_ask(in_query, form, None)
+    assert (ask.username, ask.password) == ("alice", "nope")
+    assert refused(gate, parse_ask(in_query, form[:2], None)).status == 401
+    with pytest.raises(OCIError) as caught:
+        parse_ask(in_query, [], None)
+    assert caught.value.status == 400
+    refresh = [("grant_type", "refresh_token"), ("refresh_token", "in-the-url")]
+    with pytest.raises(OCIError):
+        parse_ask(refresh, [("grant_type", "refresh_token")], None)
+    # Scopes may come from either, as clients send them.
+    both = parse_ask(scopes("public/x"), [*form, *scopes("public/y")], None)
+    assert both.scopes == ("repository:public/x:pull", "repository:public/y:pull")
+    offline = parse_ask([("access_type", "offline")], [*refresh[:1], ("refresh_token", "r")], None)
+    assert not offline.offline
