@@ -27,6 +27,7 @@ from tests.support.inmemory import (
     MANIFEST,
     OCI_MANIFEST,
     Answer,
+    FailingAgent,
     FakeRegistry,
     build_tree,
     in_memory_client,
@@ -405,6 +406,15 @@ class RateLimitTests(AccessCase):
             ),
             1.0,
         )
+
+    def test_an_error_answer_still_says_what_is_left_of_the_limit(self) -> None:
+        # The request was counted: the client must see it, whatever went wrong after.
+        unreachable = FailingAgent(ConnectionRefusedError())
+        self.agent.request = unreachable.request  # type: ignore[method-assign]
+        reply = self.request("GET", "/v2/public/x/manifests/v1")
+        self.assertEqual(reply.status, 502)
+        self.assertEqual(reply.headers[b"ratelimit-limit"], b"2;w=60")
+        self.assertEqual(reply.headers[b"ratelimit-remaining"], b"1;w=60")
 
     def test_anonymous_clients_are_counted_by_address(self) -> None:
         self.request("GET", "/v2/public/x/manifests/v1")
