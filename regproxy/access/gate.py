@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from ..config import AuthConfig, LimitsConfig, OIDCConfig, RateLimit, Route
 from ..routing.matching import RouteTable
@@ -50,7 +50,7 @@ class LoginThrottle(Protocol):
     """Failed logins per client address (``regproxy.access.limits.LoginThrottle``):
     ``attempt`` before checking a password, then ``failed`` or ``succeeded``, always."""
 
-    def attempt(self, address: str) -> bool: ...
+    def attempt(self, address: str) -> Deferred[bool]: ...
 
     def retry_after(self, address: str) -> int: ...
 
@@ -60,8 +60,8 @@ class LoginThrottle(Protocol):
 
 
 class NoThrottle:
-    def attempt(self, address: str) -> bool:
-        return True
+    def attempt(self, address: str) -> Deferred[bool]:
+        return succeed(True)
 
     def retry_after(self, address: str) -> int:
         return 1

@@ -169,7 +169,7 @@ async def _authenticate(gate: Gate, ask: TokenAsk, client: Client, service: str)
         gate.count("ok")
         return refresh.subject
     assert ask.username is not None and ask.password is not None
-    if not gate.throttle.attempt(client.address):
+    if not await gate.throttle.attempt(client.address):
         gate.count("throttled")
         wait = b"%d" % gate.throttle.retry_after(client.address)
         raise OCIError(

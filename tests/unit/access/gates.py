@@ -70,8 +70,8 @@ class CountingThrottle:
         self.failures: dict[str, int] = {}
         self.successes: list[str] = []
 
-    def attempt(self, address: str) -> bool:
-        return self.failures.get(address, 0) < self.limit
+    def attempt(self, address: str) -> Deferred[bool]:
+        return succeed(self.failures.get(address, 0) < self.limit)
 
     def retry_after(self, address: str) -> int:
         return 42
