@@ -13,10 +13,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from ..config import AuthConfig, LimitsConfig, OIDCConfig, RateLimit, Route
 from ..routing.matching import RouteTable
+from ._throttle import client_key
 from .rules import ANONYMOUS, RouteRules, memberships
 from .tokens import TokenKey, Verifier
 from .users import RunBlocking, Users
@@ -46,9 +47,12 @@ class RateLimiter(Protocol):
 
 
 class LoginThrottle(Protocol):
-    """Failed logins per client address (``regproxy.access.limits.LoginThrottle``)."""
+    """Failed logins per client address (``regproxy.access.limits.LoginThrottle``):
+    ``attempt`` before checking a password, then ``failed`` or ``succeeded``, always."""
 
-    def allowed(self, address: str) -> bool: ...
+    def attempt(self, address: str) -> Deferred[bool]: ...
+
+    def retry_after(self, address: str) -> int: ...
 
     def failed(self, address: str) -> None: ...
 
@@ -56,8 +60,11 @@ class LoginThrottle(Protocol):
 
 
 class NoThrottle:
-    def allowed(self, address: str) -> bool:
-        return True
+    def attempt(self, address: str) -> Deferred[bool]:
+        return succeed(True)
+
+    def retry_after(self, address: str) -> int:
+        return 1
 
     def failed(self, address: str) -> None:
         pass
@@ -179,7 +186,8 @@ class Gate:
             key = f"principal:{principal}"
         else:
             limit = self.limits.anonymous
-            key = f"anonymous:{address}"
+            # As the login throttle counts clients: an IPv6 /64 is one (anyone holds one).
+            key = f"anonymous:{client_key(address)}"
         return None if limit is None else (key, limit)
 
 
@@ -200,7 +208,8 @@ class Gates:
         self._clock = clock
         self._run_blocking = run_blocking
         self._issuers_for = issuers_for
-        self._throttle = throttle or NoThrottle()
+        # `is None`, not `or`: an empty LoginThrottle has len() 0, and is falsy.
+        self._throttle = throttle if throttle is not None else NoThrottle()
         self._limiter_for = limiter_for
         self._limiters: dict[LimitsConfig, RateLimiter] = {}
         self._count = count

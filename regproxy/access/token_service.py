@@ -60,7 +60,9 @@ def parse_ask(
     params = list(query) + list(form or ())
     scopes = tuple(split_scopes(v for k, v in params if k == "scope"))
     first: dict[str, str] = {}
-    for key, value in params:
+    # A POST's grant and credentials come from its body only: a password in the URL would
+    # end up in the logs of every proxy on the way.
+    for key, value in form if form is not None else query:
         first.setdefault(key, value)
     if form is not None:
         grant = first.get("grant_type", "")
@@ -167,27 +169,39 @@ async def _authenticate(gate: Gate, ask: TokenAsk, client: Client, service: str)
         gate.count("ok")
         return refresh.subject
     assert ask.username is not None and ask.password is not None
-    if not gate.throttle.allowed(client.address):
+    if not await gate.throttle.attempt(client.address):
         gate.count("throttled")
-        raise OCIError("TOOMANYREQUESTS", "too many failed logins; try again later")
-    issuer = gate.issuers.get(ask.username)
+        wait = b"%d" % gate.throttle.retry_after(client.address)
+        raise OCIError(
+            "TOOMANYREQUESTS",
+            "too many failed logins; try again later",
+            headers=((b"retry-after", wait),),
+        )
+    try:
+        principal = await _check_password(gate, ask.username, ask.password)
+    except BaseException:
+        # Also a check the client did not wait for: its guess is counted all the same.
+        gate.throttle.failed(client.address)
+        raise
+    gate.throttle.succeeded(client.address)
+    gate.count("ok")
+    return principal
+
+
+async def _check_password(gate: Gate, username: str, password: str) -> str:
+    """The principal a password (or an OIDC issuer's JWT) proves; else the refusal."""
+    issuer = gate.issuers.get(username)
     if issuer is not None:
         try:
-            subject = await issuer.verify(ask.password)
+            subject = await issuer.verify(password)
         except Exception as error:
-            gate.throttle.failed(client.address)
             gate.count("failed")
             # The reason (expired, audience, unknown key ...), never the token.
             reason = getattr(error, "reason", type(error).__name__)
-            log.info("{issuer} token refused: {reason}", issuer=ask.username, reason=reason)
+            log.info("{issuer} token refused: {reason}", issuer=username, reason=reason)
             raise _refused() from None
-        gate.throttle.succeeded(client.address)
-        gate.count("ok")
-        return f"{ask.username}:{subject}"
-    if await gate.users.check(ask.username, ask.password):
-        gate.throttle.succeeded(client.address)
-        gate.count("ok")
-        return ask.username
-    gate.throttle.failed(client.address)
+        return f"{username}:{subject}"
+    if await gate.users.check(username, password):
+        return username
     gate.count("failed")
     raise _refused()

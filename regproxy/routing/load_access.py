@@ -258,6 +258,12 @@ class AccessTables:
             if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
                 self.errors.append(f"{label}: access must be [[routes.access]] tables")
                 entries = []
+            if entries == [] and pull is None:
+                # No rules is the routes' default (users only), not the nobody it reads as.
+                self.errors.append(
+                    f"{label}: access is empty: give [[routes.access]] tables, or pull "
+                    "(pull = [] for nobody)"
+                )
             for number, entry in enumerate(entries, 1):
                 rule = self._entry(entry, f"{label}: access #{number}", check_glob)
                 if rule is not None:

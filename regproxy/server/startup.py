@@ -54,6 +54,18 @@ def holds_credentials(config: Config) -> bool:
     return any(route.credentials.configured for route in config.routes)
 
 
+def public_url_warning(config: Config) -> str | None:
+    """Without ``--public-url`` a token's audience is the Host its request named, which the
+    client chooses: another proxy with the same ``token_key`` would take this one's tokens."""
+    if config.auth is None or config.public_url:
+        return None
+    return (
+        "[auth] without --public-url: tokens are for whatever Host a client names, so a proxy "
+        "sharing this token_key accepts this one's tokens (and this one theirs); give "
+        "--public-url so that its tokens are its own"
+    )
+
+
 class StartupReport(Service):
     """Logs, when the service starts, what regproxy is and what it serves."""
 
@@ -91,5 +103,6 @@ class StartupReport(Service):
                 issuers=len(auth.oidc),
                 plain="accepted (--insecure-auth)" if auth.insecure else "refused",
             )
-        for warning in self.warnings:
+        access = public_url_warning(self.config)
+        for warning in (*self.warnings, *([access] if access else [])):
             self.log.warn("{line}", line=warning)

@@ -4,13 +4,12 @@ whether credentials may travel on this connection."""
 from __future__ import annotations
 
 import functools
-import ipaddress
 from typing import Any
 
 from twisted.web.server import Request
 
 from ..access.gate import Client
-from .observe import ClientAddress
+from .observe import ClientAddress, ip_of
 
 _NOBODY_TRUSTED = ClientAddress(())
 _KEPT = "_regproxy_client"
@@ -18,10 +17,8 @@ _KEPT = "_regproxy_client"
 
 @functools.lru_cache(maxsize=1024)
 def is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+    ip = ip_of(address)
+    return ip is not None and ip.is_loopback
 
 
 def client_of(request: Request) -> Client:
@@ -38,8 +35,10 @@ def client_of(request: Request) -> Client:
     if addresses.is_trusted(peer):
         # A trusted proxy's requests each say whom they are for, and how they came.
         forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
-        proto = request.requestHeaders.getRawHeaders(b"x-forwarded-proto", [b""])[0]
-        secure = request.isSecure() or proto.split(b",")[0].strip().lower() == b"https"
+        # What the trusted proxy added: the last value (one that appends keeps the client's
+        # own in front), as X-Forwarded-For is read from the right.
+        proto = request.requestHeaders.getRawHeaders(b"x-forwarded-proto", [b""])[-1]
+        secure = request.isSecure() or proto.split(b",")[-1].strip().lower() == b"https"
         return Client(addresses.resolve(peer, forwarded), secure)
     # Nothing of the request counts: the same for every request of the connection.
     client = Client(peer, request.isSecure() or is_loopback(peer))

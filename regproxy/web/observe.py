@@ -176,6 +176,18 @@ class Metrics:
             self.upstream_errors.labels(route, upstream_error).inc()
 
 
+def ip_of(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address ``address`` names, IPv4-mapped IPv6 as IPv4 (a dual-stack listener
+    sees 127.0.0.1 as ::ffff:127.0.0.1); None when it names none."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 class ClientAddress:
     """The client's address: the peer's, or X-Forwarded-For's when the peer is trusted."""
 
@@ -185,11 +197,8 @@ class ClientAddress:
     def is_trusted(self, address: str) -> bool:
         if not self.networks:
             return False
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.networks)
+        ip = ip_of(address)
+        return ip is not None and any(ip in network for network in self.networks)
 
     def resolve(self, peer: str, forwarded_for: Sequence[bytes] | None) -> str:
         """Walk X-Forwarded-For from the right while the hops are trusted proxies."""

@@ -34,7 +34,13 @@ PROXY_SERVICE = "regproxy"
 ERROR_BODY = OCIError("UNAUTHORIZED", "authentication required").body()
 
 READ_METHODS = (b"GET", b"HEAD")
-KEPT_ON_ERROR = (b"x-request-id", b"docker-distribution-api-version")
+# The rate-limit headers too: the request was counted, whatever went wrong after.
+KEPT_ON_ERROR = (
+    b"x-request-id",
+    b"docker-distribution-api-version",
+    b"ratelimit-limit",
+    b"ratelimit-remaining",
+)
 ENDPOINTS = {
     Kind.BASE: "base",
     Kind.CATALOG: "catalog",

@@ -70,8 +70,11 @@ class CountingThrottle:
         self.failures: dict[str, int] = {}
         self.successes: list[str] = []
 
-    def allowed(self, address: str) -> bool:
-        return self.failures.get(address, 0) < self.limit
+    def attempt(self, address: str) -> Deferred[bool]:
+        return succeed(self.failures.get(address, 0) < self.limit)
+
+    def retry_after(self, address: str) -> int:
+        return 42
 
     def failed(self, address: str) -> None:
         self.failures[address] = self.failures.get(address, 0) + 1
@@ -95,6 +98,7 @@ def make_gates(
     throttle: Any = None,
     limiter_for: Any = None,
     counted: list[str] | None = None,
+    run_blocking: Any = at_once,
 ) -> Gates:
     def issuers_for(configs: Sequence[OIDCConfig]) -> Mapping[str, IdentityIssuer]:
         known = issuers or {}
@@ -102,7 +106,7 @@ def make_gates(
 
     return Gates(
         clock=clock,
-        run_blocking=at_once,
+        run_blocking=run_blocking,
         issuers_for=issuers_for,
         throttle=throttle,
         limiter_for=limiter_for,

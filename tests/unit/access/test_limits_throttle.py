@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from regproxy.access._counts import bounded_key
@@ -138,3 +139,66 @@ def test_ended_windows_are_forgotten_even_with_room_to_spare() -> None:
     clock.advance(WINDOW)
     guard.failed("b")
     assert len(guard) == 1
+
+
+def answer(deferred: Deferred[bool]) -> bool | None:
+    """What an attempt said at once; None while it waits."""
+    said: list[bool] = []
+
+    def keep(allowed: bool) -> bool:
+        said.append(allowed)
+        return allowed
+
+    deferred.addCallback(keep)
+    return said[0] if said else None
+
+
+def test_a_password_being_checked_counts_until_its_check_ends() -> None:
+    guard, clock = throttle(failures=2)
+    assert answer(guard.attempt(ADDRESS)) and answer(guard.attempt("::ffff:" + ADDRESS))
+    assert not guard.allowed(ADDRESS)
+    third, fourth = guard.attempt(ADDRESS), guard.attempt(ADDRESS)
+    assert answer(third) is None and answer(fourth) is None
+    guard.succeeded(ADDRESS)  # a place for the third, which waited longest
+    assert answer(third) is True and answer(fourth) is None
+    guard.failed(ADDRESS)
+    assert answer(fourth) is None  # one failure and the third still being checked
+    guard.failed(ADDRESS)  # the window is full: the fourth is refused
+    assert answer(fourth) is False
+    assert answer(guard.attempt(ADDRESS)) is False
+    assert guard.retry_after(ADDRESS) == WINDOW
+    clock.advance(0.5)
+    assert guard.retry_after(ADDRESS) == WINDOW  # rounded up: never an invitation too soon
+    clock.advance(WINDOW - 1)
+    assert guard.retry_after(ADDRESS) == 1
+    clock.advance(0.5)
+    # Nothing left being checked: a fresh window lets two through again.
+    assert answer(guard.attempt(ADDRESS)) and answer(guard.attempt(ADDRESS))
+    assert answer(guard.attempt(ADDRESS)) is None
+
+
+def test_the_limit_counts_failures_and_checks_together() -> None:
+    guard, _ = throttle(failures=3)
+    guard.failed(ADDRESS)
+    assert answer(guard.attempt(ADDRESS)) and answer(guard.attempt(ADDRESS))
+    assert answer(guard.attempt(ADDRESS)) is None
+    assert answer(guard.attempt("192.0.2.8")) is True
+
+
+def test_an_attempt_no_longer_waiting_is_forgotten() -> None:
+    guard, _ = throttle(failures=1)
+    assert answer(guard.attempt(ADDRESS))
+    waiting = guard.attempt(ADDRESS)
+    waiting.addErrback(lambda failure: None)
+    waiting.cancel()
+    then = guard.attempt(ADDRESS)
+    guard.succeeded(ADDRESS)
+    assert answer(then) is True and not guard.allowed(ADDRESS)
+    guard.succeeded(ADDRESS)
+    assert guard.allowed(ADDRESS)
+
+
+def test_a_refused_address_never_waits() -> None:
+    guard, _ = throttle(failures=1)
+    guard.failed(ADDRESS)
+    assert answer(guard.attempt(ADDRESS)) is False

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.task import Clock as TaskClock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from regproxy.access.gate import Client, Gate
-from regproxy.access.token_service import TokenAsk, issue, parse_ask
+from regproxy.access.limits import LoginThrottle
+from regproxy.access.token_service import Issued, TokenAsk, issue, parse_ask
 from regproxy.config import OIDCConfig
 from regproxy.protocol.errors import OCIError
 from tests.unit.access.gates import (
@@ -26,6 +29,7 @@ from tests.unit.access.gates import (
 )
 
 HOST = "proxy.example"
+PLAIN_SAFE = Client("192.0.2.66", secure=True)
 
 
 def basic(user: str, password: str) -> bytes:
@@ -295,3 +299,140 @@ def test_scopes_of_path_routes_follow_their_routes_rules() -> None:
         gate, parse_ask(scopes("hub/library/alpine", "hub/acme/x", "public/y"), None, None)
     )
     assert granted(gate, answer) == {"hub/library/alpine", "public/y"}
+
+
+def holding() -> tuple[list[tuple[Deferred[bool], Callable[[], bool]]], Any]:
+    """A run_blocking that holds each check until the test releases it."""
+    held: list[tuple[Deferred[bool], Callable[[], bool]]] = []
+
+    def hold(work: Callable[[], bool]) -> Deferred[bool]:
+        held.append((Deferred(), work))
+        return held[-1][0]
+
+    return held, hold
+
+
+def start(gate: Gate, ask: TokenAsk, client: Client, ends: list[Any]) -> Deferred[Issued]:
+    issuing = ensureDeferred(issue(gate, ask, client=client, host=HOST, service=SERVICE))
+    return issuing.addBoth(ends.append)
+
+
+def test_parallel_guesses_from_one_address_check_at_most_the_limit() -> None:
+    # The throttle must count a guess while bcrypt checks it: were it counted only once
+    # checked, fifty guesses sent at once would all pass the throttle first.
+    held, hold = holding()
+    clock = TaskClock()
+    gate = make_gate(throttle=LoginThrottle(clock), run_blocking=hold)  # type: ignore[arg-type]
+    ends: list[Any] = []
+    for _ in range(50):
+        start(gate, parse_ask([], None, basic("alice", "nope")), PLAIN_SAFE, ends)
+    assert (len(held), ends) == (10, [])  # the others wait: any of the ten may be good
+    for deferred, work in held:
+        deferred.callback(work())
+    assert len(held) == 10
+    errors = [end.value for end in ends]
+    assert sorted(error.status for error in errors) == [401] * 10 + [429] * 40
+    waits = {dict(error.headers).get(b"retry-after") for error in errors if error.status == 429}
+    assert waits == {b"60"}
+    # The window counts from the first failure: after it, the address may try again.
+    clock.advance(59.5)
+    again = refused(gate, parse_ask([], None, basic("alice", "nope")), PLAIN_SAFE)
+    assert (again.status, dict(again.headers)[b"retry-after"]) == (429, b"1")
+    clock.advance(0.5)
+    start(gate, parse_ask([], None, basic("alice", "nope")), PLAIN_SAFE, ends)
+    held[-1][0].callback(held[-1][1]())
+    assert (len(held), ends[-1].value.status) == (11, 401)
+
+
+def test_good_logins_in_parallel_wait_for_room_and_are_never_refused() -> None:
+    # A burst of real users behind one address: ten checked at a time, none turned away.
+    held, hold = holding()
+    gate = make_gate(throttle=LoginThrottle(TaskClock()), run_blocking=hold)  # type: ignore[arg-type]
+    ends: list[Any] = []
+    for _ in range(30):
+        start(gate, parse_ask([], None, basic("alice", PASSWORDS["alice"])), SAFE, ends)
+    released = 0
+    while released < len(held):
+        assert len(held) - released <= 10
+        deferred, work = held[released]
+        released += 1
+        deferred.callback(work())
+    assert [type(end) for end in ends] == [Issued] * 30
+
+
+def test_a_good_login_gives_its_place_to_a_waiting_guess_and_no_more() -> None:
+    held, hold = holding()
+    gate = make_gate(throttle=LoginThrottle(TaskClock(), failures=2), run_blocking=hold)  # type: ignore[arg-type]
+    ends: list[Any] = []
+    start(gate, parse_ask([], None, basic("alice", PASSWORDS["alice"])), SAFE, ends)
+    for _ in range(3):
+        start(gate, parse_ask([], None, basic("bob", "nope")), SAFE, ends)
+    assert len(held) == 2
+    held[0][0].callback(held[0][1]())  # alice: in, and bob's second guess is checked
+    assert len(held) == 3
+    for deferred, work in held[1:]:
+        deferred.callback(work())
+    assert sorted(getattr(end, "value", end).status for end in ends[1:]) == [401, 401, 429]
+    assert type(ends[0]) is Issued
+
+
+def test_a_waiting_attempt_whose_client_left_takes_no_place() -> None:
+    held, hold = holding()
+    throttle = LoginThrottle(TaskClock(), failures=1)  # type: ignore[arg-type]
+    gate = make_gate(throttle=throttle, run_blocking=hold)
+    ends: list[Any] = []
+    start(gate, parse_ask([], None, basic("alice", PASSWORDS["alice"])), SAFE, ends)
+    waiting = start(gate, parse_ask([], None, basic("alice", PASSWORDS["alice"])), SAFE, ends)
+    waiting.cancel()
+    held[0][0].callback(held[0][1]())
+    assert len(held) == 1 and throttle.allowed(SAFE.address)
+    assert type(ends[1]) is Issued and ends[0].check(CancelledError)
+
+
+def test_a_check_that_never_ends_is_counted_as_a_failure() -> None:
+    # A client that hangs up while bcrypt runs must not get its guess for free.
+    held: list[Deferred[bool]] = []
+
+    def hold(work: Callable[[], bool]) -> Deferred[bool]:
+        held.append(Deferred())
+        return held[-1]
+
+    throttle = LoginThrottle(TaskClock(), failures=1)  # type: ignore[arg-type]
+    gate = make_gate(throttle=throttle, run_blocking=hold)
+    ask = parse_ask([], None, basic("alice", PASSWORDS["alice"]))
+    issuing = ensureDeferred(issue(gate, ask, client=SAFE, host=HOST, service=SERVICE))
+    issuing.addErrback(lambda failure: None)
+    issuing.cancel()
+    assert not throttle.allowed(SAFE.address)
+
+
+def test_the_login_throttle_given_is_the_one_used_even_while_empty() -> None:
+    # LoginThrottle has a len(), 0 at start-up: `throttle or NoThrottle()` dropped it.
+    throttle = LoginThrottle(TaskClock())  # type: ignore[arg-type]
+    assert len(throttle) == 0
+    gate = make_gate(throttle=throttle)
+    for _ in range(10):
+        refused(gate, parse_ask([], None, basic("alice", "nope")))
+    assert refused(gate, parse_ask([], None, basic("alice", "nope"))).status == 429
+
+
+def test_a_post_takes_its_grant_and_credentials_from_the_form_only() -> None:
+    # A password in the URL ends up in the logs of every proxy on the way.
+    gate = make_gate()
+    secret = PASSWORDS["alice"]
+    in_query = [("grant_type", "password"), ("username", "alice"), ("password", secret)]
+    form = [("grant_type", "password"), ("username", "alice"), ("password", "nope")]
+    ask = parse_ask(in_query, form, None)
+    assert (ask.username, ask.password) == ("alice", "nope")
+    assert refused(gate, parse_ask(in_query, form[:2], None)).status == 401
+    with pytest.raises(OCIError) as caught:
+        parse_ask(in_query, [], None)
+    assert caught.value.status == 400
+    refresh = [("grant_type", "refresh_token"), ("refresh_token", "in-the-url")]
+    with pytest.raises(OCIError):
+        parse_ask(refresh, [("grant_type", "refresh_token")], None)
+    # Scopes may come from either, as clients send them.
+    both = parse_ask(scopes("public/x"), [*form, *scopes("public/y")], None)
+    assert both.scopes == ("repository:public/x:pull", "repository:public/y:pull")
+    offline = parse_ask([("access_type", "offline")], [*refresh[:1], ("refresh_token", "r")], None)
+    assert not offline.offline

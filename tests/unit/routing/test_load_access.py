@@ -132,6 +132,11 @@ def test_secrets_are_not_shown(files: Path) -> None:
             'route "a": access #1: unknown key "push"',
         ),
         (
+            # Would be the routes' default (users only), not the nobody it reads as.
+            '[auth]\n[[routes]]\nname = "a"\nupstream = "docker.io"\naccess = []\n',
+            'route "a": access is empty',
+        ),
+        (
             '[auth]\ntoken_ttl = 0\n[[routes]]\nname = "a"\nupstream = "docker.io"\n',
             "auth: token_ttl",
         ),
@@ -166,6 +171,11 @@ def test_secrets_are_not_shown(files: Path) -> None:
 def test_errors_name_the_table_and_the_key(tmp_path: Path, text: str, expected: str) -> None:
     errors = check_config(write(tmp_path, text))
     assert any(expected in error for error in errors), errors
+
+
+def test_an_empty_access_list_with_pull_loads(tmp_path: Path) -> None:
+    text = '[auth]\n[[routes]]\nname = "a"\nupstream = "docker.io"\naccess = []\npull = []\n'
+    assert check_config(write(tmp_path, text)) == []
 
 
 def test_every_error_of_the_file_at_once(tmp_path: Path) -> None:

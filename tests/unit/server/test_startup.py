@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.logger import Logger, formatEvent
+from twisted.logger import Logger, LogLevel, formatEvent
 
 from regproxy.config import CacheConfig, Config, Route, Upstream
 from regproxy.server.startup import StartupReport
@@ -63,3 +63,22 @@ def test_access_control_is_reported_without_a_secret() -> None:
     assert not [
         line for line in report_lines(Config(routes=(Route(UPSTREAM),))) if "access" in line
     ]
+
+
+def warning_lines(config: Config) -> list[str]:
+    events: list[dict[str, Any]] = []
+    report = StartupReport(config)
+    report.log = Logger(observer=events.append)
+    report.startService()
+    return [formatEvent(event) for event in events if event["log_level"] is LogLevel.warn]
+
+
+def test_access_control_without_a_public_url_is_warned_about() -> None:
+    from regproxy.config import AuthConfig
+
+    auth = AuthConfig(users={"alice": b"$2b$04$secret-hash"})
+    [line] = warning_lines(Config(routes=(Route(UPSTREAM),), auth=auth))
+    assert line.startswith("[auth] without --public-url:") and "token_key" in line
+    fixed = Config(routes=(Route(UPSTREAM),), auth=auth, public_url="https://r.example")
+    assert warning_lines(fixed) == []
+    assert warning_lines(Config(routes=(Route(UPSTREAM),))) == []

@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 from treq.testing import RequestTraversalAgent
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -27,6 +27,7 @@ from tests.support.inmemory import (
     MANIFEST,
     OCI_MANIFEST,
     Answer,
+    FailingAgent,
     FakeRegistry,
     build_tree,
     in_memory_client,
@@ -34,6 +35,7 @@ from tests.support.inmemory import (
 from tests.unit.access.gates import PASSWORDS, at_once, auth, make_gates, route
 
 ROUTE = route()
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 MANIFEST_ANSWER = Answer(
     200,
     {b"content-type": [OCI_MANIFEST.encode()], b"docker-content-digest": [b"sha256:" + b"0" * 64]},
@@ -109,14 +111,20 @@ class AccessCase(SynchronousTestCase):
         )
 
     def request(
-        self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | list[tuple[str, str]] | None = None,
+        body: bytes = b"",
     ) -> Reply:
-        address = IPv4Address("TCP", self.peer, 4321)
+        kind = IPv6Address if ":" in self.peer else IPv4Address
+        address = kind("TCP", self.peer, 4321)
         channel = self.site.buildProtocol(address)
         transport = StringTransport(peerAddress=address)
         channel.makeConnection(transport)
         lines = [f"{method} {path} HTTP/1.1", "Host: proxy.example", "Connection: close"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        pairs = headers.items() if isinstance(headers, dict) else headers or []
+        lines += [f"{k}: {v}" for k, v in pairs]
         if body:
             lines.append(f"Content-Length: {len(body)}")
         channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
@@ -253,6 +261,49 @@ class PlainHTTPTests(AccessCase):
     def test_anonymous_tokens_are_fine(self) -> None:
         self.token("public/x")
 
+    def test_an_untrusted_peer_saying_https_is_not_believed(self) -> None:
+        headers = {
+            "Authorization": basic("alice", PASSWORDS["alice"]),
+            "X-Forwarded-Proto": "https",
+        }
+        reply = self.request("GET", "/_token", headers)
+        self.assertEqual(reply.status, 403)
+        self.assertIn(b"--insecure-auth", reply.body)
+        self.assertEqual(self.counted, ["plain_http"])
+
+    def refresh_token(self) -> str:
+        """One got over loopback, as a client on the proxy's host would."""
+        self.peer, peer = "127.0.0.1", self.peer
+        form = f"grant_type=password&username=alice&password={PASSWORDS['alice']}"
+        reply = self.request("POST", "/_token", FORM, (form + "&access_type=offline").encode())
+        self.peer = peer
+        self.counted.clear()
+        return str(reply.json()["refresh_token"])
+
+    def test_the_refresh_token_grant_over_plain_http_is_refused(self) -> None:
+        form = f"grant_type=refresh_token&refresh_token={self.refresh_token()}"
+        form += "&scope=repository:team-a/app:pull"
+        reply = self.request("POST", "/_token", FORM, form.encode())
+        self.assertEqual(reply.status, 403)
+        self.assertIn(b"--insecure-auth", reply.body)
+        self.assertEqual(self.counted, ["plain_http"])
+
+    def test_a_bearer_token_over_plain_http_opens_nothing(self) -> None:
+        self.peer, peer = "127.0.0.1", self.peer
+        token = self.token("team-a/app", credentials=basic("alice", PASSWORDS["alice"]))
+        self.peer = peer
+        self.counted.clear()
+        for bearer in (token, self.refresh_token()):
+            reply = self.request(
+                "GET", "/v2/team-a/app/manifests/v1", {"Authorization": f"Bearer {bearer}"}
+            )
+            self.assertIn(reply.status, (401, 403))
+        access = self.request("GET", "/v2/", {"Authorization": f"Bearer {token}"})
+        self.assertEqual(access.status, 403)
+        # The access token: refused for the channel; the refresh token: no access token.
+        self.assertEqual(self.counted, ["plain_http", "invalid_token", "plain_http"])
+        self.assertEqual(self.registry.seen, [])
+
 
 class TrustedProxyTests(AccessCase):
     peer = "10.0.0.5"
@@ -271,6 +322,67 @@ class TrustedProxyTests(AccessCase):
             "X-Forwarded-Proto": "http",
         }
         self.assertEqual(self.request("GET", "/_token", headers).status, 403)
+
+    def test_the_proto_is_the_one_the_trusted_proxy_added_last(self) -> None:
+        # A proxy that appends keeps what the client sent in front of its own value.
+        credentials = ("Authorization", basic("alice", PASSWORDS["alice"]))
+        for protos, status in (
+            (["https, http"], 403),
+            (["https", "http"], 403),
+            (["https,http"], 403),
+            (["http, https"], 200),
+            (["http", "https"], 200),
+            (["http", "x, https"], 200),
+        ):
+            headers = [credentials] + [("X-Forwarded-Proto", proto) for proto in protos]
+            self.assertEqual(self.request("GET", "/_token", headers).status, status, protos)
+
+
+class LoopbackProxyTests(AccessCase):
+    """A trusted proxy on the proxy's own host: its requests are from afar, and only what it
+    says of them counts, never that it is itself on loopback."""
+
+    peer = "127.0.0.1"
+    trusted = ("127.0.0.1/32",)
+
+    def test_a_loopback_proxy_saying_http_or_nothing_may_not_carry_credentials(self) -> None:
+        credentials = ("Authorization", basic("alice", PASSWORDS["alice"]))
+        for said in ([("X-Forwarded-Proto", "http")], []):
+            self.assertEqual(self.request("GET", "/_token", [credentials, *said]).status, 403)
+        https = [credentials, ("X-Forwarded-Proto", "https")]
+        self.assertEqual(self.request("GET", "/_token", https).status, 200)
+
+    def test_an_untrusted_loopback_peer_is_safe_whatever_it_says(self) -> None:
+        self.site.client_address = ClientAddress(())
+        headers = {
+            "Authorization": basic("alice", PASSWORDS["alice"]),
+            "X-Forwarded-Proto": "http",
+        }
+        self.assertEqual(self.request("GET", "/_token", headers).status, 200)
+
+
+class MappedLoopbackTests(AccessCase):
+    """A dual-stack listener sees 127.0.0.1 as ::ffff:127.0.0.1."""
+
+    peer = "::ffff:127.0.0.1"
+
+    def test_ipv4_mapped_loopback_is_loopback(self) -> None:
+        self.token("team-a/app", credentials=basic("alice", PASSWORDS["alice"]))
+
+
+class MappedTrustedProxyTests(AccessCase):
+    peer = "::ffff:10.0.0.5"
+    trusted = ("10.0.0.0/8",)
+
+    def test_an_ipv4_mapped_trusted_proxy_is_trusted(self) -> None:
+        headers = {
+            "Authorization": basic("alice", PASSWORDS["alice"]),
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-For": "198.51.100.4, ::ffff:10.0.0.6",
+        }
+        self.assertEqual(self.request("GET", "/_token", headers).status, 200)
+        [event] = [e for e in self.access_events() if e["path"].startswith("/_token")]
+        self.assertIn("198.51.100.4", formatEvent(event))
 
 
 class RateLimitTests(AccessCase):
@@ -295,9 +407,33 @@ class RateLimitTests(AccessCase):
             1.0,
         )
 
+    def test_an_error_answer_still_says_what_is_left_of_the_limit(self) -> None:
+        # The request was counted: the client must see it, whatever went wrong after.
+        unreachable = FailingAgent(ConnectionRefusedError())
+        self.agent.request = unreachable.request  # type: ignore[method-assign]
+        reply = self.request("GET", "/v2/public/x/manifests/v1")
+        self.assertEqual(reply.status, 502)
+        self.assertEqual(reply.headers[b"ratelimit-limit"], b"2;w=60")
+        self.assertEqual(reply.headers[b"ratelimit-remaining"], b"1;w=60")
+
     def test_anonymous_clients_are_counted_by_address(self) -> None:
         self.request("GET", "/v2/public/x/manifests/v1")
         self.assertEqual([key for key, _ in self.limiter.taken], ["anonymous:127.0.0.1"])
+
+    def test_anonymous_clients_are_counted_as_the_login_throttle_counts_them(self) -> None:
+        # Anyone holds a whole IPv6 /64: counted by address, each of its addresses would
+        # have a limit of its own.
+        self.limiter.count = 1
+        self.peer = "2001:db8::1"
+        self.assertEqual(self.request("GET", "/v2/public/x/manifests/v1").status, 200)
+        self.peer = "2001:db8::2"
+        self.assertEqual(self.request("GET", "/v2/public/x/manifests/v1").status, 429)
+        self.peer = "::ffff:127.0.0.1"
+        self.request("GET", "/v2/public/x/manifests/v1")
+        self.assertEqual(
+            [key for key, _ in self.limiter.taken],
+            ["anonymous:2001:db8::/64"] * 2 + ["anonymous:127.0.0.1"],
+        )
 
 
 class UpstreamTokenTests(AccessCase):
