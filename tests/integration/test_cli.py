@@ -158,10 +158,15 @@ def test_supervisor_start_up_failures_are_one_line(tmp: Path) -> None:
 
 
 def test_workers_in_a_read_only_root_say_what_to_mount_in_one_line() -> None:
-    """podman run --read-only without --tmpfs: read-only /tmp, /dev/shm and /var/tmp (a
-    mount namespace of a user namespace makes them so, unprivileged)."""
+    """podman run --read-only without --tmpfs: read-only /tmp, /dev/shm and /var/tmp (bind
+    mounts made read-only in a mount namespace of a user namespace, unprivileged)."""
     unshare = require_program("unshare (Debian package util-linux)", "read-only mounts")
-    readonly = "for d in /tmp /var/tmp /dev/shm; do mount -t tmpfs -o ro none $d; done"
+    # Read-only views of the same directories, not empty ones: a checkout (and its venv)
+    # under /tmp stays visible, as a read-only root's files are.
+    readonly = (
+        "for d in /tmp /var/tmp /dev/shm; do"
+        " mount --bind $d $d && mount -o remount,bind,ro $d || exit 3; done"
+    )
     probe = subprocess.run(
         [unshare, "-rm", "sh", "-c", f"{readonly} && ! touch /tmp/x 2>/dev/null"],
         capture_output=True,
