@@ -190,6 +190,12 @@ class CachingFetcher(SharedPaths):
             if retried:
                 return await self._verified_pass_through(asked, digest)
             return await self._by_digest(asked, digest, retried=True)
+        if not remote.joinable:
+            # It ended while this client was admitted (another process renamed it into
+            # place, or gave up): reading along is over, so start again from the store.
+            if retried:
+                return await self._verified_pass_through(asked, digest)
+            return await self._by_digest(asked, digest, retried=True)
         headers = Headers()
         for name, value in announced.headers:
             headers.addRawHeader(name, value)

@@ -28,9 +28,16 @@ disabled_plugins = [
 """
 
 
+SOCKET_DIRECTORY_MAX = 70  # leaves room for "/containerd.ttrpc.sock" and more
+
+
 class Containerd:
     def __init__(self, directory: Path | None = None) -> None:
-        self.directory = Path(directory or tempfile.mkdtemp(prefix="regproxy-containerd-"))
+        # Its sockets live in this directory, and a unix socket's path has at most 104
+        # bytes: a test's deep temporary directory (pytest-xdist adds a level) is too long.
+        if directory is None or len(str(directory)) > SOCKET_DIRECTORY_MAX:
+            directory = Path(tempfile.mkdtemp(prefix="regproxy-containerd-"))
+        self.directory = Path(directory)
         self.socket = self.directory / "containerd.sock"
         self._process: subprocess.Popen[bytes] | None = None
 

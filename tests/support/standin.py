@@ -15,6 +15,10 @@ import tempfile
 from pathlib import Path
 
 STANDIN = Path(__file__).resolve().parents[2] / "deploy" / "docker" / "standin-base"
+# One build at a time on a machine: pytest-xdist's workers each see the image test
+# collected, and the one that runs it may not be the one that started the build; the
+# second waits for the first and then finds its result cached.
+LOCK = "/tmp/regproxy-standin.lock"
 
 _running: tuple[subprocess.Popen[bytes], Path, Path] | None = None
 
@@ -28,7 +32,10 @@ def start() -> None:
     out, err = directory / "stdout", directory / "stderr"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         process = subprocess.Popen(
-            ["sh", str(STANDIN)], stdout=stdout, stderr=stderr, start_new_session=True
+            ["flock", LOCK, "sh", str(STANDIN)],
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
         )
     _running = (process, out, err)
 
