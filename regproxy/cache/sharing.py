@@ -308,12 +308,19 @@ class SharedPaths:
             # held back until the digest matched: no local file to write and read back (on
             # a busy machine the page-cache copy of a write alone cost more than the rest
             # of the hit). A second whole GET of it soon after is read into the tier.
+            # Read from the store until its body is over: never evicted by this replica
+            # meanwhile, and served, for the least-recently-served order.
+            open_reads = cache.store_reads
+            open_reads[digest] = open_reads.get(digest, 0) + 1
+            done = _once(lambda: _unread(open_reads, digest))
             streamed = await shared.open(digest)
             if streamed is None:
+                done()
                 return None
             self._count(asked, "hit")
+            self._note_served(digest)
             body = UpstreamBody(streamed, cache.clock, cache.idle_timeout)
-            return Answer(200, headers, VerifyingBody(body, digest), cache="hit")
+            return Answer(200, headers, EndingBody(VerifyingBody(body, digest), done), cache="hit")
         download = cache.downloads.start(digest, expected_size=size)
         if download is not None:
             # Shared at once (before the store answers): this replica's other clients join.

@@ -161,12 +161,15 @@ def test_a_first_hit_streams_past_the_local_tier_and_a_second_one_keeps_it(
     skopeo_copy(f"{first.host_port}/big:v1", tmp / "warm", tag="v1")
     eventually(lambda: cluster.keys("cache/leases/") == [], 10, what="leases released")
     hex_ = largest_blob(cluster).object_name.rsplit("/", 1)[1]
-    second = cluster.replica()
+    second = cluster.replica("--cache-max-size", "1G")  # a bound: serves are recorded
     kept = tmp / "tier1" / "blobs" / "sha256" / hex_[:2] / hex_
     url = f"{second.url}/v2/big/blobs/sha256:{hex_}"
     once = curl(url)
     assert once.status == 200 and hashlib.sha256(once.body).hexdigest() == hex_
     assert not kept.exists()  # straight from the store to the client
+    # Served, for the least-recently-served order, like every other hit.
+    served = f"cache/index/served/{hex_}"
+    eventually(lambda: served in cluster.keys("cache/index/served/"), 10, what="served record")
     again = curl(url)
     assert again.status == 200 and again.body == once.body
     eventually(kept.exists, 10, what="a blob asked for again kept in the local tier")
