@@ -252,7 +252,9 @@ def test_a_killed_leaseholder_is_taken_over(
         assert hashlib.sha256(cut).hexdigest() != layer.digest[7:]
         # The taker's upload completes just after its client has the last byte.
         eventually(lambda: cluster.check_every_object() == 1, 20, what="the object stored")
-        assert blob_gets(upstream, layer.digest) == 2
+        # Two upstream GETs, the killed holder's and the taker's: counted where they pass
+        # (the registry logs the holder's cut request only once it notices, if ever).
+        assert len(relay.answers_since(layer.digest, since)) == 2
     finally:
         relay.close()
 

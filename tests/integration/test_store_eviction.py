@@ -97,47 +97,6 @@ def evictions(proxy: Any) -> list[str]:
     return [m for m in proxy.log_messages() if "evicted" in m and "least recently" in m]
 
 
-def test_the_least_recently_served_are_evicted_and_refetched(
-    start_proxy: Any, rgw: RGWServer, upstream: RegistryServer, layers: list[Any], tmp: Path
-) -> None:
-    bucket = Bucket(rgw)
-
-    def replica(name: str) -> Any:
-        args = ["--upstream", upstream.url, "--cache-store", f"s3://{bucket.name}/cache"]
-        args += ["--cache-dir", str(tmp / name), "--cache-max-size", str(BOUND)]
-        return start_proxy(args, env={**rgw.env(), **FAST})
-
-    proxy = replica("one")
-    (a, da), (b, db), _, (d, dd), (e, de) = layers
-    for repository, digest in layers[:4]:
-        pull(proxy, repository, digest)
-        time.sleep(1.1)  # distinct Last-Modified seconds, so the order is unambiguous
-    eventually(lambda: len(bucket.blobs()) == 4, 10, what="four blobs stored")
-    assert evictions(proxy) == []  # 2.7 MiB: under the bound
-    # The first layer is served again (from the local tier): the most recently served now.
-    pull(proxy, a, da)
-    served = "cache/index/served/" + da[7:]
-    eventually(lambda: served in bucket.keys("cache/index/served/"), 10, what="served record")
-    time.sleep(1.1)
-    pull(proxy, e, de)  # 3.4 MiB: the completed upload runs eviction
-    eventually(lambda: evictions(proxy) != [], 60, what="an eviction")
-    eventually(lambda: set(bucket.blobs()) == {da, dd, de}, 10, what="b and c evicted")
-    total = sum(bucket.blobs().values())
-    assert total <= BOUND
-    eventually(lambda: bucket.total() == total, 10, what="the total in the index")
-    assert bucket.keys("cache/leases/") == []
-    # Evicted: pulled again through a replica whose tier never held it, from the upstream.
-    other = replica("two")
-    before = blob_gets(upstream, db)
-    pull(other, b, db)
-    assert blob_gets(upstream, db) == before + 1
-    eventually(lambda: db in bucket.blobs(), 10, what="b stored again")
-    # Kept: served from the store, no upstream GET.
-    before = blob_gets(upstream, dd)
-    pull(other, d, dd)
-    assert blob_gets(upstream, dd) == before
-
-
 def test_one_replica_evicts_at_a_time(
     start_proxy: Any, rgw: RGWServer, upstream: RegistryServer, layers: list[Any], tmp: Path
 ) -> None:
