@@ -8,10 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import textwrap
 import urllib.error
 import urllib.request
@@ -23,7 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.support.containerd import Containerd
-from tests.support.images import OCI_MANIFEST, push, skopeo_copy, skopeo_env, verify_layout
+from tests.support.images import OCI_MANIFEST, push, skopeo_copy, verify_layout
+from tests.support.podman import Podman
 from tests.support.proxy import RegproxyProcess
 from tests.support.registry import RegistryServer, write_htpasswd
 from tests.support.seed import StandardImages
@@ -265,85 +264,24 @@ def basic(user: str, password: str) -> str:
 
 
 @pytest.fixture
-def podman() -> Iterator[list[str]]:
-    """podman with its own storage, run root, registries.conf and auth file (in a short
-    directory: podman refuses a run root over 50 characters)."""
-    require_programs("podman (Debian package podman)", what="podman")
-    home = Path(tempfile.mkdtemp(prefix="rp-podman-"))
-    (home / "registries.conf").write_text("unqualified-search-registries = []\n")
-    (home / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
-    (home / "storage.conf").write_text(
-        f'[storage]\ndriver = "vfs"\ngraphroot = "{home}/root"\nrunroot = "{home}/run"\n'
-    )
-    (home / "containers.conf").write_text("")
-    (home / "xdg").mkdir()
-    base = [
-        "podman",
-        "--root",
-        str(home / "root"),
-        "--runroot",
-        str(home / "run"),
-        "--storage-driver",
-        "vfs",
-        "--cgroup-manager",
-        "cgroupfs",
-        "--events-backend",
-        "none",
-    ]
-    try:
-        yield base
-    finally:
-        subprocess.run(
-            [*base, "system", "reset", "--force"],
-            capture_output=True,
-            timeout=120,
-            env=podman_env(home),
-            check=False,
-        )
-        shutil.rmtree(home, ignore_errors=True)
+def podman() -> Iterator[Podman]:
+    """podman with its own storage, run root, registries.conf and auth file."""
+    with Podman() as client:
+        yield client
 
 
-def podman_env(home: Path) -> dict[str, str]:
-    env = skopeo_env()
-    env.update(
-        CONTAINERS_REGISTRIES_CONF=str(home / "registries.conf"),
-        REGISTRY_AUTH_FILE=str(home / "auth.json"),
-        CONTAINERS_POLICY_JSON=str(home / "policy.json"),
-        CONTAINERS_CONF=str(home / "containers.conf"),
-        CONTAINERS_STORAGE_CONF=str(home / "storage.conf"),
-        XDG_RUNTIME_DIR=str(home / "xdg"),
-    )
-    return env
-
-
-def run_podman(base: list[str], *args: str) -> subprocess.CompletedProcess[str]:
-    home = Path(base[2]).parent
-    return subprocess.run(
-        [*base, *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=podman_env(home),
-        check=False,
-    )
-
-
-def test_podman_login_and_pull(podman: list[str], proxy: RegproxyProcess, images: str) -> None:
+def test_podman_login_and_pull(podman: Podman, proxy: RegproxyProcess, images: str) -> None:
     host = proxy.host_port
-    wrong = run_podman(podman, "login", "--tls-verify=false", "-u", "alice", "-p", "nope", host)
+    wrong = podman.run("login", "--tls-verify=false", "-u", "alice", "-p", "nope", host)
     assert wrong.returncode != 0
     assert "invalid username/password" in wrong.stderr, wrong.stderr
-    login = run_podman(
-        podman, "login", "--tls-verify=false", "-u", "alice", "-p", USERS["alice"], host
-    )
+    login = podman.run("login", "--tls-verify=false", "-u", "alice", "-p", USERS["alice"], host)
     assert login.returncode == 0, login.stderr
-    pulled = run_podman(podman, "pull", "--tls-verify=false", f"{host}/team-a/app:v1")
+    pulled = podman.run("pull", "--tls-verify=false", f"{host}/team-a/app:v1")
     assert pulled.returncode == 0, pulled.stderr
-    digest = run_podman(
-        podman, "image", "inspect", "--format", "{{.Digest}}", f"{host}/team-a/app:v1"
-    )
+    digest = podman.run("image", "inspect", "--format", "{{.Digest}}", f"{host}/team-a/app:v1")
     assert digest.stdout.strip() == images
-    refused = run_podman(podman, "pull", "--tls-verify=false", f"{host}/team-b/app:v1")
+    refused = podman.run("pull", "--tls-verify=false", f"{host}/team-b/app:v1")
     assert refused.returncode != 0
     assert "access to this repository is denied" in refused.stderr, refused.stderr
 
